@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   -> creates .venv, installs healthfm, runs `healthfm demo` on the bundled data
+#   make test   -> creates .venv, installs healthfm + test tools, runs ruff and the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# The local CPU build of torch; a bare `torch` would resolve to a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+DEMO_OUT ?= demo_out
+
+.PHONY: demo test lint format bench env clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+env: $(VENV)/.installed
+
+demo: env
+	$(VENV)/bin/healthfm demo --out $(DEMO_OUT)
+
+test: env
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(PY) -m pytest
+
+format: env
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench: env
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_tokenizer.py
+	$(PY) benchmarks/bench_backbone.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

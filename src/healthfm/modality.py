@@ -1,0 +1,208 @@
+"""What a modality supplies, and the registry the shared pipeline looks modalities up in.
+
+Shared code (CLI, pipeline, trainer, evaluation) never branches on a modality's name: it
+asks the registered :class:`Modality` for a reader, a tokenizer, model defaults, an
+objective, an augmentation and baseline featurizers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from healthfm.errors import ConfigError, DataError
+from healthfm.tokenizer import Tokenizer
+from healthfm.tokens import TokenChunk
+
+#: Modules that define modalities; importing one registers it.
+MODALITY_MODULES = ("healthfm.dna",)
+_MODALITIES: dict[str, Modality] = {}
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass
+class Samples:
+    """Labelled (or unlabelled) samples read from one input, before tokenization.
+
+    Attributes
+    ----------
+    source
+        The file or folder they were read from.
+    keys
+        One identifier per sample (sequence id, barcode, tile path).
+    groups
+        Split unit of each sample: samples sharing a group always land in the same split
+        (identical sequences, one donor's cells, one slide's tiles).
+    labels
+        Label of each sample as strings, or ``None`` when the input has no label column.
+    payload
+        The modality's own records (sequences, a count matrix, image paths).
+    data_hash
+        SHA-256 of the input, for provenance.
+    label_column
+        Name of the label column, for messages.
+    """
+
+    source: Path
+    keys: np.ndarray
+    groups: np.ndarray
+    labels: np.ndarray | None
+    payload: Any
+    data_hash: str
+    label_column: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+#: A baseline featurizer: given all samples and the indices of the training split, return
+#: a feature matrix for every sample (fitted on the training rows only).
+BaselineFn = Callable[[Samples, np.ndarray], np.ndarray]
+
+
+class Modality(ABC):
+    """A data modality: reader, tokenizer, objective, model defaults and baselines."""
+
+    name: ClassVar[str]
+    #: Pretraining objective: "masked" (bidirectional) or "causal" (next token).
+    objective: ClassVar[str] = "masked"
+    #: Default pooling of token states into one vector per sample.
+    default_pooling: ClassVar[str] = "mean"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
+        """Add reader and tokenizer options to a CLI sub-command."""
+
+    @abstractmethod
+    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+        """Read an input file into :class:`Samples`, validating it."""
+
+    @abstractmethod
+    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: dict) -> Tokenizer:
+        """Fit a tokenizer on the training samples only."""
+
+    @abstractmethod
+    def encode(
+        self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
+    ) -> Iterator[TokenChunk]:
+        """Tokenize the chosen samples (all by default) in chunks, in the given order."""
+
+    def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:  # noqa: B027
+        """Validate samples against a fitted tokenizer (e.g. vocabulary coverage)."""
+
+    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
+        """Return a batch augmentation ``f(batch, generator) -> batch``, or ``None``."""
+        return None
+
+    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+        """Model-config fields this modality fixes (context length, value input...)."""
+        return {}
+
+    def baselines(self) -> dict[str, BaselineFn]:
+        """Baseline featurizers by method name."""
+        return {}
+
+
+def register_modality(modality: Modality) -> Modality:
+    """Register a modality instance under its name."""
+    _MODALITIES[modality.name] = modality
+    return modality
+
+
+def load_all() -> None:
+    """Import every modality module so that all are registered."""
+    for module in MODALITY_MODULES:
+        importlib.import_module(module)
+
+
+def get_modality(name: str) -> Modality:
+    """Return the registered modality ``name``."""
+    load_all()
+    if name not in _MODALITIES:
+        raise ConfigError(f"unknown modality {name!r}; known: {', '.join(sorted(_MODALITIES))}")
+    return _MODALITIES[name]
+
+
+def modality_names() -> list[str]:
+    """Names of all registered modalities."""
+    load_all()
+    return sorted(_MODALITIES)
+
+
+def _unit_interval(text: str, salt: str) -> float:
+    digest = hashlib.blake2b(f"{salt}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+def assign_splits(
+    groups: np.ndarray,
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    salt: str = "healthfm",
+) -> np.ndarray:
+    """Assign each sample to "train", "val" or "test" by a hash of its group.
+
+    The assignment depends only on the group's value and the salt, never on row order or
+    on the other rows, so ``pretrain`` and ``evaluate`` run on the same file (or on a
+    file with rows added) agree on which samples are held out, and samples of one group
+    (duplicate sequences, one donor) never straddle two splits.
+
+    Parameters
+    ----------
+    groups
+        Group value of each sample (converted to ``str``).
+    fractions
+        Expected train / val / test fractions.
+    salt
+        Changes the assignment; keep it fixed between pretraining and evaluation.
+
+    Returns
+    -------
+    numpy.ndarray
+        Array of split names, one per sample.
+    """
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1: {fractions}")
+    uniq, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    # One hash per distinct group (not per sample); only splitting uses it.
+    u = np.fromiter((_unit_interval(g, salt) for g in uniq), dtype=np.float64, count=len(uniq))
+    cut1, cut2 = fractions[0], fractions[0] + fractions[1]
+    split_of_group = np.where(u < cut1, "train", np.where(u < cut2, "val", "test"))
+    return split_of_group[inverse]
+
+
+def split_indices(splits: np.ndarray) -> dict[str, np.ndarray]:
+    """Indices of each split name."""
+    return {name: np.flatnonzero(splits == name) for name in SPLIT_NAMES}
+
+
+def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.ndarray:
+    """Return the labels, or raise if there are none or only one class."""
+    if samples.labels is None:
+        raise DataError("the input has no label column", file=samples.source, column=samples.label_column)
+    classes = np.unique(samples.labels)
+    if len(classes) < 2:
+        raise DataError(
+            f"the label column has a single class ({classes[0]!r}); a classifier needs two or more",
+            file=samples.source,
+            column=samples.label_column,
+        )
+    if splits is not None:
+        for name in ("train", "test"):
+            present = np.unique(samples.labels[splits == name])
+            if len(present) < 2:
+                raise DataError(
+                    f"the {name} split holds {len(present)} class(es); it needs two or more "
+                    "(too few samples, or too few groups)",
+                    file=samples.source,
+                    column=samples.label_column,
+                )
+    return samples.labels
