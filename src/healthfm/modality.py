@@ -111,6 +111,24 @@ class Modality(ABC):
         """Baseline featurizers by method name."""
         return {}
 
+    def demo_spec(self, quick: bool) -> dict[str, Any] | None:
+        """What ``healthfm demo`` runs for this modality through the shared pipeline.
+
+        Keys: ``input`` (bundled path), ``options``, ``preset``, ``steps``, ``batch_size``,
+        ``lr``, ``seeds``. Modalities whose demo is not the generic
+        pretrain → probe path override :meth:`run_demo` instead.
+        """
+        return None
+
+    def run_demo(self, out: Path, quick: bool) -> Any:
+        """Run this modality's demo; the default uses :meth:`demo_spec`."""
+        from healthfm.demo import generic_demo
+
+        spec = self.demo_spec(quick)
+        if spec is None:
+            raise ConfigError(f"modality {self.name!r} has no demo")
+        return generic_demo(self, spec, out)
+
 
 def register_modality(modality: Modality) -> Modality:
     """Register a modality instance under its name."""

@@ -1,0 +1,184 @@
+"""The DNA modality: FASTA/TSV sequences, k-mer tokens, masked pretraining, k-mer baselines.
+
+Defaults, chosen for short sequences such as the bundled 60-nt splice junctions:
+
+* ``k=1`` (single nucleotides, as HyenaDNA and Caduceus): 20 tokens, one per base, so a
+  signal at a fixed offset (the GT/AG of a splice site) is one token, and masked-token
+  pretraining is not trivially solved by copying from overlapping neighbours (the known
+  weakness of overlapping 6-mers, DNABERT). ``--k 6`` gives DNABERT-style tokens.
+* reverse-complement augmentation during pretraining, on by default. It is a flag of the
+  tokenizer (``tokenizer.json`` records what the model was pretrained with) that is left
+  out of the tokenizer hash; turn it off (``--no-reverse-complement``) for strand-specific
+  data when you fine-tune with augmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
+from healthfm.dna.reader import is_fasta, read_fasta, read_table
+from healthfm.dna.tokenizer import (
+    KmerTokenizer,
+    make_rc_augmenter,
+    reverse_complement_batch,
+)
+from healthfm.errors import ConfigError
+from healthfm.modality import BaselineFn, Modality, Samples, register_modality
+from healthfm.tokenizer import Tokenizer
+from healthfm.tokens import TokenChunk
+
+__all__ = [
+    "DnaModality",
+    "KmerTokenizer",
+    "kmer_counts",
+    "make_rc_augmenter",
+    "one_hot",
+    "read_fasta",
+    "read_table",
+    "reverse_complement_batch",
+]
+
+#: Samples per TokenChunk yielded by :meth:`DnaModality.encode`.
+CHUNK_SIZE = 65_536
+#: Longest context :meth:`DnaModality.model_defaults` proposes.
+MAX_CONTEXT = 4096
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _no_label(value: Any) -> bool:
+    return value is None or str(value).strip().lower() in ("", "none")
+
+
+def _sequence_lengths(samples: Samples, indices: np.ndarray | None = None) -> np.ndarray:
+    payload = samples.payload if indices is None else samples.payload[indices]
+    return np.fromiter(map(len, payload), dtype=np.int64, count=len(payload))
+
+
+class DnaModality(Modality):
+    """DNA sequences from TSV/CSV tables or FASTA files."""
+
+    name = "dna"
+    objective = "masked"
+    default_pooling = "mean"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add reader and tokenizer options."""
+        group = parser.add_argument_group("DNA")
+        group.add_argument(
+            "--sequence-column", default="sequence", help="table column of the sequences"
+        )
+        group.add_argument(
+            "--label-column",
+            default="label",
+            help="column of the labels (in the table, or in --labels for FASTA); "
+            "'none' for unlabelled data",
+        )
+        group.add_argument("--key-column", default=None, help="table column of unique sample ids")
+        group.add_argument(
+            "--labels", default=None, help="TSV/CSV of FASTA record ids and labels (FASTA input)"
+        )
+        group.add_argument("--id-column", default="id", help="id column of the --labels file")
+        group.add_argument(
+            "--k", type=int, default=1, help="k-mer size (1 = single nucleotides; 6 = DNABERT)"
+        )
+        group.add_argument(
+            "--stride", type=int, default=1, help="k-mer step: 1 overlapping, k non-overlapping"
+        )
+        group.add_argument(
+            "--ambiguity",
+            choices=("token", "n"),
+            default="token",
+            help="k=1: a token per IUPAC code, or all as N",
+        )
+        group.add_argument(
+            "--reverse-complement",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="reverse-complement augmentation during pretraining",
+        )
+
+    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+        """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
+        label_column = options.get("label_column", "label")
+        if is_fasta(path):
+            labels = options.get("labels")
+            return read_fasta(
+                path,
+                labels=labels,
+                label_column="label" if _no_label(label_column) else label_column,
+                id_column=options.get("id_column") or "id",
+            )
+        return read_table(
+            path,
+            sequence_column=options.get("sequence_column") or "sequence",
+            label_column=None if _no_label(label_column) else label_column,
+            key_column=options.get("key_column"),
+        )
+
+    def fit_tokenizer(
+        self, samples: Samples, train_idx: np.ndarray, options: dict[str, Any]
+    ) -> KmerTokenizer:
+        """Build the k-mer tokenizer; its vocabulary is fixed, so fitting only sets
+        ``max_length`` to the power of two covering the longest training sequence
+        (at most 4096 tokens)."""
+        probe = KmerTokenizer(
+            k=int(options.get("k") or 1),
+            stride=int(options.get("stride") or 1),
+            ambiguity=options.get("ambiguity") or "token",
+        )
+        lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
+        longest = int(lengths.max()) if len(lengths) else 1
+        config = probe.config()
+        config["max_length"] = min(_next_power_of_two(longest), MAX_CONTEXT)
+        config["reverse_complement"] = bool(options.get("reverse_complement", True))
+        return KmerTokenizer.from_config(config)
+
+    def encode(
+        self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
+    ) -> Iterator[TokenChunk]:
+        """Tokenize the chosen samples in chunks of at most 65,536, in order."""
+        tokenizer = self._kmer(tokenizer)
+        indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
+        for lo in range(0, len(indices), CHUNK_SIZE):
+            idx = indices[lo : lo + CHUNK_SIZE]
+            yield tokenizer.encode(samples.payload[idx], keys=samples.keys[idx].tolist())
+
+    def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
+        """The vocabulary covers every valid sequence; only the tokenizer type is checked."""
+        self._kmer(tokenizer)
+
+    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
+        """Reverse-complement each row with probability 0.5, if the tokenizer says so."""
+        tokenizer = self._kmer(tokenizer)
+        return make_rc_augmenter(tokenizer, p=0.5) if tokenizer.reverse_complement else None
+
+    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+        """``max_len``: power of two covering the longest tokenized sample, at most 4096."""
+        lengths = self._kmer(tokenizer).tokenized_lengths(_sequence_lengths(samples))
+        longest = int(lengths.max()) if len(lengths) else 1
+        return {"max_len": min(_next_power_of_two(longest), MAX_CONTEXT)}
+
+    def baselines(self) -> dict[str, BaselineFn]:
+        """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""
+        return dict(BASELINES)
+
+    @staticmethod
+    def _kmer(tokenizer: Tokenizer) -> KmerTokenizer:
+        if not isinstance(tokenizer, KmerTokenizer):
+            raise ConfigError(
+                f"the DNA modality needs a dna.kmer tokenizer, got {type(tokenizer).__name__} "
+                f"({getattr(tokenizer, 'type', '?')})"
+            )
+        return tokenizer
+
+
+register_modality(DnaModality())

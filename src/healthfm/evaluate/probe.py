@@ -1,0 +1,395 @@
+"""Probes on frozen embeddings: tuned logistic regression, k-NN, few-shot sampling.
+
+The linear probe follows EHRSHOT / eva: standardize the features, fit an L2-penalized
+logistic regression for each ``C`` on the training split, pick ``C`` on the validation
+(tuning) split, refit with that ``C`` and predict the test split.
+
+Class handling. The probe's classes are the classes seen in ``y_train``
+(:attr:`ProbeResult.classes`, sorted); ``proba`` has one column per such class in that
+order. Validation rows whose class never occurs in train cannot be scored against those
+columns and are ignored, for tuning and for the ``"train+val"`` refit. A test class unseen
+in train has no column: the probe can never predict it. To score such a test set with
+:func:`healthfm.evaluate.metrics.classification_metrics`, widen the probabilities with
+:func:`align_proba`, which adds all-zero columns for the missing classes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from healthfm.errors import ConfigError, DataError
+from healthfm.evaluate.metrics import classification_metrics
+
+__all__ = [
+    "DEFAULT_CS",
+    "ProbeResult",
+    "align_proba",
+    "few_shot_indices",
+    "fit_knn_probe",
+    "fit_linear_probe",
+]
+
+# Inverse regularization strengths tried by default. Features are standardized, so the
+# useful range is well covered by 1e-4 (almost all shrinkage, for few noisy samples in
+# many dimensions) to 1e2 (almost none, for clean, plentiful data).
+DEFAULT_CS: np.ndarray = np.logspace(-4, 2, 7)
+
+SelectMetric = Literal["auroc", "balanced_accuracy", "log_loss"]
+
+
+@dataclass
+class ProbeResult:
+    """What a probe learned and predicted.
+
+    Attributes
+    ----------
+    classes
+        The training classes, sorted; the column order of ``proba``.
+    best_C
+        The chosen inverse regularization strength (NaN for k-NN).
+    val_score
+        The selection metric on the validation split at ``best_C`` (NaN for k-NN).
+        For ``"log_loss"`` this is the loss itself (lower is better).
+    proba
+        Test-set class probabilities, shape ``(n_test, len(classes))``.
+    pred
+        Test-set predicted labels (values from ``classes``).
+    model
+        The fitted scikit-learn estimator (a ``Pipeline`` for the linear probe).
+    converged
+        False if any fit during tuning or refitting raised a ``ConvergenceWarning``.
+    val_scores
+        The selection metric for every ``C`` tried (empty for k-NN).
+    """
+
+    classes: np.ndarray
+    best_C: float
+    val_score: float
+    proba: np.ndarray
+    pred: np.ndarray
+    model: Any
+    converged: bool = True
+    val_scores: dict[float, float] = field(default_factory=dict)
+
+
+def _as_features(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2:
+        raise DataError(
+            f"{name} must be 2-D (samples x features), got shape {a.shape}", column=name
+        )
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"{name} must be numeric, got dtype {a.dtype}", column=name)
+    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+    if bad.size:
+        raise DataError(f"{name} contains NaN or infinity", column=name, row=int(bad[0]))
+    return a
+
+
+def _as_labels(y: Any, n: int, name: str) -> np.ndarray:
+    a = np.asarray(y)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise DataError(f"{name} must be 1-D with {n} entries, got shape {a.shape}", column=name)
+    return a
+
+
+def _train_classes(y_train: np.ndarray) -> np.ndarray:
+    classes = np.unique(y_train)
+    if classes.size < 2:
+        raise DataError(
+            f"y_train has {classes.size} class(es) ({classes.tolist()}); a probe needs at "
+            "least 2 (too few labelled training samples, or a split without positives?)",
+            column="y_train",
+        )
+    return classes
+
+
+def _val_score(metric: str, y_idx: np.ndarray, proba: np.ndarray) -> float:
+    """Selection score on validation; ``y_idx`` indexes the columns of ``proba``."""
+    if metric == "log_loss":
+        p = np.clip(proba[np.arange(y_idx.size), y_idx], 1e-15, 1.0)
+        return float(-np.mean(np.log(p)))
+    # Macro one-vs-rest AUROC over the classes present in validation, so a class
+    # missing from validation does not break tuning.
+    res = classification_metrics(y_idx, proba, n_boot=0, metrics=[metric])
+    return res[metric].value
+
+
+def fit_linear_probe(
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    X_test: Any,
+    *,
+    Cs: Sequence[float] | np.ndarray = DEFAULT_CS,
+    select_metric: SelectMetric = "auroc",
+    refit: Literal["train+val", "train"] = "train+val",
+    seed: int = 0,
+    max_iter: int = 2000,
+    class_weight: dict[Any, float] | Literal["balanced"] | None = None,
+) -> ProbeResult:
+    """Fit a standardized, L2-penalized logistic-regression probe with ``C`` tuned on val.
+
+    Parameters
+    ----------
+    X_train, y_train
+        Training embeddings ``(n, d)`` and labels (any sortable label type).
+    X_val, y_val
+        Validation (tuning) split used to choose ``C``. Rows whose class is not in
+        ``y_train`` are ignored.
+    X_test
+        Embeddings to predict.
+    Cs
+        Inverse regularization strengths to try.
+    select_metric
+        ``"auroc"`` (macro one-vs-rest over the classes present in validation; binary
+        AUROC for two classes), ``"balanced_accuracy"`` (higher is better) or
+        ``"log_loss"`` (lower is better). Ties go to the smaller ``C`` (stronger
+        regularization). If the metric is undefined on validation for every ``C``
+        (e.g. AUROC with a single validation class), log loss is used instead.
+    refit
+        Refit the chosen ``C`` on ``"train+val"`` (default) or on ``"train"`` only.
+    seed
+        ``random_state`` of the logistic regression (lbfgs itself is deterministic).
+    max_iter
+        lbfgs iteration limit.
+    class_weight
+        Passed to ``LogisticRegression`` (e.g. ``"balanced"``).
+
+    Returns
+    -------
+    ProbeResult
+        ``proba`` columns follow ``classes`` = the sorted training classes.
+
+    Raises
+    ------
+    DataError
+        If ``y_train`` has fewer than two classes, shapes disagree, features are not
+        finite, or no validation row has a training class.
+    ConfigError
+        On an empty ``Cs``, a non-positive ``C`` or an unknown option.
+    """
+    if select_metric not in ("auroc", "balanced_accuracy", "log_loss"):
+        raise ConfigError(
+            f"select_metric must be auroc, balanced_accuracy or log_loss, got {select_metric!r}"
+        )
+    if refit not in ("train+val", "train"):
+        raise ConfigError(f"refit must be 'train+val' or 'train', got {refit!r}")
+    cs = np.sort(np.asarray(Cs, dtype=np.float64).ravel())
+    if cs.size == 0 or not np.all(np.isfinite(cs)) or np.any(cs <= 0):
+        raise ConfigError(f"Cs must be a non-empty list of positive numbers, got {Cs!r}")
+
+    xtr = _as_features(X_train, "X_train")
+    xva = _as_features(X_val, "X_val")
+    xte = _as_features(X_test, "X_test")
+    ytr = _as_labels(y_train, xtr.shape[0], "y_train")
+    yva = _as_labels(y_val, xva.shape[0], "y_val")
+    for name, x in (("X_val", xva), ("X_test", xte)):
+        if x.shape[1] != xtr.shape[1]:
+            raise DataError(
+                f"{name} has {x.shape[1]} features but X_train has {xtr.shape[1]}", column=name
+            )
+    classes = _train_classes(ytr)
+
+    # Validation rows of classes unseen in train have no probability column: ignore them.
+    seen = np.isin(yva, classes)
+    xva, yva = xva[seen], yva[seen]
+    if yva.size == 0:
+        raise DataError(
+            "no validation row has a class seen in y_train; cannot tune C", column="y_val"
+        )
+    yva_idx = np.searchsorted(classes, yva)
+
+    n_conv_warnings = 0
+
+    def new_lr(c: float, warm: bool = False) -> LogisticRegression:
+        return LogisticRegression(
+            C=c, max_iter=max_iter, class_weight=class_weight, random_state=seed, warm_start=warm
+        )
+
+    def fit(est: Any, x: np.ndarray, y: np.ndarray) -> Any:
+        # Silence ConvergenceWarnings (frequent at large C on separable data) but count
+        # them; let every other warning through.
+        nonlocal n_conv_warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est.fit(x, y)
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                n_conv_warnings += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return est
+
+    # Tuning: scale once; walk C upwards with warm starts (a regularization path), which
+    # makes the large-C fits much cheaper than cold starts.
+    scaler = StandardScaler().fit(xtr)
+    ztr, zva = scaler.transform(xtr), scaler.transform(xva)
+    lr = new_lr(float(cs[0]), warm=True)
+    probas = []
+    for c in cs:
+        lr.set_params(C=float(c))
+        fit(lr, ztr, ytr)
+        probas.append(lr.predict_proba(zva))
+
+    metric = select_metric
+    scores = [_val_score(metric, yva_idx, p) for p in probas]
+    if metric != "log_loss" and not np.any(np.isfinite(scores)):
+        warnings.warn(
+            f"{metric} is undefined on the validation split (classes present: "
+            f"{np.unique(yva).tolist()}); selecting C by log loss instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        metric = "log_loss"
+        scores = [_val_score(metric, yva_idx, p) for p in probas]
+    sign = -1.0 if metric == "log_loss" else 1.0
+    best = 0
+    for i in range(1, cs.size):
+        # Strict improvement only, scanning C upwards: ties keep the stronger penalty.
+        if np.isfinite(scores[i]) and (
+            not np.isfinite(scores[best]) or sign * scores[i] > sign * scores[best] + 1e-12
+        ):
+            best = i
+    best_c = float(cs[best])
+
+    if refit == "train+val":
+        x_fit, y_fit = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
+    else:
+        x_fit, y_fit = xtr, ytr
+    model: Pipeline = make_pipeline(StandardScaler(), new_lr(best_c))
+    fit(model, x_fit, y_fit)
+    # The refit saw exactly the train classes (unseen val classes were dropped), so
+    # the columns of predict_proba are `classes` in order.
+    proba = model.predict_proba(xte)
+    return ProbeResult(
+        classes=classes,
+        best_C=best_c,
+        val_score=float(scores[best]),
+        proba=proba,
+        pred=classes[np.argmax(proba, axis=1)],
+        model=model,
+        converged=n_conv_warnings == 0,
+        val_scores={float(c): float(s) for c, s in zip(cs, scores, strict=True)},
+    )
+
+
+def fit_knn_probe(
+    X_train: Any,
+    y_train: Any,
+    X_test: Any,
+    *,
+    k: int = 15,
+    metric: str = "cosine",
+) -> ProbeResult:
+    """Distance-weighted k-nearest-neighbour probe (no tuning; ``best_C`` is NaN).
+
+    Parameters
+    ----------
+    X_train, y_train
+        Training embeddings and labels (at least two classes).
+    X_test
+        Embeddings to predict.
+    k
+        Number of neighbours (capped at the training-set size).
+    metric
+        Any scikit-learn ``KNeighborsClassifier`` metric; cosine suits embeddings.
+    """
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    xtr = _as_features(X_train, "X_train")
+    xte = _as_features(X_test, "X_test")
+    ytr = _as_labels(y_train, xtr.shape[0], "y_train")
+    if xte.shape[1] != xtr.shape[1]:
+        raise DataError(
+            f"X_test has {xte.shape[1]} features but X_train has {xtr.shape[1]}", column="X_test"
+        )
+    classes = _train_classes(ytr)
+    model = KNeighborsClassifier(
+        n_neighbors=min(int(k), xtr.shape[0]), weights="distance", metric=metric
+    ).fit(xtr, ytr)
+    proba = model.predict_proba(xte)
+    return ProbeResult(
+        classes=classes,
+        best_C=float("nan"),
+        val_score=float("nan"),
+        proba=proba,
+        pred=classes[np.argmax(proba, axis=1)],
+        model=model,
+    )
+
+
+def align_proba(proba: Any, from_classes: Any, to_classes: Any) -> np.ndarray:
+    """Re-order ``proba`` columns from ``from_classes`` to ``to_classes``.
+
+    Classes in ``to_classes`` that the model never saw get an all-zero column (the model
+    gives them no probability); every class in ``from_classes`` must be in
+    ``to_classes``. Use it to score a probe against a test set with extra classes.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    src = np.asarray(from_classes)
+    dst = np.asarray(to_classes)
+    if p.ndim != 2 or p.shape[1] != src.size:
+        raise DataError(
+            f"proba has shape {p.shape} but there are {src.size} from_classes", column="proba"
+        )
+    missing = src[~np.isin(src, dst)]
+    if missing.size:
+        raise DataError(
+            f"classes {missing.tolist()} of the model are not in to_classes", column="to_classes"
+        )
+    out = np.zeros((p.shape[0], dst.size))
+    col = {c: j for j, c in enumerate(dst.tolist())}
+    out[:, [col[c] for c in src.tolist()]] = p
+    return out
+
+
+def few_shot_indices(y: Any, k: int, seed: int) -> np.ndarray:
+    """EHRSHOT-style few-shot subset: ``k`` random rows per class, without replacement.
+
+    A class with at most ``k`` rows contributes all of them. The choice depends only on
+    ``y``, ``k`` and ``seed``, and for a fixed seed the subsets are nested: the rows
+    picked for ``k`` are among those picked for any larger ``k``.
+
+    Parameters
+    ----------
+    y
+        Label per row (1-D).
+    k
+        Examples per class (>= 1).
+    seed
+        Seed of ``np.random.default_rng``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Sorted int64 row indices into ``y``.
+    """
+    if not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    labels = np.asarray(y)
+    if labels.ndim != 1:
+        raise DataError(f"y must be 1-D, got shape {labels.shape}", column="y")
+    if labels.size == 0:
+        return np.empty(0, dtype=np.int64)
+    # One random permutation, then stable-group it by class: the first k rows of each
+    # class in permuted order are a uniform sample without replacement (and nested in k).
+    perm = np.random.default_rng(seed).permutation(labels.size)
+    _, codes = np.unique(labels[perm], return_inverse=True)
+    codes = codes.reshape(-1)
+    order = np.argsort(codes, kind="stable")
+    sorted_codes = codes[order]
+    first = np.searchsorted(sorted_codes, sorted_codes, side="left")
+    rank = np.arange(labels.size) - first
+    return np.sort(perm[order[rank < k]]).astype(np.int64)

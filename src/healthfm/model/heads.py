@@ -1,0 +1,126 @@
+"""Pretraining heads, pooling, and the model that puts backbone and head together."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from healthfm.model.config import POOLINGS, ModelConfig
+from healthfm.model.transformer import Transformer
+
+IGNORE_INDEX = -100
+
+
+class MaskedTokenHead(nn.Module):
+    """BERT-style head: dense, GELU, norm, then vocabulary logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.norm_eps)
+        self.decoder = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.dense(hidden), approximate="tanh")))
+
+
+class NextTokenHead(nn.Module):
+    """GPT-style head: a linear map from the (already normed) state to the next token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(config.d_model, config.vocab_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(hidden)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
+    """Pool token states (B, T, D) into one vector per sample (B, D).
+
+    Parameters
+    ----------
+    hidden
+        Token states.
+    attention_mask
+        Bool (B, T), True at real tokens (None: all real).
+    method
+        "mean" over real tokens, "cls" (the first token) or "last" (the last real token,
+        the natural summary of a causal model).
+    """
+    if method not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, not {method!r}")
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    if method == "cls":
+        return hidden[:, 0]
+    if method == "last":
+        last = attention_mask.long().sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class FoundationModel(nn.Module):
+    """Backbone plus the pretraining head of its objective.
+
+    ``forward`` returns hidden states; :meth:`embed` pools them; :meth:`pretraining_loss`
+    scores a batch prepared by :mod:`healthfm.train.objectives` (targets in ``labels``,
+    ``IGNORE_INDEX`` elsewhere).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = Transformer(config)
+        self.head = MaskedTokenHead(config) if config.objective == "masked" else NextTokenHead(config)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+        times: torch.Tensor | None = None,
+        inputs: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, D)."""
+        return self.backbone(ids, attention_mask, values, times, inputs)
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states of a collated batch dict."""
+        return self.backbone(
+            batch["ids"],
+            batch.get("attention_mask"),
+            batch.get("values"),
+            batch.get("times"),
+            batch.get("inputs"),
+        )
+
+    def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
+        """Pooled embeddings (B, D) of a collated batch."""
+        hidden = self.forward_batch(batch)
+        return pool(hidden, batch.get("attention_mask"), pooling or self.config.pooling)
+
+    def pretraining_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over target positions, and the number of targets.
+
+        The head runs only at target positions (about 15% of tokens for a masked model),
+        which saves most of the vocabulary projection.
+        """
+        hidden = self.forward_batch(batch)
+        labels = batch["labels"]
+        selected = labels != IGNORE_INDEX
+        n_targets = int(selected.sum())
+        if n_targets == 0:
+            return hidden.sum() * 0.0, 0
+        logits = self.head(hidden[selected])
+        loss = F.cross_entropy(logits.float(), labels[selected])
+        return loss, n_targets
+
+    def num_parameters(self, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (optionally only trainable, optionally without the token table)."""
+        params = self.parameters() if not exclude_embeddings else (
+            p for n, p in self.named_parameters() if not n.startswith("backbone.embed.tokens")
+        )
+        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)

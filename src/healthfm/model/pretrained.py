@@ -1,0 +1,152 @@
+"""Model folders: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``.
+
+The layout Hugging Face tools use. Loading is strict: a missing, extra or mis-shaped
+tensor, or a config from a newer format, is a :class:`~healthfm.errors.ModelError`.
+Weights are safetensors only, so nothing loaded from disk can run code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from healthfm.errors import ModelError
+from healthfm.fsutil import atomic_dir, sha256_file
+from healthfm.model.config import ModelConfig
+from healthfm.model.heads import FoundationModel
+from healthfm.tokenizer import Tokenizer, load_tokenizer
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+INFO_NAME = "training_info.json"
+
+
+def save_pretrained(
+    model: FoundationModel,
+    path: str | Path,
+    tokenizer: Tokenizer | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model folder atomically.
+
+    Parameters
+    ----------
+    model
+        The model (unwrapped: not DDP/FSDP).
+    path
+        The folder to create; replaced as a whole if it exists.
+    tokenizer
+        The tokenizer to save beside it (defaults to ``model.tokenizer`` if set).
+    info
+        Provenance written to ``training_info.json`` (steps, data hash, losses...).
+    """
+    from healthfm import __version__
+
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    path = Path(path)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "healthfm": __version__})
+        if tokenizer is not None:
+            (tmp / TOKENIZER_NAME).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
+        if info is not None:
+            (tmp / INFO_NAME).write_text(json.dumps({"healthfm_version": __version__, **info}, indent=2) + "\n")
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Read and validate a model folder's ``config.json``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError("model folder does not exist", file=path)
+    config_path = path / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelError("not a model folder: config.json is missing", file=path)
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"config.json is not valid JSON: {exc}", file=config_path) from exc
+    if not isinstance(data, dict):
+        raise ModelError("config.json must hold a JSON object", file=config_path)
+    return ModelConfig.from_dict(data, source=str(config_path))
+
+
+def load_state_strict(module: torch.nn.Module, weights: str | Path) -> None:
+    """Load safetensors weights into ``module``; any key or shape mismatch is an error."""
+    weights = Path(weights)
+    if not weights.is_file():
+        raise ModelError("model.safetensors is missing", file=weights)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"cannot read weights (corrupt or truncated?): {exc}", file=weights) from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(
+            f"weights do not match the config: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}",
+            file=weights,
+        )
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelError(
+                f"tensor has shape {tuple(tensor.shape)}, the config implies "
+                f"{tuple(expected[name].shape)}",
+                file=weights,
+                column=name,
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def load(path: str | Path, modality: str | None = None) -> FoundationModel:
+    """Load a model folder written by :func:`save_pretrained`.
+
+    Parameters
+    ----------
+    path
+        The model folder.
+    modality
+        If given, the modality the caller expects; a model of another modality is a
+        :class:`~healthfm.errors.ModelError`.
+
+    Returns
+    -------
+    FoundationModel
+        In eval mode, with ``.tokenizer`` (or None), ``.folder`` and ``.model_hash`` set.
+    """
+    path = Path(path)
+    config = read_config(path)
+    if modality is not None and config.modality != modality:
+        raise ModelError(
+            f"this model was pretrained for modality {config.modality!r}, not {modality!r}",
+            file=path / CONFIG_NAME,
+            column="modality",
+        )
+    model = FoundationModel(config)
+    load_state_strict(model, path / WEIGHTS_NAME)
+    tokenizer = load_tokenizer(path / TOKENIZER_NAME) if (path / TOKENIZER_NAME).exists() else None
+    if tokenizer is not None and tokenizer.modality != config.modality:
+        raise ModelError(
+            f"tokenizer is for {tokenizer.modality!r} but the model for {config.modality!r}",
+            file=path / TOKENIZER_NAME,
+            column="modality",
+        )
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        raise ModelError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}",
+            file=path / TOKENIZER_NAME,
+        )
+    model.tokenizer = tokenizer
+    model.folder = path
+    model.model_hash = sha256_file(path / WEIGHTS_NAME)
+    model.eval()
+    return model

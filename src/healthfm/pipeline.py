@@ -1,0 +1,362 @@
+"""The shared pipeline: read → tokenize → pretrain → embed → evaluate, for any modality.
+
+Every function here takes a :class:`~healthfm.modality.Modality` and never branches on
+its name. The CLI and the demo are thin layers over these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from healthfm.errors import ConfigError, DataError, ModelError
+from healthfm.evaluate.embed import embed_store, save_embeddings
+from healthfm.evaluate.metrics import classification_metrics
+from healthfm.evaluate.probe import fit_linear_probe
+from healthfm.evaluate.results import ResultRow, format_table, write_results
+from healthfm.modality import Modality, Samples, assign_splits, get_modality, require_labels, split_indices
+from healthfm.model.config import ModelConfig
+from healthfm.model.heads import FoundationModel
+from healthfm.model.pretrained import load, save_pretrained
+from healthfm.tokenizer import Tokenizer
+from healthfm.tokens import TokenStore, write_store
+from healthfm.train.distributed import init_distributed
+from healthfm.train.trainer import TrainConfig, Trainer
+
+log = logging.getLogger("healthfm")
+
+DEFAULT_SALT = "healthfm"
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
+CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "auroc", "auprc"]
+
+
+def _version() -> str:
+    from healthfm import __version__
+
+    return __version__
+
+
+def split_samples(samples: Samples, salt: str = DEFAULT_SALT, fractions=DEFAULT_FRACTIONS) -> dict[str, np.ndarray]:
+    """Train / val / test indices by group hash (see :func:`~healthfm.modality.assign_splits`)."""
+    return split_indices(assign_splits(samples.groups, tuple(fractions), salt))
+
+
+def tokenize_to_store(
+    modality: Modality,
+    tokenizer: Tokenizer,
+    samples: Samples,
+    out: str | Path,
+    indices: np.ndarray | None = None,
+) -> TokenStore:
+    """Tokenize ``samples`` (or the chosen ``indices``) into a token store at ``out``."""
+    extra = {"modality": modality.name, "source": str(samples.source), "data_hash": samples.data_hash}
+    return write_store(out, modality.encode(tokenizer, samples, indices), tokenizer.hash, tokenizer.fields, extra)
+
+
+def tokenize(
+    modality: Modality | str,
+    input_path: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    model_dir: str | Path | None = None,
+    salt: str = DEFAULT_SALT,
+    fractions=DEFAULT_FRACTIONS,
+) -> TokenStore:
+    """Tokenize a whole input into a store.
+
+    The tokenizer is the model's (``model_dir``) or one fitted on the input's train split.
+    """
+    modality = get_modality(modality) if isinstance(modality, str) else modality
+    options = options or {}
+    samples = modality.read(input_path, options)
+    if model_dir is not None:
+        tokenizer = load(model_dir, modality=modality.name).tokenizer
+    else:
+        tokenizer = modality.fit_tokenizer(samples, split_samples(samples, salt, fractions)["train"], options)
+    modality.check_input(samples, tokenizer)
+    return tokenize_to_store(modality, tokenizer, samples, out)
+
+
+def pretrain(
+    modality: Modality | str,
+    input_path: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    preset: str = "tiny",
+    train_config: TrainConfig | None = None,
+    resume: bool = False,
+    run_dir: str | Path | None = None,
+    salt: str = DEFAULT_SALT,
+    fractions=DEFAULT_FRACTIONS,
+    model_overrides: dict[str, Any] | None = None,
+    stop_at: int | None = None,
+) -> Path:
+    """Pretrain a model on the train split of an input and write the model folder.
+
+    Parameters
+    ----------
+    modality
+        The modality (or its name).
+    input_path
+        The input file (table, FASTA, h5ad, MEDS folder ...).
+    out
+        The model folder to write (``config.json``, ``model.safetensors``,
+        ``tokenizer.json``, ``training_info.json``).
+    options
+        Modality reader / tokenizer options.
+    preset
+        Backbone size preset.
+    train_config
+        Optimisation settings.
+    resume
+        Continue from the latest checkpoint in the run folder.
+    run_dir
+        Checkpoints, token stores and the JSONL log; ``<out>.run`` by default.
+    salt, fractions
+        The split: only the train split is used for pretraining, val for the held-out loss;
+        evaluation later holds out the test split made with the same salt.
+    model_overrides
+        Extra :class:`ModelConfig` fields.
+    stop_at
+        Stop (checkpointed) at this step; resume later.
+    """
+    modality = get_modality(modality) if isinstance(modality, str) else modality
+    options = options or {}
+    train_config = train_config or TrainConfig()
+    out = Path(out)
+    run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
+    info = init_distributed()
+    t0 = time.perf_counter()
+    samples = modality.read(input_path, options)
+    splits = split_samples(samples, salt, fractions)
+    if len(splits["train"]) == 0:
+        raise DataError("the train split is empty (too few samples or groups)", file=samples.source)
+    tokenizer = modality.fit_tokenizer(samples, splits["train"], options)
+    stores = {}
+    for name in ("train", "val"):
+        path = run_dir / "stores" / name
+        existing = _reuse_store(path, tokenizer.hash, samples.data_hash)
+        if existing is not None:
+            stores[name] = existing
+        elif info.is_main:
+            stores[name] = tokenize_to_store(modality, tokenizer, samples, path, splits[name])
+    if info.distributed:
+        torch.distributed.barrier()
+        stores = {name: TokenStore(run_dir / "stores" / name, tokenizer.hash) for name in ("train", "val")}
+    defaults = modality.model_defaults(tokenizer, samples)
+    config = ModelConfig.from_preset(
+        preset,
+        modality=modality.name,
+        vocab_size=tokenizer.vocab_size,
+        objective=modality.objective,
+        pooling=modality.default_pooling,
+        **{**defaults, **(model_overrides or {})},
+    )
+    torch.manual_seed(train_config.seed)
+    model = FoundationModel(config)
+    trainer = Trainer(
+        model,
+        stores["train"],
+        train_config,
+        run_dir,
+        val_store=stores["val"] if len(stores["val"]) else None,
+        augment=modality.augmenter(tokenizer),
+        dist_info=info,
+    )
+    summary = trainer.fit(resume=resume, stop_at=stop_at)
+    if info.is_main and summary["steps"] >= train_config.steps:
+        save_pretrained(
+            model,
+            out,
+            tokenizer,
+            info={
+                **summary,
+                "data_hash": samples.data_hash,
+                "source": str(samples.source),
+                "split_salt": salt,
+                "split_fractions": list(fractions),
+                "n_train": int(len(splits["train"])),
+                "n_val": int(len(splits["val"])),
+                "train_config": json_safe(asdict(train_config)),
+                "parameters": model.num_parameters(),
+                "total_seconds": time.perf_counter() - t0,
+            },
+        )
+    return out
+
+
+def _reuse_store(path: Path, tokenizer_hash: str, data_hash: str) -> TokenStore | None:
+    # Resuming re-reads the input but need not re-tokenize it.
+    if not (path / "meta.json").exists():
+        return None
+    try:
+        store = TokenStore(path, tokenizer_hash)
+    except DataError:
+        return None
+    return store if store.meta.get("data_hash") == data_hash else None
+
+
+def json_safe(obj: Any) -> Any:
+    """Round-trip through JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def load_for(modality_name: str | None, model_dir: str | Path) -> tuple[FoundationModel, Modality]:
+    """Load a model folder and its modality, checking they agree."""
+    model = load(model_dir, modality=modality_name)
+    if model.tokenizer is None:
+        raise ModelError("model folder has no tokenizer.json", file=model_dir)
+    return model, get_modality(model.config.modality)
+
+
+def embed(
+    model_dir: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    pooling: str | None = None,
+    batch_size: int = 128,
+    bf16: bool = False,
+    modality_name: str | None = None,
+) -> Path:
+    """Embed every sample of an input with a model; write parquet or .npy (+ keys)."""
+    model, modality = load_for(modality_name, model_dir)
+    samples = modality.read(input_path, options or {})
+    modality.check_input(samples, model.tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = tokenize_to_store(modality, model.tokenizer, samples, Path(tmp) / "store")
+        emb = embed_store(model, store, pooling, batch_size, bf16)
+    columns = {"label": samples.labels.tolist()} if samples.labels is not None else None
+    return save_embeddings(out, samples.keys.tolist(), emb, columns if Path(out).suffix == ".parquet" else None)
+
+
+def probe_split(pool_idx: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
+    """Split the non-test pool into probe-train / probe-val by group, differently per seed."""
+    pool_groups = np.asarray(groups)[pool_idx].astype(str)
+    uniq, inverse = np.unique(pool_groups, return_inverse=True)
+    rng = np.random.default_rng([seed, 7919])
+    is_val_group = rng.random(len(uniq)) < val_fraction
+    is_val = is_val_group[inverse]
+    return pool_idx[~is_val], pool_idx[is_val]
+
+
+def evaluate(
+    model_dir: str | Path | None,
+    input_path: str | Path,
+    out_dir: str | Path,
+    options: dict[str, Any] | None = None,
+    modality_name: str | None = None,
+    seeds=(0, 1, 2),
+    n_boot: int = 1000,
+    pooling: str | None = None,
+    batch_size: int = 128,
+    salt: str | None = None,
+    fractions=None,
+    task: str | None = None,
+    include_baselines: bool = True,
+    echo: bool = True,
+) -> list[ResultRow]:
+    """Linear probe of the model's embeddings next to the modality's baselines.
+
+    The test split is fixed by the group hash (the same one pretraining held out when the
+    model was pretrained on this input); for each seed the remaining pool is split anew
+    into probe-train and probe-val (by group), C is tuned on probe-val, the probe is refit
+    on probe-train + probe-val, and scored on test with 95% bootstrap CIs. Baselines get
+    exactly the same splits.
+
+    Returns
+    -------
+    list of ResultRow
+        Also written to ``out_dir/results.json``; the table is printed when ``echo``.
+    """
+    t0 = time.perf_counter()
+    options = options or {}
+    model = None
+    if model_dir is not None:
+        model, modality = load_for(modality_name, model_dir)
+        info = _training_info(Path(model_dir))
+        salt = salt or info.get("split_salt", DEFAULT_SALT)
+        fractions = fractions or tuple(info.get("split_fractions", DEFAULT_FRACTIONS))
+    else:
+        if modality_name is None:
+            raise ConfigError("evaluate needs a model folder or a modality")
+        modality = get_modality(modality_name)
+    salt = salt or DEFAULT_SALT
+    fractions = fractions or DEFAULT_FRACTIONS
+    samples = modality.read(input_path, options)
+    splits = split_samples(samples, salt, fractions)
+    split_names = assign_splits(samples.groups, tuple(fractions), salt)
+    labels = require_labels(samples, np.where(split_names == "val", "train", split_names))
+    classes, y = np.unique(labels, return_inverse=True)
+    test_idx = splits["test"]
+    pool_idx = np.concatenate([splits["train"], splits["val"]])
+    task = task or f"{Path(input_path).stem}:{samples.label_column}"
+    features: dict[str, tuple[np.ndarray, bool, dict]] = {}
+    timings: dict[str, float] = {}
+    if model is not None:
+        t = time.perf_counter()
+        modality.check_input(samples, model.tokenizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = tokenize_to_store(modality, model.tokenizer, samples, Path(tmp) / "store")
+            emb = embed_store(model, store, pooling, batch_size)
+        name = f"{model.config.preset or 'model'}-{pooling or model.config.pooling}+logreg"
+        features[name] = (emb, False, {"pooling": pooling or model.config.pooling})
+        timings[name] = time.perf_counter() - t
+    if include_baselines:
+        for name, featurize in modality.baselines().items():
+            t = time.perf_counter()
+            features[name] = (np.asarray(featurize(samples, pool_idx), dtype=np.float32), True, {})
+            timings[name] = time.perf_counter() - t
+    rows: list[ResultRow] = []
+    model_hash = getattr(model, "model_hash", None)
+    for seed in seeds:
+        tr_idx, va_idx = probe_split(pool_idx, samples.groups, seed)
+        if len(np.unique(y[va_idx])) < 2:
+            va_idx, tr_idx = tr_idx[: max(1, len(tr_idx) // 8)], tr_idx[max(1, len(tr_idx) // 8) :]
+        for method, (X, is_baseline, extra) in features.items():
+            t = time.perf_counter()
+            probe = fit_linear_probe(X[tr_idx], y[tr_idx], X[va_idx], y[va_idx], X[test_idx], seed=seed)
+            scores = _align_proba(probe, len(classes))
+            metrics = classification_metrics(y[test_idx], scores, n_boot=n_boot, seed=seed)
+            wall = timings[method] + (time.perf_counter() - t)
+            for metric in CLASSIFICATION_METRICS:
+                if metric not in metrics:
+                    continue
+                m = metrics[metric]
+                rows.append(ResultRow(
+                    task=task, method=method, is_baseline=is_baseline, metric=metric,
+                    value=float(m.value), ci_low=float(m.ci_low), ci_high=float(m.ci_high),
+                    n_test=int(len(test_idx)), seed=int(seed), model_hash=None if is_baseline else model_hash,
+                    data_hash=samples.data_hash, healthfm_version=_version(), wall_seconds=wall,
+                    extra={"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "best_C": float(probe.best_C),
+                           "n_classes": int(len(classes)), "modality": modality.name, **extra},
+                ))
+    out_dir = Path(out_dir)
+    write_results(out_dir / "results.json", rows)
+    if echo:
+        print(format_table([r.to_dict() for r in rows], CLASSIFICATION_METRICS))
+        print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
+    return rows
+
+
+def _align_proba(probe, n_classes: int) -> np.ndarray:
+    # The probe's columns are the classes seen in probe-train; put them in global order.
+    scores = np.zeros((probe.proba.shape[0], n_classes), dtype=np.float64)
+    scores[:, np.asarray(probe.classes, dtype=int)] = probe.proba
+    return scores
+
+
+def _training_info(model_dir: Path) -> dict[str, Any]:
+    import json
+
+    path = model_dir / "training_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}

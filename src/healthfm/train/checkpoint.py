@@ -1,0 +1,106 @@
+"""Atomic training checkpoints and exact resume.
+
+A checkpoint is a folder ``step-00000100/`` holding the model weights (safetensors), the
+optimizer state and RNG state (``torch.save``, read back with ``weights_only=True``) and a
+``trainer_state.json`` with the step, data position, configuration hashes and the SHA-256
+of every file. It is built under a temporary name, fsynced and renamed, so a crash during
+a save leaves the last good checkpoint untouched; a damaged checkpoint is detected by its
+checksums and is a :class:`~healthfm.errors.CheckpointError`, never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from healthfm.errors import CheckpointError
+from healthfm.fsutil import atomic_dir, sha256_file
+
+STATE_NAME = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temporary folders ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically under ``root`` and prune older ones."""
+    root = Path(root)
+    final = root / f"step-{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        files = ["model.safetensors", "optimizer.pt", "rng.pt"]
+        state = {**trainer_state, "step": step, "sha256": {f: sha256_file(tmp / f) for f in files}}
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
+    for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read and verify a checkpoint folder.
+
+    Parameters
+    ----------
+    path
+        The ``step-N`` folder.
+    expect
+        Keys of ``trainer_state.json`` that must match (model config hash, tokenizer hash,
+        global batch size ...); any difference is a :class:`CheckpointError`.
+
+    Returns
+    -------
+    dict
+        ``state`` (trainer_state.json), ``model`` (tensors), ``optimizer`` and ``rng``.
+    """
+    path = Path(path)
+    state_path = path / STATE_NAME
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError("checkpoint has no trainer_state.json", file=path) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"trainer_state.json is damaged: {exc}", file=state_path) from exc
+    for name, digest in state.get("sha256", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError("checkpoint file is missing", file=file)
+        if sha256_file(file) != digest:
+            raise CheckpointError("checkpoint file is corrupt or truncated (checksum mismatch)", file=file)
+    for key, value in (expect or {}).items():
+        if state.get(key) != value:
+            raise CheckpointError(
+                f"checkpoint was written by another run configuration: {key} is "
+                f"{state.get(key)!r}, this run has {value!r}",
+                file=state_path,
+                column=key,
+            )
+    try:
+        model = load_file(path / "model.safetensors")
+        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"cannot read checkpoint: {exc}", file=path) from exc
+    return {"state": state, "model": model, "optimizer": optimizer, "rng": rng}

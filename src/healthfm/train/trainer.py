@@ -1,0 +1,384 @@
+"""The training loop: one readable loop for every modality and objective.
+
+AdamW, linear warm-up then cosine decay, gradient clipping, gradient accumulation,
+optional bf16 autocast, periodic held-out evaluation, a progress bar, a JSONL metrics log,
+atomic checkpoints and exact resume. Single process by default; under torchrun each rank
+trains on its slice of every global batch (see :mod:`healthfm.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from healthfm.errors import CheckpointError, ConfigError
+from healthfm.fsutil import json_hash
+from healthfm.model.heads import FoundationModel
+from healthfm.tokens import TokenStore
+from healthfm.train import distributed as D
+from healthfm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from healthfm.train.data import EpochBatches, collate
+from healthfm.train.objectives import prepare
+
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings.
+
+    Attributes
+    ----------
+    steps
+        Optimizer steps.
+    batch_size
+        Global batch size: samples per optimizer step, summed over processes and
+        accumulation micro-steps (so it stays the same whatever the process count).
+    micro_batch_size
+        Samples per forward pass on one process; ``None`` means the whole per-process
+        share of the batch (no accumulation).
+    lr, weight_decay, betas
+        AdamW settings (no weight decay on biases, norms and embeddings).
+    warmup_steps, min_lr_ratio
+        Linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+    grad_clip
+        Maximum global gradient norm (0 disables).
+    bf16
+        bf16 autocast for the forward pass.
+    mask_prob
+        Fraction of tokens masked by the masked-token objective.
+    eval_every, eval_batches
+        Held-out loss every N steps over the first M batches of the validation store.
+    checkpoint_every, keep_checkpoints
+        Save every N steps (and at the end); keep the last K.
+    log_every
+        Steps between JSONL log rows.
+    seed
+        Seeds data order and masking; the caller seeds initialization.
+    num_workers
+        DataLoader workers.
+    truncate
+        "head" or "tail": which end of a too-long sample to keep.
+    progress
+        Show a progress bar (default: only when stderr is a terminal).
+    """
+
+    steps: int = 1000
+    batch_size: int = 64
+    micro_batch_size: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    bf16: bool = False
+    mask_prob: float = 0.15
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    truncate: str = "head"
+    progress: bool | None = None
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+
+
+def _generator(*parts: int) -> torch.Generator:
+    # One reproducible stream per (seed, step, part): masks do not depend on process count.
+    seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "embed.tokens" not in name else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Pretrain a :class:`FoundationModel` on a token store.
+
+    Parameters
+    ----------
+    model
+        The model, freshly initialised (seed it before building it) or to continue.
+    train_store
+        Training tokens.
+    config
+        :class:`TrainConfig`.
+    run_dir
+        Folder for ``checkpoints/`` and ``train_log.jsonl``.
+    val_store
+        Held-out tokens for the periodic evaluation, or None.
+    augment
+        Optional ``f(batch, generator) -> batch`` applied before the objective.
+    dist_info
+        Process placement; read from the environment when None.
+    """
+
+    def __init__(
+        self,
+        model: FoundationModel,
+        train_store: TokenStore,
+        config: TrainConfig,
+        run_dir: str | Path,
+        val_store: TokenStore | None = None,
+        augment=None,
+        dist_info: D.DistInfo | None = None,
+        strategy: str = "ddp",
+    ) -> None:
+        self.config = config
+        self.info = dist_info or D.init_distributed()
+        self.model = model.to(self.info.device)
+        self.train_store = train_store
+        self.val_store = val_store
+        self.augment = augment
+        self.run_dir = Path(run_dir)
+        self.strategy = strategy
+        world = self.info.world_size
+        micro = config.micro_batch_size or config.batch_size // world
+        if config.batch_size % (micro * world):
+            raise ConfigError(
+                f"batch size {config.batch_size} is not a multiple of micro batch {micro} × {world} processes"
+            )
+        self.micro_batch_size = micro
+        self.accumulation = config.batch_size // (micro * world)
+        self.batches = EpochBatches(len(train_store), config.batch_size, config.seed)
+        self.wrapped = D.wrap_model(PretrainingLoss(self.model), self.info, strategy)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, fused=False
+        )
+        self.step = 0
+        self.position = 0
+        self.identity = {
+            "model_config_hash": json_hash(self.model.config.to_dict()),
+            "tokenizer_hash": train_store.tokenizer_hash,
+            "batch_size": config.batch_size,
+            "seed": config.seed,
+        }
+
+    # ------------------------------------------------------------------ state
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where checkpoints go."""
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (main process only)."""
+        path = None
+        if self.info.is_main:
+            state = {**self.identity, "position": self.position, "train_config": _jsonable(asdict(self.config))}
+            path = save_checkpoint(
+                self.checkpoint_root,
+                self.step,
+                self.model.state_dict(),
+                self.optimizer.state_dict(),
+                state,
+                keep=self.config.keep_checkpoints,
+            )
+        D.barrier(self.info)
+        return path
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Restore the latest (or the given) checkpoint; False if there is none."""
+        if path is None:
+            found = checkpoint_dirs(self.checkpoint_root)
+            if not found:
+                return False
+            path = found[-1]
+        ckpt = load_checkpoint(path, expect=self.identity)
+        try:
+            self.model.load_state_dict(ckpt["model"], strict=True)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint does not fit this model: {exc}", file=path) from exc
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.step = int(ckpt["state"]["step"])
+        self.position = int(ckpt["state"]["position"])
+        if self.info.is_main:
+            _truncate_log(self.run_dir / LOG_NAME, self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        if not self.config.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+    def _micro_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
+        part = micro * self.info.world_size + self.info.rank
+        parts = self.accumulation * self.info.world_size
+        indices = self.batches.part(self.position, part, parts)
+        batch = collate(self.train_store, indices, self.model.config.max_len, self.config.truncate)
+        gen = _generator(self.config.seed, 1, step, part)
+        if self.augment is not None:
+            batch = self.augment(batch, gen)
+        batch = prepare(batch, self.model.config.objective, gen, self.model.config.vocab_size, self.config.mask_prob)
+        return self._to_device(batch), gen
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean held-out loss over the first ``eval_batches`` batches of the val store."""
+        if self.val_store is None or len(self.val_store) == 0:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        size = self.micro_batch_size
+        n_batches = min(self.config.eval_batches, math.ceil(len(self.val_store) / size))
+        for b in range(n_batches):
+            if b % self.info.world_size != self.info.rank:
+                continue
+            idx = np.arange(b * size, min((b + 1) * size, len(self.val_store)))
+            batch = collate(self.val_store, idx, self.model.config.max_len, self.config.truncate)
+            batch = prepare(batch, self.model.config.objective, _generator(self.config.seed, 2, b),
+                            self.model.config.vocab_size, self.config.mask_prob)
+            with self._autocast():
+                loss, n = self.model.pretraining_loss(self._to_device(batch))
+            total += float(loss) * n
+            count += n
+        sums = D.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64), self.info)
+        self.model.train()
+        return float(sums[0] / sums[1]) if sums[1] > 0 else None
+
+    def fit(self, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to ``config.steps``; with ``resume``, continue from the latest checkpoint.
+
+        ``stop_at`` ends this call early at that step (after checkpointing it), as a job
+        with a time limit would; a later ``fit(resume=True)`` continues exactly.
+
+        Returns
+        -------
+        dict
+            Summary: steps, final train and val loss, tokens/s, wall seconds.
+        """
+        cfg = self.config
+        resumed = self.resume() if resume else False
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model.train()
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (show and self.info.is_main),
+                   desc="pretrain", unit="step", dynamic_ncols=True)
+        log_path = self.run_dir / LOG_NAME
+        window_loss, window_steps, window_tokens = 0.0, 0, 0
+        t_window = time.perf_counter()
+        t_start = time.perf_counter()
+        tokens_total = 0
+        last_loss = float("nan")
+        val_loss = None
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        while self.step < end:
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.lr_at(self.step)
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for micro in range(self.accumulation):
+                batch, _ = self._micro_batch(self.step, micro)
+                sync = micro == self.accumulation - 1 or not self.info.distributed
+                ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
+                with ctx:
+                    with self._autocast():
+                        loss, _ = self.wrapped(batch)
+                    (loss / self.accumulation).backward()
+                step_loss += loss.detach().double() / self.accumulation
+                window_tokens += int(batch["attention_mask"].sum())
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip > 0
+                else torch.tensor(float("nan"))
+            )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.position += 1
+            last_loss = float(D.all_reduce_mean(step_loss, self.info))
+            window_loss += last_loss
+            window_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                elapsed = time.perf_counter() - t_window
+                tokens = window_tokens * self.info.world_size
+                tokens_total += tokens
+                self._log(log_path, {
+                    "step": self.step, "loss": window_loss / window_steps, "lr": cfg.lr_at(self.step - 1),
+                    "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
+                })
+                window_loss, window_steps, window_tokens = 0.0, 0, 0
+                t_window = time.perf_counter()
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                val_loss = self.evaluate()
+                if val_loss is not None:
+                    self._log(log_path, {"step": self.step, "val_loss": val_loss})
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step in (cfg.steps, end):
+                self.save()
+        bar.close()
+        wall = time.perf_counter() - t_start
+        return {
+            "steps": self.step,
+            "resumed": resumed,
+            "train_loss": last_loss,
+            "val_loss": val_loss,
+            "tokens_per_s": tokens_total / wall if wall > 0 else None,
+            "wall_seconds": wall,
+            "world_size": self.info.world_size,
+        }
+
+    def _log(self, path: Path, row: dict[str, Any]) -> None:
+        if self.info.is_main:
+            with open(path, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+class PretrainingLoss(torch.nn.Module):
+    """Module whose forward is the pretraining loss.
+
+    DDP synchronises gradients only through its wrapped module's ``forward``, so the
+    loss (not the hidden states) must be what that forward returns.
+    """
+
+    def __init__(self, model: FoundationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return self.model.pretraining_loss(batch)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    # A resumed run repeats the steps after its checkpoint: drop their old log rows.
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+    path.write_text("".join(r + "\n" for r in kept))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

@@ -1,0 +1,17 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_chunk
+
+from healthfm.tokens import write_store
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A store of 160 random samples (CLS first, ids 5..11)."""
+    return write_store(tmp_path / "store", [make_chunk(96, 0), make_chunk(64, 1)], "hash-a")

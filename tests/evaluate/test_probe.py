@@ -1,0 +1,213 @@
+"""Probes: C selection, class alignment, errors, k-NN and few-shot sampling."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from healthfm.errors import ConfigError, DataError
+from healthfm.evaluate.metrics import classification_metrics
+from healthfm.evaluate.probe import (
+    DEFAULT_CS,
+    align_proba,
+    few_shot_indices,
+    fit_knn_probe,
+    fit_linear_probe,
+)
+
+
+def _blobs(rng: np.random.Generator, n: int, k: int = 4, d: int = 16, labels=None):
+    """Well separated Gaussian blobs (a separable task)."""
+    centres = np.random.default_rng(123).normal(size=(k, d)) * 6
+    y = rng.integers(0, k, n)
+    x = centres[y] + rng.normal(size=(n, d))
+    return x, (np.asarray(labels)[y] if labels is not None else y)
+
+
+def _noisy(rng: np.random.Generator, n: int = 60, d: int = 200):
+    """Few samples, many dimensions, one weak signal: heavy regularization should win."""
+    x = rng.normal(size=(n, d))
+    y = (x[:, 0] + 2.0 * rng.normal(size=n) > 0).astype(int)
+    return x, y
+
+
+def _correlated(rng: np.random.Generator, n: int = 300):
+    """Clean labels from a contrast of two highly correlated features.
+
+    Strong shrinkage points the weights along the features' covariance with y, which for
+    correlated inputs is far from the true contrast, so ranking improves with large C.
+    """
+    z = rng.normal(size=n)
+    x = np.column_stack([z + 0.3 * rng.normal(size=n), z + 0.3 * rng.normal(size=n)])
+    y = (x[:, 0] - 0.5 * x[:, 1] > 0).astype(int)
+    return x, y
+
+
+def _splits(make, seed: int = 0, **kw):
+    rng = np.random.default_rng(seed)
+    return make(rng, **kw), make(rng, **kw), make(rng, **kw)
+
+
+def test_separable_multiclass_probe_is_accurate() -> None:
+    (xa, ya), (xb, yb), (xc, yc) = _splits(_blobs, n=200)
+    r = fit_linear_probe(xa, ya, xb, yb, xc)
+    assert np.array_equal(r.classes, [0, 1, 2, 3])
+    assert r.proba.shape == (xc.shape[0], 4)
+    assert np.allclose(r.proba.sum(axis=1), 1.0)
+    assert np.mean(r.pred == yc) >= 0.99
+    assert r.best_C in DEFAULT_CS and r.val_score == pytest.approx(1.0)
+    assert set(r.val_scores) == {float(c) for c in DEFAULT_CS}
+    assert np.array_equal(r.pred, r.model.predict(xc))
+
+
+def test_small_C_on_noisy_high_dimensional_data() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_noisy)
+    for metric in ("auroc", "log_loss"):
+        r = fit_linear_probe(xa, ya, xb, yb, xc, select_metric=metric)
+        assert r.best_C <= 1e-2, metric
+
+
+def test_large_C_on_clean_data() -> None:
+    (xa, ya), (xb, yb), (xc, yc) = _splits(_correlated)
+    r = fit_linear_probe(xa, ya, xb, yb, xc)  # AUROC
+    assert r.best_C >= 1.0
+    assert np.mean(r.pred == yc) >= 0.97
+    r = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="log_loss")
+    assert r.best_C == DEFAULT_CS.max()
+
+
+def test_ties_go_to_stronger_regularization() -> None:
+    # Perfectly separable in one feature: validation AUROC is 1.0 for every C.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 1))
+    y = (x[:, 0] > 0).astype(int)
+    r = fit_linear_probe(x[:100], y[:100], x[100:], y[100:], x[:5], Cs=[10.0, 0.1, 1.0])
+    assert set(r.val_scores.values()) == {1.0}
+    assert r.best_C == 0.1
+
+
+def test_select_balanced_accuracy_and_refit_modes() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=120, seed=3)
+    both = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="balanced_accuracy")
+    train = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="balanced_accuracy", refit="train")
+    assert both.model[0].n_samples_seen_ == 240
+    assert train.model[0].n_samples_seen_ == 120
+    assert both.best_C == train.best_C
+
+
+def test_class_missing_from_val_and_unseen_classes() -> None:
+    rng = np.random.default_rng(1)
+    names = ["a", "b", "c", "d"]
+    xa, ya = _blobs(rng, 200, labels=names)
+    xb, yb = _blobs(rng, 200, labels=names)
+    xc, yc = _blobs(rng, 200, labels=names)
+    train = ya != "d"  # "d" never seen in train
+    val = (yb != "b") & (yb != "c")  # val has "a" and the unseen "d" only
+    r = fit_linear_probe(xa[train], ya[train], xb[val], yb[val], xc)
+    assert r.classes.tolist() == ["a", "b", "c"]
+    assert r.proba.shape == (200, 3)
+    # "d" rows of val are ignored: val has one usable class, AUROC undefined there ...
+    # so the refit saw train + the "a" rows of val only
+    assert r.model[0].n_samples_seen_ == train.sum() + (yb[val] == "a").sum()
+    # the test set has "d": widen to all labels, "d" gets probability 0
+    full = align_proba(r.proba, r.classes, names)
+    assert full.shape == (200, 4) and np.all(full[:, 3] == 0)
+    assert np.array_equal(full[:, :3], r.proba)
+    res = classification_metrics(yc, full, classes=names, n_boot=0)
+    assert res["accuracy"].value == pytest.approx(np.mean(r.pred == yc))
+    with pytest.raises(DataError, match="not in to_classes"):
+        align_proba(r.proba, r.classes, ["a", "b"])
+
+
+def test_single_class_validation_falls_back_to_log_loss() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=150, seed=2)
+    keep = yb == 1
+    with pytest.warns(RuntimeWarning, match="log loss instead"):
+        r = fit_linear_probe(xa, ya, xb[keep], yb[keep], xc)
+    assert np.isfinite(r.val_score) and r.val_score >= 0  # a loss
+
+
+def test_single_class_train_raises() -> None:
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.ones(20, dtype=int)
+    with pytest.raises(DataError, match="at least 2"):
+        fit_linear_probe(x, y, x, y, x)
+    with pytest.raises(DataError, match="at least 2"):
+        fit_knn_probe(x, y, x)
+
+
+def test_input_validation() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=40)
+    with pytest.raises(DataError, match="features"):
+        fit_linear_probe(xa, ya, xb[:, :3], yb, xc)
+    with pytest.raises(DataError, match="1-D with 40"):
+        fit_linear_probe(xa, ya[:-1], xb, yb, xc)
+    bad = xa.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(DataError, match="row 5"):
+        fit_linear_probe(bad, ya, xb, yb, xc)
+    with pytest.raises(DataError, match="no validation row"):
+        fit_linear_probe(xa, ya, xb, yb + 10, xc)
+    with pytest.raises(ConfigError):
+        fit_linear_probe(xa, ya, xb, yb, xc, select_metric="accuracy")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        fit_linear_probe(xa, ya, xb, yb, xc, Cs=[])
+    with pytest.raises(ConfigError):
+        fit_linear_probe(xa, ya, xb, yb, xc, refit="val")  # type: ignore[arg-type]
+
+
+def test_convergence_warnings_are_recorded_not_raised() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any escaping warning fails the test
+        r = fit_linear_probe(xa, ya, xb, yb, xc, max_iter=2)
+        assert r.converged is False
+        ok = fit_linear_probe(xa, ya, xb, yb, xc, Cs=[1e-3])
+        assert ok.converged is True
+
+
+def test_linear_probe_is_deterministic_and_takes_class_weight() -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(_noisy, seed=5)
+    a = fit_linear_probe(xa, ya, xb, yb, xc, seed=1)
+    b = fit_linear_probe(xa, ya, xb, yb, xc, seed=1)
+    assert a.best_C == b.best_C and np.array_equal(a.proba, b.proba)
+    c = fit_linear_probe(xa, ya, xb, yb, xc, class_weight="balanced")
+    assert c.model[-1].class_weight == "balanced"
+
+
+def test_knn_probe() -> None:
+    (xa, ya), _, (xc, yc) = _splits(_blobs, n=150)
+    r = fit_knn_probe(xa, ya, xc, k=5)
+    assert np.isnan(r.best_C) and np.isnan(r.val_score)
+    assert r.proba.shape == (150, 4) and np.allclose(r.proba.sum(axis=1), 1.0)
+    assert np.mean(r.pred == yc) >= 0.99
+    assert r.model.weights == "distance" and r.model.metric == "cosine"
+    small = fit_knn_probe(xa[:6], ya[:6], xc, k=15)  # k capped at the training size
+    assert small.model.n_neighbors == 6
+    with pytest.raises(ConfigError):
+        fit_knn_probe(xa, ya, xc, k=0)
+
+
+def test_few_shot_indices() -> None:
+    y = np.array(["x"] * 10 + ["y"] * 3 + ["z"] * 50)
+    rng = np.random.default_rng(0)
+    y = y[rng.permutation(y.size)]
+    idx = few_shot_indices(y, 4, seed=0)
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)  # sorted, no duplicates
+    labels, counts = np.unique(y[idx], return_counts=True)
+    assert labels.tolist() == ["x", "y", "z"] and counts.tolist() == [4, 3, 4]
+    assert np.array_equal(idx, few_shot_indices(y, 4, seed=0))
+    assert not np.array_equal(idx, few_shot_indices(y, 4, seed=1))
+    assert set(idx) <= set(few_shot_indices(y, 8, seed=0))  # nested in k
+    assert few_shot_indices(y, 100, seed=0).size == y.size
+    # roughly uniform over a class's rows
+    hits = np.zeros(y.size)
+    for s in range(300):
+        hits[few_shot_indices(y, 1, seed=s)] += 1
+    z_rows = np.flatnonzero(y == "z")
+    assert hits[z_rows].max() < 20  # 300 draws over 50 rows: about 6 each
+    assert few_shot_indices(np.array([], dtype=int), 2, seed=0).size == 0
+    with pytest.raises(ConfigError):
+        few_shot_indices(y, 0, seed=0)

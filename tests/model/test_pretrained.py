@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+from helpers import tiny_model
+from safetensors.torch import load_file, save_file
+
+import healthfm
+from healthfm.errors import ModelError
+from healthfm.model.pretrained import save_pretrained
+
+
+def test_round_trip_identical_outputs(tmp_path):
+    model = tiny_model()
+    save_pretrained(model, tmp_path / "m", info={"note": "x"})
+    again = healthfm.load(tmp_path / "m")
+    ids = torch.randint(5, 12, (2, 9))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), again(ids), rtol=0, atol=0)
+    assert again.config == model.config
+    assert len(again.model_hash) == 64
+    assert json.loads((tmp_path / "m" / "training_info.json").read_text())["note"] == "x"
+
+
+def _saved(tmp_path):
+    save_pretrained(tiny_model(), tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_missing_tensor(tmp_path):
+    folder = _saved(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state.pop("head.decoder.bias")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelError, match="missing"):
+        healthfm.load(folder)
+
+
+def test_extra_tensor(tmp_path):
+    folder = _saved(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["surprise"] = torch.zeros(2)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelError, match="unexpected"):
+        healthfm.load(folder)
+
+
+def test_misshaped_tensor(tmp_path):
+    folder = _saved(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    state["head.decoder.bias"] = torch.zeros(3)
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ModelError, match="shape") as err:
+        healthfm.load(folder)
+    assert "head.decoder.bias" in str(err.value)
+
+
+def test_newer_format(tmp_path):
+    folder = _saved(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["format_version"] = 99
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="newer"):
+        healthfm.load(folder)
+
+
+def test_unknown_config_field(tmp_path):
+    folder = _saved(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["flux_capacitor"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="unknown fields"):
+        healthfm.load(folder)
+
+
+def test_truncated_weights(tmp_path):
+    folder = _saved(tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="corrupt or truncated"):
+        healthfm.load(folder)
+
+
+def test_other_modality(tmp_path):
+    folder = _saved(tmp_path)
+    with pytest.raises(ModelError, match="modality 'test'"):
+        healthfm.load(folder, modality="dna")
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ModelError, match="config.json is missing"):
+        healthfm.load(tmp_path)
+    with pytest.raises(ModelError, match="does not exist"):
+        healthfm.load(tmp_path / "nope")
+
+
+def test_failed_save_keeps_previous(tmp_path, monkeypatch):
+    folder = _saved(tmp_path)
+    before = (folder / "model.safetensors").read_bytes()
+    import healthfm.model.pretrained as pre
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pre, "save_file", boom)
+    with pytest.raises(OSError):
+        save_pretrained(tiny_model(), folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

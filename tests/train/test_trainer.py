@@ -1,0 +1,153 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_chunk, tiny_model
+
+from healthfm.errors import CheckpointError, ConfigError
+from healthfm.model.heads import IGNORE_INDEX
+from healthfm.tokenizer import MASK_ID
+from healthfm.tokens import write_store
+from healthfm.train.checkpoint import checkpoint_dirs
+from healthfm.train.data import EpochBatches, collate
+from healthfm.train.objectives import masked_tokens, next_tokens
+from healthfm.train.trainer import TrainConfig, Trainer
+
+
+def _config(**kw):
+    base = dict(steps=8, batch_size=16, warmup_steps=2, eval_every=4, checkpoint_every=4, log_every=1, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_loss_decreases_and_logs(store, tmp_path):
+    model = tiny_model()
+    trainer = Trainer(model, store, _config(steps=40, eval_every=20), tmp_path / "run", val_store=store)
+    summary = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert any("val_loss" in r for r in rows)
+    assert summary["steps"] == 40 and summary["val_loss"] is not None
+    assert len(checkpoint_dirs(tmp_path / "run" / "checkpoints")) == 2  # keep_checkpoints
+
+
+@pytest.mark.parametrize("objective", ["masked", "causal"])
+def test_resume_is_exact(store, tmp_path, objective):
+    straight = tiny_model(objective)
+    Trainer(straight, store, _config(), tmp_path / "a").fit()
+    interrupted = tiny_model(objective)
+    Trainer(interrupted, store, _config(), tmp_path / "b").fit(stop_at=4)
+    resumed = tiny_model(objective)  # fresh process: new model, state from the checkpoint
+    summary = Trainer(resumed, store, _config(), tmp_path / "b").fit(resume=True)
+    assert summary["resumed"]
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    log = [json.loads(x) for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    # Equal-length samples and a causal objective (no masking draw): the mean of the
+    # micro-batch losses is exactly the full-batch loss, so the updates must agree.
+    fixed = write_store(tmp_path / "s", [make_chunk(64, 0, min_len=20, max_len=20)], "h")
+    full = tiny_model("causal")
+    Trainer(full, fixed, _config(steps=3, checkpoint_every=0, eval_every=0), tmp_path / "a").fit()
+    accum = tiny_model("causal")
+    Trainer(accum, fixed, _config(steps=3, micro_batch_size=4, checkpoint_every=0, eval_every=0), tmp_path / "b").fit()
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(v, accum.state_dict()[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_trains(store, tmp_path):
+    model = tiny_model()
+    summary = Trainer(model, store, _config(steps=4, bf16=True), tmp_path / "r").fit()
+    assert np.isfinite(summary["train_loss"])
+
+
+def test_corrupt_checkpoint_is_refused(store, tmp_path):
+    Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(stop_at=4)
+    ckpt = checkpoint_dirs(tmp_path / "r" / "checkpoints")[-1]
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="checksum"):
+        Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(resume=True)
+
+
+def test_checkpoint_from_other_config_is_refused(store, tmp_path):
+    Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(stop_at=4)
+    other = tiny_model(dropout=0.1)
+    with pytest.raises(CheckpointError, match="model_config_hash"):
+        Trainer(other, store, _config(), tmp_path / "r").fit(resume=True)
+    with pytest.raises(CheckpointError, match="batch_size"):
+        Trainer(tiny_model(), store, _config(batch_size=32), tmp_path / "r").fit(resume=True)
+
+
+def test_interrupted_save_keeps_last_good_checkpoint(store, tmp_path, monkeypatch):
+    Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(stop_at=4)
+    import healthfm.train.checkpoint as ck
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # a kill arriving during the optimizer-state write
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(resume=True)
+    monkeypatch.undo()
+    dirs = checkpoint_dirs(tmp_path / "r" / "checkpoints")
+    assert [d.name for d in dirs] == ["step-00000004"]
+    assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
+    summary = Trainer(tiny_model(), store, _config(), tmp_path / "r").fit(resume=True)
+    assert summary["steps"] == 8
+
+
+def test_batch_size_must_divide(store, tmp_path):
+    with pytest.raises(ConfigError):
+        Trainer(tiny_model(), store, _config(batch_size=16, micro_batch_size=5), tmp_path / "r")
+
+
+def test_epoch_batches_cover_each_epoch_once():
+    batches = EpochBatches(100, 10, seed=3)
+    first_epoch = np.concatenate([batches.part(p) for p in range(10)])
+    assert sorted(first_epoch) == list(range(100))
+    parts = np.concatenate([batches.part(2, i, 5) for i in range(5)])
+    np.testing.assert_array_equal(parts, batches.part(2))
+    assert not np.array_equal(batches.part(10), batches.part(0))  # new epoch, new order
+
+
+def test_collate_pads_and_truncates(store):
+    batch = collate(store, np.array([0, 1, 2]), max_len=8)
+    assert batch["ids"].shape[1] <= 8
+    lengths = store.lengths[[0, 1, 2]]
+    assert batch["attention_mask"].sum(1).tolist() == np.minimum(lengths, 8).tolist()
+    assert (batch["ids"][~batch["attention_mask"]] == 0).all()
+    tail = collate(store, np.array([0]), max_len=4, truncate="tail")
+    np.testing.assert_array_equal(tail["ids"][0].numpy(), store[0]["ids"][-4:])
+
+
+def test_masking_and_next_token_targets(store):
+    batch = collate(store, np.arange(32))
+    out = masked_tokens(batch, torch.Generator().manual_seed(0), vocab_size=12, mask_prob=0.15)
+    picked = out["labels"] != IGNORE_INDEX
+    assert picked.any(1).all()
+    assert (batch["ids"][picked] >= 5).all()  # never a special or a pad
+    frac_masked = (out["ids"][picked] == MASK_ID).float().mean()
+    assert 0.6 < frac_masked < 0.95
+    again = masked_tokens(batch, torch.Generator().manual_seed(0), vocab_size=12)
+    assert torch.equal(again["ids"], out["ids"])
+    causal = next_tokens(batch)
+    real = batch["attention_mask"]
+    assert torch.equal(causal["labels"][:, :-1][real[:, 1:]], batch["ids"][:, 1:][real[:, 1:]])
+    assert (causal["labels"][:, -1] == IGNORE_INDEX).all()
+
+
+def test_lr_schedule():
+    config = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert config.lr_at(0) == pytest.approx(0.1)
+    assert config.lr_at(9) == pytest.approx(1.0)
+    assert config.lr_at(99) == pytest.approx(0.1, abs=0.01)
+    assert config.lr_at(55) < config.lr_at(20)
