@@ -111,6 +111,32 @@ class Modality(ABC):
         """Baseline featurizers by method name."""
         return {}
 
+    def split(self, samples: Samples, salt: str, fractions: tuple[float, float, float]) -> np.ndarray:
+        """Split name ("train" / "val" / "test") of every sample.
+
+        Default: :func:`assign_splits` on the sample groups. A modality whose data carry
+        their own splits (MEDS ``subject_splits.parquet``) returns those instead.
+        """
+        return assign_splits(samples.groups, fractions, salt)
+
+    def embed_command(self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any) -> Path | None:
+        """Modality-specific ``healthfm embed``; None means "use the shared one"."""
+        return None
+
+    def evaluate_command(self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict,
+                         **kwargs: Any) -> list | None:
+        """Modality-specific ``healthfm evaluate``; None means "use the shared one"."""
+        return None
+
+    def extra_evaluations(self, context: dict[str, Any]) -> list:
+        """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).
+
+        ``context`` holds ``features`` ({method: (X, is_baseline, extra)}), ``y`` (class
+        index per sample), ``classes``, ``splits`` ({name: indices}), ``seeds``, ``n_boot``,
+        ``task``, ``samples``, ``model_hash``.
+        """
+        return []
+
     def demo_spec(self, quick: bool) -> dict[str, Any] | None:
         """What ``healthfm demo`` runs for this modality through the shared pipeline.
 

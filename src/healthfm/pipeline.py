@@ -21,7 +21,7 @@ from healthfm.evaluate.embed import embed_store, save_embeddings
 from healthfm.evaluate.metrics import classification_metrics
 from healthfm.evaluate.probe import fit_linear_probe
 from healthfm.evaluate.results import ResultRow, format_table, write_results
-from healthfm.modality import Modality, Samples, assign_splits, get_modality, require_labels, split_indices
+from healthfm.modality import Modality, Samples, get_modality, require_labels, split_indices
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import load, save_pretrained
@@ -43,9 +43,11 @@ def _version() -> str:
     return __version__
 
 
-def split_samples(samples: Samples, salt: str = DEFAULT_SALT, fractions=DEFAULT_FRACTIONS) -> dict[str, np.ndarray]:
-    """Train / val / test indices by group hash (see :func:`~healthfm.modality.assign_splits`)."""
-    return split_indices(assign_splits(samples.groups, tuple(fractions), salt))
+def split_samples(
+    modality: Modality, samples: Samples, salt: str = DEFAULT_SALT, fractions=DEFAULT_FRACTIONS
+) -> dict[str, np.ndarray]:
+    """Train / val / test indices (by group hash unless the modality's data carry splits)."""
+    return split_indices(modality.split(samples, salt, tuple(fractions)))
 
 
 def tokenize_to_store(
@@ -79,7 +81,7 @@ def tokenize(
     if model_dir is not None:
         tokenizer = load(model_dir, modality=modality.name).tokenizer
     else:
-        tokenizer = modality.fit_tokenizer(samples, split_samples(samples, salt, fractions)["train"], options)
+        tokenizer = modality.fit_tokenizer(samples, split_samples(modality, samples, salt, fractions)["train"], options)
     modality.check_input(samples, tokenizer)
     return tokenize_to_store(modality, tokenizer, samples, out)
 
@@ -135,7 +137,7 @@ def pretrain(
     info = init_distributed()
     t0 = time.perf_counter()
     samples = modality.read(input_path, options)
-    splits = split_samples(samples, salt, fractions)
+    splits = split_samples(modality, samples, salt, fractions)
     if len(splits["train"]) == 0:
         raise DataError("the train split is empty (too few samples or groups)", file=samples.source)
     tokenizer = modality.fit_tokenizer(samples, splits["train"], options)
@@ -230,6 +232,10 @@ def embed(
 ) -> Path:
     """Embed every sample of an input with a model; write parquet or .npy (+ keys)."""
     model, modality = load_for(modality_name, model_dir)
+    custom = modality.embed_command(model, Path(input_path), Path(out), options or {}, pooling=pooling,
+                                    batch_size=batch_size, bf16=bf16)
+    if custom is not None:
+        return custom
     samples = modality.read(input_path, options or {})
     modality.check_input(samples, model.tokenizer)
     with tempfile.TemporaryDirectory() as tmp:
@@ -292,9 +298,14 @@ def evaluate(
         modality = get_modality(modality_name)
     salt = salt or DEFAULT_SALT
     fractions = fractions or DEFAULT_FRACTIONS
+    custom = modality.evaluate_command(model_dir, Path(input_path), Path(out_dir), options, seeds=seeds,
+                                       n_boot=n_boot, pooling=pooling, batch_size=batch_size, salt=salt,
+                                       fractions=fractions, include_baselines=include_baselines, echo=echo)
+    if custom is not None:
+        return custom
     samples = modality.read(input_path, options)
-    splits = split_samples(samples, salt, fractions)
-    split_names = assign_splits(samples.groups, tuple(fractions), salt)
+    split_names = modality.split(samples, salt, tuple(fractions))
+    splits = split_indices(split_names)
     labels = require_labels(samples, np.where(split_names == "val", "train", split_names))
     classes, y = np.unique(labels, return_inverse=True)
     test_idx = splits["test"]
@@ -340,6 +351,10 @@ def evaluate(
                     extra={"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "best_C": float(probe.best_C),
                            "n_classes": int(len(classes)), "modality": modality.name, **extra},
                 ))
+    rows.extend(modality.extra_evaluations({
+        "features": features, "y": y, "classes": classes, "splits": splits, "seeds": list(seeds),
+        "n_boot": n_boot, "task": task, "samples": samples, "model_hash": model_hash,
+    }))
     out_dir = Path(out_dir)
     write_results(out_dir / "results.json", rows)
     if echo:

@@ -322,9 +322,7 @@ def test_regression_weights_equal_repetition() -> None:
     for b in range(2):
         idx = np.repeat(np.arange(80), w[b])
         assert got["mae"][b] == pytest.approx(skm.mean_absolute_error(y[idx], q[idx]), abs=TOL)
-        assert got["rmse"][b] == pytest.approx(
-            skm.root_mean_squared_error(y[idx], q[idx]), abs=TOL
-        )
+        assert got["rmse"][b] == pytest.approx(skm.root_mean_squared_error(y[idx], q[idx]), abs=TOL)
         assert got["r2"][b] == pytest.approx(skm.r2_score(y[idx], q[idx]), abs=TOL)
         assert got["pearson"][b] == pytest.approx(pearsonr(y[idx], q[idx])[0], abs=TOL)
 
@@ -333,7 +331,9 @@ def test_regression_constant_truth_is_undefined_for_r2_and_pearson() -> None:
     res = regression_metrics(np.ones(20), np.linspace(0, 2, 20), n_boot=10)
     assert np.isnan(res["r2"].value) and np.isnan(res["pearson"].value)
     assert res["r2"].n_valid == 0
-    assert res["mae"].value == pytest.approx(skm.mean_absolute_error(np.ones(20), np.linspace(0, 2, 20)))
+    assert res["mae"].value == pytest.approx(
+        skm.mean_absolute_error(np.ones(20), np.linspace(0, 2, 20))
+    )
 
 
 def test_regression_group_bootstrap_and_errors() -> None:

@@ -78,14 +78,25 @@ def test_large_C_on_clean_data() -> None:
     assert r.best_C == DEFAULT_CS.max()
 
 
-def test_ties_go_to_stronger_regularization() -> None:
-    # Perfectly separable in one feature: validation AUROC is 1.0 for every C.
+def test_saturated_auroc_ties_are_broken_by_log_loss() -> None:
+    # Perfectly separable in one feature: validation AUROC is 1.0 for every C, and the
+    # larger C has the lower validation log loss.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 1))
     y = (x[:, 0] > 0).astype(int)
     r = fit_linear_probe(x[:100], y[:100], x[100:], y[100:], x[:5], Cs=[10.0, 0.1, 1.0])
     assert set(r.val_scores.values()) == {1.0}
-    assert r.best_C == 0.1
+    assert r.best_C == 10.0
+
+
+def test_full_ties_go_to_stronger_regularization() -> None:
+    # Constant features: every C gives the same intercept-only model and equal scores.
+    rng = np.random.default_rng(0)
+    x = np.ones((80, 3))
+    y = rng.integers(0, 2, 80)
+    for metric in ("auroc", "balanced_accuracy", "log_loss"):
+        r = fit_linear_probe(x, y, x, y, x[:3], Cs=[1.0, 0.01, 100.0], select_metric=metric)
+        assert r.best_C == 0.01, metric
 
 
 def test_select_balanced_accuracy_and_refit_modes() -> None:
@@ -105,7 +116,8 @@ def test_class_missing_from_val_and_unseen_classes() -> None:
     xc, yc = _blobs(rng, 200, labels=names)
     train = ya != "d"  # "d" never seen in train
     val = (yb != "b") & (yb != "c")  # val has "a" and the unseen "d" only
-    r = fit_linear_probe(xa[train], ya[train], xb[val], yb[val], xc)
+    with pytest.warns(RuntimeWarning, match="auroc is undefined"):
+        r = fit_linear_probe(xa[train], ya[train], xb[val], yb[val], xc)
     assert r.classes.tolist() == ["a", "b", "c"]
     assert r.proba.shape == (200, 3)
     # "d" rows of val are ignored: val has one usable class, AUROC undefined there ...

@@ -76,7 +76,8 @@ def kmer_counts(
     blocks = []
     for size in sizes:
         counts = np.where(lengths >= size, lengths - size + 1, 0)
-        pos, sample = window_positions(starts, counts, 1)
+        pos = window_positions(starts, counts, 1)
+        sample = np.repeat(np.arange(n), counts)
         kmer, ambiguous, invalid = kmer_codes(codes, pos, size)
         keep = ~(ambiguous | invalid)
         flat = sample[keep] * 4**size + kmer[keep]
@@ -112,7 +113,8 @@ def one_hot(sequences: Sequence[str] | np.ndarray, length: int | None = None) ->
         length = int(lengths.max()) if n else 0
     kept = np.minimum(lengths, length)
     starts = np.cumsum(lengths) - lengths
-    pos, sample = window_positions(starts, kept, 1)
+    pos = window_positions(starts, kept, 1)
+    sample = np.repeat(np.arange(n), kept)
     column = pos - starts[sample]
     out = np.zeros((n, length, 4), dtype=np.float32)
     out[sample, column] = _FRACTIONS[buf[pos]]

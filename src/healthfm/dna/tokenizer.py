@@ -99,24 +99,25 @@ def join_sequences(sequences: Sequence[str] | np.ndarray) -> tuple[np.ndarray, n
     return buffer, lengths
 
 
-def window_positions(
-    starts: np.ndarray, counts: np.ndarray, stride: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Start of every window and the sample it belongs to.
+def window_positions(starts: np.ndarray, counts: np.ndarray, stride: int) -> np.ndarray:
+    """Buffer position of every kept window.
 
     Sample ``i`` starts at buffer position ``starts[i]`` and keeps ``counts[i]`` windows,
-    ``stride`` apart.
+    ``stride`` apart; windows are listed sample by sample.
 
     Returns
     -------
-    positions, sample : numpy.ndarray
-        int64 buffer position of each window and the index of its sample.
+    numpy.ndarray
+        Positions (int32 when the buffer allows, else int64).
     """
-    total = int(counts.sum())
-    sample = np.repeat(np.arange(len(counts)), counts)
+    counts = np.asarray(counts)
+    dtype = np.int32 if (int(starts[-1]) if len(starts) else 0) < 2**31 // max(stride, 1) else np.int64
     first = np.cumsum(counts) - counts
-    rank = np.arange(total, dtype=np.int64) - first[sample]
-    return starts[sample] + rank * stride, sample
+    # Window t of sample i sits at starts[i] + (t - first[i]) * stride
+    #                             = t * stride + (starts[i] - first[i] * stride).
+    base = np.repeat((starts - first * stride).astype(dtype), counts)
+    base += np.arange(int(counts.sum()), dtype=dtype) * dtype(stride)
+    return base
 
 
 def kmer_codes(
@@ -310,10 +311,9 @@ class KmerTokenizer(Tokenizer):
         return TokenChunk(ids=ids, offsets=offsets, keys=keys)
 
     def _encode_block(self, buf: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        n = len(lengths)
         n_kmers = counts - self.add_cls
         starts = np.cumsum(lengths) - lengths
-        pos, sample = window_positions(starts, n_kmers, self.stride)
+        pos = window_positions(starts, n_kmers, self.stride)
         if self.k == 1:
             tok = self._k1_lut[buf[pos]]
         else:
@@ -323,11 +323,10 @@ class KmerTokenizer(Tokenizer):
             tok[invalid] = UNK_ID
         if not self.add_cls:
             return tok
-        out = np.empty(len(tok) + n, dtype=np.int32)
-        first = np.cumsum(counts) - counts
-        out[first] = CLS_ID
-        # Token t of sample i lands after the i+1 [CLS] tokens written before it.
-        out[np.arange(len(tok)) + sample + 1] = tok
+        out = np.full(len(tok) + len(lengths), CLS_ID, dtype=np.int32)
+        is_token = np.ones(len(out), dtype=bool)
+        is_token[np.cumsum(counts) - counts] = False  # where each sample's [CLS] goes
+        out[is_token] = tok
         return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:

@@ -61,14 +61,18 @@ def embed_store(
     order = np.argsort(store.lengths, kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(store, idx, model.config.max_len, truncate).items()}
+        batch = {
+            k: v.to(device) for k, v in collate(store, idx, model.config.max_len, truncate).items()
+        }
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pooled = model.embed(batch, pooling)
         out[idx] = pooled.float().cpu().numpy()
     return out
 
 
-def save_embeddings(path: str | Path, keys, embeddings: np.ndarray, columns: dict | None = None) -> Path:
+def save_embeddings(
+    path: str | Path, keys, embeddings: np.ndarray, columns: dict | None = None
+) -> Path:
     """Write embeddings atomically as parquet (``key`` + ``embedding`` list column) or .npy.
 
     For ``.npy`` the keys go to ``<name>.keys.parquet`` beside it.
@@ -98,10 +102,14 @@ def save_embeddings(path: str | Path, keys, embeddings: np.ndarray, columns: dic
         atomic_write_bytes(path.with_suffix(".keys.parquet"), sink.getvalue().to_pybytes())
         return path
     if path.suffix != ".parquet":
-        raise ConfigError(f"embeddings are written as .parquet or .npy, not {path.suffix!r}: {path}")
+        raise ConfigError(
+            f"embeddings are written as .parquet or .npy, not {path.suffix!r}: {path}"
+        )
     d = embeddings.shape[1]
     flat = pa.array(embeddings.reshape(-1), type=pa.float32())
-    table = pa.table({"key": pa.array(list(keys)), "embedding": pa.FixedSizeListArray.from_arrays(flat, d)})
+    table = pa.table(
+        {"key": pa.array(list(keys)), "embedding": pa.FixedSizeListArray.from_arrays(flat, d)}
+    )
     for name, values in (columns or {}).items():
         table = table.append_column(name, pa.array(values))
     sink = pa.BufferOutputStream()
@@ -118,5 +126,7 @@ def load_embeddings(path: str | Path) -> tuple[list, np.ndarray]:
         keys = pq.read_table(path.with_suffix(".keys.parquet")).column("key").to_pylist()
         return keys, emb
     table = pq.read_table(path)
-    emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32)
+    emb = np.asarray(
+        table.column("embedding").combine_chunks().flatten().to_numpy(), dtype=np.float32
+    )
     return table.column("key").to_pylist(), emb.reshape(len(table), -1)

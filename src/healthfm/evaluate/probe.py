@@ -125,6 +125,23 @@ def _val_score(metric: str, y_idx: np.ndarray, proba: np.ndarray) -> float:
     return res[metric].value
 
 
+def _select_c(scores: np.ndarray, losses: np.ndarray, *, higher_is_better: bool) -> int:
+    """Index of the chosen C (``scores``/``losses`` are ordered by increasing C).
+
+    Best selection score first; among exact ties (within 1e-12) the lowest validation
+    log loss; among remaining ties the smallest C (strongest regularization). The log-loss
+    step matters when AUROC saturates (1.0 on separable data for every C, or a handful of
+    distinct values on a few-shot validation set): picking the smallest C there would
+    give near-uniform probabilities whose argmax mostly follows the intercepts.
+    """
+    tol = 1e-12
+    key = np.where(np.isfinite(scores), scores if higher_is_better else -scores, -np.inf)
+    cand = np.flatnonzero(key >= key.max() - tol)
+    loss = np.where(np.isfinite(losses[cand]), losses[cand], np.inf)
+    cand = cand[loss <= loss.min() + tol]
+    return int(cand[0])
+
+
 def fit_linear_probe(
     X_train: Any,
     y_train: Any,
@@ -155,8 +172,8 @@ def fit_linear_probe(
     select_metric
         ``"auroc"`` (macro one-vs-rest over the classes present in validation; binary
         AUROC for two classes), ``"balanced_accuracy"`` (higher is better) or
-        ``"log_loss"`` (lower is better). Ties go to the smaller ``C`` (stronger
-        regularization). If the metric is undefined on validation for every ``C``
+        ``"log_loss"`` (lower is better). Exact ties are broken by validation log loss,
+        then toward the smaller ``C`` (stronger regularization). If the metric is undefined on validation for every ``C``
         (e.g. AUROC with a single validation class), log loss is used instead.
     refit
         Refit the chosen ``C`` on ``"train+val"`` (default) or on ``"train"`` only.
@@ -244,24 +261,20 @@ def fit_linear_probe(
         probas.append(lr.predict_proba(zva))
 
     metric = select_metric
-    scores = [_val_score(metric, yva_idx, p) for p in probas]
-    if metric != "log_loss" and not np.any(np.isfinite(scores)):
-        warnings.warn(
-            f"{metric} is undefined on the validation split (classes present: "
-            f"{np.unique(yva).tolist()}); selecting C by log loss instead",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        metric = "log_loss"
-        scores = [_val_score(metric, yva_idx, p) for p in probas]
-    sign = -1.0 if metric == "log_loss" else 1.0
-    best = 0
-    for i in range(1, cs.size):
-        # Strict improvement only, scanning C upwards: ties keep the stronger penalty.
-        if np.isfinite(scores[i]) and (
-            not np.isfinite(scores[best]) or sign * scores[i] > sign * scores[best] + 1e-12
-        ):
-            best = i
+    losses = np.array([_val_score("log_loss", yva_idx, p) for p in probas])
+    if metric == "log_loss":
+        scores = losses
+    else:
+        scores = np.array([_val_score(metric, yva_idx, p) for p in probas])
+        if not np.any(np.isfinite(scores)):
+            warnings.warn(
+                f"{metric} is undefined on the validation split (classes present: "
+                f"{np.unique(yva).tolist()}); selecting C by log loss instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            metric, scores = "log_loss", losses
+    best = _select_c(scores, losses, higher_is_better=metric != "log_loss")
     best_c = float(cs[best])
 
     if refit == "train+val":

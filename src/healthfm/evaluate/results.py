@@ -58,13 +58,20 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (task, method, is_baseline, metric), items in groups.items():
         values = np.array([r["value"] for r in items], dtype=float)
-        out.append({
-            "task": task, "method": method, "is_baseline": is_baseline, "metric": metric,
-            "mean": float(np.nanmean(values)), "std": float(np.nanstd(values)) if len(values) > 1 else 0.0,
-            "ci_low": float(np.nanmean([r["ci_low"] for r in items])),
-            "ci_high": float(np.nanmean([r["ci_high"] for r in items])),
-            "n_seeds": len(items), "n_test": items[0]["n_test"],
-        })
+        out.append(
+            {
+                "task": task,
+                "method": method,
+                "is_baseline": is_baseline,
+                "metric": metric,
+                "mean": float(np.nanmean(values)),
+                "std": float(np.nanstd(values)) if len(values) > 1 else 0.0,
+                "ci_low": float(np.nanmean([r["ci_low"] for r in items])),
+                "ci_high": float(np.nanmean([r["ci_high"] for r in items])),
+                "n_seeds": len(items),
+                "n_test": items[0]["n_test"],
+            }
+        )
     return out
 
 
@@ -96,14 +103,19 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
     lines = []
     for task in dict.fromkeys(t for t, _ in cells):
         first = next(s for (t, _), s in info.items() if t == task)
-        lines.append(f"task: {task}   (n_test={first['n_test']}, seeds={first['n_seeds']}; "
-                     "mean over seeds [95% bootstrap CI], * = best)")
+        lines.append(
+            f"task: {task}   (n_test={first['n_test']}, seeds={first['n_seeds']}; "
+            "mean over seeds [95% bootstrap CI], * = best)"
+        )
         lines.append("method".ljust(name_width) + "".join(m.ljust(col_width) for m in metrics))
         for (t, method), by_metric in cells.items():
             if t != task:
                 continue
             label = method + (" (baseline)" if info[(t, method)]["is_baseline"] else "")
-            lines.append(label.ljust(name_width) + "".join(by_metric.get(m, "-").ljust(col_width) for m in metrics))
+            lines.append(
+                label.ljust(name_width)
+                + "".join(by_metric.get(m, "-").ljust(col_width) for m in metrics)
+            )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

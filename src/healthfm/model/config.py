@@ -20,7 +20,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"d_model": 768, "n_layers": 12, "n_heads": 12, "d_ff": 3072},
 }
 
-OBJECTIVES = ("masked", "causal")
+#: Pretraining objectives; modalities may register more (see healthfm.model.heads.register_objective).
+OBJECTIVES = ["masked", "causal"]
 POOLINGS = ("mean", "cls", "last")
 
 
@@ -84,7 +85,11 @@ class ModelConfig:
         if (self.d_model // self.n_heads) % 2:
             raise ConfigError("the head size must be even for rotary positions")
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+            from healthfm.modality import load_all
+
+            load_all()  # objectives registered by modality packages
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {tuple(OBJECTIVES)}, not {self.objective!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if self.vocab_size < 1 or self.max_len < 1 or self.n_layers < 1:

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from healthfm.model.config import POOLINGS, ModelConfig
+from collections.abc import Callable
+
+from healthfm.model.config import OBJECTIVES, POOLINGS, ModelConfig
 from healthfm.model.transformer import Transformer
 
 IGNORE_INDEX = -100
@@ -34,6 +36,22 @@ class NextTokenHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.decoder(hidden)
+
+
+#: objective name -> (head class, loss function or None for the token cross-entropy)
+_OBJECTIVES: dict[str, tuple[type[nn.Module], Callable | None]] = {}
+
+
+def register_objective(name: str, head: type[nn.Module], loss: Callable | None = None) -> None:
+    """Register a pretraining objective: its head (built from the config) and its loss.
+
+    ``loss(model, batch) -> (loss, n_targets)``; when None, the head maps hidden states at
+    target positions (``batch["labels"] != IGNORE_INDEX``) to vocabulary logits. Modalities
+    use this for objectives such as masked image modelling.
+    """
+    _OBJECTIVES[name] = (head, loss)
+    if name not in OBJECTIVES:
+        OBJECTIVES.append(name)
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
@@ -74,7 +92,12 @@ class FoundationModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Transformer(config)
-        self.head = MaskedTokenHead(config) if config.objective == "masked" else NextTokenHead(config)
+        if config.objective not in _OBJECTIVES:
+            from healthfm.modality import load_all
+
+            load_all()  # objectives registered by modality packages
+        head_cls, self._loss_fn = _OBJECTIVES[config.objective]
+        self.head = head_cls(config)
 
     def forward(
         self,
@@ -108,6 +131,8 @@ class FoundationModel(nn.Module):
         The head runs only at target positions (about 15% of tokens for a masked model),
         which saves most of the vocabulary projection.
         """
+        if self._loss_fn is not None:
+            return self._loss_fn(self, batch)
         hidden = self.forward_batch(batch)
         labels = batch["labels"]
         selected = labels != IGNORE_INDEX
@@ -124,3 +149,7 @@ class FoundationModel(nn.Module):
             p for n, p in self.named_parameters() if not n.startswith("backbone.embed.tokens")
         )
         return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+
+register_objective("masked", MaskedTokenHead)
+register_objective("causal", NextTokenHead)

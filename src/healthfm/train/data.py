@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
@@ -107,6 +109,44 @@ class EpochBatches:
         size = self.batch_size // n_parts
         start = within * self.batch_size + part * size
         return self._permutation(epoch)[start : start + size]
+
+
+class BatchSource(Protocol):
+    """Anything the trainer can draw batches from.
+
+    A token store is wrapped by :class:`StoreSource`; other modalities (image tiles) supply
+    their own source with augmentation inside :meth:`batch`.
+    """
+
+    #: Identifies the data encoding (tokenizer hash); checkpoints record it.
+    fingerprint: str
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """Collate samples ``indices``; ``generator`` drives any random augmentation."""
+        ...
+
+
+class StoreSource:
+    """A :class:`BatchSource` over a token store."""
+
+    def __init__(self, store: TokenStore, max_len: int | None = None, truncate: str = "head") -> None:
+        self.store = store
+        self.max_len = max_len
+        self.truncate = truncate
+        self.fingerprint = store.tokenizer_hash
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def batch(self, indices: np.ndarray, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return collate(self.store, indices, self.max_len, self.truncate)
+
+
+def as_source(data: TokenStore | BatchSource, max_len: int | None, truncate: str = "head") -> BatchSource:
+    """Wrap a token store as a batch source (other sources pass through)."""
+    return StoreSource(data, max_len, truncate) if isinstance(data, TokenStore) else data
 
 
 class StoreBatches(torch.utils.data.Dataset):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from healthfm.model.heads import IGNORE_INDEX
@@ -54,6 +56,15 @@ def next_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+#: Batch preparation of objectives other than "masked" / "causal", registered by modalities.
+_PREPARERS: dict[str, Callable[..., dict[str, torch.Tensor]]] = {}
+
+
+def register_preparer(objective: str, fn: Callable[..., dict[str, torch.Tensor]]) -> None:
+    """Register ``fn(batch, generator, vocab_size, mask_prob) -> batch`` for an objective."""
+    _PREPARERS[objective] = fn
+
+
 def prepare(
     batch: dict[str, torch.Tensor],
     objective: str,
@@ -66,4 +77,6 @@ def prepare(
         return masked_tokens(batch, generator, vocab_size, mask_prob)
     if objective == "causal":
         return next_tokens(batch)
+    if objective in _PREPARERS:
+        return _PREPARERS[objective](batch, generator, vocab_size, mask_prob)
     raise ValueError(f"unknown objective {objective!r}")

@@ -27,7 +27,7 @@ from healthfm.model.heads import FoundationModel
 from healthfm.tokens import TokenStore
 from healthfm.train import distributed as D
 from healthfm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
-from healthfm.train.data import EpochBatches, collate
+from healthfm.train.data import BatchSource, EpochBatches, as_source
 from healthfm.train.objectives import prepare
 
 LOG_NAME = "train_log.jsonl"
@@ -127,13 +127,13 @@ class Trainer:
     model
         The model, freshly initialised (seed it before building it) or to continue.
     train_store
-        Training tokens.
+        Training data: a token store or any :class:`~healthfm.train.data.BatchSource`.
     config
         :class:`TrainConfig`.
     run_dir
         Folder for ``checkpoints/`` and ``train_log.jsonl``.
     val_store
-        Held-out tokens for the periodic evaluation, or None.
+        Held-out data (store or source) for the periodic evaluation, or None.
     augment
         Optional ``f(batch, generator) -> batch`` applied before the objective.
     dist_info
@@ -143,10 +143,10 @@ class Trainer:
     def __init__(
         self,
         model: FoundationModel,
-        train_store: TokenStore,
+        train_store: TokenStore | BatchSource,
         config: TrainConfig,
         run_dir: str | Path,
-        val_store: TokenStore | None = None,
+        val_store: TokenStore | BatchSource | None = None,
         augment=None,
         dist_info: D.DistInfo | None = None,
         strategy: str = "ddp",
@@ -154,8 +154,8 @@ class Trainer:
         self.config = config
         self.info = dist_info or D.init_distributed()
         self.model = model.to(self.info.device)
-        self.train_store = train_store
-        self.val_store = val_store
+        self.train_store = as_source(train_store, model.config.max_len, config.truncate)
+        self.val_store = as_source(val_store, model.config.max_len, config.truncate) if val_store is not None else None
         self.augment = augment
         self.run_dir = Path(run_dir)
         self.strategy = strategy
@@ -176,7 +176,7 @@ class Trainer:
         self.position = 0
         self.identity = {
             "model_config_hash": json_hash(self.model.config.to_dict()),
-            "tokenizer_hash": train_store.tokenizer_hash,
+            "tokenizer_hash": self.train_store.fingerprint,
             "batch_size": config.batch_size,
             "seed": config.seed,
         }
@@ -236,8 +236,8 @@ class Trainer:
         part = micro * self.info.world_size + self.info.rank
         parts = self.accumulation * self.info.world_size
         indices = self.batches.part(self.position, part, parts)
-        batch = collate(self.train_store, indices, self.model.config.max_len, self.config.truncate)
         gen = _generator(self.config.seed, 1, step, part)
+        batch = self.train_store.batch(indices, gen)
         if self.augment is not None:
             batch = self.augment(batch, gen)
         batch = prepare(batch, self.model.config.objective, gen, self.model.config.vocab_size, self.config.mask_prob)
@@ -256,9 +256,9 @@ class Trainer:
             if b % self.info.world_size != self.info.rank:
                 continue
             idx = np.arange(b * size, min((b + 1) * size, len(self.val_store)))
-            batch = collate(self.val_store, idx, self.model.config.max_len, self.config.truncate)
-            batch = prepare(batch, self.model.config.objective, _generator(self.config.seed, 2, b),
-                            self.model.config.vocab_size, self.config.mask_prob)
+            gen = _generator(self.config.seed, 2, b)
+            batch = self.val_store.batch(idx, None)
+            batch = prepare(batch, self.model.config.objective, gen, self.model.config.vocab_size, self.config.mask_prob)
             with self._autocast():
                 loss, n = self.model.pretraining_loss(self._to_device(batch))
             total += float(loss) * n
