@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.embed import embed_store, save_embeddings
 from healthfm.evaluate.metrics import classification_metrics
-from healthfm.evaluate.probe import fit_linear_probe
+from healthfm.evaluate.probe import align_proba, fit_linear_probe
 from healthfm.evaluate.results import ResultRow, format_table, write_results
 from healthfm.modality import Modality, Samples, get_modality, require_labels, split_indices
 from healthfm.model.config import ModelConfig
@@ -27,7 +27,7 @@ from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import load, save_pretrained
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenStore, write_store
-from healthfm.train.distributed import init_distributed
+from healthfm.train.distributed import barrier, init_distributed
 from healthfm.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger("healthfm")
@@ -99,6 +99,7 @@ def pretrain(
     fractions=DEFAULT_FRACTIONS,
     model_overrides: dict[str, Any] | None = None,
     stop_at: int | None = None,
+    strategy: str = "ddp",
 ) -> Path:
     """Pretrain a model on the train split of an input and write the model folder.
 
@@ -128,10 +129,23 @@ def pretrain(
         Extra :class:`ModelConfig` fields.
     stop_at
         Stop (checkpointed) at this step; resume later.
+    strategy
+        Under torchrun: "ddp" (replicas) or "fsdp" (FSDP2 sharding).
+
+    Under torchrun every rank calls this; rank 0 tokenizes (or reuses) the stores while
+    the others wait, then all train; only rank 0 writes the model folder.
     """
     modality = get_modality(modality) if isinstance(modality, str) else modality
     options = options or {}
     train_config = train_config or TrainConfig()
+    if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
+        # The modality's preference (causal timelines keep their most recent tokens).
+        train_config = replace(train_config, truncate=modality.truncate)
+    custom = modality.pretrain_command(Path(input_path), Path(out), options, preset=preset, train_config=train_config,
+                                       resume=resume, run_dir=run_dir, salt=salt, fractions=fractions,
+                                       model_overrides=model_overrides, stop_at=stop_at)
+    if custom is not None:
+        return custom
     out = Path(out)
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
     info = init_distributed()
@@ -142,15 +156,13 @@ def pretrain(
         raise DataError("the train split is empty (too few samples or groups)", file=samples.source)
     tokenizer = modality.fit_tokenizer(samples, splits["train"], options)
     stores = {}
-    for name in ("train", "val"):
-        path = run_dir / "stores" / name
-        existing = _reuse_store(path, tokenizer.hash, samples.data_hash)
-        if existing is not None:
-            stores[name] = existing
-        elif info.is_main:
-            stores[name] = tokenize_to_store(modality, tokenizer, samples, path, splits[name])
+    if info.is_main:  # the others must not look while rank 0 may be replacing a stale store
+        for name in ("train", "val"):
+            path = run_dir / "stores" / name
+            existing = _reuse_store(path, tokenizer.hash, samples.data_hash)
+            stores[name] = existing or tokenize_to_store(modality, tokenizer, samples, path, splits[name])
     if info.distributed:
-        torch.distributed.barrier()
+        barrier(info)
         stores = {name: TokenStore(run_dir / "stores" / name, tokenizer.hash) for name in ("train", "val")}
     defaults = modality.model_defaults(tokenizer, samples)
     config = ModelConfig.from_preset(
@@ -171,11 +183,14 @@ def pretrain(
         val_store=stores["val"] if len(stores["val"]) else None,
         augment=modality.augmenter(tokenizer),
         dist_info=info,
+        strategy=strategy,
     )
     summary = trainer.fit(resume=resume, stop_at=stop_at)
-    if info.is_main and summary["steps"] >= train_config.steps:
+    finished = summary["steps"] >= train_config.steps
+    trained = trainer.export_model() if finished else None  # collective under FSDP
+    if info.is_main and finished:
         save_pretrained(
-            model,
+            trained,
             out,
             tokenizer,
             info={
@@ -187,10 +202,12 @@ def pretrain(
                 "n_train": int(len(splits["train"])),
                 "n_val": int(len(splits["val"])),
                 "train_config": json_safe(asdict(train_config)),
-                "parameters": model.num_parameters(),
+                "parameters": trained.num_parameters(),
                 "total_seconds": time.perf_counter() - t0,
+                "strategy": strategy,
             },
         )
+    barrier(info)  # the other ranks return once the model folder exists
     return out
 
 
@@ -270,8 +287,13 @@ def evaluate(
     task: str | None = None,
     include_baselines: bool = True,
     echo: bool = True,
+    finetuned=(),
 ) -> list[ResultRow]:
     """Linear probe of the model's embeddings next to the modality's baselines.
+
+    ``finetuned``: fine-tuned model folders / LoRA adapter folders (``healthfm finetune``)
+    whose own task-head predictions are scored on the same test split, as rows named
+    ``<preset>-finetune-<full|lora|lora-merged>``; a fine-tuned ``model_dir`` adds its own.
 
     The test split is fixed by the group hash (the same one pretraining held out when the
     model was pretrained on this input); for each seed the remaining pool is split anew
@@ -336,8 +358,10 @@ def evaluate(
         for method, (X, is_baseline, extra) in features.items():
             t = time.perf_counter()
             probe = fit_linear_probe(X[tr_idx], y[tr_idx], X[va_idx], y[va_idx], X[test_idx], seed=seed)
-            scores = _align_proba(probe, len(classes))
-            metrics = classification_metrics(y[test_idx], scores, n_boot=n_boot, seed=seed)
+            scores = align_proba(probe.proba, probe.classes, np.arange(len(classes)))
+            # Resample groups (identical sequences, a donor's cells), not rows.
+            metrics = classification_metrics(y[test_idx], scores, n_boot=n_boot, seed=seed,
+                                             groups=np.asarray(samples.groups)[test_idx].astype(str))
             wall = timings[method] + (time.perf_counter() - t)
             for metric in CLASSIFICATION_METRICS:
                 if metric not in metrics:
@@ -351,6 +375,12 @@ def evaluate(
                     extra={"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "best_C": float(probe.best_C),
                            "n_classes": int(len(classes)), "modality": modality.name, **extra},
                 ))
+    ft_dirs = [*finetuned, *([model_dir] if model is not None and model.task_head is not None else [])]
+    if ft_dirs:
+        from healthfm.evaluate.finetune import finetuned_rows
+
+        rows.extend(finetuned_rows(ft_dirs, modality, samples, test_idx, classes, task, n_boot=n_boot,
+                                   batch_size=batch_size, metrics=[*CLASSIFICATION_METRICS, "mae", "rmse", "r2"]))
     rows.extend(modality.extra_evaluations({
         "features": features, "y": y, "classes": classes, "splits": splits, "seeds": list(seeds),
         "n_boot": n_boot, "task": task, "samples": samples, "model_hash": model_hash,
@@ -358,16 +388,14 @@ def evaluate(
     out_dir = Path(out_dir)
     write_results(out_dir / "results.json", rows)
     if echo:
-        print(format_table([r.to_dict() for r in rows], CLASSIFICATION_METRICS))
+        dicts = [r.to_dict() for r in rows]
+        print(format_table([d for d in dicts if d["metric"] in CLASSIFICATION_METRICS], CLASSIFICATION_METRICS))
+        # Rows of other metrics from extra_evaluations (clustering ARI/NMI ...) get their own table.
+        other = [d for d in dicts if d["metric"] not in CLASSIFICATION_METRICS]
+        if other:
+            print(format_table(other))
         print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
     return rows
-
-
-def _align_proba(probe, n_classes: int) -> np.ndarray:
-    # The probe's columns are the classes seen in probe-train; put them in global order.
-    scores = np.zeros((probe.proba.shape[0], n_classes), dtype=np.float64)
-    scores[:, np.asarray(probe.classes, dtype=int)] = probe.proba
-    return scores
 
 
 def _training_info(model_dir: Path) -> dict[str, Any]:

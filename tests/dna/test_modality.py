@@ -70,6 +70,8 @@ def test_read_dispatch(tmp_path, splice):
     assert unlabelled.labels is None and unlabelled.keys.tolist() == ["x"]
     with pytest.raises(DataError, match="no label column"):
         m.read(table, options("--sequence-column", "dna"))
+    with pytest.raises(ConfigError, match="--labels is for FASTA"):
+        m.read(table, options("--labels", str(tmp_path / "y.tsv")))
 
 
 def test_fit_encode_defaults(splice, tmp_path):
@@ -84,8 +86,8 @@ def test_fit_encode_defaults(splice, tmp_path):
     assert list(chunks[0].keys) == splice.keys[idx["test"]].tolist()
     assert np.all(np.diff(chunks[0].offsets) == 61) and chunks[0].ids[0] == CLS_ID
     # Identical sequences share a split.
-    for seq in np.unique(splice.groups):
-        assert len(np.unique(splits[splice.groups == seq])) == 1
+    pairs = np.unique(np.char.add(splice.groups.astype(str), splits.astype(str)))
+    assert len(pairs) == len(np.unique(splice.groups)) == 2902
     store = write_store(tmp_path / "store", m.encode(tok, splice), tok.hash)
     assert len(store) == 3188 and store.meta["max_length"] == 61
     tok.save(tmp_path / "tokenizer.json")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -24,9 +26,14 @@ ALPHABET = "ACGTacgtuU" + IUPAC_AMBIGUITY + IUPAC_AMBIGUITY.lower()
 VALID = set("ACGT" + IUPAC_AMBIGUITY)
 
 
+@functools.cache
+def token_index(k: int, ambiguity: str) -> dict[str, int]:
+    return {s: i for i, s in enumerate(KmerTokenizer(k=k, ambiguity=ambiguity).token_strings())}
+
+
 def reference_encode(tok: KmerTokenizer, seq: str) -> list[int]:
     """Straightforward per-window tokenizer the vectorized one must match."""
-    index = {s: i for i, s in enumerate(tok.token_strings())}
+    index = token_index(tok.k, tok.ambiguity)
     seq = seq.upper().replace("U", "T")
     out = [CLS_ID] if tok.add_cls else []
     for p in range(0, len(seq) - tok.k + 1, tok.stride):
@@ -250,6 +257,8 @@ def test_config_round_trip_and_hash(tmp_path):
     )
     assert KmerTokenizer(k=1).hash != KmerTokenizer(k=2).hash
     assert KmerTokenizer(k=1).hash != KmerTokenizer(k=1, max_length=64).hash
+    with pytest.raises(ConfigError, match="unknown"):
+        KmerTokenizer.from_config({"k": 2, "colour": "red"})
 
 
 @pytest.mark.parametrize(
@@ -266,3 +275,73 @@ def test_config_round_trip_and_hash(tmp_path):
 def test_bad_config(kwargs):
     with pytest.raises(ConfigError):
         KmerTokenizer(**kwargs)
+
+
+@pytest.mark.parametrize(("k", "stride"), [(7, 1), (7, 3), (8, 1), (8, 8)])
+def test_encode_long_kmers(k, stride):
+    rng = np.random.default_rng(k)
+    seqs = [
+        "".join(rng.choice(list("ACGTACGTACGTNRx"), size=rng.integers(0, 40))) for _ in range(30)
+    ]
+    tok = KmerTokenizer(k=k, stride=stride)
+    chunk = tok.encode(seqs)
+    assert [chunk.sample(i)["ids"].tolist() for i in range(30)] == [
+        reference_encode(tok, s) for s in seqs
+    ]
+
+
+def packed(chunks_per_row: list[list[np.ndarray]], width: int):
+    """Pack token arrays into rows: ids, segment ids (1.., 0 at pads), positions."""
+    ids = np.zeros((len(chunks_per_row), width), dtype=np.int64)
+    seg = np.zeros_like(ids)
+    pos = np.zeros_like(ids)
+    for r, parts in enumerate(chunks_per_row):
+        c = 0
+        for s, part in enumerate(parts, start=1):
+            ids[r, c : c + len(part)] = part
+            seg[r, c : c + len(part)] = s
+            pos[r, c : c + len(part)] = np.arange(len(part))
+            c += len(part)
+    return ids, seg, pos
+
+
+@pytest.mark.parametrize("add_cls", [True, False])
+def test_rc_packed_segments(add_cls):
+    tok = KmerTokenizer(k=2, add_cls=add_cls)
+    seqs = ["ACGTTGCA", "GGAN", "TTACG", "CCCA", "AG"]
+    fwd = tok.encode(seqs)
+    rev = tok.encode([revcomp(s) for s in seqs])
+    rows = [[0, 1, 2], [3], [4, 0]]
+    ids, seg, pos = packed([[fwd.sample(i)["ids"] for i in row] for row in rows], 20)
+    expected, _, _ = packed([[rev.sample(i)["ids"] for i in row] for row in rows], 20)
+    rc = tok.reverse_complement_map()
+    assert np.array_equal(reverse_complement_batch(ids, seg != 0, rc, segment_ids=seg), expected)
+    got = reverse_complement_batch(
+        torch.from_numpy(ids), None, torch.from_numpy(rc), segment_ids=torch.from_numpy(seg)
+    )
+    assert torch.equal(got, torch.from_numpy(expected))
+    batch = {
+        "ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(seg != 0),
+        "segment_ids": torch.from_numpy(seg),
+        "positions": torch.from_numpy(pos),
+    }
+    out = make_rc_augmenter(tok, p=1.0)(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(out["ids"], torch.from_numpy(expected))
+    assert torch.equal(out["positions"], batch["positions"])
+    assert torch.equal(out["segment_ids"], batch["segment_ids"])
+    # p=0.5: every segment is either untouched or fully reverse-complemented.
+    out = make_rc_augmenter(tok, p=0.5)(batch, torch.Generator().manual_seed(3))["ids"].numpy()
+    for r in range(len(rows)):
+        for s in range(1, len(rows[r]) + 1):
+            m = seg[r] == s
+            assert np.array_equal(out[r, m], ids[r, m]) or np.array_equal(out[r, m], expected[r, m])
+
+
+def test_rc_batch_mask_input_numpy():
+    tok = KmerTokenizer(k=1)
+    ids, lengths = pad(tok.encode(["ACGR", "T"]))
+    expected, _ = pad(tok.encode(["YCGT", "A"]))
+    rc = tok.reverse_complement_map()
+    assert np.array_equal(reverse_complement_batch(ids, ids != PAD_ID, rc), expected)
+    assert reverse_complement_batch(ids[:, :0], lengths * 0, rc).shape == (2, 0)

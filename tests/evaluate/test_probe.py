@@ -63,10 +63,16 @@ def test_separable_multiclass_probe_is_accurate() -> None:
 
 
 def test_small_C_on_noisy_high_dimensional_data() -> None:
-    (xa, ya), (xb, yb), (xc, _) = _splits(_noisy)
-    for metric in ("auroc", "log_loss"):
-        r = fit_linear_probe(xa, ya, xb, yb, xc, select_metric=metric)
-        assert r.best_C <= 1e-2, metric
+    # 60 training rows in 200 dimensions, one weak signal. Judged by log loss, heavy
+    # shrinkage wins for every seed. (Validation AUROC is nearly flat in C on such data,
+    # since shrinkage changes the calibration far more than the ranking, so it is not a
+    # reliable thing to assert on.)
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        (xa, ya), (xb, yb) = _noisy(rng, n=60), _noisy(rng, n=300)
+        r = fit_linear_probe(xa, ya, xb, yb, xb[:5], select_metric="log_loss")
+        assert r.best_C <= 1e-2, seed
+        assert r.val_scores[100.0] > r.val_score + 0.1  # a clear margin, not a near-tie
 
 
 def test_large_C_on_clean_data() -> None:
@@ -101,8 +107,9 @@ def test_full_ties_go_to_stronger_regularization() -> None:
 
 def test_select_balanced_accuracy_and_refit_modes() -> None:
     (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=120, seed=3)
-    both = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="balanced_accuracy")
-    train = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="balanced_accuracy", refit="train")
+    kw = {"select_metric": "balanced_accuracy", "Cs": [1e-3, 1e-1, 1.0]}
+    both = fit_linear_probe(xa, ya, xb, yb, xc, **kw)
+    train = fit_linear_probe(xa, ya, xb, yb, xc, refit="train", **kw)
     assert both.model[0].n_samples_seen_ == 240
     assert train.model[0].n_samples_seen_ == 120
     assert both.best_C == train.best_C
@@ -182,10 +189,10 @@ def test_convergence_warnings_are_recorded_not_raised() -> None:
 
 def test_linear_probe_is_deterministic_and_takes_class_weight() -> None:
     (xa, ya), (xb, yb), (xc, _) = _splits(_noisy, seed=5)
-    a = fit_linear_probe(xa, ya, xb, yb, xc, seed=1)
-    b = fit_linear_probe(xa, ya, xb, yb, xc, seed=1)
+    a = fit_linear_probe(xa, ya, xb, yb, xc, seed=1, Cs=[1e-3, 1.0])
+    b = fit_linear_probe(xa, ya, xb, yb, xc, seed=1, Cs=[1e-3, 1.0])
     assert a.best_C == b.best_C and np.array_equal(a.proba, b.proba)
-    c = fit_linear_probe(xa, ya, xb, yb, xc, class_weight="balanced")
+    c = fit_linear_probe(xa, ya, xb, yb, xc, class_weight="balanced", Cs=[1e-3])
     assert c.model[-1].class_weight == "balanced"
 
 

@@ -117,6 +117,11 @@ class DnaModality(Modality):
                 label_column="label" if _no_label(label_column) else label_column,
                 id_column=options.get("id_column") or "id",
             )
+        if options.get("labels"):
+            raise ConfigError(
+                f"--labels is for FASTA input; {path} is read as a table, whose labels are "
+                "its --label-column"
+            )
         return read_table(
             path,
             sequence_column=options.get("sequence_column") or "sequence",
@@ -170,6 +175,20 @@ class DnaModality(Modality):
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""
         return dict(BASELINES)
+
+    def demo_spec(self, quick: bool) -> dict[str, Any]:
+        """Splice junctions (EI / IE / N): masked pretraining on the train split, then probes."""
+        from healthfm.datasets import splice
+
+        return {
+            "input": splice(),
+            "options": {"label_column": "label"},
+            "preset": "tiny",
+            "steps": 120 if quick else 1200,
+            "batch_size": 64,
+            "lr": 2e-3,
+            "seeds": (0, 1, 2),
+        }
 
     @staticmethod
     def _kmer(tokenizer: Tokenizer) -> KmerTokenizer:

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from healthfm.dna.tokenizer import (
-    BASE_LUT,
     IUPAC_BASES,
     join_sequences,
     kmer_codes,
@@ -70,15 +69,14 @@ def kmer_counts(
     """
     sizes = [k] if isinstance(k, int) else list(k)
     buf, lengths = join_sequences(sequences)
-    codes = BASE_LUT[buf]
     starts = np.cumsum(lengths) - lengths
     n = len(lengths)
     blocks = []
     for size in sizes:
         counts = np.where(lengths >= size, lengths - size + 1, 0)
-        pos = window_positions(starts, counts, 1)
+        pos = window_positions(starts, counts, 1, len(buf))
         sample = np.repeat(np.arange(n), counts)
-        kmer, ambiguous, invalid = kmer_codes(codes, pos, size)
+        kmer, ambiguous, invalid = kmer_codes(buf, pos, size)
         keep = ~(ambiguous | invalid)
         flat = sample[keep] * 4**size + kmer[keep]
         block = np.bincount(flat, minlength=n * 4**size).reshape(n, 4**size).astype(np.float32)
@@ -113,7 +111,7 @@ def one_hot(sequences: Sequence[str] | np.ndarray, length: int | None = None) ->
         length = int(lengths.max()) if n else 0
     kept = np.minimum(lengths, length)
     starts = np.cumsum(lengths) - lengths
-    pos = window_positions(starts, kept, 1)
+    pos = window_positions(starts, kept, 1, len(buf))
     sample = np.repeat(np.arange(n), kept)
     column = pos - starts[sample]
     out = np.zeros((n, length, 4), dtype=np.float32)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from healthfm.dna.tokenizer import join_sequences
 from healthfm.errors import DataError
 from healthfm.fsutil import sha256_file
 from healthfm.modality import Samples
@@ -61,7 +62,7 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _check_utf8(data: bytes, path: Path, first_row_line: int, what: str = "row") -> None:
+def _check_utf8(data: bytes, path: Path, first_row_line: int) -> None:
     """Raise on non-UTF-8 bytes, naming the byte offset and the row (line - first_row_line)."""
     try:
         data.decode("utf-8")
@@ -98,8 +99,9 @@ def validate_sequences(
     ids
         Record ids named in the message (FASTA), if any.
     """
-    seqs = list(sequences)
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    seqs = sequences.tolist() if isinstance(sequences, np.ndarray) else list(sequences)
+    # One byte per character (non-ASCII becomes '?'), so byte positions are character positions.
+    buffer, lengths = join_sequences(seqs)
     where = (lambda i: f" (id {ids[i]!r})") if ids is not None else (lambda i: "")
     empty = np.flatnonzero(lengths == 0)
     if len(empty):
@@ -110,8 +112,6 @@ def validate_sequences(
             column=column,
             row=i,
         )
-    # One byte per character (non-ASCII becomes '?'), so byte positions are character positions.
-    buffer = np.frombuffer("".join(seqs).encode("ascii", errors="replace"), dtype=np.uint8)
     bad = np.flatnonzero(~_VALID_LUT[buffer])
     if len(bad):
         offsets = np.cumsum(lengths)

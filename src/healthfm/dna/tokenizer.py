@@ -75,6 +75,17 @@ def _base_lut() -> np.ndarray:
 
 
 BASE_LUT = _base_lut()
+#: Byte -> packed uint32: base value 0..3 in bits 0-1, bit 16 set for an IUPAC ambiguity
+#: code, bit 17 for an invalid character. Shifting by 2 per base while building a k-mer
+#: (k <= 8) moves the values within bits 0-15 and the flags to even (ambiguous) or odd
+#: (invalid) bits 16-31, so one pass computes the code and both flags.
+_PACKED_LUT = (
+    np.where(BASE_LUT < 4, BASE_LUT, 0)
+    | np.where((BASE_LUT >= 4) & (BASE_LUT != _INVALID), 1 << 16, 0)
+    | np.where(BASE_LUT == _INVALID, 1 << 17, 0)
+).astype(np.uint32)
+_AMBIGUOUS_BITS = np.uint32(0x55550000)
+_INVALID_BITS = np.uint32(0xAAAA0000)
 
 
 def join_sequences(sequences: Sequence[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,11 +110,11 @@ def join_sequences(sequences: Sequence[str] | np.ndarray) -> tuple[np.ndarray, n
     return buffer, lengths
 
 
-def window_positions(starts: np.ndarray, counts: np.ndarray, stride: int) -> np.ndarray:
+def window_positions(starts: np.ndarray, counts: np.ndarray, stride: int, size: int) -> np.ndarray:
     """Buffer position of every kept window.
 
     Sample ``i`` starts at buffer position ``starts[i]`` and keeps ``counts[i]`` windows,
-    ``stride`` apart; windows are listed sample by sample.
+    ``stride`` apart; windows are listed sample by sample. ``size`` is the buffer length.
 
     Returns
     -------
@@ -111,7 +122,8 @@ def window_positions(starts: np.ndarray, counts: np.ndarray, stride: int) -> np.
         Positions (int32 when the buffer allows, else int64).
     """
     counts = np.asarray(counts)
-    dtype = np.int32 if (int(starts[-1]) if len(starts) else 0) < 2**31 // max(stride, 1) else np.int64
+    # int32 indices halve memory traffic; every intermediate stays within +-size.
+    dtype = np.int32 if size < 2**31 - 1 else np.int64
     first = np.cumsum(counts) - counts
     # Window t of sample i sits at starts[i] + (t - first[i]) * stride
     #                             = t * stride + (starts[i] - first[i] * stride).
@@ -120,17 +132,48 @@ def window_positions(starts: np.ndarray, counts: np.ndarray, stride: int) -> np.
     return base
 
 
+def _sliding(values: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """Combine every run of ``k`` consecutive values: ``out[p] = v[p] v[p+1] ... v[p+k-1]``,
+    each value shifted ``bits`` bits per later position (``bits=0``: a bitwise OR).
+
+    Works by doubling (runs of 1, 2, 4... combined along k's binary digits), so it takes
+    O(log k) passes over the buffer instead of k.
+    """
+    result: np.ndarray | None = None
+    result_len = 0
+    piece, piece_len = values, 1
+    remaining = k
+    while True:
+        if remaining & 1:
+            if result is None:
+                result, result_len = piece, piece_len
+            else:
+                n = len(piece) - result_len
+                result = result[:n] << (bits * piece_len) if bits else result[:n].copy()
+                result |= piece[result_len : result_len + n]
+                result_len += piece_len
+        remaining >>= 1
+        if not remaining:
+            break
+        n = len(piece) - piece_len
+        doubled = piece[:n] << (bits * piece_len) if bits else piece[:n].copy()
+        doubled |= piece[piece_len:]
+        piece, piece_len = doubled, 2 * piece_len
+    return result
+
+
 def kmer_codes(
-    codes: np.ndarray, positions: np.ndarray, k: int
+    buf: np.ndarray, positions: np.ndarray | None, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Base-4 code of the k-mer starting at each position, with its ambiguity flags.
 
     Parameters
     ----------
-    codes
-        Per-base codes from :data:`BASE_LUT` (``0..3`` ACGT, ``4..14`` IUPAC, 255 invalid).
+    buf
+        ``uint8`` characters (from :func:`join_sequences`).
     positions
-        Start of each window; ``positions + k`` must not exceed ``len(codes)``.
+        Start of each window; ``positions + k`` must not exceed ``len(buf)``. ``None``:
+        every window of the buffer (``len(buf) - k + 1``), boundaries ignored.
     k
         Window length.
 
@@ -141,22 +184,18 @@ def kmer_codes(
     ambiguous, invalid : numpy.ndarray
         Whether the window holds an IUPAC ambiguity code / an invalid character.
     """
-    n_windows = max(len(codes) - k + 1, 0)
-    # Slide over the whole buffer with contiguous shifted slices (much faster than k
-    # gathers), then pick the wanted windows once. Windows crossing a sequence boundary are
+    # Slide over the whole buffer with contiguous shifted slices (far faster than gathers),
+    # then pick the wanted windows once. Windows that cross a sequence boundary are
     # computed too, but never picked.
-    values = np.where(codes < 4, codes, 0).astype(np.int32)
-    flags = np.where(codes == _INVALID, 2, codes >= 4).astype(np.uint8)  # 1 ambiguous, 2 invalid
-    kmer = values[:n_windows].copy()
-    any_flag = flags[:n_windows].copy()
-    for j in range(1, k):
-        kmer <<= 2
-        kmer |= values[j : j + n_windows]
-        any_flag |= flags[j : j + n_windows]
-    picked = any_flag[positions]
-    ambiguous = (picked & 1).astype(bool)
-    invalid = (picked & 2).astype(bool)
-    kmer = kmer[positions]
+    if len(buf) < k:
+        empty = np.zeros(0, dtype=bool)
+        return np.zeros(0, dtype=np.int32), empty, empty
+    packed = _sliding(_PACKED_LUT[buf], k, 2)
+    if positions is not None:
+        packed = packed[positions]
+    kmer = (packed & np.uint32(4**k - 1)).astype(np.int32)
+    ambiguous = (packed & _AMBIGUOUS_BITS) != 0
+    invalid = (packed & _INVALID_BITS) != 0
     return kmer, ambiguous, invalid
 
 
@@ -311,22 +350,33 @@ class KmerTokenizer(Tokenizer):
         return TokenChunk(ids=ids, offsets=offsets, keys=keys)
 
     def _encode_block(self, buf: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        k = self.k
         n_kmers = counts - self.add_cls
-        starts = np.cumsum(lengths) - lengths
-        pos = window_positions(starts, n_kmers, self.stride)
-        if self.k == 1:
-            tok = self._k1_lut[buf[pos]]
+        # Token of every window of the buffer (boundaries ignored), then keep the valid ones.
+        if k == 1:
+            tokens = self._k1_lut[buf]
         else:
-            kmer, ambiguous, invalid = kmer_codes(BASE_LUT[buf], pos, self.k)
-            tok = kmer + np.int32(N_SPECIAL)
-            tok[ambiguous] = self._first_amb
-            tok[invalid] = UNK_ID
+            kmer, ambiguous, invalid = kmer_codes(buf, None, k)
+            tokens = kmer + np.int32(N_SPECIAL)
+            tokens[ambiguous] = self._first_amb
+            tokens[invalid] = UNK_ID
+        ends = np.cumsum(lengths)
+        if self.stride == 1 and np.array_equal(n_kmers, np.maximum(lengths - k + 1, 0)):
+            # Common case (overlapping, nothing truncated): every window except the k-1
+            # that cross the end of each sequence; a boolean mask beats an index gather.
+            if k > 1:
+                crossing = (ends[:, None] - np.arange(1, k)[None, :]).ravel()
+                keep = np.ones(len(tokens), dtype=bool)
+                keep[crossing[(crossing >= 0) & (crossing < len(tokens))]] = False
+                tokens = tokens[keep]
+        else:
+            tokens = tokens[window_positions(ends - lengths, n_kmers, self.stride, len(buf))]
         if not self.add_cls:
-            return tok
-        out = np.full(len(tok) + len(lengths), CLS_ID, dtype=np.int32)
+            return tokens
+        out = np.full(len(tokens) + len(lengths), CLS_ID, dtype=np.int32)
         is_token = np.ones(len(out), dtype=bool)
         is_token[np.cumsum(counts) - counts] = False  # where each sample's [CLS] goes
-        out[is_token] = tok
+        out[is_token] = tokens
         return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -362,6 +412,9 @@ class KmerTokenizer(Tokenizer):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> KmerTokenizer:
         """Rebuild a tokenizer from :meth:`config`."""
+        unknown = set(config) - set(cls().config())
+        if unknown:
+            raise ConfigError(f"unknown dna.kmer tokenizer settings {sorted(unknown)}")
         return cls(**config)
 
     @property
@@ -373,13 +426,66 @@ class KmerTokenizer(Tokenizer):
 
 
 # --- reverse-complement augmentation ------------------------------------------------
-def reverse_complement_batch(ids, lengths_or_mask, rc_map):
-    """Reverse-complement every row of a padded batch of token ids.
+def _rc_source_index(ids: Any, segments: Any) -> Any:
+    """Source position of every output position when each segment is reverse-complemented.
+
+    ``segments`` is ``[B, T]`` int (0 at padding); a segment is a maximal run of equal
+    non-zero values in a row. Its leading ``[CLS]`` (if any) stays in place and the rest is
+    reversed: position ``j`` reads from ``first + last - j``. Other positions read from
+    themselves. Works on numpy arrays and torch tensors alike.
+    """
+    if isinstance(ids, np.ndarray):
+        xp_flip = lambda x: x[:, ::-1]  # noqa: E731
+        cummax = lambda x: np.maximum.accumulate(x, axis=1)  # noqa: E731
+        j = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+        gather = lambda x, i: np.take_along_axis(x, i, axis=1)  # noqa: E731
+        where, cat = np.where, lambda xs: np.concatenate(xs, axis=1)
+    else:
+        import torch
+
+        xp_flip = lambda x: torch.flip(x, [1])  # noqa: E731
+        cummax = lambda x: torch.cummax(x, dim=1).values  # noqa: E731
+        j = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        gather = lambda x, i: torch.gather(x, 1, i)  # noqa: E731
+        where, cat = torch.where, lambda xs: torch.cat(xs, dim=1)
+    if ids.shape[1] == 0:
+        return j
+    edge = segments[:, 1:] != segments[:, :-1]
+    ones = edge[:, :1] | True
+    is_start = cat([ones, edge])
+    is_end = cat([edge, ones])
+    start = cummax(where(is_start, j, 0))  # first position of each position's segment
+    last_pos = ids.shape[1] - 1
+    # The last position of the segment, found the same way from the right.
+    last = last_pos - xp_flip(cummax(xp_flip(where(is_end, last_pos - j, 0))))
+    first = start + (gather(ids, start) == CLS_ID) * 1
+    inside = (segments != 0) & (j >= first) & (j <= last)
+    return where(inside, first + last - j, j)
+
+
+def _segments_of(ids: Any, lengths_or_mask: Any) -> Any:
+    """One segment per row: 1 on real tokens, 0 on padding."""
+    if lengths_or_mask.ndim == 2:
+        return lengths_or_mask * 1
+    if isinstance(ids, np.ndarray):
+        j = np.arange(ids.shape[1])
+    else:
+        import torch
+
+        j = torch.arange(ids.shape[1], device=ids.device)
+    return (j[None, :] < lengths_or_mask[:, None]) * 1
+
+
+def reverse_complement_batch(
+    ids: Any, lengths_or_mask: Any, rc_map: Any, segment_ids: Any = None
+) -> Any:
+    """Reverse-complement every row (or packed segment) of a padded batch of token ids.
 
     The real tokens of each row (after a leading ``[CLS]`` if the row has one, before the
     padding) are reversed and mapped through ``rc_map``; ``[CLS]`` and padding stay where
     they are. For overlapping k-mers (stride 1) the result equals the encoding of the
     reverse-complemented sequence; for other strides only when ``(length - k) % stride == 0``.
+    Vectorized with index arithmetic (no loop over rows).
 
     Parameters
     ----------
@@ -390,60 +496,49 @@ def reverse_complement_batch(ids, lengths_or_mask, rc_map):
         ``[B, T]`` boolean attention mask.
     rc_map
         :meth:`KmerTokenizer.reverse_complement_map` (numpy or torch, on ids' device).
+    segment_ids
+        For packed rows (several samples per row): ``[B, T]`` segment number of each token
+        (0 at padding); each segment is reverse-complemented on its own.
 
     Returns
     -------
     Same type as ``ids``.
     """
-    is_torch = type(ids).__module__.startswith("torch")
-    if is_torch:
-        import torch
+    if isinstance(ids, np.ndarray):
+        segments = (
+            segment_ids
+            if segment_ids is not None
+            else _segments_of(ids, np.asarray(lengths_or_mask))
+        )
+        src = _rc_source_index(ids, np.asarray(segments))
+        return np.asarray(rc_map)[np.take_along_axis(ids, src, axis=1)]
+    import torch
 
-        xp_arange = lambda n: torch.arange(n, device=ids.device)  # noqa: E731
-        rc_map = torch.as_tensor(rc_map, device=ids.device)
-        lengths_or_mask = torch.as_tensor(lengths_or_mask, device=ids.device)
-    else:
-        ids = np.asarray(ids)
-        xp_arange = np.arange
-        rc_map = np.asarray(rc_map)
-        lengths_or_mask = np.asarray(lengths_or_mask)
-    src = _rc_source_index(ids, lengths_or_mask, xp_arange)
-    if is_torch:
-        return rc_map[torch.gather(ids, 1, src)]
-    return rc_map[np.take_along_axis(ids, src, axis=1)]
-
-
-def _rc_source_index(ids, lengths_or_mask, xp_arange):
-    """For each output position, the input position it takes its token from."""
-    if lengths_or_mask.ndim == 2:
-        lengths = lengths_or_mask.sum(1)
-    else:
-        lengths = lengths_or_mask
-    lengths = lengths[:, None]
-    first = (ids[:, :1] == CLS_ID) * 1  # 1 where the row starts with [CLS]
-    j = xp_arange(ids.shape[1])[None, :]
-    inside = (j >= first) & (j < lengths)
-    # Position j in [first, length) reads from first + length - 1 - j; others stay put.
-    return j + inside * (first + lengths - 1 - 2 * j)
+    if segment_ids is None:
+        segment_ids = _segments_of(ids, torch.as_tensor(lengths_or_mask, device=ids.device))
+    src = _rc_source_index(ids, segment_ids)
+    return torch.as_tensor(rc_map, device=ids.device)[torch.gather(ids, 1, src)]
 
 
 def make_rc_augmenter(tokenizer: KmerTokenizer, p: float = 0.5) -> Callable:
-    """Return a batch augmentation that reverse-complements each row with probability ``p``.
+    """Return a batch augmentation that reverse-complements each sample with probability ``p``.
 
     Parameters
     ----------
     tokenizer
         The tokenizer whose :meth:`~KmerTokenizer.reverse_complement_map` to use.
     p
-        Probability of flipping each row.
+        Probability of flipping each sample.
 
     Returns
     -------
     callable
         ``f(batch, generator) -> batch``; ``batch`` holds ``"ids"`` (LongTensor ``[B, T]``,
-        PAD=0 on the right) and ``"attention_mask"`` (bool ``[B, T]``). Other ``[B, T]``
-        tensors (e.g. ``values``) are reordered the same way, without mapping. Apply it
-        before masking. The input dict is not modified.
+        PAD=0 on the right) and ``"attention_mask"`` (bool ``[B, T]``). Each row is one
+        sample, or, when the batch has ``"segment_ids"`` (packed rows), each segment is, and
+        each is flipped on its own draw. ``"values"`` and ``"times"``, if present, are
+        reordered like the ids (not mapped); ``"positions"`` and ``"segment_ids"`` stay
+        as they are. Apply it before masking. The input dict is not modified.
     """
     import torch
 
@@ -456,23 +551,20 @@ def make_rc_augmenter(tokenizer: KmerTokenizer, p: float = 0.5) -> Callable:
         ids = batch["ids"]
         if ids.device not in cache:
             cache[ids.device] = rc_cpu.to(ids.device)
-        rc_map = cache[ids.device]
-        flip = torch.rand(ids.shape[0], generator=generator, device=generator.device) < p
-        flip = flip.to(ids.device)[:, None]
-        mask = batch["attention_mask"]
-        src = _rc_source_index(ids, mask.long(), lambda n: torch.arange(n, device=ids.device))
-        src = torch.where(flip, src, torch.arange(ids.shape[1], device=ids.device)[None, :])
+        segments = batch.get("segment_ids")
+        if segments is None:
+            segments = batch["attention_mask"].long()
+        n_segments = int(segments.max()) + 1 if segments.numel() else 1
+        # One draw per (row, segment); tokens look up their segment's draw.
+        draws = torch.rand(ids.shape[0], n_segments, generator=generator, device=generator.device)
+        flip = torch.gather(draws.to(ids.device) < p, 1, segments)
+        j = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        src = torch.where(flip, _rc_source_index(ids, segments), j)
         out = dict(batch)
-        out["ids"] = torch.where(flip, rc_map[torch.gather(ids, 1, src)], ids)
-        for name, value in batch.items():
-            if (
-                name not in ("ids", "attention_mask")
-                and isinstance(value, torch.Tensor)
-                and value.shape[:2] == ids.shape
-            ):
-                out[name] = torch.gather(
-                    value, 1, src.view(*src.shape, *[1] * (value.ndim - 2)).expand_as(value)
-                )
+        out["ids"] = torch.where(flip, cache[ids.device][torch.gather(ids, 1, src)], ids)
+        for name in ("values", "times"):
+            if name in batch:
+                out[name] = torch.gather(batch[name], 1, src)
         return out
 
     return augment

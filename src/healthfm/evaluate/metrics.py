@@ -4,8 +4,9 @@ Every score healthfm reports comes with a 95% bootstrap confidence interval. The
 here is *vectorized*: instead of re-running a metric function on each resample, the
 resamples are drawn as a matrix of multiplicities ``W`` (``n_boot x n``; ``W[b, i]`` is how
 many times row ``i`` appears in resample ``b``) and every metric is written as a weighted
-statistic, so all resamples are computed at once with a few matrix products, cumulative
-sums and ``np.add.reduceat`` calls. The point value is the same weighted code with unit
+statistic, so all resamples are computed at once with a few matrix products (confusion
+counts), gathers and cumulative sums (AUROC as a weighted Mann-Whitney statistic, AP as
+weighted cumulative true/false positives at each distinct threshold). The point value is the same weighted code with unit
 weights, and equals scikit-learn's value (tests check this to 1e-9).
 
 Definitions (the cases where scikit-learn would fail or warn are defined here):
@@ -114,8 +115,9 @@ def bootstrap_weights(
 
     Row ``b`` of the concatenated output says how many times each of the ``n`` rows
     appears in resample ``b``; every row sums to ``n`` (row bootstrap) or to the size of
-    the drawn groups (group bootstrap). The draws depend only on ``seed``, ``n``,
-    ``n_boot`` and the grouping, so every metric of one call sees the same resamples.
+    the drawn groups (group bootstrap). The draws depend only on ``seed``, ``n`` and the
+    grouping (not on ``chunk_size``), so every metric of one call sees the same resamples.
+    The dtype is int32 (int64 only if a resample could hold 2**31 rows).
 
     Parameters
     ----------
@@ -131,16 +133,22 @@ def bootstrap_weights(
     chunk_size
         Resamples per yielded matrix; by default sized to bound memory.
     """
-    if n_boot <= 0:
+    if n_boot <= 0 or n <= 0:
         return
     rng = np.random.default_rng(seed)
     if groups is None:
         inverse = None
         n_units = n
     else:
-        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        g = np.asarray(groups)
+        if g.shape != (n,):
+            raise DataError(
+                f"groups must have one entry per row: got shape {g.shape}, expected ({n},)",
+                column="groups",
+            )
+        _, inverse = np.unique(g, return_inverse=True)
         inverse = inverse.reshape(-1)
-        n_units = int(inverse.max()) + 1 if n else 0
+        n_units = int(inverse.max()) + 1
     if chunk_size is None:
         chunk_size = max(1, _CHUNK_ELEMENTS // max(n, n_units, 1))
     # 32-bit multiplicities halve the memory traffic of the metric code; they are exact
@@ -269,16 +277,13 @@ def _encode_labels(y: np.ndarray, classes: Any, n_classes: int) -> np.ndarray:
     return yi
 
 
-def _prepare_scores(scores: Any, n: int) -> tuple[np.ndarray, bool]:
+def _prepare_scores(scores: Any, n: int) -> np.ndarray:
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim == 1:
         # Binary P(class 1): build the two columns so argmax gives the prediction, but
         # keep column 1 exactly as given (AUROC/AP/Brier read it).
         s = np.column_stack([1.0 - s, s])
-        one_d = True
-    elif s.ndim == 2:
-        one_d = False
-    else:
+    elif s.ndim != 2:
         raise DataError(f"scores must be (n,) or (n, K), got shape {s.shape}", column="scores")
     if s.shape[0] != n:
         raise DataError(f"scores has {s.shape[0]} rows but y_true has {n}", column="scores")
@@ -290,7 +295,7 @@ def _prepare_scores(scores: Any, n: int) -> tuple[np.ndarray, bool]:
     bad = np.flatnonzero(~np.isfinite(s).all(axis=1))
     if bad.size:
         raise DataError("scores contain NaN or infinity", column="scores", row=int(bad[0]))
-    return s, one_d
+    return s
 
 
 class _Classification:
@@ -315,7 +320,9 @@ class _Classification:
         # score falls among the negatives (strictly below / up to ties) and among the
         # positives (strictly below). Classes with no positive or no negative in the full
         # sample can never be scored and are left out.
-        self.rank: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+        self.rank: list[
+            tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
+        ]
         self.rank = []
         if "auroc" in names or "auprc" in names:
             for c in [1] if k == 2 else range(k):
@@ -330,7 +337,11 @@ class _Classification:
                 lo = np.searchsorted(sn, sp, side="left")
                 hi = np.searchsorted(sn, sp, side="right")
                 lpos = np.searchsorted(sp, sp, side="left")
-                self.rank.append((c, pos, neg, lo, hi, lpos))
+                # Without ties (continuous scores) two of the gathers below are no-ops;
+                # None marks them so they are skipped.
+                hi_or_none = None if np.array_equal(hi, lo) else hi
+                lpos_or_none = None if np.array_equal(lpos, np.arange(pos.size)) else lpos
+                self.rank.append((c, pos, neg, lo, hi_or_none, lpos_or_none))
 
     def __call__(self, w: np.ndarray) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
@@ -383,7 +394,7 @@ class _Classification:
                 # Weighted Mann-Whitney: each positive beats the negative weight strictly
                 # below its score plus half the tied negative weight, i.e. the mean of
                 # the cumulative negative weight below and up to its score.
-                neg_upto = np.take(cum_neg, hi, axis=1)
+                neg_upto = neg_below if hi is None else np.take(cum_neg, hi, axis=1)
                 u = 0.5 * np.einsum("ij,ij->i", wpf, neg_below + neg_upto)
                 with np.errstate(invalid="ignore", divide="ignore"):
                     roc_sum += np.where(ok, u / (p_tot * n_tot), 0.0)
@@ -392,7 +403,8 @@ class _Classification:
                 # equal to its score (everything scoring >= it predicted positive), / P.
                 cum_pos = np.zeros((b, pos.size + 1), dtype=w.dtype)
                 np.cumsum(wp, axis=1, out=cum_pos[:, 1:])
-                tp = p_tot[:, None] - np.take(cum_pos, lpos, axis=1)
+                pos_below = cum_pos[:, :-1] if lpos is None else np.take(cum_pos, lpos, axis=1)
+                tp = p_tot[:, None] - pos_below
                 flagged = tp + (n_tot[:, None] - neg_below)
                 prec = np.divide(tp, flagged, out=np.zeros_like(tp), where=flagged > 0)
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -461,7 +473,7 @@ def classification_metrics(
         raise DataError(f"y_true must be 1-D, got shape {y_arr.shape}", column="y_true")
     if y_arr.shape[0] == 0:
         raise DataError("no rows to evaluate", column="y_true")
-    s, _ = _prepare_scores(scores, y_arr.shape[0])
+    s = _prepare_scores(scores, y_arr.shape[0])
     n, k = s.shape
     y = _encode_labels(y_arr, classes, k)
     g = _check_common(n_boot, alpha, groups, n)

@@ -173,8 +173,9 @@ def fit_linear_probe(
         ``"auroc"`` (macro one-vs-rest over the classes present in validation; binary
         AUROC for two classes), ``"balanced_accuracy"`` (higher is better) or
         ``"log_loss"`` (lower is better). Exact ties are broken by validation log loss,
-        then toward the smaller ``C`` (stronger regularization). If the metric is undefined on validation for every ``C``
-        (e.g. AUROC with a single validation class), log loss is used instead.
+        then toward the smaller ``C`` (stronger regularization); see :func:`_select_c`.
+        If the metric is undefined on validation for every ``C`` (e.g. AUROC with a
+        single validation class), log loss is used instead, with a ``RuntimeWarning``.
     refit
         Refit the chosen ``C`` on ``"train+val"`` (default) or on ``"train"`` only.
     seed
