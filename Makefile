@@ -23,18 +23,25 @@ demo: env
 	$(VENV)/bin/healthfm demo --out $(DEMO_OUT)
 
 test: env
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
+	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	$(PY) -m pytest
 
 format: env
-	$(VENV)/bin/ruff format src tests benchmarks
-	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks scripts
+	$(VENV)/bin/ruff check --fix src tests benchmarks scripts
 
+# Speed and memory benchmarks (minutes each; they print ratios measured in one run).
 bench: env
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_tokenizer.py
-	$(PY) benchmarks/bench_backbone.py
+	$(PY) benchmarks/bench_backbone.py --threads 1
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/train_memory.py --compare-release
+	$(PY) benchmarks/bench_singlecell.py
+	$(PY) benchmarks/bench_ehr.py
+	$(PY) benchmarks/bench_pathology.py
+	$(PY) benchmarks/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -40,15 +40,21 @@ def ours_step(model, opt):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
 def bert_step(model, opt):
     def step(batch):
-        out = model(input_ids=batch["ids"], attention_mask=batch["attention_mask"].long(), labels=batch["labels"])
+        out = model(
+            input_ids=batch["ids"],
+            attention_mask=batch["attention_mask"].long(),
+            labels=batch["labels"],
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -64,7 +70,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
-    parser.add_argument("--vocab", type=int, default=4102, help="vocabulary (4102 = DNA 6-mers + specials)")
+    parser.add_argument(
+        "--vocab", type=int, default=4102, help="vocabulary (4102 = DNA 6-mers + specials)"
+    )
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8)
@@ -74,19 +82,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = make_batches(args.steps, args.batch, args.seq, args.vocab)
     tokens = args.steps * args.batch * args.seq
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} × {args.seq} tokens, "
-          f"vocab {args.vocab}, {args.steps} steps per round, median of {args.rounds} rounds")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} × {args.seq} tokens, "
+        f"vocab {args.vocab}, {args.steps} steps per round, median of {args.rounds} rounds"
+    )
     print(f"{'preset':<7}{'dtype':<6}{'ours tok/s':>12}{'BERT tok/s':>12}{'ratio':>8}")
     for preset in args.presets:
         p = PRESETS[preset]
         torch.manual_seed(0)
-        ours = FoundationModel(ModelConfig.from_preset(preset, modality="bench", vocab_size=args.vocab,
-                                                       max_len=max(512, args.seq)))
-        bert = BertForMaskedLM(BertConfig(
-            vocab_size=args.vocab, hidden_size=p["d_model"], num_hidden_layers=p["n_layers"],
-            num_attention_heads=p["n_heads"], intermediate_size=p["d_ff"], max_position_embeddings=512,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa",
-        ))
+        ours = FoundationModel(
+            ModelConfig.from_preset(
+                preset, modality="bench", vocab_size=args.vocab, max_len=max(512, args.seq)
+            )
+        )
+        bert = BertForMaskedLM(
+            BertConfig(
+                vocab_size=args.vocab,
+                hidden_size=p["d_model"],
+                num_hidden_layers=p["n_layers"],
+                num_attention_heads=p["n_heads"],
+                intermediate_size=p["d_ff"],
+                max_position_embeddings=512,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                attn_implementation="sdpa",
+            )
+        )
         steps = {
             "ours": ours_step(ours.train(), torch.optim.AdamW(ours.parameters(), lr=1e-4)),
             "bert": bert_step(bert.train(), torch.optim.AdamW(bert.parameters(), lr=1e-4)),
@@ -105,8 +126,11 @@ def main() -> None:
                 for name in steps:
                     times[name].append(total[name])
             rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-            print(f"{preset:<7}{'bf16' if bf16 else 'fp32':<6}{rate['ours']:>12,.0f}{rate['bert']:>12,.0f}"
-                  f"{rate['ours'] / rate['bert']:>7.2f}×", flush=True)
+            print(
+                f"{preset:<7}{'bf16' if bf16 else 'fp32':<6}{rate['ours']:>12,.0f}{rate['bert']:>12,.0f}"
+                f"{rate['ours'] / rate['bert']:>7.2f}×",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_chunk
 
 from healthfm.tokens import write_store
+from helpers import make_chunk
 
 torch.set_num_threads(1)
 

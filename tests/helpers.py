@@ -11,8 +11,15 @@ from healthfm.tokens import TokenChunk
 torch.set_num_threads(1)
 
 
-def make_chunk(n: int, seed: int = 0, vocab: int = 12, min_len: int = 5, max_len: int = 40,
-               values: bool = False, times: bool = False) -> TokenChunk:
+def make_chunk(
+    n: int,
+    seed: int = 0,
+    vocab: int = 12,
+    min_len: int = 5,
+    max_len: int = 40,
+    values: bool = False,
+    times: bool = False,
+) -> TokenChunk:
     """Random samples with a CLS token first."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, max_len + 1, n)
@@ -30,6 +37,15 @@ def make_chunk(n: int, seed: int = 0, vocab: int = 12, min_len: int = 5, max_len
 
 def tiny_model(objective: str = "masked", vocab: int = 12, **kw) -> FoundationModel:
     torch.manual_seed(0)
-    config = ModelConfig(modality="test", vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, d_ff=64,
-                         max_len=64, objective=objective, **kw)
+    config = ModelConfig(
+        modality="test",
+        vocab_size=vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        max_len=64,
+        objective=objective,
+        **kw,
+    )
     return FoundationModel(config)

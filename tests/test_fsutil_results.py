@@ -2,7 +2,13 @@ import json
 
 import pytest
 
-from healthfm.evaluate.results import ResultRow, format_table, read_results, summarize, write_results
+from healthfm.evaluate.results import (
+    ResultRow,
+    format_table,
+    read_results,
+    summarize,
+    write_results,
+)
 from healthfm.fsutil import atomic_dir, atomic_write_text, json_hash, sha256_path
 
 
@@ -28,16 +34,41 @@ def test_hashes_are_stable(tmp_path):
 
 
 def _row(method, metric, value, seed, baseline=False):
-    return ResultRow(task="t", method=method, is_baseline=baseline, metric=metric, value=value,
-                     ci_low=value - 0.1, ci_high=value + 0.1, n_test=50, seed=seed, extra={"pooling": "mean"})
+    return ResultRow(
+        task="t",
+        method=method,
+        is_baseline=baseline,
+        metric=metric,
+        value=value,
+        ci_low=value - 0.1,
+        ci_high=value + 0.1,
+        n_test=50,
+        seed=seed,
+        extra={"pooling": "mean"},
+    )
 
 
 def test_results_json_schema_and_table(tmp_path):
-    rows = [_row("fm", "accuracy", 0.8, s) for s in range(3)] + [_row("kmer", "accuracy", 0.9, s, True) for s in range(3)]
+    rows = [_row("fm", "accuracy", 0.8, s) for s in range(3)] + [
+        _row("kmer", "accuracy", 0.9, s, True) for s in range(3)
+    ]
     write_results(tmp_path / "results.json", rows)
     data = read_results(tmp_path / "results.json")
-    required = {"task", "method", "is_baseline", "metric", "value", "ci_low", "ci_high", "n_test", "seed",
-                "model_hash", "data_hash", "healthfm_version", "wall_seconds"}
+    required = {
+        "task",
+        "method",
+        "is_baseline",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n_test",
+        "seed",
+        "model_hash",
+        "data_hash",
+        "healthfm_version",
+        "wall_seconds",
+    }
     assert required <= set(data[0]) and data[0]["pooling"] == "mean"
     summary = {s["method"]: s for s in summarize(data)}
     assert summary["fm"]["mean"] == pytest.approx(0.8) and summary["fm"]["n_seeds"] == 3

@@ -6,7 +6,6 @@ import torch
 
 from healthfm.errors import DataError
 from healthfm.tokens import TokenChunk, TokenStore, TokenStoreWriter, write_store
-
 from helpers import make_chunk
 
 
@@ -62,7 +61,7 @@ def test_truncated_store_detected(tmp_path):
 
 
 def test_not_a_store(tmp_path):
-    with pytest.raises(DataError, match="meta.json"):
+    with pytest.raises(DataError, match=r"meta\.json"):
         TokenStore(tmp_path)
 
 
@@ -80,7 +79,9 @@ def _ids_of(store, i):
 
 def test_dataloader_workers_share_store(store):
     loader = torch.utils.data.DataLoader(
-        list(range(len(store))), batch_size=16, num_workers=2,
+        list(range(len(store))),
+        batch_size=16,
+        num_workers=2,
         collate_fn=lambda idx: [store[i]["ids"].sum() for i in idx],
     )
     got = [x for batch in loader for x in batch]

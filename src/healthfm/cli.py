@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -19,23 +20,40 @@ from healthfm.model.config import POOLINGS, PRESETS
 
 def _modality_parent(name: str) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group(f"{name} input options")
-    get_modality(name).add_arguments(group)
+    get_modality(name).add_arguments(parent)
     return parent
 
 
 def _split_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split-salt", default=None, help="salt of the group-hash split (default: the model's, else 'healthfm')")
+    parser.add_argument(
+        "--split-salt",
+        default=None,
+        help="salt of the group-hash split (default: the model's, else 'healthfm')",
+    )
 
 
 def _train_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
-    g.add_argument("--preset", default="tiny", choices=list(PRESETS), help="backbone size (default: tiny)")
+    g.add_argument(
+        "--preset", default="tiny", choices=list(PRESETS), help="backbone size (default: tiny)"
+    )
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch size in samples (default: 64)")
-    g.add_argument("--micro-batch-size", type=int, default=None, help="samples per forward pass per process (gradient accumulation when smaller)")
+    g.add_argument(
+        "--batch-size", type=int, default=64, help="global batch size in samples (default: 64)"
+    )
+    g.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=None,
+        help="samples per forward pass per process (gradient accumulation when smaller)",
+    )
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 10%% of steps)")
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="linear warm-up steps (default: 10%% of steps)",
+    )
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -43,9 +61,35 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=200, help="held-out loss every N steps")
     g.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
-    g.add_argument("--run-dir", default=None, help="checkpoints, token stores and train_log.jsonl (default: OUT.run)")
-    g.add_argument("--stop-at", type=int, default=None, help="stop at this step (checkpointed); continue later with --resume")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in the run folder",
+    )
+    g.add_argument(
+        "--run-dir",
+        default=None,
+        help="checkpoints, token stores and train_log.jsonl (default: OUT.run)",
+    )
+    g.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop at this step (checkpointed); continue later with --resume",
+    )
+    g.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp (full replicas) or fsdp (FSDP2: shard parameters, gradients, "
+        "optimizer state); checkpoints load with either (default: ddp)",
+    )
+    g.add_argument(
+        "--pack",
+        action="store_true",
+        help="pack samples into full rows with block-diagonal attention instead of padding "
+        "(faster when lengths are skewed; masked/causal objectives)",
+    )
 
 
 def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
@@ -64,7 +108,11 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         q = msub.add_parser(name, parents=[_modality_parent(name)], help=f"tokenize {name} data")
         q.add_argument("input", help="input file or folder")
         q.add_argument("--out", required=True, help="token store folder to write")
-        q.add_argument("--model", default=None, help="use this model folder's tokenizer (default: fit one on the train split)")
+        q.add_argument(
+            "--model",
+            default=None,
+            help="use this model folder's tokenizer (default: fit one on the train split)",
+        )
         _split_options(q)
 
     p = sub.add_parser("pretrain", help="pretrain a model on the train split of an input")
@@ -80,16 +128,24 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("embed", parents=parents, help="embed every sample of an input with a model")
     p.add_argument("model", help="model folder")
     p.add_argument("input", help="input file or folder")
-    p.add_argument("--out", required=True, help="output .parquet (key, embedding[, label]) or .npy (+ .keys.parquet)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output .parquet (key, embedding[, label]) or .npy (+ .keys.parquet)",
+    )
     p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--bf16", action="store_true")
 
-    p = sub.add_parser("evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs")
+    p = sub.add_parser(
+        "evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs"
+    )
     p.add_argument("model", help="model folder")
     p.add_argument("input", help="labelled input file or folder")
     p.add_argument("--out", required=True, help="folder for results.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (default: 0 1 2)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (default: 0 1 2)"
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     p.add_argument("--pooling", choices=POOLINGS, default=None)
     p.add_argument("--batch-size", type=int, default=128)
@@ -103,7 +159,106 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
+    _pathology_parsers(sub)
+    _finetune_parser(sub, parents)
     return parser
+
+
+# ---------------------------------------------------------------------- finetune (issue 7)
+def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """``healthfm finetune`` (full or LoRA) and ``evaluate --finetuned``."""
+    p = sub.add_parser(
+        "finetune",
+        parents=parents,
+        help="fine-tune a model for a labelled task (full, or LoRA adapters)",
+    )
+    p.add_argument("model", help="pretrained model folder")
+    p.add_argument("input", help="labelled input file or folder (labels as for evaluate)")
+    p.add_argument(
+        "--out", required=True, help="model folder to write (adapter folder with --lora)"
+    )
+    p.add_argument(
+        "--task",
+        choices=["classification", "binary", "regression"],
+        default=None,
+        help="default: binary for two classes, regression for >20 numeric values, else classification",
+    )
+    p.add_argument(
+        "--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight"
+    )
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --lora: write a plain model folder, adapter folded in",
+    )
+    p.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=0,
+        help="freeze the input embedder and the first N blocks",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="most epochs (default: 10)")
+    p.add_argument(
+        "--patience", type=int, default=3, help="early stopping on val loss (default: 3 epochs)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: 1e-3 full, 3e-3 LoRA)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--no-class-weight", action="store_true", help="do not weight classes by inverse frequency"
+    )
+    p.add_argument(
+        "--head-init",
+        choices=["random", "probe"],
+        default="random",
+        help="task head start: random (default) or the frozen linear probe (LP-FT)",
+    )
+    p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples of the test metrics"
+    )
+    _split_options(p)
+    sub.choices["evaluate"].add_argument(
+        "--finetuned",
+        nargs="+",
+        default=None,
+        metavar="FOLDER",
+        help="fine-tuned model / LoRA adapter folders to score next to the probe and baselines",
+    )
+
+
+def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
+    from healthfm.evaluate.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        task=args.task,
+        lora=args.lora,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        merge=args.merge,
+        freeze_layers=args.freeze_layers,
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        batch_size=args.batch_size,
+        class_weight=not args.no_class_weight,
+        head_init=args.head_init,
+        pooling=args.pooling,
+        bf16=args.bf16,
+        seed=args.seed,
+    )
+    finetune(
+        args.model, args.input, args.out, opts, config, salt=args.split_salt, n_boot=args.n_boot
+    )
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -113,7 +268,7 @@ def _options(args: argparse.Namespace) -> dict:
 def _model_modality(argv: list[str]) -> str | None:
     # embed/evaluate: the modality (and so its options) comes from MODEL/config.json.
     positional = [a for a in argv if not a.startswith("-")]
-    if len(positional) >= 2 and positional[0] in ("embed", "evaluate"):
+    if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
         from healthfm.model.pretrained import read_config
 
         return read_config(positional[1]).modality
@@ -126,42 +281,97 @@ def run(argv: list[str]) -> int:
     from healthfm.train.trainer import TrainConfig
 
     args = build_parser(_model_modality(argv)).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
     opts = _options(args)
     if args.command == "tokenize":
-        store = pipeline.tokenize(args.modality, args.input, args.out, opts, args.model,
-                                  salt=args.split_salt or pipeline.DEFAULT_SALT)
+        store = pipeline.tokenize(
+            args.modality,
+            args.input,
+            args.out,
+            opts,
+            args.model,
+            salt=args.split_salt or pipeline.DEFAULT_SALT,
+        )
         print(f"wrote {store}")
     elif args.command == "pretrain":
         config = TrainConfig(
-            steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-            lr=args.lr, warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 10),
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed,
-            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, num_workers=args.num_workers,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps
+            if args.warmup_steps is not None
+            else max(1, args.steps // 10),
+            weight_decay=args.weight_decay,
+            grad_clip=args.grad_clip,
+            bf16=args.bf16,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            num_workers=args.num_workers,
+            pack=args.pack,
         )
-        out = pipeline.pretrain(args.modality, args.input, args.out, opts, preset=args.preset, train_config=config,
-                                resume=args.resume, run_dir=args.run_dir,
-                                salt=args.split_salt or pipeline.DEFAULT_SALT, stop_at=args.stop_at)
-        if (Path(out) / "training_info.json").exists():
+        out = pipeline.pretrain(
+            args.modality,
+            args.input,
+            args.out,
+            opts,
+            preset=args.preset,
+            train_config=config,
+            resume=args.resume,
+            run_dir=args.run_dir,
+            salt=args.split_salt or pipeline.DEFAULT_SALT,
+            stop_at=args.stop_at,
+            strategy=args.strategy,
+        )
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # torchrun: all ranks are past the final barrier
+            dist.destroy_process_group()
+        if os.environ.get("RANK", "0") != "0":
+            pass  # under torchrun only rank 0 reports
+        elif (Path(out) / "training_info.json").exists():
             info = json.loads((Path(out) / "training_info.json").read_text())
-            print(f"wrote {out}: {info['steps']} steps, train loss {info['train_loss']:.4f}, "
-                  f"val loss {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 4)}, "
-                  f"{info['wall_seconds']:.0f} s")
+            print(
+                f"wrote {out}: {info['steps']} steps, train loss {info['train_loss']:.4f}, "
+                f"val loss {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 4)}, "
+                f"{info['wall_seconds']:.0f} s"
+            )
         else:
-            print(f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)")
+            print(
+                f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
+            )
     elif args.command == "embed":
-        path = pipeline.embed(args.model, args.input, args.out, opts, args.pooling, args.batch_size, args.bf16)
+        path = pipeline.embed(
+            args.model, args.input, args.out, opts, args.pooling, args.batch_size, args.bf16
+        )
         print(f"wrote {path}")
     elif args.command == "evaluate":
-        pipeline.evaluate(args.model, args.input, args.out, opts, seeds=args.seeds, n_boot=args.n_boot,
-                          pooling=args.pooling, batch_size=args.batch_size, salt=args.split_salt,
-                          include_baselines=not args.no_baselines)
+        pipeline.evaluate(
+            args.model,
+            args.input,
+            args.out,
+            opts,
+            seeds=args.seeds,
+            n_boot=args.n_boot,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            salt=args.split_salt,
+            include_baselines=not args.no_baselines,
+            finetuned=args.finetuned or (),
+        )
+    elif args.command == "finetune":
+        _run_finetune(args, opts)
     elif args.command == "demo":
         from healthfm.demo import run_demo
 
         run_demo(args.modality, args.out, quick=args.quick)
     elif args.command == "info":
         _info(args.model)
+    elif args.command in ("tile", "evaluate-slides"):
+        _run_pathology(args)
     return 0
 
 
@@ -173,14 +383,104 @@ def _info(model_dir: str | None) -> None:
         print("preset   d_model layers heads  d_ff   backbone parameters (no token table)")
         for name, p in PRESETS.items():
             m = FoundationModel(ModelConfig.from_preset(name, modality="-", vocab_size=8))
-            n = sum(x.numel() for k, x in m.backbone.named_parameters() if not k.startswith("embed.tokens"))
-            print(f"{name:<8} {p['d_model']:>7} {p['n_layers']:>6} {p['n_heads']:>5} {p['d_ff']:>5}   {n / 1e6:.2f} M")
+            n = sum(
+                x.numel()
+                for k, x in m.backbone.named_parameters()
+                if not k.startswith("embed.tokens")
+            )
+            print(
+                f"{name:<8} {p['d_model']:>7} {p['n_layers']:>6} {p['n_heads']:>5} {p['d_ff']:>5}   {n / 1e6:.2f} M"
+            )
         return
     from healthfm.model.pretrained import load
 
     model = load(model_dir)
-    print(json.dumps({"config": model.config.to_dict(), "parameters": model.num_parameters(),
-                      "tokenizer": repr(model.tokenizer), "model_hash": model.model_hash}, indent=2))
+    print(
+        json.dumps(
+            {
+                "config": model.config.to_dict(),
+                "parameters": model.num_parameters(),
+                "tokenizer": repr(model.tokenizer),
+                "model_hash": model.model_hash,
+            },
+            indent=2,
+        )
+    )
+
+
+# ---------------------------------------------------------------- pathology commands
+# `healthfm tile` and `healthfm evaluate-slides` (whole-slide images); kept in this block.
+
+
+def _pathology_parsers(sub) -> None:
+    p = sub.add_parser(
+        "tile", help="detect tissue and tile slides into Trident-layout HDF5 + thumbnails"
+    )
+    p.add_argument("input", help="a slide (.svs, .tif ...) or a folder of slides")
+    p.add_argument(
+        "--out", required=True, help="folder for patches/<slide>.h5 and thumbnails/<slide>.png"
+    )
+    p.add_argument(
+        "--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5, about 20x)"
+    )
+    p.add_argument(
+        "--size", type=int, default=224, help="tile side in pixels at --mpp (default 224)"
+    )
+    p.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring tiles in pixels")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="minimum tissue fraction of a tile (default 0.5)",
+    )
+    p.add_argument(
+        "--slide-mpp",
+        type=float,
+        default=None,
+        help="microns per level-0 pixel if the file lacks it",
+    )
+
+    p = sub.add_parser(
+        "evaluate-slides", help="slide-level gated ABMIL on tile features vs mean pooling, with CIs"
+    )
+    p.add_argument("model", help="model folder that produced the features (provenance)")
+    p.add_argument(
+        "features", help="folder of <slide_id>.h5 files with 'features' (from healthfm embed)"
+    )
+    p.add_argument("--labels", required=True, help="CSV with slide_id,label[,split]")
+    p.add_argument("--out", required=True, help="folder for results.json, attention/ and heatmaps/")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="repeated runs (default 0-4)"
+    )
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=40, help="ABMIL training epochs (default 40)")
+    p.add_argument("--slide-column", default="slide_id")
+    p.add_argument("--label-column", default="label")
+
+
+def _run_pathology(args: argparse.Namespace) -> None:
+    if args.command == "tile":
+        from healthfm.pathology.tiling import find_slides, tile_slide
+
+        for slide in find_slides(args.input):
+            h5, grid = tile_slide(
+                slide, args.out, args.mpp, args.size, args.overlap, args.min_tissue, args.slide_mpp
+            )
+            print(f"{slide.name}: {len(grid)} tiles of {args.size} px at {args.mpp} µm/px -> {h5}")
+    else:
+        from healthfm.pathology.mil import evaluate_slides
+
+        evaluate_slides(
+            args.model,
+            args.features,
+            args.labels,
+            args.out,
+            seeds=tuple(args.seeds),
+            n_boot=args.n_boot,
+            slide_column=args.slide_column,
+            label_column=args.label_column,
+            epochs=args.epochs,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

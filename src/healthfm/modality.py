@@ -23,7 +23,7 @@ from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk
 
 #: Modules that define modalities; importing one registers it.
-MODALITY_MODULES = ("healthfm.dna",)
+MODALITY_MODULES = ("healthfm.dna", "healthfm.ehr", "healthfm.pathology", "healthfm.singlecell")
 _MODALITIES: dict[str, Modality] = {}
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -78,6 +78,9 @@ class Modality(ABC):
     objective: ClassVar[str] = "masked"
     #: Default pooling of token states into one vector per sample.
     default_pooling: ClassVar[str] = "mean"
+    #: Which end of a sample longer than the context pretraining keeps: "head" (the start)
+    #: or "tail" (the most recent tokens, for causal models of timelines).
+    truncate: ClassVar[str] = "head"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
         """Add reader and tokenizer options to a CLI sub-command."""
@@ -111,7 +114,9 @@ class Modality(ABC):
         """Baseline featurizers by method name."""
         return {}
 
-    def split(self, samples: Samples, salt: str, fractions: tuple[float, float, float]) -> np.ndarray:
+    def split(
+        self, samples: Samples, salt: str, fractions: tuple[float, float, float]
+    ) -> np.ndarray:
         """Split name ("train" / "val" / "test") of every sample.
 
         Default: :func:`assign_splits` on the sample groups. A modality whose data carry
@@ -119,12 +124,23 @@ class Modality(ABC):
         """
         return assign_splits(samples.groups, fractions, salt)
 
-    def embed_command(self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any) -> Path | None:
+    def pretrain_command(
+        self, input_path: Path, out: Path, options: dict, **kwargs: Any
+    ) -> Path | None:
+        """Modality-specific ``healthfm pretrain`` (data that is not a token store, e.g.
+        image tiles); None means "use the shared one". ``kwargs`` are those of
+        :func:`healthfm.pipeline.pretrain`."""
+        return None
+
+    def embed_command(
+        self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any
+    ) -> Path | None:
         """Modality-specific ``healthfm embed``; None means "use the shared one"."""
         return None
 
-    def evaluate_command(self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict,
-                         **kwargs: Any) -> list | None:
+    def evaluate_command(
+        self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict, **kwargs: Any
+    ) -> list | None:
         """Modality-specific ``healthfm evaluate``; None means "use the shared one"."""
         return None
 
@@ -214,7 +230,9 @@ def assign_splits(
         Array of split names, one per sample.
     """
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1: {fractions}")
+        raise ConfigError(
+            f"split fractions must be three non-negative numbers summing to 1: {fractions}"
+        )
     uniq, inverse = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     # One hash per distinct group (not per sample); only splitting uses it.
     u = np.fromiter((_unit_interval(g, salt) for g in uniq), dtype=np.float64, count=len(uniq))
@@ -231,7 +249,9 @@ def split_indices(splits: np.ndarray) -> dict[str, np.ndarray]:
 def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.ndarray:
     """Return the labels, or raise if there are none or only one class."""
     if samples.labels is None:
-        raise DataError("the input has no label column", file=samples.source, column=samples.label_column)
+        raise DataError(
+            "the input has no label column", file=samples.source, column=samples.label_column
+        )
     classes = np.unique(samples.labels)
     if len(classes) < 2:
         raise DataError(

@@ -20,7 +20,7 @@ from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.embed import embed_store, save_embeddings
 from healthfm.evaluate.metrics import classification_metrics
 from healthfm.evaluate.probe import align_proba, fit_linear_probe
-from healthfm.evaluate.results import ResultRow, format_table, write_results
+from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
 from healthfm.modality import Modality, Samples, get_modality, require_labels, split_indices
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
@@ -58,8 +58,14 @@ def tokenize_to_store(
     indices: np.ndarray | None = None,
 ) -> TokenStore:
     """Tokenize ``samples`` (or the chosen ``indices``) into a token store at ``out``."""
-    extra = {"modality": modality.name, "source": str(samples.source), "data_hash": samples.data_hash}
-    return write_store(out, modality.encode(tokenizer, samples, indices), tokenizer.hash, tokenizer.fields, extra)
+    extra = {
+        "modality": modality.name,
+        "source": str(samples.source),
+        "data_hash": samples.data_hash,
+    }
+    return write_store(
+        out, modality.encode(tokenizer, samples, indices), tokenizer.hash, tokenizer.fields, extra
+    )
 
 
 def tokenize(
@@ -81,7 +87,9 @@ def tokenize(
     if model_dir is not None:
         tokenizer = load(model_dir, modality=modality.name).tokenizer
     else:
-        tokenizer = modality.fit_tokenizer(samples, split_samples(modality, samples, salt, fractions)["train"], options)
+        tokenizer = modality.fit_tokenizer(
+            samples, split_samples(modality, samples, salt, fractions)["train"], options
+        )
     modality.check_input(samples, tokenizer)
     return tokenize_to_store(modality, tokenizer, samples, out)
 
@@ -141,9 +149,19 @@ def pretrain(
     if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
         # The modality's preference (causal timelines keep their most recent tokens).
         train_config = replace(train_config, truncate=modality.truncate)
-    custom = modality.pretrain_command(Path(input_path), Path(out), options, preset=preset, train_config=train_config,
-                                       resume=resume, run_dir=run_dir, salt=salt, fractions=fractions,
-                                       model_overrides=model_overrides, stop_at=stop_at)
+    custom = modality.pretrain_command(
+        Path(input_path),
+        Path(out),
+        options,
+        preset=preset,
+        train_config=train_config,
+        resume=resume,
+        run_dir=run_dir,
+        salt=salt,
+        fractions=fractions,
+        model_overrides=model_overrides,
+        stop_at=stop_at,
+    )
     if custom is not None:
         return custom
     out = Path(out)
@@ -160,10 +178,14 @@ def pretrain(
         for name in ("train", "val"):
             path = run_dir / "stores" / name
             existing = _reuse_store(path, tokenizer.hash, samples.data_hash)
-            stores[name] = existing or tokenize_to_store(modality, tokenizer, samples, path, splits[name])
+            stores[name] = existing or tokenize_to_store(
+                modality, tokenizer, samples, path, splits[name]
+            )
     if info.distributed:
         barrier(info)
-        stores = {name: TokenStore(run_dir / "stores" / name, tokenizer.hash) for name in ("train", "val")}
+        stores = {
+            name: TokenStore(run_dir / "stores" / name, tokenizer.hash) for name in ("train", "val")
+        }
     defaults = modality.model_defaults(tokenizer, samples)
     config = ModelConfig.from_preset(
         preset,
@@ -199,8 +221,8 @@ def pretrain(
                 "source": str(samples.source),
                 "split_salt": salt,
                 "split_fractions": list(fractions),
-                "n_train": int(len(splits["train"])),
-                "n_val": int(len(splits["val"])),
+                "n_train": len(splits["train"]),
+                "n_val": len(splits["val"]),
                 "train_config": json_safe(asdict(train_config)),
                 "parameters": trained.num_parameters(),
                 "total_seconds": time.perf_counter() - t0,
@@ -249,8 +271,15 @@ def embed(
 ) -> Path:
     """Embed every sample of an input with a model; write parquet or .npy (+ keys)."""
     model, modality = load_for(modality_name, model_dir)
-    custom = modality.embed_command(model, Path(input_path), Path(out), options or {}, pooling=pooling,
-                                    batch_size=batch_size, bf16=bf16)
+    custom = modality.embed_command(
+        model,
+        Path(input_path),
+        Path(out),
+        options or {},
+        pooling=pooling,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
     if custom is not None:
         return custom
     samples = modality.read(input_path, options or {})
@@ -259,10 +288,14 @@ def embed(
         store = tokenize_to_store(modality, model.tokenizer, samples, Path(tmp) / "store")
         emb = embed_store(model, store, pooling, batch_size, bf16)
     columns = {"label": samples.labels.tolist()} if samples.labels is not None else None
-    return save_embeddings(out, samples.keys.tolist(), emb, columns if Path(out).suffix == ".parquet" else None)
+    return save_embeddings(
+        out, samples.keys.tolist(), emb, columns if Path(out).suffix == ".parquet" else None
+    )
 
 
-def probe_split(pool_idx: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.125) -> tuple[np.ndarray, np.ndarray]:
+def probe_split(
+    pool_idx: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.125
+) -> tuple[np.ndarray, np.ndarray]:
     """Split the non-test pool into probe-train / probe-val by group, differently per seed."""
     pool_groups = np.asarray(groups)[pool_idx].astype(str)
     uniq, inverse = np.unique(pool_groups, return_inverse=True)
@@ -320,9 +353,20 @@ def evaluate(
         modality = get_modality(modality_name)
     salt = salt or DEFAULT_SALT
     fractions = fractions or DEFAULT_FRACTIONS
-    custom = modality.evaluate_command(model_dir, Path(input_path), Path(out_dir), options, seeds=seeds,
-                                       n_boot=n_boot, pooling=pooling, batch_size=batch_size, salt=salt,
-                                       fractions=fractions, include_baselines=include_baselines, echo=echo)
+    custom = modality.evaluate_command(
+        model_dir,
+        Path(input_path),
+        Path(out_dir),
+        options,
+        seeds=seeds,
+        n_boot=n_boot,
+        pooling=pooling,
+        batch_size=batch_size,
+        salt=salt,
+        fractions=fractions,
+        include_baselines=include_baselines,
+        echo=echo,
+    )
     if custom is not None:
         return custom
     samples = modality.read(input_path, options)
@@ -357,39 +401,82 @@ def evaluate(
             va_idx, tr_idx = tr_idx[: max(1, len(tr_idx) // 8)], tr_idx[max(1, len(tr_idx) // 8) :]
         for method, (X, is_baseline, extra) in features.items():
             t = time.perf_counter()
-            probe = fit_linear_probe(X[tr_idx], y[tr_idx], X[va_idx], y[va_idx], X[test_idx], seed=seed)
+            probe = fit_linear_probe(
+                X[tr_idx], y[tr_idx], X[va_idx], y[va_idx], X[test_idx], seed=seed
+            )
             scores = align_proba(probe.proba, probe.classes, np.arange(len(classes)))
             # Resample groups (identical sequences, a donor's cells), not rows.
-            metrics = classification_metrics(y[test_idx], scores, n_boot=n_boot, seed=seed,
-                                             groups=np.asarray(samples.groups)[test_idx].astype(str))
-            wall = timings[method] + (time.perf_counter() - t)
-            for metric in CLASSIFICATION_METRICS:
-                if metric not in metrics:
-                    continue
-                m = metrics[metric]
-                rows.append(ResultRow(
-                    task=task, method=method, is_baseline=is_baseline, metric=metric,
-                    value=float(m.value), ci_low=float(m.ci_low), ci_high=float(m.ci_high),
-                    n_test=int(len(test_idx)), seed=int(seed), model_hash=None if is_baseline else model_hash,
-                    data_hash=samples.data_hash, healthfm_version=_version(), wall_seconds=wall,
-                    extra={"n_train": int(len(tr_idx)), "n_val": int(len(va_idx)), "best_C": float(probe.best_C),
-                           "n_classes": int(len(classes)), "modality": modality.name, **extra},
-                ))
-    ft_dirs = [*finetuned, *([model_dir] if model is not None and model.task_head is not None else [])]
+            metrics = classification_metrics(
+                y[test_idx],
+                scores,
+                n_boot=n_boot,
+                seed=seed,
+                groups=np.asarray(samples.groups)[test_idx].astype(str),
+            )
+            rows += rows_from_metrics(
+                metrics,
+                names=CLASSIFICATION_METRICS,
+                task=task,
+                method=method,
+                is_baseline=is_baseline,
+                n_test=len(test_idx),
+                seed=seed,
+                model_hash=model_hash,
+                data_hash=samples.data_hash,
+                wall_seconds=timings[method] + (time.perf_counter() - t),
+                extra={
+                    "n_train": len(tr_idx),
+                    "n_val": len(va_idx),
+                    "best_C": float(probe.best_C),
+                    "n_classes": len(classes),
+                    "modality": modality.name,
+                    **extra,
+                },
+            )
+    ft_dirs = [
+        *finetuned,
+        *([model_dir] if model is not None and model.task_head is not None else []),
+    ]
     if ft_dirs:
         from healthfm.evaluate.finetune import finetuned_rows
 
-        rows.extend(finetuned_rows(ft_dirs, modality, samples, test_idx, classes, task, n_boot=n_boot,
-                                   batch_size=batch_size, metrics=[*CLASSIFICATION_METRICS, "mae", "rmse", "r2"]))
-    rows.extend(modality.extra_evaluations({
-        "features": features, "y": y, "classes": classes, "splits": splits, "seeds": list(seeds),
-        "n_boot": n_boot, "task": task, "samples": samples, "model_hash": model_hash,
-    }))
+        rows.extend(
+            finetuned_rows(
+                ft_dirs,
+                modality,
+                samples,
+                test_idx,
+                classes,
+                task,
+                n_boot=n_boot,
+                batch_size=batch_size,
+                metrics=[*CLASSIFICATION_METRICS, "mae", "rmse", "r2"],
+            )
+        )
+    rows.extend(
+        modality.extra_evaluations(
+            {
+                "features": features,
+                "y": y,
+                "classes": classes,
+                "splits": splits,
+                "seeds": list(seeds),
+                "n_boot": n_boot,
+                "task": task,
+                "samples": samples,
+                "model_hash": model_hash,
+            }
+        )
+    )
     out_dir = Path(out_dir)
     write_results(out_dir / "results.json", rows)
     if echo:
         dicts = [r.to_dict() for r in rows]
-        print(format_table([d for d in dicts if d["metric"] in CLASSIFICATION_METRICS], CLASSIFICATION_METRICS))
+        print(
+            format_table(
+                [d for d in dicts if d["metric"] in CLASSIFICATION_METRICS], CLASSIFICATION_METRICS
+            )
+        )
         # Rows of other metrics from extra_evaluations (clustering ARI/NMI ...) get their own table.
         other = [d for d in dicts if d["metric"] not in CLASSIFICATION_METRICS]
         if other:

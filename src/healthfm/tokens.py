@@ -127,7 +127,7 @@ class TokenStoreWriter:
         self._tmp = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         )
-        self._files = {f: open(self._tmp / f"{f}.bin", "wb") for f in self.fields}  # noqa: SIM115
+        self._files = {f: open(self._tmp / f"{f}.bin", "wb") for f in self.fields}
         self._offsets: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         self._keys: list[Any] = []
         self._n_tokens = 0
@@ -235,7 +235,9 @@ class TokenStore:
         self.offsets = np.load(self.path / "offsets.npy", mmap_mode="r")
         n = self.meta["n_samples"]
         if len(self.offsets) != n + 1 or int(self.offsets[-1]) != self.meta["n_tokens"]:
-            raise DataError("offsets.npy does not match meta.json (truncated store?)", file=self.path)
+            raise DataError(
+                "offsets.npy does not match meta.json (truncated store?)", file=self.path
+            )
         for field in self.fields:
             size = (self.path / f"{field}.bin").stat().st_size
             expected = self.meta["n_tokens"] * FIELD_DTYPES[field].itemsize

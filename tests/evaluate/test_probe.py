@@ -52,12 +52,16 @@ def _splits(make, seed: int = 0, **kw):
 
 def test_separable_multiclass_probe_is_accurate() -> None:
     (xa, ya), (xb, yb), (xc, yc) = _splits(_blobs, n=200)
-    r = fit_linear_probe(xa, ya, xb, yb, xc)
+    r = fit_linear_probe(xa, ya, xb, yb, xc, select_metric="auroc")
     assert np.array_equal(r.classes, [0, 1, 2, 3])
     assert r.proba.shape == (xc.shape[0], 4)
     assert np.allclose(r.proba.sum(axis=1), 1.0)
     assert np.mean(r.pred == yc) >= 0.99
     assert r.best_C in DEFAULT_CS and r.val_score == pytest.approx(1.0)
+    # The default for more than two classes tunes C by validation log loss.
+    auto = fit_linear_probe(xa, ya, xb, yb, xc)
+    assert auto.val_score == pytest.approx(min(auto.val_scores.values()))
+    assert np.mean(auto.pred == yc) >= 0.99
     assert set(r.val_scores) == {float(c) for c in DEFAULT_CS}
     assert np.array_equal(r.pred, r.model.predict(xc))
 
@@ -124,7 +128,7 @@ def test_class_missing_from_val_and_unseen_classes() -> None:
     train = ya != "d"  # "d" never seen in train
     val = (yb != "b") & (yb != "c")  # val has "a" and the unseen "d" only
     with pytest.warns(RuntimeWarning, match="auroc is undefined"):
-        r = fit_linear_probe(xa[train], ya[train], xb[val], yb[val], xc)
+        r = fit_linear_probe(xa[train], ya[train], xb[val], yb[val], xc, select_metric="auroc")
     assert r.classes.tolist() == ["a", "b", "c"]
     assert r.proba.shape == (200, 3)
     # "d" rows of val are ignored: val has one usable class, AUROC undefined there ...
@@ -144,7 +148,7 @@ def test_single_class_validation_falls_back_to_log_loss() -> None:
     (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=150, seed=2)
     keep = yb == 1
     with pytest.warns(RuntimeWarning, match="log loss instead"):
-        r = fit_linear_probe(xa, ya, xb[keep], yb[keep], xc)
+        r = fit_linear_probe(xa, ya, xb[keep], yb[keep], xc, select_metric="auroc")
     assert np.isfinite(r.val_score) and r.val_score >= 0  # a loss
 
 

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model
 from safetensors.torch import load_file, save_file
 
 import healthfm
 from healthfm.errors import ModelError
 from healthfm.model.pretrained import save_pretrained
+from helpers import tiny_model
 
 
 def test_round_trip_identical_outputs(tmp_path):
@@ -89,7 +89,7 @@ def test_other_modality(tmp_path):
 
 
 def test_not_a_model_folder(tmp_path):
-    with pytest.raises(ModelError, match="config.json is missing"):
+    with pytest.raises(ModelError, match=r"config\.json is missing"):
         healthfm.load(tmp_path)
     with pytest.raises(ModelError, match="does not exist"):
         healthfm.load(tmp_path / "nope")

@@ -1,10 +1,10 @@
 import pytest
 import torch
-from helpers import tiny_model
 
 from healthfm.errors import ConfigError
 from healthfm.model import PRESETS, FoundationModel, ModelConfig, pool
 from healthfm.model.transformer import apply_rotary, rotary_tables
+from helpers import tiny_model
 
 
 def test_shapes_and_presets():
@@ -52,10 +52,12 @@ def test_rotary_is_relative():
     # q·k after rotation depends only on the distance between positions.
     cos, sin = rotary_tables(32, 8, 10000.0)
     q, k = torch.randn(8), torch.randn(8)
+
     def score(i, j):
         qi = apply_rotary(q.view(1, 1, 1, 8), cos[i : i + 1], sin[i : i + 1])
         kj = apply_rotary(k.view(1, 1, 1, 8), cos[j : j + 1], sin[j : j + 1])
         return (qi * kj).sum()
+
     torch.testing.assert_close(score(3, 1), score(13, 11), rtol=1e-4, atol=1e-5)
 
 
@@ -81,7 +83,9 @@ def test_pooling():
     hidden = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     torch.testing.assert_close(pool(hidden, mask, "cls"), hidden[:, 0])
-    torch.testing.assert_close(pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]]))
+    torch.testing.assert_close(
+        pool(hidden, mask, "last"), torch.stack([hidden[0, 1], hidden[1, 2]])
+    )
     torch.testing.assert_close(pool(hidden, mask, "mean")[0], hidden[0, :2].mean(0))
     with pytest.raises(ValueError):
         pool(hidden, mask, "max")
@@ -104,5 +108,7 @@ def test_too_long_input_is_refused():
 
 def test_parameter_counts_are_documented_sizes():
     model = FoundationModel(ModelConfig.from_preset("tiny", modality="t", vocab_size=8))
-    backbone = sum(p.numel() for n, p in model.backbone.named_parameters() if not n.startswith("embed.tokens"))
+    backbone = sum(
+        p.numel() for n, p in model.backbone.named_parameters() if not n.startswith("embed.tokens")
+    )
     assert backbone == 793_344

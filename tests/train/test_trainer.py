@@ -3,7 +3,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import make_chunk, tiny_model
 
 from healthfm.errors import CheckpointError, ConfigError
 from healthfm.model.heads import IGNORE_INDEX
@@ -13,10 +12,19 @@ from healthfm.train.checkpoint import checkpoint_dirs
 from healthfm.train.data import EpochBatches, collate
 from healthfm.train.objectives import masked_tokens, next_tokens
 from healthfm.train.trainer import TrainConfig, Trainer
+from helpers import make_chunk, tiny_model
 
 
 def _config(**kw):
-    base = dict(steps=8, batch_size=16, warmup_steps=2, eval_every=4, checkpoint_every=4, log_every=1, lr=3e-3)
+    base = dict(
+        steps=8,
+        batch_size=16,
+        warmup_steps=2,
+        eval_every=4,
+        checkpoint_every=4,
+        log_every=1,
+        lr=3e-3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -26,9 +34,13 @@ def _weights(model):
 
 def test_loss_decreases_and_logs(store, tmp_path):
     model = tiny_model()
-    trainer = Trainer(model, store, _config(steps=40, eval_every=20), tmp_path / "run", val_store=store)
+    trainer = Trainer(
+        model, store, _config(steps=40, eval_every=20), tmp_path / "run", val_store=store
+    )
     summary = trainer.fit()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert any("val_loss" in r for r in rows)
@@ -58,7 +70,12 @@ def test_gradient_accumulation_matches_full_batch(tmp_path):
     full = tiny_model("causal")
     Trainer(full, fixed, _config(steps=3, checkpoint_every=0, eval_every=0), tmp_path / "a").fit()
     accum = tiny_model("causal")
-    Trainer(accum, fixed, _config(steps=3, micro_batch_size=4, checkpoint_every=0, eval_every=0), tmp_path / "b").fit()
+    Trainer(
+        accum,
+        fixed,
+        _config(steps=3, micro_batch_size=4, checkpoint_every=0, eval_every=0),
+        tmp_path / "b",
+    ).fit()
     for k, v in full.state_dict().items():
         torch.testing.assert_close(v, accum.state_dict()[k], rtol=1e-4, atol=1e-5)
 

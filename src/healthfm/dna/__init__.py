@@ -184,7 +184,7 @@ class DnaModality(Modality):
             "input": splice(),
             "options": {"label_column": "label"},
             "preset": "tiny",
-            "steps": 120 if quick else 1200,
+            "steps": 100 if quick else 600,
             "batch_size": 64,
             "lr": 2e-3,
             "seeds": (0, 1, 2),

@@ -44,7 +44,7 @@ __all__ = [
 # many dimensions) to 1e2 (almost none, for clean, plentiful data).
 DEFAULT_CS: np.ndarray = np.logspace(-4, 2, 7)
 
-SelectMetric = Literal["auroc", "balanced_accuracy", "log_loss"]
+SelectMetric = Literal["auto", "auroc", "balanced_accuracy", "log_loss"]
 
 
 @dataclass
@@ -150,7 +150,7 @@ def fit_linear_probe(
     X_test: Any,
     *,
     Cs: Sequence[float] | np.ndarray = DEFAULT_CS,
-    select_metric: SelectMetric = "auroc",
+    select_metric: SelectMetric = "auto",
     refit: Literal["train+val", "train"] = "train+val",
     seed: int = 0,
     max_iter: int = 2000,
@@ -170,7 +170,9 @@ def fit_linear_probe(
     Cs
         Inverse regularization strengths to try.
     select_metric
-        ``"auroc"`` (macro one-vs-rest over the classes present in validation; binary
+        ``"auto"`` (default): AUROC for two classes (as EHRSHOT), validation log loss for
+        more (a small multi-class validation set can tie AUROC at a tiny ``C`` whose
+        argmax is the majority class); or ``"auroc"`` (macro one-vs-rest over the classes present in validation; binary
         AUROC for two classes), ``"balanced_accuracy"`` (higher is better) or
         ``"log_loss"`` (lower is better). Exact ties are broken by validation log loss,
         then toward the smaller ``C`` (stronger regularization); see :func:`_select_c`.
@@ -198,6 +200,9 @@ def fit_linear_probe(
     ConfigError
         On an empty ``Cs``, a non-positive ``C`` or an unknown option.
     """
+    if select_metric == "auto":
+        n_classes = len(np.unique(np.asarray(y_train)))
+        select_metric = "auroc" if n_classes <= 2 else "log_loss"
     if select_metric not in ("auroc", "balanced_accuracy", "log_loss"):
         raise ConfigError(
             f"select_metric must be auroc, balanced_accuracy or log_loss, got {select_metric!r}"

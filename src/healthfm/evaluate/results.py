@@ -121,3 +121,46 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
 
 
 LOWER_IS_BETTER = {"brier", "log_loss", "mae", "rmse"}
+
+
+def rows_from_metrics(
+    metrics: dict[str, Any],
+    *,
+    task: str,
+    method: str,
+    is_baseline: bool,
+    n_test: int,
+    seed: int,
+    model_hash: str | None = None,
+    data_hash: str | None = None,
+    wall_seconds: float | None = None,
+    extra: dict[str, Any] | None = None,
+    names: list[str] | None = None,
+) -> list[ResultRow]:
+    """One :class:`ResultRow` per metric of a ``{name: MetricCI}`` dict (in ``names`` order)."""
+    from healthfm import __version__
+
+    rows = []
+    for name in names or list(metrics):
+        if name not in metrics:
+            continue
+        m = metrics[name]
+        rows.append(
+            ResultRow(
+                task=task,
+                method=method,
+                is_baseline=is_baseline,
+                metric=name,
+                value=float(m.value),
+                ci_low=float(m.ci_low),
+                ci_high=float(m.ci_high),
+                n_test=int(n_test),
+                seed=int(seed),
+                model_hash=None if is_baseline else model_hash,
+                data_hash=data_hash,
+                healthfm_version=__version__,
+                wall_seconds=wall_seconds,
+                extra=dict(extra or {}),
+            )
+        )
+    return rows

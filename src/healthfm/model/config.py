@@ -89,7 +89,9 @@ class ModelConfig:
 
             load_all()  # objectives registered by modality packages
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"objective must be one of {tuple(OBJECTIVES)}, not {self.objective!r}")
+            raise ConfigError(
+                f"objective must be one of {tuple(OBJECTIVES)}, not {self.objective!r}"
+            )
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if self.vocab_size < 1 or self.max_len < 1 or self.n_layers < 1:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collections.abc import Callable
-
+from healthfm.errors import ConfigError
 from healthfm.model.config import OBJECTIVES, POOLINGS, ModelConfig
 from healthfm.model.transformer import Transformer
 
@@ -24,7 +25,7 @@ class MaskedTokenHead(nn.Module):
         self.decoder = nn.Linear(config.d_model, config.vocab_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.norm(F.gelu(self.dense(hidden), approximate="tanh")))
+        return self.decoder(self.norm(F.gelu(self.dense(hidden))))
 
 
 class NextTokenHead(nn.Module):
@@ -98,6 +99,15 @@ class FoundationModel(nn.Module):
             load_all()  # objectives registered by modality packages
         head_cls, self._loss_fn = _OBJECTIVES[config.objective]
         self.head = head_cls(config)
+        # A fine-tuned model (healthfm.evaluate.finetune) carries a task head on the pooled
+        # output; config.extra["task_head"] records it, so strict loading rebuilds it.
+        spec = config.extra.get("task_head")
+        n_out = spec.get("n_outputs") if isinstance(spec, dict) else None
+        if spec is not None and (not isinstance(n_out, int) or n_out < 1):
+            raise ConfigError(
+                f"config extra.task_head needs a positive integer n_outputs, not {n_out!r}"
+            )
+        self.task_head = nn.Linear(config.d_model, n_out) if spec is not None else None
 
     def forward(
         self,
@@ -118,6 +128,8 @@ class FoundationModel(nn.Module):
             batch.get("values"),
             batch.get("times"),
             batch.get("inputs"),
+            segment_ids=batch.get("segment_ids"),
+            positions=batch.get("positions"),
         )
 
     def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
@@ -145,8 +157,12 @@ class FoundationModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameter count (optionally only trainable, optionally without the token table)."""
-        params = self.parameters() if not exclude_embeddings else (
-            p for n, p in self.named_parameters() if not n.startswith("backbone.embed.tokens")
+        params = (
+            self.parameters()
+            if not exclude_embeddings
+            else (
+                p for n, p in self.named_parameters() if not n.startswith("backbone.embed.tokens")
+            )
         )
         return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
 

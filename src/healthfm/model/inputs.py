@@ -35,9 +35,13 @@ class TimeEncoder(nn.Module):
     decades-scale ages are resolved. NaN means "no time".
     """
 
-    def __init__(self, d_model: int, n_freqs: int = 16, min_period: float = 1.0, max_period: float = 1e5):
+    def __init__(
+        self, d_model: int, n_freqs: int = 16, min_period: float = 1.0, max_period: float = 1e5
+    ):
         super().__init__()
-        freqs = 2 * math.pi / torch.logspace(math.log10(min_period), math.log10(max_period), n_freqs)
+        freqs = (
+            2 * math.pi / torch.logspace(math.log10(min_period), math.log10(max_period), n_freqs)
+        )
         self.register_buffer("freqs", freqs, persistent=False)
         self.proj = nn.Linear(2 * n_freqs, d_model)
 

@@ -57,7 +57,9 @@ def save_pretrained(
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
         if info is not None:
-            (tmp / INFO_NAME).write_text(json.dumps({"healthfm_version": __version__, **info}, indent=2) + "\n")
+            (tmp / INFO_NAME).write_text(
+                json.dumps({"healthfm_version": __version__, **info}, indent=2) + "\n"
+            )
     return path
 
 
@@ -86,7 +88,9 @@ def load_state_strict(module: torch.nn.Module, weights: str | Path) -> None:
     try:
         state = load_file(weights)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"cannot read weights (corrupt or truncated?): {exc}", file=weights) from exc
+        raise ModelError(
+            f"cannot read weights (corrupt or truncated?): {exc}", file=weights
+        ) from exc
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -14,9 +14,13 @@ from healthfm.model.config import ModelConfig
 from healthfm.model.inputs import InputEmbedder
 
 
-def rotary_tables(length: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(
+    length: int, head_dim: int, base: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin tables of shape (length, head_dim // 2) for rotary positions."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
     angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -49,8 +53,10 @@ class Attention(nn.Module):
         causal: bool,
     ) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # Rotate q and k in one pass (half the elementwise kernels of two calls).
+        q, k = apply_rotary(qkv[:2], cos, sin).unbind(0)
+        v = qkv[2]
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -72,7 +78,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))
+        return self.dropout(self.down(F.gelu(self.up(x))))
 
 
 class Block(nn.Module):
@@ -121,6 +127,8 @@ class Transformer(nn.Module):
         values: torch.Tensor | None = None,
         times: torch.Tensor | None = None,
         inputs: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Return hidden states (B, T, d_model).
 
@@ -135,15 +143,31 @@ class Transformer(nn.Module):
             Optional float (B, T) inputs, NaN where absent.
         inputs
             Optional continuous token vectors (B, T, input_dim), e.g. image patches.
+        segment_ids
+            Optional int (B, T) for packed rows: several samples share a row, each a
+            segment numbered 1, 2, ... (0 = padding). Attention is block-diagonal (a token
+            sees only its own segment; causally for causal models).
+        positions
+            Optional int (B, T) rotary positions (packed rows restart them per segment);
+            default 0..T-1.
         """
         t = ids.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds max_len {self.config.max_len}")
         x = self.embed(ids, values, times, inputs)
         mask = None
-        if not self.config.causal and attention_mask is not None and not bool(attention_mask.all()):
+        if segment_ids is not None:
+            # Pads (segment 0) see only pads, so no query row is fully masked (no NaN).
+            mask = segment_ids[:, :, None] == segment_ids[:, None, :]
+            if self.config.causal:
+                mask = mask & torch.ones(t, t, dtype=torch.bool, device=ids.device).tril()
+            mask = mask[:, None]
+        elif not self.config.causal and attention_mask is not None and not attention_mask.all():
             mask = attention_mask[:, None, None, :]
-        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        if positions is not None:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        else:
+            cos, sin = self.rope_cos[:t], self.rope_sin[:t]
         for block in self.blocks:
             x = block(x, cos, sin, mask, self.config.causal)
         return self.norm(x)

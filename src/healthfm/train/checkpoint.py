@@ -11,6 +11,7 @@ checksums and is a :class:`~healthfm.errors.CheckpointError`, never a silent par
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -24,6 +25,7 @@ from healthfm.errors import CheckpointError
 from healthfm.fsutil import atomic_dir, sha256_file
 
 STATE_NAME = "trainer_state.json"
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -32,7 +34,11 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -43,20 +49,58 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int = 2,
+    rng_states: list[torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically under ``root`` and prune older ones."""
+    """Write checkpoint ``step`` atomically under ``root`` and prune older ones.
+
+    Parameters
+    ----------
+    root
+        The ``checkpoints/`` folder.
+    step
+        Optimizer steps done; the folder is ``step-{step:08d}``.
+    model_state, optimizer_state
+        Full (unsharded) states; tensors are saved as safetensors / ``torch.save``.
+    trainer_state
+        JSON-serialisable bookkeeping (data position, configuration hashes).
+    keep
+        Keep the newest ``keep`` checkpoints (0 keeps all).
+    rng_states
+        The torch CPU RNG state of every rank (default: this process's only).
+    """
     root = Path(root)
     final = root / f"step-{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model_state.items()},
+            tmp / "model.safetensors",
+        )
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-        files = ["model.safetensors", "optimizer.pt", "rng.pt"]
-        state = {**trainer_state, "step": step, "sha256": {f: sha256_file(tmp / f) for f in files}}
+        ranks = rng_states if rng_states is not None else [torch.get_rng_state()]
+        torch.save({"torch": ranks[0], "ranks": list(ranks)}, tmp / "rng.pt")
+        state = {
+            **trainer_state,
+            "step": step,
+            "sha256": {f: sha256_file(tmp / f) for f in REQUIRED_FILES},
+        }
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=2) + "\n")
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def clean_temporary(root: str | Path) -> list[Path]:
+    """Remove folders a killed save left behind (``.step-*.tmp``, ``.step-*.old-*``).
+
+    Only the main process calls it, before training resumes, when no save is running.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".step-")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -83,12 +127,21 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
         raise CheckpointError("checkpoint has no trainer_state.json", file=path) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"trainer_state.json is damaged: {exc}", file=state_path) from exc
-    for name, digest in state.get("sha256", {}).items():
+    sums = state.get("sha256") if isinstance(state, dict) else None
+    if not isinstance(sums, dict) or not set(REQUIRED_FILES) <= set(sums):
+        raise CheckpointError(
+            "trainer_state.json lacks the checksums of the checkpoint files",
+            file=state_path,
+            column="sha256",
+        )
+    for name, digest in sums.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError("checkpoint file is missing", file=file)
         if sha256_file(file) != digest:
-            raise CheckpointError("checkpoint file is corrupt or truncated (checksum mismatch)", file=file)
+            raise CheckpointError(
+                "checkpoint file is corrupt or truncated (checksum mismatch)", file=file
+            )
     for key, value in (expect or {}).items():
         if state.get(key) != value:
             raise CheckpointError(
@@ -101,6 +154,13 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
         model = load_file(path / "model.safetensors")
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError) as exc:
+    except (
+        SafetensorError,
+        RuntimeError,
+        OSError,
+        EOFError,
+        ValueError,
+        pickle.UnpicklingError,
+    ) as exc:
         raise CheckpointError(f"cannot read checkpoint: {exc}", file=path) from exc
     return {"state": state, "model": model, "optimizer": optimizer, "rng": rng}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from typing import Protocol
 
 import numpy as np
@@ -69,6 +70,122 @@ def collate(
     return batch
 
 
+def release_pages(store: TokenStore) -> None:
+    """Unmap the store pages this process has touched; they stay in the OS page cache.
+
+    Reading a memory map maps whole page-cache folios (up to 2 MiB each on recent Linux
+    kernels) into the process, and they count in its resident set until unmapped: left
+    alone, RSS would climb to the size of the store over an epoch. Dropping the mappings
+    after each batch (its data has been copied out) keeps RSS flat whatever the store
+    size; reading a page again is a cheap minor fault.
+    """
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    for arr in [store.offsets, *store.maps.values()]:
+        handle = getattr(arr, "_mmap", None)
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)
+
+
+def _bounds(store: TokenStore, indices: np.ndarray, max_len: int | None, truncate: str):
+    offsets = np.asarray(store.offsets)
+    starts, ends = offsets[indices], offsets[indices + 1]
+    if max_len is not None and len(indices) and (ends - starts).max() > max_len:
+        if truncate == "tail":
+            starts = np.maximum(starts, ends - max_len)
+        else:
+            ends = np.minimum(ends, starts + max_len)
+    return starts, ends - starts
+
+
+def pack_rows(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit-decreasing bin packing of samples into rows of ``width`` tokens.
+
+    Returns each sample's row and its start column. The loop runs once per *sample* of a
+    micro-batch (not per token); longest samples are placed first, which packs
+    length-skewed batches nearly full.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    free = np.empty(0, dtype=np.int64)
+    row = np.empty(len(lengths), dtype=np.int64)
+    col = np.empty(len(lengths), dtype=np.int64)
+    for i in order:
+        fits = np.flatnonzero(free >= lengths[i])
+        if len(fits):
+            r = int(fits[0])
+        else:
+            r = len(free)
+            free = np.append(free, width)
+        row[i], col[i] = r, width - free[r]
+        free[r] -= lengths[i]
+    return row, col
+
+
+def collate_packed(
+    store: TokenStore,
+    indices: np.ndarray,
+    max_len: int | None = None,
+    truncate: str = "head",
+) -> dict[str, torch.Tensor]:
+    """Pack samples ``indices`` into rows of at most ``max_len`` tokens.
+
+    Several samples share a row, each a *segment*; the model attends block-diagonally
+    (see :class:`~healthfm.model.transformer.Transformer`) and rotary positions restart
+    per segment, so each sample is encoded as if it were alone. Targets are token-level,
+    so masked and next-token losses are unchanged; far fewer pad tokens are computed when
+    lengths are skewed.
+
+    Returns
+    -------
+    dict
+        As :func:`collate`, plus ``segment_ids`` (int64, 1.. per row, 0 at pads) and
+        ``positions`` (int64, restarting at 0 for each segment).
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    starts, lengths = _bounds(store, indices, max_len, truncate)
+    width = int(max_len if max_len is not None else (lengths.max() if len(lengths) else 0))
+    row, col = pack_rows(lengths, width)
+    n_rows = int(row.max()) + 1 if len(row) else 0
+    used = np.zeros(n_rows, dtype=np.int64)
+    np.maximum.at(used, row, col + lengths)
+    width = int(used.max()) if n_rows else 0
+    # Token-level scatter, vectorized: one entry per token of the micro-batch.
+    sample = np.repeat(np.arange(len(indices)), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    src = starts[sample] + within
+    r, c = row[sample], col[sample] + within
+    # Segment numbers follow the column order inside each row (1, 2, ...).
+    seg_rank = np.lexsort((col, row))
+    seg_no = np.empty(len(indices), dtype=np.int64)
+    first_of_row = np.searchsorted(row[seg_rank], row[seg_rank])
+    seg_no[seg_rank] = np.arange(len(indices)) - first_of_row + 1
+    mask = np.zeros((n_rows, width), dtype=bool)
+    mask[r, c] = True
+    ids = np.full((n_rows, width), PAD_ID, dtype=np.int64)
+    maps = store.maps
+    ids[r, c] = maps["ids"][src]
+    segments = np.zeros((n_rows, width), dtype=np.int64)
+    segments[r, c] = seg_no[sample]
+    positions = np.zeros((n_rows, width), dtype=np.int64)
+    positions[r, c] = within
+    batch: dict[str, torch.Tensor] = {
+        "attention_mask": torch.from_numpy(mask),
+        "ids": torch.from_numpy(ids),
+        "segment_ids": torch.from_numpy(segments),
+        "positions": torch.from_numpy(positions),
+    }
+    if "values" in maps:
+        values = np.full((n_rows, width), np.nan, dtype=np.float32)
+        values[r, c] = maps["values"][src]
+        batch["values"] = torch.from_numpy(values)
+    if "times" in maps:
+        times = np.full((n_rows, width), np.nan, dtype=np.float64)
+        times[r, c] = maps["times"][src]
+        batch["times"] = torch.from_numpy(times)
+    return batch
+
+
 class EpochBatches:
     """Deterministic global batches of sample indices over epochs, resumable anywhere.
 
@@ -98,7 +215,10 @@ class EpochBatches:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_samples))
+            self._cache = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(self.n_samples),
+            )
         return self._cache[1]
 
     def part(self, position: int, part: int = 0, n_parts: int = 1) -> np.ndarray:
@@ -123,30 +243,48 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: np.ndarray, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    def batch(
+        self, indices: np.ndarray, generator: torch.Generator | None
+    ) -> dict[str, torch.Tensor]:
         """Collate samples ``indices``; ``generator`` drives any random augmentation."""
         ...
 
 
 class StoreSource:
-    """A :class:`BatchSource` over a token store."""
+    """A :class:`BatchSource` over a token store (padded rows, or packed with ``pack``)."""
 
-    def __init__(self, store: TokenStore, max_len: int | None = None, truncate: str = "head") -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        max_len: int | None = None,
+        truncate: str = "head",
+        pack: bool = False,
+    ) -> None:
         self.store = store
         self.max_len = max_len
         self.truncate = truncate
+        self.pack = pack
         self.fingerprint = store.tokenizer_hash
 
     def __len__(self) -> int:
         return len(self.store)
 
-    def batch(self, indices: np.ndarray, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        return collate(self.store, indices, self.max_len, self.truncate)
+    def batch(
+        self, indices: np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self.pack:
+            batch = collate_packed(self.store, indices, self.max_len, self.truncate)
+        else:
+            batch = collate(self.store, indices, self.max_len, self.truncate)
+        release_pages(self.store)  # bounded memory: see release_pages
+        return batch
 
 
-def as_source(data: TokenStore | BatchSource, max_len: int | None, truncate: str = "head") -> BatchSource:
-    """Wrap a token store as a batch source (other sources pass through)."""
-    return StoreSource(data, max_len, truncate) if isinstance(data, TokenStore) else data
+def as_source(
+    data: TokenStore | BatchSource, max_len: int | None, truncate: str = "head", pack: bool = False
+) -> BatchSource:
+    """Wrap a token store as a batch source (other sources pass through unchanged)."""
+    return StoreSource(data, max_len, truncate, pack) if isinstance(data, TokenStore) else data
 
 
 class StoreBatches(torch.utils.data.Dataset):
@@ -165,7 +303,9 @@ class StoreBatches(torch.utils.data.Dataset):
         return len(self.store)
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        return collate(self.store, indices, self.max_len, self.truncate)
+        batch = collate(self.store, indices, self.max_len, self.truncate)
+        release_pages(self.store)
+        return batch
 
 
 def batch_loader(

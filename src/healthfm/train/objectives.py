@@ -34,22 +34,33 @@ def masked_tokens(
         picked[rows, first[rows]] = True
     labels = torch.where(picked, ids, torch.full_like(ids, IGNORE_INDEX))
     action = torch.rand(ids.shape, generator=generator)
-    random_ids = torch.randint(N_SPECIAL, max(vocab_size, N_SPECIAL + 1), ids.shape, generator=generator)
+    random_ids = torch.randint(
+        N_SPECIAL, max(vocab_size, N_SPECIAL + 1), ids.shape, generator=generator
+    )
     new_ids = torch.where(picked & (action < 0.8), torch.full_like(ids, MASK_ID), ids)
     new_ids = torch.where(picked & (action >= 0.8) & (action < 0.9), random_ids, new_ids)
     out = dict(batch)
     out["ids"] = new_ids
     out["labels"] = labels
     if "values" in batch:
-        out["values"] = torch.where(picked, torch.full_like(batch["values"], float("nan")), batch["values"])
+        out["values"] = torch.where(
+            picked, torch.full_like(batch["values"], float("nan")), batch["values"]
+        )
     return out
 
 
 def next_tokens(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Causal targets: the label at position t is the token at t + 1 (pads ignored)."""
+    """Causal targets: the label at position t is the token at t + 1 (pads ignored).
+
+    In packed rows (``segment_ids``) the last token of a sample predicts nothing: the next
+    token belongs to another sample.
+    """
     ids = batch["ids"]
     labels = torch.full_like(ids, IGNORE_INDEX)
     valid_next = batch["attention_mask"][:, 1:]
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        valid_next = valid_next & (seg[:, 1:] == seg[:, :-1])
     labels[:, :-1] = torch.where(valid_next, ids[:, 1:], torch.full_like(ids[:, 1:], IGNORE_INDEX))
     out = dict(batch)
     out["labels"] = labels

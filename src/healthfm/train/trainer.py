@@ -26,7 +26,12 @@ from healthfm.fsutil import json_hash
 from healthfm.model.heads import FoundationModel
 from healthfm.tokens import TokenStore
 from healthfm.train import distributed as D
-from healthfm.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from healthfm.train.checkpoint import (
+    checkpoint_dirs,
+    clean_temporary,
+    load_checkpoint,
+    save_checkpoint,
+)
 from healthfm.train.data import BatchSource, EpochBatches, as_source
 from healthfm.train.objectives import prepare
 
@@ -71,6 +76,11 @@ class TrainConfig:
         "head" or "tail": which end of a too-long sample to keep.
     progress
         Show a progress bar (default: only when stderr is a terminal).
+    pack
+        Pack the samples of each micro-batch into rows of ``max_len`` tokens with a
+        block-diagonal attention mask (token stores only) instead of padding each sample
+        to the longest one: the same samples and targets, far fewer pad tokens when
+        lengths are skewed.
     """
 
     steps: int = 1000
@@ -93,6 +103,7 @@ class TrainConfig:
     num_workers: int = 0
     truncate: str = "head"
     progress: bool | None = None
+    pack: bool = False
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based)."""
@@ -106,7 +117,9 @@ class TrainConfig:
 
 def _generator(*parts: int) -> torch.Generator:
     # One reproducible stream per (seed, step, part): masks do not depend on process count.
-    seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
+    seed = int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    )
     return torch.Generator().manual_seed(seed)
 
 
@@ -116,7 +129,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
         if not param.requires_grad:
             continue
         (decay if param.ndim >= 2 and "embed.tokens" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class Trainer:
@@ -138,6 +154,9 @@ class Trainer:
         Optional ``f(batch, generator) -> batch`` applied before the objective.
     dist_info
         Process placement; read from the environment when None.
+    strategy
+        "ddp" (replicas) or "fsdp" (FSDP2 sharding of parameters, gradients and optimizer
+        state); only matters under torchrun. Checkpoints are the same either way.
     """
 
     def __init__(
@@ -154,10 +173,18 @@ class Trainer:
         self.config = config
         self.info = dist_info or D.init_distributed()
         self.model = model.to(self.info.device)
-        self.train_store = as_source(train_store, model.config.max_len, config.truncate)
-        self.val_store = as_source(val_store, model.config.max_len, config.truncate) if val_store is not None else None
+        self.train_store = as_source(
+            train_store, model.config.max_len, config.truncate, pack=config.pack
+        )
+        self.val_store = (
+            as_source(val_store, model.config.max_len, config.truncate)
+            if val_store is not None
+            else None
+        )
         self.augment = augment
         self.run_dir = Path(run_dir)
+        if strategy not in D.STRATEGIES:
+            raise ConfigError(f"unknown strategy {strategy!r}; choose one of {D.STRATEGIES}")
         self.strategy = strategy
         world = self.info.world_size
         micro = config.micro_batch_size or config.batch_size // world
@@ -165,12 +192,20 @@ class Trainer:
             raise ConfigError(
                 f"batch size {config.batch_size} is not a multiple of micro batch {micro} × {world} processes"
             )
+        if config.pack and getattr(model, "_loss_fn", None) is not None:
+            raise ConfigError(
+                f"packing needs a token-level objective (masked or causal), not {model.config.objective!r}"
+            )
         self.micro_batch_size = micro
         self.accumulation = config.batch_size // (micro * world)
         self.batches = EpochBatches(len(train_store), config.batch_size, config.seed)
+        # FSDP replaces the parameters by sharded ones: build the optimizer afterwards.
         self.wrapped = D.wrap_model(PretrainingLoss(self.model), self.info, strategy)
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, config.weight_decay), lr=config.lr, betas=config.betas, fused=False
+            _param_groups(self.model, config.weight_decay),
+            lr=config.lr,
+            betas=config.betas,
+            fused=False,
         )
         self.step = 0
         self.position = 0
@@ -188,35 +223,70 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (main process only)."""
+        """Checkpoint the current step.
+
+        Every rank takes part (sharded states are gathered); only the main rank writes,
+        full tensors keyed by parameter name, so any process count can load it.
+        """
         path = None
+        model_state = D.full_model_state(self.model, self.info)
+        optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.info)
+        rng_states = D.gather_objects(torch.get_rng_state(), self.info)
         if self.info.is_main:
-            state = {**self.identity, "position": self.position, "train_config": _jsonable(asdict(self.config))}
+            state = {
+                **self.identity,
+                "position": self.position,
+                "world_size": self.info.world_size,
+                "strategy": self.strategy,
+                "train_config": _jsonable(asdict(self.config)),
+            }
             path = save_checkpoint(
                 self.checkpoint_root,
                 self.step,
-                self.model.state_dict(),
-                self.optimizer.state_dict(),
+                model_state,
+                optimizer_state,
                 state,
                 keep=self.config.keep_checkpoints,
+                rng_states=rng_states,
             )
         D.barrier(self.info)
         return path
 
+    def export_model(self) -> FoundationModel | None:
+        """The trained model as a plain (unsharded, unwrapped) module, for saving.
+
+        Collective under FSDP: every rank calls it; the main rank gets a fresh model
+        holding the gathered weights, the others None. Without FSDP it is the model itself.
+        """
+        if not D.is_sharded(self.model):
+            return self.model
+        state = D.full_model_state(self.model, self.info)
+        if not self.info.is_main:
+            return None
+        plain = FoundationModel(self.model.config)
+        plain.load_state_dict(state, strict=True)
+        return plain
+
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore the latest (or the given) checkpoint; False if there is none."""
         if path is None:
+            if self.info.is_main:
+                clean_temporary(self.checkpoint_root)  # leftovers of a save that was killed
+            D.barrier(self.info)
             found = checkpoint_dirs(self.checkpoint_root)
             if not found:
                 return False
             path = found[-1]
         ckpt = load_checkpoint(path, expect=self.identity)
         try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
+            D.load_full_state(self.model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint does not fit this model: {exc}", file=path) from exc
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        # Each rank continues its own RNG stream when the process count is unchanged.
+        ranks = ckpt["rng"].get("ranks") or [ckpt["rng"]["torch"]]
+        torch.set_rng_state(
+            ranks[self.info.rank] if len(ranks) == self.info.world_size else ranks[0]
+        )
         self.step = int(ckpt["state"]["step"])
         self.position = int(ckpt["state"]["position"])
         if self.info.is_main:
@@ -232,7 +302,9 @@ class Trainer:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
 
-    def _micro_batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], torch.Generator]:
+    def _micro_batch(
+        self, step: int, micro: int
+    ) -> tuple[dict[str, torch.Tensor], torch.Generator]:
         part = micro * self.info.world_size + self.info.rank
         parts = self.accumulation * self.info.world_size
         indices = self.batches.part(self.position, part, parts)
@@ -240,7 +312,13 @@ class Trainer:
         batch = self.train_store.batch(indices, gen)
         if self.augment is not None:
             batch = self.augment(batch, gen)
-        batch = prepare(batch, self.model.config.objective, gen, self.model.config.vocab_size, self.config.mask_prob)
+        batch = prepare(
+            batch,
+            self.model.config.objective,
+            gen,
+            self.model.config.vocab_size,
+            self.config.mask_prob,
+        )
         return self._to_device(batch), gen
 
     @torch.no_grad()
@@ -251,19 +329,38 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         size = self.micro_batch_size
+        world, rank = self.info.world_size, self.info.rank
         n_batches = min(self.config.eval_batches, math.ceil(len(self.val_store) / size))
-        for b in range(n_batches):
-            if b % self.info.world_size != self.info.rank:
+        # Batches are dealt round-robin; under FSDP every rank must run as many forward
+        # passes as the others (each one all-gathers), so a rank without a batch runs
+        # batch 0 again and gives it zero weight.
+        sharded = D.is_sharded(self.model)
+        for r in range(math.ceil(n_batches / world)):
+            b = r * world + rank
+            if b >= n_batches and not sharded:
                 continue
+            weight = 1.0 if b < n_batches else 0.0
+            b = b if b < n_batches else 0
             idx = np.arange(b * size, min((b + 1) * size, len(self.val_store)))
             gen = _generator(self.config.seed, 2, b)
             batch = self.val_store.batch(idx, None)
-            batch = prepare(batch, self.model.config.objective, gen, self.model.config.vocab_size, self.config.mask_prob)
+            batch = prepare(
+                batch,
+                self.model.config.objective,
+                gen,
+                self.model.config.vocab_size,
+                self.config.mask_prob,
+            )
             with self._autocast():
-                loss, n = self.model.pretraining_loss(self._to_device(batch))
-            total += float(loss) * n
-            count += n
-        sums = D.all_reduce_mean(torch.tensor([total, float(count)], dtype=torch.float64), self.info)
+                # Sharded: through the FSDP hooks; otherwise the bare module (no DDP hooks).
+                module = self.wrapped if sharded else D.unwrap(self.wrapped)
+                loss, n = module(self._to_device(batch))
+            total += float(loss) * n * weight
+            count += n * weight
+        sums = D.all_reduce_sum(
+            torch.tensor([total, float(count)], dtype=torch.float64, device=self.info.device),
+            self.info,
+        )
         self.model.train()
         return float(sums[0] / sums[1]) if sums[1] > 0 else None
 
@@ -284,8 +381,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model.train()
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (show and self.info.is_main),
-                   desc="pretrain", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not (show and self.info.is_main),
+            desc="pretrain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         log_path = self.run_dir / LOG_NAME
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         t_window = time.perf_counter()
@@ -295,48 +398,37 @@ class Trainer:
         val_loss = None
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         while self.step < end:
-            for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(self.step)
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for micro in range(self.accumulation):
-                batch, _ = self._micro_batch(self.step, micro)
-                sync = micro == self.accumulation - 1 or not self.info.distributed
-                ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()
-                with ctx:
-                    with self._autocast():
-                        loss, _ = self.wrapped(batch)
-                    (loss / self.accumulation).backward()
-                step_loss += loss.detach().double() / self.accumulation
-                window_tokens += int(batch["attention_mask"].sum())
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                if cfg.grad_clip > 0
-                else torch.tensor(float("nan"))
-            )
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.position += 1
-            last_loss = float(D.all_reduce_mean(step_loss, self.info))
+            result = self.train_step()
+            last_loss, grad_norm = result["loss"], result["grad_norm"]
+            window_tokens += result["tokens"]
             window_loss += last_loss
             window_steps += 1
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
-                tokens = window_tokens * self.info.world_size
+                tokens = window_tokens
                 tokens_total += tokens
-                self._log(log_path, {
-                    "step": self.step, "loss": window_loss / window_steps, "lr": cfg.lr_at(self.step - 1),
-                    "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
-                })
+                self._log(
+                    log_path,
+                    {
+                        "step": self.step,
+                        "loss": window_loss / window_steps,
+                        "lr": cfg.lr_at(self.step - 1),
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens / max(elapsed, 1e-9),
+                    },
+                )
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 t_window = time.perf_counter()
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                 val_loss = self.evaluate()
                 if val_loss is not None:
                     self._log(log_path, {"step": self.step, "val_loss": val_loss})
-            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step in (cfg.steps, end):
+            if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step in (
+                cfg.steps,
+                end,
+            ):
                 self.save()
         bar.close()
         wall = time.perf_counter() - t_start
@@ -348,6 +440,52 @@ class Trainer:
             "tokens_per_s": tokens_total / wall if wall > 0 else None,
             "wall_seconds": wall,
             "world_size": self.info.world_size,
+        }
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step: every micro-batch of this rank, clipping, AdamW, then step += 1.
+
+        Returns
+        -------
+        dict
+            ``loss`` (mean over micro-batches and ranks), ``tokens`` (real tokens of the
+            whole global batch, all ranks) and ``grad_norm`` (before clipping).
+        """
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr_at(self.step)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        tokens = 0
+        for micro in range(self.accumulation):
+            batch, _ = self._micro_batch(self.step, micro)
+            sync = micro == self.accumulation - 1
+            # Gradients are reduced across ranks only on the last micro-step.
+            ctx = contextlib.nullcontext() if sync else D.no_grad_sync(self.wrapped, self.info)
+            with ctx:
+                with self._autocast():
+                    loss, _ = self.wrapped(batch)
+                (loss / self.accumulation).backward()
+            step_loss += loss.detach().double() / self.accumulation
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0
+            else torch.tensor(float("nan"))
+        )
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.position += 1
+        local = torch.stack(
+            [step_loss, torch.tensor(float(tokens), dtype=torch.float64, device=self.info.device)]
+        )
+        sums = D.all_reduce_sum(local, self.info)
+        return {
+            "loss": float(sums[0]) / self.info.world_size,
+            "tokens": int(sums[1]),
+            "grad_norm": float(grad_norm),
         }
 
     def _log(self, path: Path, row: dict[str, Any]) -> None:

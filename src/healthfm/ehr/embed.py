@@ -1,0 +1,292 @@
+"""Embeddings and count features at prediction times, without leakage.
+
+The contract: the representation of a label row ``(subject_id, prediction_time)`` is a
+function of exactly the subject's events with ``time <= prediction_time`` (MEDS:
+inclusive), never of a later one.
+
+How: each subject is tokenized once (its tokens carry their event time), the *cut-off*
+of a label is the number of the subject's tokens with ``time <= prediction_time`` (one
+vectorized stable merge of token and label times), and the causal model's hidden state at
+position ``cut-off - 1`` summarises exactly those tokens. So one forward pass over a
+subject's tokens serves all of its prediction times.
+
+Histories longer than the context ``N`` (``max_len``): a cut-off ``c <= N`` reads the
+shared pass over the subject's first tokens; a cut-off ``c > N`` reads a window that starts
+on a grid of stride ``N / 2`` (the smallest grid point ``>= c - N``), so it sees the most
+recent ``N / 2 + 1`` to ``N`` tokens, and all cut-offs falling in one window share its pass.
+The window depends only on ``c``, which depends only on events up to the prediction time,
+so truncation can never let a later event in (adding events after the prediction time does
+not move the window). ``per_label=True`` re-encodes each label's window on its own (same
+windows, same embeddings: the reference path of the tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from scipy import sparse
+
+from healthfm.ehr.reader import US_PER_DAY, Labels, MedsDataset, iter_shards
+from healthfm.ehr.tokenizer import STATIC_TIME, EncodedShard, MedsTokenizer
+from healthfm.errors import ConfigError, DataError, ModelError
+from healthfm.model.heads import FoundationModel
+from healthfm.tokenizer import PAD_ID
+
+
+def label_cutoffs(
+    enc: EncodedShard, subjects: np.ndarray, times_us: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Subject index and global cut-off of every label.
+
+    Parameters
+    ----------
+    enc
+        Tokens of the shard.
+    subjects, times_us
+        Label subject ids (all present in ``enc``) and prediction times (µs).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Index into ``enc.subject_ids`` and the flat token index one past the last token
+        with ``time <= prediction_time`` (so the history is ``offsets[s]:cut``).
+    """
+    order = np.argsort(enc.subject_ids, kind="stable")
+    pos = np.searchsorted(enc.subject_ids[order], subjects)
+    if np.any(pos >= len(order)) or np.any(
+        enc.subject_ids[order[np.minimum(pos, len(order) - 1)]] != subjects
+    ):
+        raise KeyError("a label subject is not in this shard")
+    s_idx = order[pos]
+    tok_subject = np.repeat(np.arange(len(enc.subject_ids)), np.diff(enc.offsets))
+    n_tok = len(enc.ids)
+    # Stable merge: labels sort after tokens with the same (subject, time) -> inclusive.
+    key_s = np.concatenate([tok_subject, s_idx])
+    key_t = np.concatenate([enc.time_us, np.asarray(times_us, dtype=np.int64)])
+    is_label = np.concatenate([np.zeros(n_tok, np.int8), np.ones(len(s_idx), np.int8)])
+    merged = np.lexsort((is_label, key_t, key_s))
+    tokens_before = np.cumsum(is_label[merged] == 0)
+    where = np.flatnonzero(is_label[merged] == 1)
+    cut = np.empty(len(s_idx), dtype=np.int64)
+    cut[merged[where] - n_tok] = tokens_before[where]
+    return s_idx, cut
+
+
+@dataclass
+class _Rows:
+    starts: np.ndarray  # flat start of each forward row
+    lengths: np.ndarray  # tokens in each row
+    label_row: np.ndarray  # row of each label
+    label_pos: np.ndarray  # position (within the row) of the label's last token
+
+
+def window_start(local_cut: np.ndarray, max_len: int) -> np.ndarray:
+    """Start (within the subject) of the context window of each cut-off.
+
+    0 when the history up to the cut-off fits (``c <= N``); otherwise the smallest
+    multiple of ``N // 2`` that is at least ``c - N``, so the window holds the most recent
+    ``N // 2 + 1`` to ``N`` tokens. It depends on ``c`` alone (so on events up to the
+    prediction time alone), and cut-offs of one subject share few distinct windows.
+    """
+    stride = max(1, max_len // 2)
+    over = np.maximum(np.asarray(local_cut) - max_len, 0)
+    return (over + stride - 1) // stride * stride
+
+
+def _plan_rows(
+    enc: EncodedShard, s_idx: np.ndarray, cut: np.ndarray, max_len: int, per_label: bool
+) -> _Rows:
+    lo = enc.offsets[s_idx]
+    local = cut - lo  # >= 1: the [CLS] start token is always included
+    start = window_start(local, max_len)
+    if per_label:  # the reference path: each label's window encoded on its own
+        lengths = local - start
+        return _Rows(lo + start, lengths, np.arange(len(cut)), lengths - 1)
+    # One row per distinct (subject, window start), as long as its longest cut-off needs.
+    key = np.stack([s_idx, start], axis=1)
+    uniq, inv = np.unique(key, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    lengths = np.zeros(len(uniq), dtype=np.int64)
+    np.maximum.at(lengths, inv, local - start)
+    starts = enc.offsets[uniq[:, 0]] + uniq[:, 1]
+    return _Rows(starts, lengths, inv, local - start - 1)
+
+
+@torch.inference_mode()
+def embed_cutoffs(
+    model: FoundationModel,
+    enc: EncodedShard,
+    s_idx: np.ndarray,
+    cut: np.ndarray,
+    pooling: str = "last",
+    batch_size: int = 32,
+    per_label: bool = False,
+) -> np.ndarray:
+    """Embed every label from the causal model's states at its cut-off.
+
+    Parameters
+    ----------
+    model
+        A causal model (its attention must not look ahead).
+    enc, s_idx, cut
+        Tokens and :func:`label_cutoffs` of the labels.
+    pooling
+        ``"last"``: the state of the last included token; ``"mean"``: the mean of the
+        states of the included tokens (of the window, for long histories).
+    batch_size
+        Forward rows per batch.
+    per_label
+        Re-encode each label's history separately (the slow reference path, for tests
+        and benchmarks) instead of one pass per subject.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 (n_labels, d_model), in label order.
+    """
+    if not model.config.causal:
+        raise ModelError(
+            "prediction-time embeddings need a causal model (states must not see later tokens)",
+            column="objective",
+        )
+    if pooling not in ("last", "mean"):
+        raise ConfigError(
+            f"pooling must be 'last' or 'mean' for prediction-time embeddings, not {pooling!r}"
+        )
+    rows = _plan_rows(enc, s_idx, cut, model.config.max_len, per_label)
+    device = next(model.parameters()).device
+    out = np.zeros((len(cut), model.config.d_model), dtype=np.float32)
+    order = np.argsort(rows.lengths, kind="stable")
+    rank_of_row = np.empty(len(order), dtype=np.int64)
+    rank_of_row[order] = np.arange(len(order))
+    label_rank = rank_of_row[rows.label_row]
+    by_rank = np.argsort(label_rank, kind="stable")
+    sorted_rank = label_rank[by_rank]
+    use_times = model.config.use_times
+    for b in range(0, len(order), batch_size):
+        batch_rows = order[b : b + batch_size]
+        lengths = rows.lengths[batch_rows]
+        width = int(lengths.max())
+        cols = np.arange(width)
+        mask = cols[None, :] < lengths[:, None]
+        positions = (rows.starts[batch_rows][:, None] + cols[None, :])[mask]
+        ids = np.full((len(batch_rows), width), PAD_ID, dtype=np.int64)
+        ids[mask] = enc.ids[positions]
+        times = None
+        if use_times:
+            t = np.full((len(batch_rows), width), np.nan)
+            t[mask] = enc.ages[positions]
+            times = torch.from_numpy(t).to(device)
+        hidden = model(torch.from_numpy(ids).to(device), None, None, times)
+        if pooling == "mean":
+            hidden = (
+                hidden.float().cumsum(1)
+                / torch.arange(1, width + 1, device=device, dtype=torch.float32)[None, :, None]
+            )
+        # Labels whose rows are in this batch.
+        sel = by_rank[
+            np.searchsorted(sorted_rank, b) : np.searchsorted(sorted_rank, b + len(batch_rows))
+        ]
+        local_row = torch.from_numpy(label_rank[sel] - b)
+        picked = hidden[local_row, torch.from_numpy(rows.label_pos[sel])]
+        out[sel] = picked.float().cpu().numpy()
+    return out
+
+
+def count_features(
+    enc: EncodedShard, s_idx: np.ndarray, cut: np.ndarray, vocab_size: int
+) -> sparse.csr_matrix:
+    """Counts of every token id among each label's history (tokens up to its cut-off)."""
+    lo = enc.offsets[s_idx]
+    lengths = cut - lo
+    rows = np.repeat(np.arange(len(cut)), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    cols = enc.ids[np.repeat(lo, lengths) + within]
+    data = np.ones(len(cols), dtype=np.float32)
+    return sparse.csr_matrix((data, (rows, cols)), shape=(len(cut), vocab_size))
+
+
+@dataclass
+class LabelFeatures:
+    """Everything computed for a label file, in label order."""
+
+    embeddings: np.ndarray | None
+    counts: sparse.csr_matrix
+    age_years: np.ndarray
+    n_tokens: np.ndarray
+    seconds_embed: float
+    seconds_total: float
+
+
+def featurize_labels(
+    ds: MedsDataset,
+    tokenizer: MedsTokenizer,
+    labels: Labels,
+    model: FoundationModel | None = None,
+    pooling: str = "last",
+    batch_size: int = 32,
+    per_label: bool = False,
+) -> LabelFeatures:
+    """Tokenize the labelled subjects shard by shard; embed (if a model is given) and count.
+
+    Returns features in the order of ``labels.frame``.
+    """
+    t0 = time.perf_counter()
+    subjects = labels.subject_ids
+    times_us = labels.times_us
+    n = len(subjects)
+    emb = np.zeros((n, model.config.d_model), dtype=np.float32) if model is not None else None
+    counts = []
+    where = []
+    age = np.full(n, np.nan)
+    n_tokens = np.zeros(n, dtype=np.int64)
+    seconds_embed = 0.0
+    if model is not None:
+        model.eval()
+    for _, df in iter_shards(ds, np.unique(subjects)):
+        if len(df) == 0:
+            continue
+        enc = tokenizer.encode_frame(df)
+        idx = np.flatnonzero(np.isin(subjects, enc.subject_ids))
+        s_idx, cut = label_cutoffs(enc, subjects[idx], times_us[idx])
+        if model is not None:
+            t = time.perf_counter()
+            emb[idx] = embed_cutoffs(model, enc, s_idx, cut, pooling, batch_size, per_label)
+            seconds_embed += time.perf_counter() - t
+        counts.append(count_features(enc, s_idx, cut, tokenizer.vocab_size))
+        where.append(idx)
+        birth = _birth_us(df, enc.subject_ids)
+        age[idx] = (times_us[idx] - birth[s_idx]) / US_PER_DAY / 365.25
+        n_tokens[idx] = cut - enc.offsets[s_idx]
+    if not where:
+        raise DataError("no labelled subject found in the MEDS data", file=labels.source)
+    order = np.concatenate(where)
+    mat = sparse.vstack(counts).tocsr()
+    inv = np.empty(len(order), dtype=np.int64)
+    inv[order] = np.arange(len(order))
+    mat = mat[inv]
+    return LabelFeatures(emb, mat, age, n_tokens, seconds_embed, time.perf_counter() - t0)
+
+
+def _birth_us(df: pl.DataFrame, subject_ids: np.ndarray) -> np.ndarray:
+    births = (
+        df.filter((pl.col("code") == "MEDS_BIRTH") & pl.col("time").is_not_null())
+        .group_by("subject_id")
+        .agg(pl.col("time").cast(pl.Int64).min())
+    )
+    lookup = dict(zip(births["subject_id"].to_list(), births["time"].to_list(), strict=True))
+    return np.array([lookup.get(int(s), np.nan) for s in subject_ids], dtype=np.float64)
+
+
+__all__ = [
+    "STATIC_TIME",
+    "LabelFeatures",
+    "count_features",
+    "embed_cutoffs",
+    "featurize_labels",
+    "label_cutoffs",
+]

@@ -1,0 +1,333 @@
+"""The EHRSHOT protocol: few-shot linear probes next to count baselines, with subject CIs.
+
+For each ``k`` in the few-shot grid and each seed, ``k`` label rows per class are drawn
+from ``train`` and ``k`` from ``tuning`` (EHRSHOT samples both); ``all`` uses every row
+(once, seed 0: nothing is random). Each method is fitted on the train rows, tuned on the
+tuning rows by AUROC, and scored on all ``held_out`` rows:
+
+* ``<model>+logreg``: L2 logistic regression on the frozen prediction-time embeddings
+  (``C`` tuned on tuning, refit on train — :func:`healthfm.evaluate.probe.fit_linear_probe`).
+* ``counts+logreg`` (baseline): the same probe on log(1 + count) of every token at or
+  before the prediction time, plus the age then.
+* ``counts+gbm`` (baseline): gradient-boosted trees (scikit-learn
+  ``HistGradientBoostingClassifier``) on the same features, learning rate and tree size
+  tuned on tuning.
+
+AUROC, AUPRC and Brier score get 95% percentile-bootstrap intervals over *subjects*
+(1,000 resamples by default): all label rows of a subject are resampled together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from healthfm.errors import DataError
+from healthfm.evaluate.metrics import classification_metrics
+from healthfm.evaluate.probe import few_shot_indices, fit_linear_probe
+from healthfm.evaluate.results import ResultRow
+from healthfm.fsutil import atomic_write_bytes
+
+FEW_SHOT_KS: tuple[int | str, ...] = (1, 2, 4, 8, 16, 32, 64, 128, "all")
+METRICS = ("auroc", "auprc", "brier")
+GBM_GRID = (
+    {"learning_rate": 0.05, "max_leaf_nodes": 7},
+    {"learning_rate": 0.1, "max_leaf_nodes": 31},
+)
+
+
+def parse_few_shot(values: list[str] | str | None) -> list[int | str]:
+    """Parse ``--few-shot`` values (integers and/or ``all``)."""
+    if values is None:
+        return list(FEW_SHOT_KS)
+    if isinstance(values, str):
+        values = values.replace(",", " ").split()
+    out: list[int | str] = []
+    for v in values:
+        if str(v).lower() == "all":
+            out.append("all")
+        else:
+            try:
+                k = int(v)
+            except ValueError as exc:
+                from healthfm.errors import ConfigError
+
+                raise ConfigError(
+                    f"--few-shot takes positive integers or 'all', not {v!r}"
+                ) from exc
+            if k < 1:
+                from healthfm.errors import ConfigError
+
+                raise ConfigError(f"--few-shot takes positive integers or 'all', not {v!r}")
+            out.append(k)
+    return out
+
+
+def _fit_gbm(xtr, ytr, xtu, ytu, xte, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    leaf = int(max(1, min(20, len(ytr) // 8)))
+    best = None
+    for params in GBM_GRID:
+        est = HistGradientBoostingClassifier(
+            max_iter=100, min_samples_leaf=leaf, random_state=seed, **params
+        )
+        est.fit(xtr, ytr)
+        p = est.predict_proba(xtu)[:, 1]
+        score = roc_auc_score(ytu, p) if len(np.unique(ytu)) == 2 else 0.5
+        if best is None or score > best[0]:
+            best = (score, est, params)
+    assert best is not None
+    return best[1].predict_proba(xte)[:, 1], {**best[2], "val_auroc": float(best[0])}
+
+
+def run_protocol(
+    features: dict[str, tuple[np.ndarray, bool, str]],
+    y: np.ndarray,
+    split: np.ndarray,
+    groups: np.ndarray,
+    task: str,
+    ks: list[int | str],
+    seeds: list[int],
+    n_boot: int = 1000,
+    data_hash: str | None = None,
+    model_hash: str | None = None,
+    version: str = "",
+    progress: bool = False,
+) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
+    """Run the few-shot grid for every method.
+
+    Parameters
+    ----------
+    features
+        Method name → (feature matrix, is_baseline, ``"logreg"`` or ``"gbm"``).
+    y
+        Boolean label per row (0/1).
+    split
+        MEDS split per row: ``train``, ``tuning`` or ``held_out``.
+    groups
+        Subject id per row (bootstrap unit).
+    task, ks, seeds, n_boot
+        Task name, few-shot sizes, seeds, bootstrap resamples.
+
+    Returns
+    -------
+    (list of ResultRow, dict)
+        Result rows, and held-out probabilities per method for ``k=all`` (or the
+        largest k run).
+    """
+    tr = np.flatnonzero(split == "train")
+    tu = np.flatnonzero(split == "tuning")
+    te = np.flatnonzero(split == "held_out")
+    for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
+        if len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
+                f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
+            )
+    rows: list[ResultRow] = []
+    final: dict[str, np.ndarray] = {}
+    for k in ks:
+        k_seeds = seeds[:1] if k == "all" else seeds
+        for seed in k_seeds:
+            if k == "all":
+                a, b = tr, tu
+            else:
+                a = tr[few_shot_indices(y[tr], int(k), seed)]
+                b = tu[few_shot_indices(y[tu], int(k), seed + 10_000)]
+            for method, (X, is_baseline, kind) in features.items():
+                t = time.perf_counter()
+                if kind == "gbm":
+                    p, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed)
+                else:
+                    res = fit_linear_probe(
+                        X[a],
+                        y[a],
+                        X[b],
+                        y[b],
+                        X[te],
+                        select_metric="auroc",
+                        refit="train",
+                        seed=seed,
+                    )
+                    p = (
+                        res.proba[:, list(res.classes).index(1)]
+                        if 1 in res.classes
+                        else np.zeros(len(te))
+                    )
+                    extra = {"best_C": res.best_C, "val_auroc": res.val_score}
+                m = classification_metrics(
+                    y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=list(METRICS)
+                )
+                wall = time.perf_counter() - t
+                if k == ks[-1] and seed == k_seeds[0]:
+                    final[method] = p
+                for metric in METRICS:
+                    mc = m[metric]
+                    rows.append(
+                        ResultRow(
+                            task=task,
+                            method=method,
+                            is_baseline=is_baseline,
+                            metric=metric,
+                            value=float(mc.value),
+                            ci_low=float(mc.ci_low),
+                            ci_high=float(mc.ci_high),
+                            n_test=len(te),
+                            seed=int(seed),
+                            model_hash=None if is_baseline else model_hash,
+                            data_hash=data_hash,
+                            healthfm_version=version,
+                            wall_seconds=wall,
+                            extra={
+                                "k": k,
+                                "n_train": len(a),
+                                "n_tuning": len(b),
+                                "n_test_subjects": len(np.unique(groups[te])),
+                                "modality": "ehr",
+                                "protocol": "ehrshot",
+                                **{
+                                    kk: (float(v) if isinstance(v, float | np.floating) else v)
+                                    for kk, v in extra.items()
+                                },
+                            },
+                        )
+                    )
+            if progress:
+                print(f"      k={k} seed={seed} done", flush=True)
+    return rows, final
+
+
+def summarize_by_k(
+    rows: list[ResultRow], metric: str = "auroc"
+) -> dict[tuple[str, Any], dict[str, float]]:
+    """(method, k) → mean over seeds of value and CI bounds, std over seeds, n seeds."""
+    groups: dict[tuple[str, Any], list[ResultRow]] = defaultdict(list)
+    for r in rows:
+        if r.metric == metric:
+            groups[(r.method, r.extra["k"])].append(r)
+    out = {}
+    for key, items in groups.items():
+        v = np.array([r.value for r in items])
+        out[key] = {
+            "mean": float(np.nanmean(v)),
+            "std": float(np.nanstd(v)),
+            "ci_low": float(np.nanmean([r.ci_low for r in items])),
+            "ci_high": float(np.nanmean([r.ci_high for r in items])),
+            "n": len(items),
+        }
+    return out
+
+
+def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
+    """EHRSHOT-style table: one line per k, one column per method (AUROC mean [95% CI]),
+    then AUROC / AUPRC / Brier of every method with all training rows."""
+    methods = list(dict.fromkeys(r.method for r in rows))
+    baseline = {r.method: r.is_baseline for r in rows}
+    ks = list(dict.fromkeys(r.extra["k"] for r in rows))
+    s = summarize_by_k(rows, "auroc")
+    width = max(24, *(len(m) + 4 for m in methods))
+    lines = [
+        f"task: {task}  held-out rows: {rows[0].n_test}, subjects: {rows[0].extra['n_test_subjects']}",
+        "AUROC by k (train and tuning rows per class); mean over seeds [mean subject-bootstrap 95% CI], "
+        "* = best",
+        "k".ljust(6) + "".join((m + (" (b)" if baseline[m] else "")).ljust(width) for m in methods),
+    ]
+    for k in ks:
+        vals = {m: s[(m, k)] for m in methods if (m, k) in s}
+        best = max(v["mean"] for v in vals.values())
+        cells = []
+        for m in methods:
+            v = vals.get(m)
+            if v is None:
+                cells.append("-".ljust(width))
+                continue
+            star = "*" if np.isclose(v["mean"], best) else " "
+            cells.append(
+                f"{v['mean']:.3f}{star}[{v['ci_low']:.3f},{v['ci_high']:.3f}]".ljust(width)
+            )
+        lines.append(str(k).ljust(6) + "".join(cells))
+    last = ks[-1]
+    lines.append("")
+    lines.append(
+        f"k={last}: "
+        + "   ".join(
+            f"{m}: "
+            + ", ".join(
+                f"{metric} {summarize_by_k(rows, metric)[(m, last)]['mean']:.3f}"
+                f"[{summarize_by_k(rows, metric)[(m, last)]['ci_low']:.3f},"
+                f"{summarize_by_k(rows, metric)[(m, last)]['ci_high']:.3f}]"
+                for metric in METRICS
+            )
+            for m in methods
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot_few_shot(rows: list[ResultRow], path: str | Path, task: str) -> Path:
+    """AUROC vs k (model vs baselines), mean over seeds with the mean 95% CI as a band."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize_by_k(rows, "auroc")
+    methods = list(dict.fromkeys(r.method for r in rows))
+    ks = list(dict.fromkeys(r.extra["k"] for r in rows))
+    numeric = [k for k in ks if k != "all"]
+    x_of = {k: (k if k != "all" else (max(numeric) * 2 if numeric else 1)) for k in ks}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for m in methods:
+        kk = [k for k in ks if (m, k) in s]
+        x = [x_of[k] for k in kk]
+        y = [s[(m, k)]["mean"] for k in kk]
+        lo = [s[(m, k)]["ci_low"] for k in kk]
+        hi = [s[(m, k)]["ci_high"] for k in kk]
+        is_b = any(r.is_baseline for r in rows if r.method == m)
+        line = ax.plot(
+            x,
+            y,
+            marker="o",
+            linestyle="--" if is_b else "-",
+            label=m + (" (baseline)" if is_b else ""),
+        )
+        ax.fill_between(x, lo, hi, alpha=0.15, color=line[0].get_color())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([x_of[k] for k in ks], [str(k) for k in ks])
+    ax.axhline(0.5, color="grey", lw=0.8)
+    ax.set_xlabel("k (label rows per class in train and in tuning)")
+    ax.set_ylabel("held-out AUROC")
+    ax.set_title(task, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def write_predictions(
+    path: str | Path, frame: pl.DataFrame, proba: np.ndarray, threshold: float = 0.5
+) -> Path:
+    """Predictions in the ``meds-evaluation`` schema (``subject_id``, ``prediction_time``,
+    ``boolean_value``, ``predicted_boolean_value``, ``predicted_boolean_probability``)."""
+    out = frame.select(
+        "subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value")
+    ).with_columns(
+        pl.Series("predicted_boolean_value", proba >= threshold),
+        pl.Series("predicted_boolean_probability", proba.astype(np.float32)),
+    )
+    buf = __import__("io").BytesIO()
+    out.write_parquet(buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

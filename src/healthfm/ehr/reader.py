@@ -1,0 +1,531 @@
+"""Reading MEDS 0.4 data sets and label files, shard by shard, with clear errors.
+
+A MEDS 0.4 folder holds ``data/**/*.parquet`` (one row per measurement: ``subject_id``
+int64, ``time`` timestamp[us] (null for static measurements), ``code`` string, nullable
+``numeric_value`` float32 and ``text_value`` string, extra columns allowed),
+``metadata/codes.parquet``, ``metadata/subject_splits.parquet`` (``train`` / ``tuning`` /
+``held_out``) and ``metadata/dataset.json``. Shards are read one at a time, so memory is
+bounded by the largest shard, never by the data set.
+
+What is checked, and what is fixed up (documented choices, each tested):
+
+* a missing or mistyped required column, a null ``subject_id`` / ``code``, rows of a
+  subject that are not contiguous or not sorted by time (static rows first), a subject
+  that appears in two shards, NaN / inf in ``numeric_value``, a timezone-aware ``time``:
+  :class:`~healthfm.errors.DataError` naming file, column and the first offending row.
+  Timezone-aware times are *rejected*, not converted: MEDS times are naive local times
+  and a silent UTC conversion would shift every event against the labels.
+* fix-ups: integer ``subject_id`` of another width is widened to int64; timestamps in
+  s / ms / ns are converted to µs (ns are floored to the µs); integer ``numeric_value`` is
+  cast to float32; a missing ``numeric_value`` / ``text_value`` column is read as nulls;
+  extra columns are ignored (the standard allows them).
+* ``metadata/codes.parquet`` need not list every code (MEDS allows incomplete code
+  metadata): codes used in the data but missing there are counted in
+  ``MedsDataset.info`` and reported; ``strict_codes=True`` turns that into an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from healthfm.errors import DataError
+
+log = logging.getLogger("healthfm.ehr")
+
+BIRTH_CODE = "MEDS_BIRTH"
+DEATH_CODE = "MEDS_DEATH"
+#: MEDS split names, and the healthfm split each maps to.
+MEDS_SPLITS = {"train": "train", "tuning": "val", "held_out": "test"}
+LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value", "categorical_value")
+US_PER_DAY = 86_400_000_000
+
+try:  # the MEDS package's own pyarrow schemas (meds>=0.4,<0.5 implements MEDS 0.4)
+    import meds as _meds
+
+    DATA_SCHEMA: pa.Schema = _meds.DataSchema.schema()
+    LABEL_SCHEMA: pa.Schema = _meds.LabelSchema.schema()
+    SPLIT_SCHEMA: pa.Schema = _meds.SubjectSplitSchema.schema()
+except ImportError:  # pragma: no cover - meds is a dependency; kept for a clear message
+    DATA_SCHEMA = pa.schema(
+        [
+            ("subject_id", pa.int64()),
+            ("time", pa.timestamp("us")),
+            ("code", pa.string()),
+            ("numeric_value", pa.float32()),
+            ("text_value", pa.large_string()),
+        ]
+    )
+    LABEL_SCHEMA = pa.schema(
+        [
+            ("subject_id", pa.int64()),
+            ("prediction_time", pa.timestamp("us")),
+            ("boolean_value", pa.bool_()),
+            ("integer_value", pa.int64()),
+            ("float_value", pa.float32()),
+            ("categorical_value", pa.string()),
+        ]
+    )
+    SPLIT_SCHEMA = pa.schema([("subject_id", pa.int64()), ("split", pa.string())])
+
+
+@dataclass
+class MedsDataset:
+    """A validated MEDS folder: shard list, splits and metadata (no event data loaded).
+
+    Attributes
+    ----------
+    root
+        The MEDS folder.
+    shards
+        The data shards (``data/**/*.parquet``), sorted by path.
+    splits
+        Subject id → MEDS split name, from ``metadata/subject_splits.parquet`` (empty if
+        the file is absent).
+    codes
+        ``metadata/codes.parquet`` as a polars frame (empty if absent).
+    metadata
+        ``metadata/dataset.json`` content (empty if absent).
+    """
+
+    root: Path
+    shards: list[Path]
+    splits: dict[int, str] = field(default_factory=dict)
+    codes: pl.DataFrame = field(default_factory=pl.DataFrame)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _row_error(
+    message: str, path: Path, column: str, df: pl.DataFrame, mask: pl.Series
+) -> DataError:
+    idx = int(np.flatnonzero(mask.to_numpy())[0])
+    example = {
+        k: v
+        for k, v in df.row(idx, named=True).items()
+        if k in ("subject_id", "time", "code", "numeric_value", "prediction_time")
+    }
+    return DataError(
+        f"{message}; first offending row: {example}", file=path, column=column, row=idx
+    )
+
+
+def _check_time_type(dtype: pa.DataType, path: Path, column: str) -> None:
+    if not pa.types.is_timestamp(dtype):
+        raise DataError(
+            f"must be a timestamp (MEDS: timestamp[us]), found {dtype}", file=path, column=column
+        )
+    if dtype.tz is not None:
+        raise DataError(
+            f"timezone-aware timestamps ({dtype}) are rejected: MEDS times are naive; write them "
+            "as naive local times (e.g. polars .dt.replace_time_zone(None))",
+            file=path,
+            column=column,
+        )
+
+
+def _check_schema(schema: pa.Schema, path: Path) -> list[str]:
+    """Check the required columns of a data shard; return the columns to read."""
+    names = set(schema.names)
+    for name in ("subject_id", "time", "code"):
+        if name not in names:
+            raise DataError(
+                f"required MEDS column is missing (found {sorted(names)})", file=path, column=name
+            )
+    if not pa.types.is_integer(schema.field("subject_id").type):
+        raise DataError(
+            f"must be int64 (MEDS), found {schema.field('subject_id').type}",
+            file=path,
+            column="subject_id",
+        )
+    _check_time_type(schema.field("time").type, path, "time")
+    if not (
+        pa.types.is_string(schema.field("code").type)
+        or pa.types.is_large_string(schema.field("code").type)
+    ):
+        raise DataError(
+            f"must be a string, found {schema.field('code').type}", file=path, column="code"
+        )
+    cols = ["subject_id", "time", "code"]
+    if "numeric_value" in names:
+        t = schema.field("numeric_value").type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_null(t)):
+            raise DataError(f"must be float32, found {t}", file=path, column="numeric_value")
+        cols.append("numeric_value")
+    if "text_value" in names:
+        t = schema.field("text_value").type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise DataError(f"must be a string, found {t}", file=path, column="text_value")
+        cols.append("text_value")
+    return cols
+
+
+def normalize_shard(table: pa.Table, path: Path) -> pl.DataFrame:
+    """Validate one data shard and return it in the MEDS data schema as a polars frame.
+
+    Parameters
+    ----------
+    table
+        The shard as read from parquet.
+    path
+        The shard's path, for messages.
+
+    Returns
+    -------
+    polars.DataFrame
+        Columns ``subject_id`` (Int64), ``time`` (Datetime[µs]), ``code`` (String),
+        ``numeric_value`` (Float32), ``text_value`` (String), in file order.
+    """
+    cols = _check_schema(table.schema, path)
+    df = pl.from_arrow(table.select(cols), rechunk=False)
+    assert isinstance(df, pl.DataFrame)
+    df = df.with_columns(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").dt.cast_time_unit("us"),
+        pl.col("code").cast(pl.String),
+    )
+    if "numeric_value" in df.columns:
+        df = df.with_columns(pl.col("numeric_value").cast(pl.Float32))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
+    if "text_value" in df.columns:
+        df = df.with_columns(pl.col("text_value").cast(pl.String))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("text_value"))
+    df = df.select("subject_id", "time", "code", "numeric_value", "text_value")
+    if len(df) == 0:
+        return df
+    for name in ("subject_id", "code"):
+        nulls = df[name].is_null()
+        if nulls.any():
+            raise _row_error("null values are not allowed", path, name, df, nulls)
+    nv = df["numeric_value"]
+    bad = (nv.is_nan() | nv.is_infinite()).fill_null(False)
+    if bad.any():
+        raise _row_error(
+            "NaN / inf values are not allowed (MEDS marks a missing value with null)",
+            path,
+            "numeric_value",
+            df,
+            bad,
+        )
+    sid = df["subject_id"]
+    # Rows of one subject must be contiguous ...
+    starts = (sid != sid.shift(1)).fill_null(True)
+    if int(starts.sum()) != sid.n_unique():
+        start_rows = np.flatnonzero(starts.to_numpy())
+        run_ids = sid.to_numpy()[start_rows]
+        _, first_run = np.unique(run_ids, return_index=True)
+        repeat = np.ones(len(run_ids), dtype=bool)
+        repeat[first_run] = False
+        mask = np.zeros(len(df), dtype=bool)
+        mask[start_rows[repeat]] = True
+        raise _row_error(
+            "rows of a subject are not contiguous (MEDS shards are sorted by subject_id, time)",
+            path,
+            "subject_id",
+            df,
+            pl.Series(mask),
+        )
+    # ... and sorted by time within the subject, static (null-time) rows first.
+    t = df["time"]
+    prev_t = t.shift(1)
+    same = ~starts
+    unsorted = same & (
+        (t.is_null() & prev_t.is_not_null())
+        | (t.is_not_null() & prev_t.is_not_null() & (t < prev_t))
+    ).fill_null(False)
+    if unsorted.any():
+        raise _row_error(
+            "rows are not sorted by time within a subject (static rows with a null time come first)",
+            path,
+            "time",
+            df,
+            unsorted,
+        )
+    return df
+
+
+def open_meds(root: str | Path, strict_codes: bool = False) -> MedsDataset:
+    """Open a MEDS folder: find the shards and read the metadata files.
+
+    Parameters
+    ----------
+    root
+        The MEDS folder (with ``data/`` and usually ``metadata/``).
+    strict_codes
+        Stored in the dataset; :func:`scan_meds` then raises when the data use codes that
+        ``metadata/codes.parquet`` does not list.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("MEDS folder does not exist", file=root)
+    data = root / "data"
+    if not data.is_dir():
+        raise DataError("not a MEDS folder: data/ is missing", file=root)
+    shards = sorted(data.rglob("*.parquet"))
+    if not shards:
+        raise DataError("no parquet shards under data/", file=data)
+    ds = MedsDataset(root=root, shards=shards)
+    ds.info["strict_codes"] = strict_codes
+    meta_dir = root / "metadata"
+    split_path = meta_dir / "subject_splits.parquet"
+    if split_path.is_file():
+        table = pq.read_table(split_path)
+        for name in ("subject_id", "split"):
+            if name not in table.column_names:
+                raise DataError("required column is missing", file=split_path, column=name)
+        if not pa.types.is_integer(table.schema.field("subject_id").type):
+            raise DataError(
+                f"must be int64, found {table.schema.field('subject_id').type}",
+                file=split_path,
+                column="subject_id",
+            )
+        sp = pl.from_arrow(table.select(["subject_id", "split"]))
+        assert isinstance(sp, pl.DataFrame)
+        sp = sp.with_columns(pl.col("subject_id").cast(pl.Int64), pl.col("split").cast(pl.String))
+        nulls = sp["subject_id"].is_null() | sp["split"].is_null()
+        if nulls.any():
+            raise _row_error("null values are not allowed", split_path, "subject_id", sp, nulls)
+        dup = sp["subject_id"].is_duplicated()
+        if dup.any():
+            raise _row_error("a subject is listed twice", split_path, "subject_id", sp, dup)
+        ds.splits = dict(zip(sp["subject_id"].to_list(), sp["split"].to_list(), strict=True))
+    codes_path = meta_dir / "codes.parquet"
+    if codes_path.is_file():
+        table = pq.read_table(codes_path)
+        if "code" not in table.column_names:
+            raise DataError("required column is missing", file=codes_path, column="code")
+        codes = pl.from_arrow(table)
+        assert isinstance(codes, pl.DataFrame)
+        ds.codes = codes
+    meta_path = meta_dir / "dataset.json"
+    if meta_path.is_file():
+        try:
+            ds.metadata = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"dataset.json is not valid JSON: {exc}", file=meta_path) from exc
+    return ds
+
+
+def iter_shards(
+    ds: MedsDataset, subjects: np.ndarray | None = None
+) -> Iterator[tuple[Path, pl.DataFrame]]:
+    """Yield ``(path, frame)`` for each shard, validated, optionally filtered to ``subjects``.
+
+    Only one shard is in memory at a time.
+    """
+    keep = None if subjects is None else pl.Series("s", np.asarray(subjects, dtype=np.int64))
+    for path in ds.shards:
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"cannot read parquet shard: {exc}", file=path) from exc
+        df = normalize_shard(table, path)
+        if keep is not None:
+            df = df.filter(pl.col("subject_id").is_in(keep.implode()))
+        yield path, df
+
+
+def scan_meds(ds: MedsDataset) -> pl.DataFrame:
+    """Validate every shard (one at a time) and summarise each subject.
+
+    Returns
+    -------
+    polars.DataFrame
+        One row per subject: ``subject_id``, ``shard`` (index into ``ds.shards``),
+        ``n_events``, ``birth_us`` (µs since epoch of ``MEDS_BIRTH``, null if absent),
+        ``first_us`` and ``last_us`` (first and last event time).
+    """
+    parts = []
+    used_codes: set[str] = set()
+    for i, (_path, df) in enumerate(iter_shards(ds)):
+        if len(df) == 0:
+            continue
+        used_codes.update(df["code"].unique().to_list())
+        t_us = pl.col("time").cast(pl.Int64)
+        summary = (
+            df.group_by("subject_id", maintain_order=True)
+            .agg(
+                pl.len().alias("n_events"),
+                t_us.filter(pl.col("code") == BIRTH_CODE).min().alias("birth_us"),
+                t_us.min().alias("first_us"),
+                t_us.max().alias("last_us"),
+            )
+            .with_columns(pl.lit(i, dtype=pl.Int32).alias("shard"))
+        )
+        parts.append(summary)
+        del df
+    if not parts:
+        raise DataError("the MEDS data shards hold no rows", file=ds.root / "data")
+    subjects = pl.concat(parts)
+    dup = subjects["subject_id"].is_duplicated()
+    if dup.any():
+        sid = int(subjects.filter(dup)["subject_id"][0])
+        where = subjects.filter(pl.col("subject_id") == sid)["shard"].to_list()
+        raise DataError(
+            f"subject {sid} appears in two shards ({ds.shards[where[0]]} and {ds.shards[where[1]]}); "
+            "MEDS keeps each subject in one shard",
+            file=ds.shards[where[1]],
+            column="subject_id",
+            row=f"subject_id={sid}",
+        )
+    if len(ds.codes):
+        missing = sorted(used_codes - set(ds.codes["code"].drop_nulls().to_list()))
+        ds.info["codes_missing_from_metadata"] = len(missing)
+        if missing:
+            msg = (
+                f"{len(missing)} code(s) used in the data are not in metadata/codes.parquet "
+                f"(e.g. {missing[:3]})"
+            )
+            if ds.info.get("strict_codes"):
+                raise DataError(
+                    msg,
+                    file=ds.root / "metadata" / "codes.parquet",
+                    column="code",
+                    row=f"code={missing[0]!r}",
+                )
+            log.warning("%s; MEDS allows incomplete code metadata, continuing", msg)
+    return subjects
+
+
+@dataclass
+class Labels:
+    """A label file in the MEDS label schema, sorted by subject and prediction time.
+
+    Attributes
+    ----------
+    source
+        The file (or folder of parquet files).
+    frame
+        ``subject_id`` (Int64), ``prediction_time`` (Datetime µs), ``label`` and ``row``
+        (the row in the original file order).
+    column
+        The label column used (``boolean_value`` ...).
+    """
+
+    source: Path
+    frame: pl.DataFrame
+    column: str
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def subject_ids(self) -> np.ndarray:
+        """Subject id of every label row (int64)."""
+        return self.frame["subject_id"].to_numpy()
+
+    @property
+    def times_us(self) -> np.ndarray:
+        """Prediction times in µs since the epoch (int64)."""
+        return self.frame["prediction_time"].cast(pl.Int64).to_numpy()
+
+
+def read_labels(
+    path: str | Path, subjects: pl.DataFrame | None = None, column: str | None = None
+) -> Labels:
+    """Read a MEDS label file (or a folder of them) and check it against the data.
+
+    Parameters
+    ----------
+    path
+        A parquet file, or a folder whose ``**/*.parquet`` files are concatenated.
+    subjects
+        The :func:`scan_meds` summary; if given, labels of unknown subjects and prediction
+        times before the subject's ``MEDS_BIRTH`` are errors.
+    column
+        The label column; by default the only one of ``boolean_value``,
+        ``integer_value``, ``float_value``, ``categorical_value`` holding values.
+    """
+    path = Path(path)
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise DataError("label file does not exist", file=path)
+    frames = []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"cannot read label parquet: {exc}", file=f) from exc
+        for name in ("subject_id", "prediction_time"):
+            if name not in table.column_names:
+                raise DataError(
+                    f"required MEDS label column is missing (found {table.column_names})",
+                    file=f,
+                    column=name,
+                )
+        if not pa.types.is_integer(table.schema.field("subject_id").type):
+            raise DataError(
+                f"must be int64, found {table.schema.field('subject_id').type}",
+                file=f,
+                column="subject_id",
+            )
+        _check_time_type(table.schema.field("prediction_time").type, f, "prediction_time")
+        present = [c for c in LABEL_VALUE_COLUMNS if c in table.column_names]
+        chosen = column
+        if chosen is None:
+            with_values = [c for c in present if table.column(c).null_count < len(table)]
+            if len(with_values) != 1:
+                raise DataError(
+                    f"cannot tell the label column: columns with values {with_values} (MEDS labels use "
+                    f"exactly one of {list(LABEL_VALUE_COLUMNS)}); pass --label-column",
+                    file=f,
+                    column="boolean_value",
+                )
+            chosen = with_values[0]
+        elif chosen not in table.column_names:
+            raise DataError(
+                f"label column is missing (found {table.column_names})", file=f, column=chosen
+            )
+        df = pl.from_arrow(table.select(["subject_id", "prediction_time", chosen]))
+        assert isinstance(df, pl.DataFrame)
+        df = df.rename({chosen: "label"}).with_columns(
+            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").dt.cast_time_unit("us")
+        )
+        for name in ("subject_id", "prediction_time", "label"):
+            nulls = df[name].is_null()
+            if nulls.any():
+                raise _row_error(
+                    "null values are not allowed", f, chosen if name == "label" else name, df, nulls
+                )
+        if df["label"].dtype.is_float():
+            bad = df["label"].is_nan() | df["label"].is_infinite()
+            if bad.any():
+                raise _row_error("NaN / inf label values", f, chosen, df, bad)
+        frames.append(df)
+        column = chosen
+    assert column is not None
+    df = pl.concat(frames).with_row_index("row")
+    if subjects is not None:
+        joined = df.join(
+            subjects.select("subject_id", "birth_us"),
+            on="subject_id",
+            how="left",
+            maintain_order="left",
+        )
+        known = df["subject_id"].is_in(subjects["subject_id"].implode())
+        if not known.all():
+            raise _row_error(
+                "labels for a subject that is not in the MEDS data", path, "subject_id", df, ~known
+            )
+        before = (joined["prediction_time"].cast(pl.Int64) < joined["birth_us"]).fill_null(False)
+        if before.any():
+            raise _row_error(
+                "prediction_time is before the subject's MEDS_BIRTH",
+                path,
+                "prediction_time",
+                df,
+                before,
+            )
+    df = df.sort(["subject_id", "prediction_time", "row"])
+    return Labels(source=path, frame=df, column=column)

@@ -1,0 +1,970 @@
+"""Fine-tune a pretrained model for a task: the whole network, or LoRA adapters.
+
+A task head (one linear layer) sits on the backbone's pooled output: ``classification``
+(softmax over the classes, class-weighted cross-entropy), ``binary`` (one logit,
+``pos_weight``-balanced BCE) or ``regression`` (one output, MSE on the standardized
+target). Data, splits and labels come exactly as in :func:`healthfm.pipeline.evaluate`:
+the modality's reader, ``modality.split`` with the model's split salt and fractions (so
+the test split is the one pretraining and the probe held out), and
+:func:`~healthfm.modality.require_labels`. Training uses the train split; early stopping
+watches the loss on the val split and the best epoch is restored.
+
+The loop is a small epoch loop here, not :class:`healthfm.train.trainer.Trainer`: the
+trainer is built around pretraining objectives and a global step budget, while fine-tuning
+needs epochs, a labelled task loss and early stopping. It reuses the trainer's pieces:
+:func:`healthfm.train.data.collate` (through a :class:`~healthfm.train.data.StoreSource`),
+the warm-up + cosine schedule :meth:`TrainConfig.lr_at`, bf16 autocast, and the atomic
+model folder of :func:`~healthfm.model.pretrained.save_pretrained`.
+
+Outputs:
+
+* full fine-tuning (and ``--lora --merge``): an ordinary model folder; ``config.json``
+  records the head in ``extra["task_head"]`` (task, classes, pooling, target scaling) and
+  ``model.safetensors`` holds ``task_head.weight`` / ``task_head.bias``, so
+  :func:`healthfm.load` rebuilds it strictly and ``embed`` / ``evaluate`` accept it;
+* ``--lora``: a standard ``peft`` adapter folder plus a reference to the base model
+  (:mod:`healthfm.evaluate.adapters`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from healthfm.errors import ConfigError, DataError, ModelError
+from healthfm.evaluate.metrics import classification_metrics, regression_metrics
+from healthfm.evaluate.results import ResultRow
+from healthfm.fsutil import atomic_dir
+from healthfm.modality import Modality, Samples, get_modality, require_labels
+from healthfm.model.heads import FoundationModel, pool
+from healthfm.model.pretrained import load, save_pretrained
+from healthfm.train.data import StoreSource
+
+__all__ = [
+    "TASKS",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "finetune",
+    "finetuned_rows",
+    "load_finetuned",
+    "predict",
+    "task_spec",
+    "with_task_head",
+]
+
+TASKS = ("classification", "binary", "regression")
+_MISSING = {"", "nan", "NaN", "NA", "None", "null"}
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning settings.
+
+    Attributes
+    ----------
+    task
+        "classification", "binary" or "regression"; None infers it from the labels
+        (two classes → binary, numbers with more than 20 distinct values → regression,
+        otherwise classification).
+    lora, lora_rank, lora_alpha, lora_dropout
+        Train LoRA adapters (rank, scale ``alpha / rank``; alpha defaults to 2 × rank)
+        on the attention ``qkv`` / ``out`` and MLP ``up`` / ``down`` projections instead
+        of the whole network.
+    merge
+        With ``lora``: write a plain model folder with the adapter folded in.
+    freeze_layers
+        Freeze the input embedder and the first N blocks (LoRA: adapt only the later ones).
+    epochs, patience
+        At most ``epochs`` passes over the train split; stop after ``patience`` epochs
+        without a better val loss; the best epoch's weights are restored.
+    lr, weight_decay, warmup_fraction, grad_clip
+        AdamW, linear warm-up over the first fraction of steps then cosine decay to 10%.
+        ``lr`` None: 1e-3 for full fine-tuning, 3e-3 for LoRA (best of 1e-4 / 1e-3 full and
+        1e-3 / 3e-3 LoRA for the tiny preset on splice, 5-10 epochs; lower it for big presets).
+    batch_size
+        Samples per step.
+    class_weight
+        Weight classes inversely to their train frequency (cross-entropy weights; BCE
+        ``pos_weight``) so that rare classes count as much as common ones.
+    pooling
+        Pooling of token states for the head; the model's by default.
+    head_init
+        "random" (default): small random weights. "probe": start from the linear probe of
+        the frozen embedding (LP-FT); on the bundled splice data it was worse in short
+        runs (the probe's weights are large where the embedding varies little, so the
+        first backbone updates swing the logits), hence not the default.
+    bf16
+        bf16 autocast.
+    seed
+        Seeds the head, the LoRA matrices and the data order.
+    """
+
+    task: str | None = None
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    merge: bool = False
+    freeze_layers: int = 0
+    epochs: int = 10
+    patience: int = 3
+    lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    class_weight: bool = True
+    pooling: str | None = None
+    head_init: str = "random"
+    bf16: bool = False
+    seed: int = 0
+
+    @property
+    def method(self) -> str:
+        """Short method name used in results: "full", "lora" or "lora-merged"."""
+        return ("lora-merged" if self.merge else "lora") if self.lora else "full"
+
+    def learning_rate(self) -> float:
+        """The peak learning rate (default depends on the method)."""
+        return float(self.lr) if self.lr is not None else (3e-3 if self.lora else 1e-3)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did."""
+
+    out: Path
+    method: str
+    task: str
+    best_epoch: int
+    epochs_run: int
+    best_val_loss: float
+    trainable_parameters: int
+    total_parameters: int
+    wall_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Sample indices of the test split and the model's predictions for them
+    #: (probabilities per class, or regression values).
+    test_indices: np.ndarray | None = None
+    test_scores: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------- task head
+
+
+def task_spec(model: FoundationModel) -> dict[str, Any] | None:
+    """The task-head spec of a fine-tuned model (``config.extra["task_head"]``), or None."""
+    return model.config.extra.get("task_head")
+
+
+def with_task_head(base: FoundationModel, spec: dict[str, Any]) -> FoundationModel:
+    """A copy of ``base`` whose config records ``spec`` and that carries a fresh task head.
+
+    Every backbone and pretraining-head weight is copied; a task head the base already had
+    (fine-tuning a fine-tuned model) is replaced.
+    """
+    config = replace(base.config, extra={**base.config.extra, "task_head": spec})
+    model = FoundationModel(config)
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("task_head.")}
+    result = model.load_state_dict(state, strict=False)
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if not k.startswith("task_head.")]
+    if missing or unexpected:  # pragma: no cover - same config apart from the head
+        raise ModelError(
+            f"cannot copy the base weights: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    model.tokenizer = getattr(base, "tokenizer", None)
+    model.folder = getattr(base, "folder", None)
+    model.model_hash = getattr(base, "model_hash", None)
+    return model
+
+
+def _head_outputs(
+    model: FoundationModel, batch: dict[str, torch.Tensor], pooling: str
+) -> torch.Tensor:
+    hidden = model.forward_batch(batch)
+    return model.task_head(pool(hidden, batch.get("attention_mask"), pooling))
+
+
+def _to_scores(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Head outputs → class probabilities (n, n_classes) or regression values (n,)."""
+    if spec["task"] == "regression":
+        return raw[:, 0] * spec["target_std"] + spec["target_mean"]
+    if spec["task"] == "binary":
+        p = 1.0 / (1.0 + np.exp(-raw[:, 0].astype(np.float64)))
+        return np.stack([1.0 - p, p], axis=1)
+    z = raw.astype(np.float64) - raw.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@torch.no_grad()
+def _raw_outputs(
+    model: FoundationModel,
+    source: Any,
+    indices: np.ndarray,
+    pooling: str,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> np.ndarray:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros((len(indices), model.task_head.out_features), dtype=np.float32)
+    for start in range(0, len(indices), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in source.batch(indices[start : start + batch_size], None).items()
+        }
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out[start : start + batch_size] = (
+                _head_outputs(model, batch, pooling).float().cpu().numpy()
+            )
+    model.train(was_training)
+    return out
+
+
+def predict(
+    model: FoundationModel,
+    source: Any,
+    indices: np.ndarray | None = None,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> np.ndarray:
+    """Predictions of a fine-tuned model for samples ``indices`` of a batch source.
+
+    Returns class probabilities ``(n, n_classes)`` in the order of
+    ``config.extra["task_head"]["classes"]``, or regression values ``(n,)``.
+    """
+    spec = task_spec(model)
+    if spec is None or model.task_head is None:
+        raise ModelError(
+            "this model has no task head; fine-tune it first (healthfm finetune)",
+            file=getattr(model, "folder", None),
+        )
+    indices = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    return _to_scores(_raw_outputs(model, source, indices, spec["pooling"], batch_size, bf16), spec)
+
+
+def load_finetuned(
+    path: str | Path, base_dir: str | Path | None = None, merge: bool = False
+) -> FoundationModel:
+    """Load a fine-tuned model folder, or a LoRA adapter folder onto its base model."""
+    from healthfm.evaluate.adapters import is_adapter, load_adapter
+
+    if is_adapter(path):
+        return load_adapter(path, base_dir, merge=merge)
+    model = load(path)
+    if task_spec(model) is None:
+        raise ModelError(
+            "not a fine-tuned model: config.json has no extra.task_head",
+            file=Path(path) / "config.json",
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass
+class _TaskData:
+    samples: Samples
+    splits: dict[str, np.ndarray]
+    spec: dict[str, Any]
+    targets: np.ndarray  # class index (int64) or standardized float32 target
+    class_weights: np.ndarray | None
+    salt: str
+    fractions: tuple[float, float, float]
+    val_from_train: bool
+
+
+def _training_info(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "training_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _check_missing(samples: Samples, split_names: np.ndarray) -> None:
+    labels = samples.labels
+    # Vectorized over all labels (None becomes 'None', NaN 'nan').
+    missing = np.isin(np.char.strip(np.asarray(labels).astype(str)), sorted(_MISSING))
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DataError(
+            f"{int(missing.sum())} sample(s) have no label (first: key {samples.keys[row]!r}, "
+            f"{split_names[row]} split); every train / val / test sample needs one",
+            file=samples.source,
+            column=samples.label_column,
+            row=row,
+        )
+
+
+def _infer_task(labels: np.ndarray) -> str:
+    classes = np.unique(labels)
+    if len(classes) == 2:
+        return "binary"
+    try:
+        np.asarray(labels, dtype=np.float64)
+    except ValueError:
+        return "classification"
+    return "regression" if len(classes) > 20 else "classification"
+
+
+def _task_data(
+    modality: Modality, samples: Samples, salt: str, fractions, config: FinetuneConfig, pooling: str
+) -> _TaskData:
+    split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
+    if samples.labels is None:
+        require_labels(samples)  # raises the shared "no label column" error
+    _check_missing(samples, split_names)
+    splits = {name: np.flatnonzero(split_names == name) for name in ("train", "val", "test")}
+    if len(splits["train"]) == 0:
+        raise DataError(
+            "the train split is empty (too few samples or groups); nothing to fine-tune on",
+            file=samples.source,
+            column=samples.label_column,
+        )
+    val_from_train = False
+    if len(splits["val"]) == 0:
+        # No val split (tiny data, or the data's own splits lack one): hold out 1/8 of the
+        # train groups for early stopping, by a seeded group draw.
+        from healthfm.pipeline import probe_split
+
+        tr, va = probe_split(splits["train"], samples.groups, config.seed)
+        if len(va) == 0 or len(tr) == 0:
+            raise DataError(
+                "the val split is empty and the train split has too few groups to carve one",
+                file=samples.source,
+                column=samples.label_column,
+            )
+        splits["train"], splits["val"], val_from_train = tr, va, True
+    task = config.task or _infer_task(
+        samples.labels[np.concatenate([splits["train"], splits["val"]])]
+    )
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {TASKS}, not {task!r}", column="task")
+    spec: dict[str, Any] = {"task": task, "pooling": pooling, "label_column": samples.label_column}
+    class_weights = None
+    if task == "regression":
+        try:
+            values = np.asarray(samples.labels, dtype=np.float64)
+        except ValueError:
+            bad = next(i for i, v in enumerate(samples.labels.tolist()) if not _is_number(v))
+            raise DataError(
+                f"regression needs numeric labels, got {samples.labels[bad]!r}",
+                file=samples.source,
+                column=samples.label_column,
+                row=bad,
+            ) from None
+        train_values = values[splits["train"]]
+        mean, std = float(train_values.mean()), float(train_values.std())
+        if not np.isfinite(std) or std == 0.0:
+            raise DataError(
+                "the regression target is constant on the train split",
+                file=samples.source,
+                column=samples.label_column,
+            )
+        spec.update(n_outputs=1, target_mean=mean, target_std=std, classes=None)
+        targets = ((values - mean) / std).astype(np.float32)
+    else:
+        # The shared checks: two or more classes overall, in train and in test.
+        require_labels(samples, np.where(split_names == "val", "train", split_names))
+        classes = np.unique(samples.labels[np.concatenate([splits["train"], splits["val"]])])
+        if task == "binary" and len(classes) != 2:
+            raise DataError(
+                f"--task binary needs exactly two classes, the labels have {len(classes)}",
+                file=samples.source,
+                column=samples.label_column,
+            )
+        present = np.unique(samples.labels[splits["train"]])
+        if len(present) < 2:
+            raise DataError(
+                f"the train split holds {len(present)} class(es); fine-tuning needs two or more",
+                file=samples.source,
+                column=samples.label_column,
+            )
+        targets = np.searchsorted(classes, samples.labels).astype(np.int64)
+        unseen = ~np.isin(samples.labels, classes)
+        targets[unseen] = -1  # test-only classes: scored as never predicted
+        counts = np.bincount(targets[splits["train"]], minlength=len(classes)).astype(np.float64)
+        if config.class_weight:
+            # "balanced" weights n / (k * n_c); a class absent from train gets weight 0.
+            class_weights = np.where(
+                counts > 0, counts.sum() / (len(classes) * np.maximum(counts, 1)), 0.0
+            )
+        spec.update(n_outputs=1 if task == "binary" else len(classes), classes=classes.tolist())
+    return _TaskData(
+        samples, splits, spec, targets, class_weights, salt, tuple(fractions), val_from_train
+    )
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _loss_fn(spec: dict[str, Any], class_weights: np.ndarray | None, device: torch.device):
+    task = spec["task"]
+    if task == "regression":
+        return lambda out, y: F.mse_loss(out[:, 0].float(), y)
+    if task == "binary":
+        pos_weight = None
+        if class_weights is not None and class_weights[1] > 0:
+            pos_weight = torch.tensor(
+                class_weights[1] / max(class_weights[0], 1e-12), device=device
+            )
+        return lambda out, y: F.binary_cross_entropy_with_logits(
+            out[:, 0].float(), y.float(), pos_weight=pos_weight
+        )
+    weight = (
+        torch.tensor(class_weights, dtype=torch.float32, device=device)
+        if class_weights is not None
+        else None
+    )
+    return lambda out, y: F.cross_entropy(out.float(), y, weight=weight)
+
+
+@torch.no_grad()
+def _init_head(
+    model: FoundationModel, source: StoreSource, data: _TaskData, config: FinetuneConfig
+) -> None:
+    """Initialise the task head: from the linear probe of the frozen embedding (LP-FT),
+    or small random weights.
+
+    LP-FT (Kumar et al., 2022) starts fine-tuning where the probe ends: the head is the
+    probe's standardized logistic (or ridge) regression folded back to raw features
+    (``W / sigma``, ``b - W mu / sigma``), so the first epochs adapt the backbone to a good
+    head instead of distorting it to fit a random one; with a frozen backbone it is
+    exactly the probe.
+    """
+    head = model.task_head
+    torch.nn.init.normal_(head.weight, std=0.02)
+    torch.nn.init.zeros_(head.bias)
+    if config.head_init == "random":
+        return
+    spec = data.spec
+    fit_idx = np.concatenate([data.splits["train"], data.splits["val"]])
+    pooled = _pooled(model, source, fit_idx, spec["pooling"])
+    X, y = pooled.astype(np.float64), data.targets[fit_idx]
+    n_train = len(data.splits["train"])
+    mu, sigma = X[:n_train].mean(0), X[:n_train].std(0)
+    sigma = np.where(sigma > 1e-8, sigma, 1.0)
+    if spec["task"] == "regression":
+        from sklearn.linear_model import RidgeCV
+
+        reg = RidgeCV(alphas=np.logspace(-2, 4, 7)).fit((X[:n_train] - mu) / sigma, y[:n_train])
+        coef, intercept = reg.coef_[None, :], np.atleast_1d(reg.intercept_)
+    else:
+        from healthfm.evaluate.probe import fit_linear_probe
+
+        probe = fit_linear_probe(
+            X[:n_train],
+            y[:n_train],
+            X[n_train:],
+            y[n_train:],
+            X[:1],
+            refit="train",
+            seed=config.seed,
+            class_weight="balanced" if config.class_weight else None,
+        )
+        lr = probe.model[-1]
+        mu, sigma = probe.model[0].mean_, probe.model[0].scale_
+        if spec["task"] == "binary":
+            coef, intercept = lr.coef_, lr.intercept_
+        else:
+            # Rows for the classes the probe saw; a class absent from train gets a very
+            # low logit (it cannot be learnt anyway).
+            coef = np.zeros((spec["n_outputs"], X.shape[1]))
+            intercept = np.full(spec["n_outputs"], -10.0)
+            coef[np.asarray(probe.classes, dtype=int)] = lr.coef_
+            intercept[np.asarray(probe.classes, dtype=int)] = lr.intercept_
+    weight = coef / sigma[None, :]
+    bias = intercept - weight @ mu
+    head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+    head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+
+
+@torch.no_grad()
+def _pooled(
+    model: FoundationModel, source: Any, indices: np.ndarray, pooling: str, batch_size: int = 128
+) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros((len(indices), model.config.d_model), dtype=np.float32)
+    for start in range(0, len(indices), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in source.batch(indices[start : start + batch_size], None).items()
+        }
+        out[start : start + batch_size] = (
+            pool(model.forward_batch(batch), batch.get("attention_mask"), pooling)
+            .float()
+            .cpu()
+            .numpy()
+        )
+    return out
+
+
+def _freeze(model: FoundationModel, freeze_layers: int) -> None:
+    # The pretraining head is unused by the task loss: never train it.
+    for p in model.head.parameters():
+        p.requires_grad_(False)
+    if freeze_layers > 0:
+        for p in model.backbone.embed.parameters():
+            p.requires_grad_(False)
+        for block in model.backbone.blocks[:freeze_layers]:
+            for p in block.parameters():
+                p.requires_grad_(False)
+
+
+def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and "embed.tokens" not in name else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _validate(config: FinetuneConfig, n_layers: int) -> None:
+    if config.task is not None and config.task not in TASKS:
+        raise ConfigError(f"--task must be one of {TASKS}, not {config.task!r}", column="task")
+    if not 0 <= config.freeze_layers <= n_layers:
+        raise ConfigError(
+            f"--freeze-layers {config.freeze_layers} is outside 0..{n_layers} (the model has {n_layers} blocks)",
+            column="freeze_layers",
+        )
+    if config.lora and config.freeze_layers >= n_layers:
+        raise ConfigError(
+            f"--freeze-layers {config.freeze_layers} leaves no block for LoRA (depth {n_layers})",
+            column="freeze_layers",
+        )
+    if config.merge and not config.lora:
+        raise ConfigError("--merge only applies to --lora", column="merge")
+    for name in ("epochs", "batch_size", "lora_rank"):
+        if int(getattr(config, name)) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1", column=name)
+    if config.head_init not in ("probe", "random"):
+        raise ConfigError(
+            f"head_init must be 'probe' or 'random', not {config.head_init!r}", column="head_init"
+        )
+    if config.patience < 1:
+        raise ConfigError("patience must be at least 1", column="patience")
+    if not config.learning_rate() > 0:
+        raise ConfigError(f"--lr must be positive, not {config.lr}", column="lr")
+
+
+def finetune(
+    model_dir: str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    config: FinetuneConfig | None = None,
+    modality_name: str | None = None,
+    salt: str | None = None,
+    fractions=None,
+    n_boot: int = 200,
+    echo: bool = True,
+) -> FinetuneResult:
+    """Fine-tune a model folder on the labelled input and write the result to ``out``.
+
+    Parameters
+    ----------
+    model_dir
+        The pretrained (or previously fine-tuned) model folder.
+    input_path
+        Labelled input, read by the model's modality with ``options`` (label column ...).
+    out
+        Model folder to write (full fine-tuning, or LoRA with ``merge``) or adapter folder
+        (LoRA). Written atomically, only after training succeeded.
+    options
+        Modality reader options, as for ``healthfm evaluate``.
+    config
+        :class:`FinetuneConfig`.
+    modality_name
+        The modality the caller expects (checked against the model).
+    salt, fractions
+        The split; the model's ``training_info.json`` values by default, so the test
+        split is the one held out from pretraining and from the probe.
+    n_boot
+        Bootstrap resamples of the test metrics recorded in the provenance.
+    echo
+        Print parameter counts, progress per epoch and the test metrics.
+
+    Returns
+    -------
+    FinetuneResult
+
+    Raises
+    ------
+    ConfigError
+        Bad settings (``--freeze-layers`` beyond the depth, unknown task ...).
+    DataError
+        No labels, one class, labels missing, an empty train split.
+    ModelError
+        Unreadable model folder.
+    """
+    t0 = time.perf_counter()
+    config = config or FinetuneConfig()
+    options = options or {}
+    model_dir = Path(model_dir)
+    base = load(model_dir, modality=modality_name)
+    if base.tokenizer is None:
+        raise ModelError("model folder has no tokenizer.json", file=model_dir)
+    _validate(config, base.config.n_layers)
+    modality = get_modality(base.config.modality)
+    info = _training_info(model_dir)
+    salt = salt or info.get("split_salt", "healthfm")
+    fractions = tuple(fractions or info.get("split_fractions", (0.7, 0.1, 0.2)))
+    pooling = config.pooling or base.config.pooling
+    samples = modality.read(input_path, options)
+    if samples.labels is None and type(modality).evaluate_command is not Modality.evaluate_command:
+        # Labels that are not per sample (EHR label files with prediction times) come
+        # through the modality's own evaluate; fine-tuning has no such path yet.
+        raise ConfigError(
+            f"fine-tuning {modality.name!r} data needs per-sample labels; this modality's labels "
+            "come through its own evaluate command, which fine-tuning does not support yet",
+            file=samples.source,
+        )
+    modality.check_input(samples, base.tokenizer)
+    data = _task_data(modality, samples, salt, fractions, config, pooling)
+    torch.manual_seed(config.seed)
+    model = with_task_head(base, data.spec)
+    truncate = getattr(modality, "truncate", "head")
+    with tempfile.TemporaryDirectory(prefix="healthfm-finetune-") as tmp:
+        from healthfm.pipeline import tokenize_to_store
+
+        store = tokenize_to_store(modality, base.tokenizer, samples, Path(tmp) / "store")
+        source = StoreSource(store, model.config.max_len, truncate)
+        _init_head(model, source, data, config)
+        _freeze(model, config.freeze_layers)
+        peft_model = None
+        if config.lora:
+            from healthfm.evaluate.adapters import add_lora
+
+            peft_model = add_lora(
+                model,
+                config.lora_rank,
+                config.lora_alpha or 2.0 * config.lora_rank,
+                config.lora_dropout,
+                first_layer=config.freeze_layers,
+            )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        if echo:
+            print(
+                f"fine-tuning ({config.method}, {data.spec['task']}): trainable parameters {trainable:,} "
+                f"of {total:,} ({100.0 * trainable / total:.2f}%)"
+            )
+        history, best_epoch, best_loss = _fit(model, source, data, config, echo)
+        test_scores = None
+        if len(data.splits["test"]):
+            test_scores = _to_scores(
+                _raw_outputs(model, source, data.splits["test"], pooling, bf16=config.bf16),
+                data.spec,
+            )
+    test_metrics = _score(data, test_scores, n_boot, config.seed) if test_scores is not None else {}
+    wall = time.perf_counter() - t0
+    provenance = {
+        "finetune": {
+            "method": config.method,
+            "config": asdict(config),
+            "base_model": str(model_dir.resolve()),
+            "base_model_hash": base.model_hash,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "best_val_loss": best_loss,
+            "history": history,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "n_train": len(data.splits["train"]),
+            "n_val": len(data.splits["val"]),
+            "n_test": len(data.splits["test"]),
+            "val_carved_from_train": data.val_from_train,
+            "test_metrics": test_metrics,
+            "wall_seconds": wall,
+        },
+        "data_hash": samples.data_hash,
+        "source": str(samples.source),
+        "split_salt": salt,
+        "split_fractions": list(fractions),
+    }
+    out = Path(out)
+    if peft_model is not None and not config.merge:
+        from healthfm.evaluate.adapters import save_adapter
+
+        with atomic_dir(out) as tmp_out:
+            save_adapter(
+                peft_model,
+                tmp_out,
+                model_dir,
+                base.model_hash,
+                {"task_head": data.spec, "modality": base.config.modality, **provenance},
+            )
+    else:
+        final = peft_model.merge_and_unload() if peft_model is not None else model
+        for p in final.parameters():
+            p.requires_grad_(False)
+        save_pretrained(
+            final,
+            out,
+            base.tokenizer,
+            info={**{k: v for k, v in info.items() if k not in provenance}, **provenance},
+        )
+    if echo:
+        line = ", ".join(
+            f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+            for k, v in test_metrics.items()
+            if k in ("auroc", "balanced_accuracy", "r2", "rmse")
+        )
+        print(
+            f"wrote {out}: best epoch {best_epoch} of {len(history)}, val loss {best_loss:.4f}; "
+            f"test {line or '-'}; {wall:.1f} s"
+        )
+    return FinetuneResult(
+        out=out,
+        method=config.method,
+        task=data.spec["task"],
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        best_val_loss=best_loss,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        wall_seconds=wall,
+        history=history,
+        test_metrics=test_metrics,
+        test_indices=data.splits["test"],
+        test_scores=test_scores,
+    )
+
+
+def _fit(
+    model: FoundationModel, source: StoreSource, data: _TaskData, config: FinetuneConfig, echo: bool
+) -> tuple[list[dict[str, float]], int, float]:
+    from healthfm.train.trainer import TrainConfig
+
+    device = next(model.parameters()).device
+    train_idx, val_idx = data.splits["train"], data.splits["val"]
+    steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    schedule = TrainConfig(
+        steps=total_steps,
+        lr=config.learning_rate(),
+        min_lr_ratio=0.1,
+        warmup_steps=max(1, int(config.warmup_fraction * total_steps)),
+    )
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=schedule.lr, betas=(0.9, 0.98)
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = _loss_fn(data.spec, data.class_weights, device)
+    pooling = data.spec["pooling"]
+    targets = torch.from_numpy(data.targets)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if config.bf16
+        else contextlib.nullcontext
+    )
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state, since_best = math.inf, 0, None, 0
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
+        total, count = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            idx = order[start : start + config.batch_size]
+            batch = {k: v.to(device) for k, v in source.batch(idx, None).items()}
+            y = targets[idx].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr_at(step)
+            with autocast():
+                loss = loss_fn(_head_outputs(model, batch, pooling), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            step += 1
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        raw = _raw_outputs(model, source, val_idx, pooling, bf16=config.bf16)
+        with torch.no_grad():
+            val_loss = float(loss_fn(torch.from_numpy(raw).to(device), targets[val_idx].to(device)))
+        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss})
+        if echo:
+            print(
+                f"  epoch {epoch:>3}: train loss {total / max(count, 1):.4f}, val loss {val_loss:.4f}"
+            )
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, since_best = val_loss, epoch, 0
+            # Only trainable tensors change: keep copies of those (cheap for LoRA).
+            best_state = {
+                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+            }
+        else:
+            since_best += 1
+            if since_best >= config.patience:
+                break
+    if best_state is not None:
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for name, value in best_state.items():
+                named[name].copy_(value)
+    model.eval()
+    return history, best_epoch, best_loss
+
+
+def _score(
+    data: _TaskData, scores: np.ndarray, n_boot: int, seed: int
+) -> dict[str, dict[str, float]]:
+    test_idx = data.splits["test"]
+    # Resample groups (identical sequences, a donor's cells), as evaluate does.
+    groups = np.asarray(data.samples.groups)[test_idx].astype(str)
+    if data.spec["task"] == "regression":
+        y = np.asarray(data.samples.labels[test_idx], dtype=np.float64)
+        metrics = regression_metrics(y, scores, n_boot=n_boot, seed=seed, groups=groups)
+    else:
+        y = data.targets[test_idx]
+        keep = y >= 0
+        metrics = classification_metrics(
+            y[keep], scores[keep], n_boot=n_boot, seed=seed, groups=groups[keep]
+        )
+    return {
+        k: {"value": float(m.value), "ci_low": float(m.ci_low), "ci_high": float(m.ci_high)}
+        for k, m in metrics.items()
+    }
+
+
+# ---------------------------------------------------------------------------- evaluate rows
+
+
+def finetuned_rows(
+    model_dirs: list[str | Path],
+    modality: Modality,
+    samples: Samples,
+    test_idx: np.ndarray,
+    classes: np.ndarray,
+    task: str,
+    n_boot: int = 1000,
+    batch_size: int = 128,
+    metrics: list[str] | None = None,
+) -> list[ResultRow]:
+    """Result rows of fine-tuned models' own predictions on the test split.
+
+    Used by :func:`healthfm.pipeline.evaluate` to put LoRA and full fine-tuning next to
+    the probe and the baselines: same samples, same test split, same metrics and
+    bootstrap. Method names are ``<preset>-finetune-<full|lora|lora-merged>`` (plus
+    ``@<folder>`` when two models share one).
+
+    Parameters
+    ----------
+    model_dirs
+        Fine-tuned model folders and/or LoRA adapter folders.
+    modality, samples
+        The evaluated input.
+    test_idx
+        Indices of the test split.
+    classes
+        The evaluation's sorted class names (the probe's class order).
+    task
+        Task name of the rows.
+    """
+    from healthfm import __version__
+    from healthfm.evaluate.probe import align_proba
+    from healthfm.pipeline import tokenize_to_store
+
+    rows: list[ResultRow] = []
+    seen: set[str] = set()
+    for path in model_dirs:
+        t = time.perf_counter()
+        model = load_finetuned(path)
+        spec = task_spec(model)
+        info = _read_provenance(Path(path))
+        method = f"{model.config.preset or 'model'}-finetune-{info.get('method', 'full')}"
+        if method in seen:
+            method = f"{method}@{Path(path).name}"
+        seen.add(method)
+        modality.check_input(samples, model.tokenizer)
+        with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
+            store = tokenize_to_store(
+                modality, model.tokenizer, samples, Path(tmp) / "store", test_idx
+            )
+            source = StoreSource(store, model.config.max_len, getattr(modality, "truncate", "head"))
+            scores = predict(model, source, batch_size=batch_size)
+        seed = int(info.get("config", {}).get("seed", 0))
+        groups = np.asarray(samples.groups)[test_idx].astype(str)
+        if spec["task"] == "regression":
+            y = np.asarray(samples.labels[test_idx], dtype=np.float64)
+            result = regression_metrics(y, scores, n_boot=n_boot, seed=seed, groups=groups)
+        else:
+            head_classes = np.asarray(spec["classes"])
+            unknown = head_classes[~np.isin(head_classes, classes)]
+            if unknown.size:
+                raise DataError(
+                    f"the fine-tuned model predicts classes {unknown.tolist()[:5]} absent from "
+                    "this input's labels",
+                    file=samples.source,
+                    column=samples.label_column,
+                )
+            proba = align_proba(scores, head_classes, classes)
+            y = np.searchsorted(classes, samples.labels[test_idx])
+            result = classification_metrics(y, proba, n_boot=n_boot, seed=seed, groups=groups)
+        wall = time.perf_counter() - t
+        for name, m in result.items():
+            if metrics is not None and name not in metrics:
+                continue
+            rows.append(
+                ResultRow(
+                    task=task,
+                    method=method,
+                    is_baseline=False,
+                    metric=name,
+                    value=float(m.value),
+                    ci_low=float(m.ci_low),
+                    ci_high=float(m.ci_high),
+                    n_test=len(test_idx),
+                    seed=seed,
+                    model_hash=getattr(model, "model_hash", None),
+                    data_hash=samples.data_hash,
+                    healthfm_version=__version__,
+                    wall_seconds=wall,
+                    extra={
+                        "finetune_method": info.get("method"),
+                        "trainable_parameters": info.get("trainable_parameters"),
+                        "finetune_wall_seconds": info.get("wall_seconds"),
+                        "best_epoch": info.get("best_epoch"),
+                        "base_model_hash": info.get("base_model_hash"),
+                        "modality": modality.name,
+                        "model_folder": str(path),
+                    },
+                )
+            )
+    return rows
+
+
+def _read_provenance(path: Path) -> dict[str, Any]:
+    from healthfm.evaluate.adapters import BASE_REF
+
+    for name in (BASE_REF, "training_info.json"):
+        if (path / name).is_file():
+            return json.loads((path / name).read_text()).get("finetune", {})
+    return {}

@@ -1,0 +1,362 @@
+"""Slide-level learning on bags of tile embeddings: gated attention MIL (Ilse et al. 2018).
+
+A slide is a bag of tile embeddings with one label. Gated ABMIL scores each tile,
+``a_i ∝ exp(wᵀ(tanh(V h_i) ⊙ σ(U h_i)))``, pools ``z = Σ a_i h_i`` and classifies ``z``;
+the attention ``a_i`` says which tiles drove the prediction and is saved per tile and
+drawn as a heat map over the slide thumbnail. The baseline is the mean of the tile
+embeddings + logistic regression, on the same splits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from healthfm.errors import DataError
+from healthfm.evaluate.results import ResultRow, format_table, write_results
+
+
+class GatedABMIL(nn.Module):
+    """Gated attention-based MIL classifier.
+
+    Parameters
+    ----------
+    in_dim
+        Tile-embedding size.
+    n_classes
+        Number of slide classes.
+    hidden, attn_dim
+        Width of the instance projection and of the attention network.
+    dropout
+        Dropout on the projected instances.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int,
+        hidden: int = 128,
+        attn_dim: int = 64,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.attn_v = nn.Linear(hidden, attn_dim)
+        self.attn_u = nn.Linear(hidden, attn_dim)
+        self.attn_w = nn.Linear(attn_dim, 1)
+        self.classifier = nn.Linear(hidden, n_classes)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(B, C)`` and attention ``(B, N)`` (zero at padding) of padded bags ``(B, N, D)``."""
+        h = self.project(x)
+        scores = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=1)
+        z = torch.einsum("bn,bnd->bd", attn, h)
+        return self.classifier(z), attn
+
+
+def pad_bags(bags: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad bags ``[(n_i, D)]`` into ``(B, max n, D)`` and a bool mask."""
+    n = max(len(b) for b in bags)
+    d = bags[0].shape[1]
+    x = np.zeros((len(bags), n, d), dtype=np.float32)
+    mask = np.zeros((len(bags), n), dtype=bool)
+    for i, b in enumerate(bags):
+        x[i, : len(b)] = b
+        mask[i, : len(b)] = True
+    return torch.from_numpy(x), torch.from_numpy(mask)
+
+
+def fit_abmil(
+    bags: list[np.ndarray],
+    y: np.ndarray,
+    n_classes: int,
+    seed: int = 0,
+    epochs: int = 40,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 8,
+    **kwargs: Any,
+) -> GatedABMIL:
+    """Train gated ABMIL on bags with labels ``y`` (class indices); deterministic in ``seed``.
+
+    Features are standardized with the training instances' mean and std (stored in the
+    model), AdamW, class-balanced cross-entropy.
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    allx = np.concatenate(bags)
+    mean, std = allx.mean(0), allx.std(0) + 1e-6
+    model = GatedABMIL(bags[0].shape[1], n_classes, **kwargs)
+    model.register_buffer("feat_mean", torch.from_numpy(mean.astype(np.float32)))
+    model.register_buffer("feat_std", torch.from_numpy(std.astype(np.float32)))
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weight = torch.tensor(
+        np.where(counts > 0, len(y) / np.maximum(counts, 1) / n_classes, 0.0), dtype=torch.float32
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(len(bags))
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            x, mask = pad_bags([bags[i] for i in idx])
+            x = (x - model.feat_mean) / model.feat_std
+            logits, _ = model(x, mask)
+            loss = F.cross_entropy(logits, torch.from_numpy(y[idx]).long(), weight=weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def predict_abmil(
+    model: GatedABMIL, bags: list[np.ndarray], batch_size: int = 8
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Class probabilities ``(n_bags, C)`` and each bag's attention over its tiles."""
+    model.eval()
+    probs, attns = [], []
+    for s in range(0, len(bags), batch_size):
+        chunk = bags[s : s + batch_size]
+        x, mask = pad_bags(chunk)
+        x = (x - model.feat_mean) / model.feat_std
+        logits, attn = model(x, mask)
+        probs.append(torch.softmax(logits, -1).numpy())
+        attns.extend(attn[i, : len(b)].numpy().copy() for i, b in enumerate(chunk))
+    return np.concatenate(probs), attns
+
+
+# ---------------------------------------------------------------------- slide evaluation
+
+
+def _find_h5(features_dir: Path, slide_id: str) -> Path | None:
+    for cand in (
+        features_dir / f"{slide_id}.h5",
+        features_dir / "patches" / f"{slide_id}.h5",
+        features_dir / "features" / f"{slide_id}.h5",
+    ):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _find_thumbnail(features_dir: Path, slide_id: str, attrs: dict[str, Any]) -> Path | None:
+    """The plain thumbnail written by ``healthfm tile``: by slide id beside the features,
+    or by the tile file's ``name`` / ``savetodir`` attributes."""
+    names = [slide_id] + ([str(attrs["name"])] if attrs.get("name") else [])
+    roots = [features_dir, features_dir.parent]
+    if attrs.get("savetodir"):
+        roots.append(Path(str(attrs["savetodir"])).parent)
+    for root in roots:
+        for name in names:
+            cand = root / "thumbnails" / f"{name}.raw.png"
+            if cand.is_file():
+                return cand
+    return None
+
+
+def read_slide_labels(
+    path: str | Path, slide_column: str = "slide_id", label_column: str = "label"
+):
+    """Read ``slides.csv``: slide id, label and an optional ``split`` column."""
+    import polars as pl
+
+    path = Path(path)
+    try:
+        table = pl.read_csv(path, infer_schema_length=0)
+    except Exception as exc:
+        raise DataError(f"cannot read the slide labels: {exc}", file=path) from exc
+    for col in (slide_column, label_column):
+        if col not in table.columns:
+            raise DataError(
+                f"slide label file lacks column {col!r} (has {table.columns})",
+                file=path,
+                column=col,
+            )
+    ids = table[slide_column].to_numpy().astype(str)
+    labels = table[label_column].to_numpy()
+    missing = np.array([v is None or str(v).strip() == "" for v in labels])
+    if missing.any():
+        raise DataError(
+            "empty label", file=path, column=label_column, row=int(np.flatnonzero(missing)[0])
+        )
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(
+            f"slide {uniq[counts > 1][0]!r} is listed twice", file=path, column=slide_column
+        )
+    splits = None
+    if "split" in table.columns:
+        splits = np.char.lower(table["split"].to_numpy().astype(str))
+        bad = ~np.isin(splits, ["train", "val", "test"])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"split must be train, val or test, not {splits[row]!r}",
+                file=path,
+                column="split",
+                row=row,
+            )
+    return ids, labels.astype(str), splits
+
+
+def evaluate_slides(
+    model_dir: str | Path | None,
+    features_dir: str | Path,
+    labels_csv: str | Path,
+    out_dir: str | Path,
+    seeds=(0, 1, 2, 3, 4),
+    n_boot: int = 1000,
+    slide_column: str = "slide_id",
+    label_column: str = "label",
+    epochs: int = 40,
+    echo: bool = True,
+) -> list[ResultRow]:
+    """Gated ABMIL vs mean-pooling + logistic regression on slide labels, with CIs.
+
+    Parameters
+    ----------
+    model_dir
+        The model that produced the features (for provenance; may be None).
+    features_dir
+        Folder of Trident-layout ``<slide_id>.h5`` files with ``features``.
+    labels_csv
+        ``slide_id,label[,split]``; without ``split`` slides are split by a stratified
+        hash (70 / 10 / 20).
+    out_dir
+        ``results.json``, ``attention/<slide>.h5`` (coords + attention of the seed-0
+        model, every slide) and ``heatmaps/<slide>.png`` when a thumbnail is found.
+    """
+    from healthfm.evaluate.metrics import classification_metrics
+    from healthfm.evaluate.probe import align_proba, fit_linear_probe
+    from healthfm.fsutil import sha256_file
+    from healthfm.pathology.split import stratified_pool_split, stratified_split
+    from healthfm.pathology.tiling import draw_grid, read_tiles_h5, write_png, write_tiles_h5
+
+    t0 = time.perf_counter()
+    features_dir, out_dir, labels_csv = Path(features_dir), Path(out_dir), Path(labels_csv)
+    ids, labels, splits = read_slide_labels(labels_csv, slide_column, label_column)
+    bags, grids = [], []
+    for row, sid in enumerate(ids):
+        h5 = _find_h5(features_dir, sid)
+        if h5 is None:
+            raise DataError(
+                f"no features file {sid}.h5 for slide {sid!r}",
+                file=features_dir,
+                column=slide_column,
+                row=row,
+            )
+        grid, feats = read_tiles_h5(h5)
+        if feats is None:
+            raise DataError(
+                "tile file has no 'features' (run healthfm embed first)", file=h5, column="features"
+            )
+        if bags and feats.shape[1] != bags[0].shape[1]:
+            raise DataError(
+                f"features have {feats.shape[1]} dims, other slides {bags[0].shape[1]}",
+                file=h5,
+                column="features",
+            )
+        if len(feats) == 0:
+            raise DataError("slide has no tiles", file=h5, column="features")
+        bags.append(feats)
+        grids.append(grid)
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise DataError("slide labels hold a single class", file=labels_csv, column=label_column)
+    if splits is None:
+        splits = stratified_split(y, ids, (0.7, 0.1, 0.2), salt="healthfm")
+    test_idx = np.flatnonzero(splits == "test")
+    pool_idx = np.flatnonzero(splits != "test")
+    if len(test_idx) == 0 or len(pool_idx) < 2:
+        raise DataError("too few slides for a train / test split", file=labels_csv)
+    model_hash = sha256_file(Path(model_dir) / "model.safetensors") if model_dir else None
+    data_hash = sha256_file(labels_csv)
+    mean_feats = np.stack([b.mean(0) for b in bags])
+    rows: list[ResultRow] = []
+    metrics_kw = {"n_boot": n_boot}
+    for seed in seeds:
+        tr, va = stratified_pool_split(y, pool_idx, seed)
+        t = time.perf_counter()
+        mil = fit_abmil(
+            [bags[i] for i in pool_idx], y[pool_idx], len(classes), seed=seed, epochs=epochs
+        )
+        proba, _ = predict_abmil(mil, [bags[i] for i in test_idx])
+        methods = {"gated-abmil": (proba, False, time.perf_counter() - t)}
+        t = time.perf_counter()
+        probe = fit_linear_probe(
+            mean_feats[tr], y[tr], mean_feats[va], y[va], mean_feats[test_idx], seed=seed
+        )
+        methods["mean-pool+logreg"] = (
+            align_proba(probe.proba, probe.classes, np.arange(len(classes))),
+            True,
+            time.perf_counter() - t,
+        )
+        for method, (scores, is_baseline, wall) in methods.items():
+            metrics = classification_metrics(y[test_idx], scores, seed=seed, **metrics_kw)
+            for name in ("balanced_accuracy", "macro_f1", "auroc", "accuracy"):
+                if name in metrics:
+                    m = metrics[name]
+                    rows.append(
+                        ResultRow(
+                            task=f"{labels_csv.stem}:{label_column}",
+                            method=method,
+                            is_baseline=is_baseline,
+                            metric=name,
+                            value=float(m.value),
+                            ci_low=float(m.ci_low),
+                            ci_high=float(m.ci_high),
+                            n_test=len(test_idx),
+                            seed=int(seed),
+                            model_hash=None if is_baseline else model_hash,
+                            data_hash=data_hash,
+                            wall_seconds=wall,
+                            extra={
+                                "level": "slide",
+                                "n_train": len(pool_idx),
+                                "modality": "pathology",
+                            },
+                        )
+                    )
+        if seed == seeds[0]:
+            # Attention of the first seed's model over every slide, saved and drawn.
+            _, attns = predict_abmil(mil, bags)
+            for sid, grid, attn in zip(ids, grids, attns, strict=True):
+                write_tiles_h5(
+                    out_dir / "attention" / f"{sid}.h5",
+                    grid,
+                    datasets={"attention": attn.astype(np.float32)},
+                )
+                thumb = _find_thumbnail(features_dir, sid, grid.attrs)
+                if thumb is not None:
+                    from PIL import Image
+
+                    with Image.open(thumb) as im:
+                        low = np.asarray(im.convert("RGB"))
+                    ds = float(
+                        grid.attrs.get(
+                            "thumbnail_downsample",
+                            grid.attrs.get("level0_width", low.shape[1]) / low.shape[1],
+                        )
+                    )
+                    write_png(
+                        out_dir / "heatmaps" / f"{sid}.png",
+                        draw_grid(low, ds, grid.coords, int(grid.attrs["patch_size_level0"]), attn),
+                    )
+    write_results(out_dir / "results.json", rows)
+    if echo:
+        print(format_table([r.to_dict() for r in rows], ["balanced_accuracy", "macro_f1", "auroc"]))
+        print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
+    return rows

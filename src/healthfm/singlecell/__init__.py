@@ -1,0 +1,362 @@
+"""The single-cell modality: AnnData counts, Geneformer / scGPT tokens, HVG+PCA baselines.
+
+* Reading: ``.h5ad`` (optionally backed), counts in ``X`` or ``--layer``, genes in
+  ``var_names`` or ``--gene-column``, validated (:mod:`healthfm.singlecell.reader`).
+* Tokens: rank-value encoding (``--tokenizer rank``, default, Geneformer) or value
+  binning (``--tokenizer binned``, scGPT), fitted on the training cells only
+  (:mod:`healthfm.singlecell.tokenizer`). Pretraining is masked gene modelling through the
+  shared masked objective (for binned tokens it also hides the masked tokens' values).
+* Splits: by ``--group-column`` (donor, sample) when given; otherwise, with a label column,
+  stratified by label (each class cut 70/10/20 by a hash of the barcode); otherwise by a
+  hash of the barcode. Give pretraining the same ``--label-column`` as evaluation so both
+  hold out the same test cells.
+* Evaluation: linear probe next to ``hvg-pca+logreg`` and ``lognorm+logreg``
+  (:mod:`healthfm.singlecell.baselines`), plus k-NN probes and zero-shot k-means
+  clustering (ARI, NMI) of the embedding next to the same on HVG+PCA.
+* scverse API: :func:`fit` and :func:`healthfm.singlecell.tl.embed`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthfm.errors import ConfigError, DataError
+from healthfm.evaluate.results import ResultRow
+from healthfm.modality import (
+    BaselineFn,
+    Modality,
+    Samples,
+    _unit_interval,
+    assign_splits,
+    register_modality,
+)
+from healthfm.singlecell import tl
+from healthfm.singlecell.baselines import BASELINES, highly_variable_genes, hvg_pca, log_normalize
+from healthfm.singlecell.bundled import celltypist_sample, pbmc68k, pretraining_corpus
+from healthfm.singlecell.evaluation import clustering_rows, knn_rows
+from healthfm.singlecell.reader import (
+    CountMatrix,
+    Coverage,
+    read_h5ad,
+    samples_from_anndata,
+)
+from healthfm.singlecell.tl import fit
+from healthfm.singlecell.tokenizer import (
+    DEFAULT_MAX_LENGTH,
+    BinnedTokenizer,
+    CellTokenizer,
+    RankValueTokenizer,
+)
+from healthfm.tokenizer import Tokenizer
+from healthfm.tokens import TokenChunk
+
+__all__ = [
+    "BinnedTokenizer",
+    "CellTokenizer",
+    "CountMatrix",
+    "Coverage",
+    "RankValueTokenizer",
+    "SingleCellModality",
+    "celltypist_sample",
+    "fit",
+    "highly_variable_genes",
+    "hvg_pca",
+    "log_normalize",
+    "pbmc68k",
+    "pretraining_corpus",
+    "read_h5ad",
+    "samples_from_anndata",
+    "stratified_splits",
+    "tl",
+]
+
+log = logging.getLogger("healthfm")
+
+#: Cells per TokenChunk yielded by :meth:`SingleCellModality.encode` (small blocks keep the
+#: per-entry temporaries in cache and peak memory low; larger ones were not faster).
+CHUNK_CELLS = 512
+TOKENIZERS = {"rank": RankValueTokenizer, "binned": BinnedTokenizer}
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _no_value(value: Any) -> bool:
+    return value is None or str(value).strip().lower() in ("", "none")
+
+
+def stratified_splits(
+    labels: np.ndarray, keys: np.ndarray, fractions: tuple[float, float, float], salt: str
+) -> np.ndarray:
+    """Split each class separately: cells ordered by a hash of their key, cut by fractions.
+
+    Cell ``r`` (0-based, in hash order) of a class of ``n`` cells goes to train when
+    ``(r + 0.5) / n < fractions[0]``, to val below ``fractions[0] + fractions[1]``, else to
+    test; so every class of three or more cells has test cells, and the assignment does not
+    depend on row order.
+    """
+    labels = np.asarray(labels).astype(str)
+    u = np.fromiter((_unit_interval(str(k), salt) for k in keys), dtype=np.float64, count=len(keys))
+    order = np.lexsort((u, labels))
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts
+    sorted_cls = inverse[order]
+    rank = np.arange(len(order)) - starts[sorted_cls]
+    frac = (rank + 0.5) / counts[sorted_cls]
+    cut1, cut2 = fractions[0], fractions[0] + fractions[1]
+    names = np.where(frac < cut1, "train", np.where(frac < cut2, "val", "test"))
+    out = np.empty(len(labels), dtype=names.dtype)
+    out[order] = names
+    return out
+
+
+class SingleCellModality(Modality):
+    """Single-cell RNA-seq counts from AnnData ``.h5ad`` files."""
+
+    name = "singlecell"
+    objective = "masked"
+    default_pooling = "mean"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Reader and tokenizer options."""
+        g = parser  # the CLI already passes this modality's argument group
+        g.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
+        g.add_argument(
+            "--gene-column", default=None, help="var column of gene ids (default: var_names)"
+        )
+        g.add_argument(
+            "--label-column", default=None, help="obs column of cell labels (e.g. cell_type)"
+        )
+        g.add_argument(
+            "--group-column",
+            default=None,
+            help="obs column of the split unit (donor, sample); default: each cell",
+        )
+        g.add_argument(
+            "--total-column",
+            default=None,
+            help="obs column of library sizes, e.g. n_counts (default: the row sums)",
+        )
+        g.add_argument(
+            "--normalized", action="store_true", help="allow non-integer (normalized) values"
+        )
+        g.add_argument("--backed", action="store_true", help="read the matrix from disk in blocks")
+        g.add_argument(
+            "--tokenizer",
+            choices=sorted(TOKENIZERS),
+            default=None,
+            help="rank (Geneformer rank-value, default) or binned (scGPT value bins)",
+        )
+        g.add_argument(
+            "--max-length",
+            type=int,
+            default=None,
+            help=f"tokens per cell incl. [CLS] (default: the longest training cell, at most {DEFAULT_MAX_LENGTH})",
+        )
+        g.add_argument(
+            "--n-bins", type=int, default=None, help="value bins incl. zero (binned; default 51)"
+        )
+        g.add_argument(
+            "--min-cells",
+            type=int,
+            default=None,
+            help="keep genes expressed in at least this many training cells (default 1)",
+        )
+
+    def read(self, path: Any, options: dict[str, Any]) -> Samples:
+        """Read an ``.h5ad`` path (or an in-memory AnnData) into validated samples."""
+        kwargs = {
+            "layer": options.get("layer"),
+            "gene_column": options.get("gene_column"),
+            "label_column": None
+            if _no_value(options.get("label_column"))
+            else options["label_column"],
+            "group_column": options.get("group_column"),
+            "total_column": options.get("total_column"),
+            "normalized": bool(options.get("normalized", False)),
+        }
+        if not isinstance(path, str | Path):
+            return samples_from_anndata(path, options.get("source", "<AnnData>"), **kwargs)
+        return read_h5ad(path, backed=bool(options.get("backed", False)), **kwargs)
+
+    def fit_tokenizer(
+        self, samples: Samples, train_idx: np.ndarray, options: dict[str, Any]
+    ) -> CellTokenizer:
+        """Fit the chosen tokenizer's vocabulary (and medians) on the training cells."""
+        kind = options.get("tokenizer") or "rank"
+        if kind not in TOKENIZERS:
+            raise ConfigError(
+                f"unknown single-cell tokenizer {kind!r}; choose from {sorted(TOKENIZERS)}"
+            )
+        train_idx = np.asarray(train_idx, dtype=np.int64)
+        if len(train_idx) == 0:
+            raise DataError("no training cells to fit the tokenizer on", file=samples.source)
+        matrix = self._matrix(samples)
+        max_length = options.get("max_length")
+        if max_length is None:
+            longest = int(np.max(matrix.extra["n_expressed"][train_idx]))
+            max_length = min(_next_power_of_two(longest + 1), DEFAULT_MAX_LENGTH)
+        kwargs: dict[str, Any] = {
+            "max_length": int(max_length),
+            "total_column": options.get("total_column"),
+        }
+        if kind == "binned" and options.get("n_bins") is not None:
+            kwargs["n_bins"] = int(options["n_bins"])
+        blocks = ((block, matrix.totals[pos]) for pos, block in matrix.blocks(train_idx))
+        tokenizer = TOKENIZERS[kind].fit(
+            blocks, matrix.genes, min_cells=int(options.get("min_cells") or 1), **kwargs
+        )
+        return tokenizer
+
+    def encode(
+        self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
+    ) -> Iterator[TokenChunk]:
+        """Tokenize cells in chunks of 512, in order."""
+        tokenizer = self._tokenizer(tokenizer)
+        matrix = self._matrix(samples)
+        idx = None if indices is None else np.asarray(indices, dtype=np.int64)
+        for positions, block in matrix.blocks(idx, CHUNK_CELLS):
+            yield tokenizer.encode_block(
+                block, matrix.totals[positions], matrix.genes, samples.keys[positions].tolist()
+            )
+
+    def coverage(self, samples: Samples, tokenizer: Tokenizer) -> Coverage:
+        """How well the tokenizer's genes cover the data (genes and counts)."""
+        tokenizer = self._tokenizer(tokenizer)
+        matrix = self._matrix(samples)
+        col_map = tokenizer.column_map(matrix.genes)
+        shared = col_map >= 0
+        col_sums = np.zeros(len(matrix.genes))
+        no_gene = 0
+        for _, block in matrix.blocks():
+            col_sums += np.asarray(block.sum(axis=0), dtype=np.float64).reshape(-1)
+            no_gene += int(
+                np.sum(np.asarray(block[:, np.flatnonzero(shared)].sum(axis=1)).reshape(-1) <= 0)
+            )
+        total = col_sums.sum()
+        missing = matrix.genes[~shared]
+        top_missing = missing[np.argsort(-col_sums[~shared], kind="stable")[:5]].tolist()
+        return Coverage(
+            n_model_genes=len(tokenizer.genes),
+            n_data_genes=len(matrix.genes),
+            n_shared=int(shared.sum()),
+            count_fraction=float(col_sums[shared].sum() / total) if total > 0 else 0.0,
+            cells_without_model_gene=no_gene,
+            example_missing=[str(g) for g in top_missing],
+        )
+
+    def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
+        """Report vocabulary coverage; raise if the data share no gene with the model."""
+        cov = self.coverage(samples, tokenizer)
+        samples.info["coverage"] = {
+            "n_model_genes": cov.n_model_genes,
+            "n_shared_genes": cov.n_shared,
+            "model_gene_fraction": cov.model_fraction,
+            "count_fraction": cov.count_fraction,
+            "cells_without_model_gene": cov.cells_without_model_gene,
+        }
+        field = samples.info.get("gene_column")
+        column = f"var/{field}" if field else "var_names"
+        if cov.n_shared == 0:
+            example = self._matrix(samples).genes[0]
+            raise DataError(
+                f"none of the data's {cov.n_data_genes:,} genes is in the model's vocabulary of "
+                f"{cov.n_model_genes:,} (e.g. data gene {example!r}, model gene "
+                f"{self._tokenizer(tokenizer).genes[0]!r}); use --gene-column to pick the identifiers "
+                "the model was trained with (symbols vs Ensembl ids)",
+                file=samples.source,
+                column=column,
+                row=str(example),
+            )
+        # Shown by default (warning) whenever the vocabulary and the data differ.
+        incomplete = cov.n_shared < cov.n_model_genes or cov.n_shared < cov.n_data_genes
+        log.log(
+            logging.WARNING if incomplete else logging.INFO, "%s: %s", samples.source, cov.report()
+        )
+
+    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+        """Context = the tokenizer's ``max_length``; the value input for binned tokens."""
+        tokenizer = self._tokenizer(tokenizer)
+        return {"max_len": tokenizer.max_length, "use_values": "values" in tokenizer.fields}
+
+    def baselines(self) -> dict[str, BaselineFn]:
+        """``hvg-pca+logreg`` and ``lognorm+logreg``."""
+        return dict(BASELINES)
+
+    def split(
+        self, samples: Samples, salt: str, fractions: tuple[float, float, float]
+    ) -> np.ndarray:
+        """Group split with ``--group-column``; else stratified by label; else by barcode."""
+        if samples.info.get("group_column") is None and samples.labels is not None:
+            return stratified_splits(samples.labels, samples.keys, fractions, salt)
+        return assign_splits(samples.groups, fractions, salt)
+
+    def embed_command(
+        self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any
+    ) -> Path | None:
+        """``healthfm embed`` to ``.h5ad``: the input AnnData with ``obsm['X_healthfm']``."""
+        if Path(out).suffix != ".h5ad":
+            return None
+        return tl.embed_file(
+            model,
+            input_path,
+            out,
+            options,
+            pooling=kwargs.get("pooling"),
+            batch_size=kwargs.get("batch_size", 128),
+            bf16=kwargs.get("bf16", False),
+        )
+
+    def extra_evaluations(self, context: dict[str, Any]) -> list[ResultRow]:
+        """k-NN probe rows and zero-shot k-means clustering rows (ARI, NMI)."""
+        return knn_rows(context, self.name) + clustering_rows(context, self.name)
+
+    def demo_spec(self, quick: bool) -> dict[str, Any]:
+        """Pretrain on PBMC (non-test) + CellTypist cells, evaluate on PBMC ``bulk_labels``."""
+        return {
+            "input": str(pbmc68k()),
+            "options": {
+                "label_column": "bulk_labels",
+                "total_column": "n_counts",
+                "max_length": 128,
+            },
+            "preset": "tiny",
+            "steps": 40 if quick else 200,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "seeds": (0, 1) if quick else (0, 1, 2, 3, 4),
+            "n_boot": 200 if quick else 1000,
+        }
+
+    def run_demo(self, out: Path, quick: bool) -> list[ResultRow]:
+        """Build the pretraining corpus without the PBMC test cells, pretrain, evaluate."""
+        from healthfm.singlecell.demo import run_demo
+
+        return run_demo(self, self.demo_spec(quick), Path(out))
+
+    @staticmethod
+    def _matrix(samples: Samples) -> CountMatrix:
+        if not isinstance(samples.payload, CountMatrix):
+            raise ConfigError(
+                "single-cell samples must hold a CountMatrix (read them with read_h5ad)"
+            )
+        return samples.payload
+
+    @staticmethod
+    def _tokenizer(tokenizer: Tokenizer) -> CellTokenizer:
+        if not isinstance(tokenizer, CellTokenizer):
+            raise ConfigError(
+                f"the single-cell modality needs a singlecell tokenizer, got {type(tokenizer).__name__} "
+                f"({getattr(tokenizer, 'type', '?')})"
+            )
+        return tokenizer
+
+
+register_modality(SingleCellModality())

@@ -1,0 +1,255 @@
+"""scanpy-style API: ``fit`` a cell model on an AnnData, ``tl.embed`` cells into ``obsm``.
+
+>>> import scanpy as sc, healthfm.singlecell as hsc
+>>> model = hsc.fit(adata, out="pbmc_model", steps=300)          # counts in adata.X
+>>> hsc.tl.embed(adata, model)                                    # adata.obsm["X_healthfm"]
+>>> sc.pp.neighbors(adata, use_rep="X_healthfm"); sc.tl.umap(adata)
+
+Both go through the shared pipeline (the same reader validation, tokenizer, trainer and
+token store as the CLI), so a model fitted here embeds the same way from the command line.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from healthfm.errors import ConfigError
+from healthfm.model.heads import FoundationModel
+
+__all__ = ["embed", "embed_file", "fit"]
+
+
+def _modality():
+    from healthfm.modality import get_modality
+
+    return get_modality("singlecell")
+
+
+def _load(model: FoundationModel | str | Path) -> FoundationModel:
+    if isinstance(model, FoundationModel):
+        if getattr(model, "tokenizer", None) is None:
+            raise ConfigError("the model has no tokenizer; load it with healthfm.load(folder)")
+        if model.config.modality != "singlecell":
+            raise ConfigError(f"a {model.config.modality!r} model cannot embed cells")
+        return model
+    from healthfm.model.pretrained import load
+
+    return load(model, modality="singlecell")
+
+
+def fit(
+    adata: Any,
+    out: str | Path | None = None,
+    *,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    label_column: str | None = None,
+    group_column: str | None = None,
+    total_column: str | None = None,
+    tokenizer: str = "rank",
+    max_length: int | None = None,
+    preset: str = "tiny",
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    normalized: bool = False,
+    **model_overrides: Any,
+) -> FoundationModel:
+    """Pretrain a cell model (masked gene modelling) on the train split of ``adata``.
+
+    Parameters
+    ----------
+    adata
+        An AnnData with raw counts in ``X`` (or ``layer``), or the path of an ``.h5ad``.
+    out
+        Model folder to write; a temporary folder (deleted after loading) when None.
+    layer, gene_column, label_column, group_column, total_column, normalized
+        Reader options (see :func:`healthfm.singlecell.read_h5ad`). Give ``label_column``
+        if you will evaluate on the same data: the split is then stratified by label and
+        the test cells are held out of pretraining.
+    tokenizer
+        ``"rank"`` (Geneformer) or ``"binned"`` (scGPT).
+    max_length
+        Tokens per cell including ``[CLS]`` (default: the longest training cell, <= 2048).
+    preset, steps, batch_size, lr, seed
+        Model size and optimisation.
+    model_overrides
+        Extra :class:`~healthfm.model.ModelConfig` fields.
+
+    Returns
+    -------
+    FoundationModel
+        The trained model, with ``model.tokenizer`` set.
+    """
+    from healthfm import pipeline
+    from healthfm.model.pretrained import load
+    from healthfm.train.trainer import TrainConfig
+
+    options = {
+        "layer": layer,
+        "gene_column": gene_column,
+        "label_column": label_column,
+        "group_column": group_column,
+        "total_column": total_column,
+        "tokenizer": tokenizer,
+        "max_length": max_length,
+        "normalized": normalized,
+    }
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        eval_every=max(1, steps // 5),
+        checkpoint_every=max(1, steps // 2),
+        seed=seed,
+    )
+    with tempfile.TemporaryDirectory(prefix="healthfm-fit-") as tmp:
+        target = Path(out) if out is not None else Path(tmp) / "model"
+        run_dir = Path(tmp) / "run"
+        source = adata
+        if not isinstance(adata, str | Path):
+            # The shared pipeline reads files: hand it the AnnData as an .h5ad.
+            source = Path(tmp) / "input.h5ad"
+            adata.write_h5ad(source)
+        pipeline.pretrain(
+            _modality(),
+            source,
+            target,
+            options,
+            preset=preset,
+            train_config=config,
+            run_dir=run_dir,
+            model_overrides=model_overrides or None,
+        )
+        return load(target, modality="singlecell")
+
+
+def embed(
+    adata: Any,
+    model: FoundationModel | str | Path,
+    key_added: str = "X_healthfm",
+    *,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    total_column: str | None = None,
+    normalized: bool = False,
+    pooling: str | None = None,
+    batch_size: int = 128,
+    bf16: bool = False,
+    copy: bool = False,
+) -> Any:
+    """Embed every cell of ``adata`` with a cell model, scanpy style.
+
+    Writes ``adata.obsm[key_added]`` (float32, cells × d_model) and the run parameters to
+    ``adata.uns["healthfm"][key_added]`` (model hash, tokenizer, pooling, vocabulary
+    coverage, cells/s).
+
+    Parameters
+    ----------
+    adata
+        AnnData with raw counts in ``X`` (or ``layer``).
+    model
+        A model folder or a loaded model.
+    key_added
+        ``obsm`` key.
+    layer, gene_column, total_column, normalized
+        Reader options; ``total_column`` defaults to the one the tokenizer was fitted with
+        when ``adata.obs`` has it.
+    pooling
+        "mean" / "cls"; the model's default when None.
+    batch_size, bf16
+        Inference batch size and bf16 autocast.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    AnnData or None
+        The copy when ``copy=True``.
+    """
+    from healthfm import pipeline
+    from healthfm.evaluate.embed import embed_store
+
+    t0 = time.perf_counter()
+    model = _load(model)
+    modality = _modality()
+    tokenizer = model.tokenizer
+    if total_column is None and getattr(tokenizer, "total_column", None) in adata.obs.columns:
+        total_column = tokenizer.total_column
+    adata = adata.copy() if copy else adata
+    samples = modality.read(
+        adata,
+        {
+            "layer": layer,
+            "gene_column": gene_column,
+            "total_column": total_column,
+            "normalized": normalized,
+        },
+    )
+    modality.check_input(samples, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
+        store = pipeline.tokenize_to_store(modality, tokenizer, samples, Path(tmp) / "store")
+        emb = embed_store(model, store, pooling, batch_size, bf16)
+    seconds = time.perf_counter() - t0
+    adata.obsm[key_added] = np.ascontiguousarray(emb, dtype=np.float32)
+    info = adata.uns.get("healthfm", {})
+    info = dict(info) if isinstance(info, dict) else {}
+    info[key_added] = {
+        "model_hash": str(getattr(model, "model_hash", "") or ""),
+        "tokenizer": str(tokenizer.type),
+        "tokenizer_hash": tokenizer.hash,
+        "pooling": pooling or model.config.pooling,
+        "preset": str(model.config.preset or ""),
+        "d_model": int(model.config.d_model),
+        "max_length": int(tokenizer.max_length),
+        "layer": layer or "X",
+        "gene_column": gene_column or "var_names",
+        "total_column": total_column or "row sums",
+        **{k: v for k, v in samples.info.get("coverage", {}).items()},
+        "seconds": float(seconds),
+        "cells_per_second": float(adata.n_obs / seconds) if seconds > 0 else float("nan"),
+    }
+    adata.uns["healthfm"] = info
+    return adata if copy else None
+
+
+def embed_file(
+    model: FoundationModel | str | Path,
+    input_path: str | Path,
+    out: str | Path,
+    options: dict[str, Any] | None = None,
+    pooling: str | None = None,
+    batch_size: int = 128,
+    bf16: bool = False,
+    key_added: str = "X_healthfm",
+) -> Path:
+    """``healthfm embed MODEL IN.h5ad --out OUT.h5ad``: the input with the embedding in obsm.
+
+    The AnnData is read whole, validated, embedded and written atomically (temporary file,
+    then rename), gzip-compressed.
+    """
+    from healthfm.singlecell.bundled import write_h5ad_atomic
+    from healthfm.singlecell.reader import open_h5ad
+
+    options = options or {}
+    adata = open_h5ad(input_path)
+    embed(
+        adata,
+        model,
+        key_added,
+        layer=options.get("layer"),
+        gene_column=options.get("gene_column"),
+        total_column=options.get("total_column"),
+        normalized=bool(options.get("normalized", False)),
+        pooling=pooling,
+        batch_size=batch_size,
+        bf16=bf16,
+    )
+    return write_h5ad_atomic(adata, out)

@@ -1,0 +1,501 @@
+"""Cell tokenizers: Geneformer rank-value encoding and scGPT-style value binning.
+
+Both turn a cell (a row of counts) into ``[CLS]`` followed by its expressed genes, most
+expressed first, at most ``max_length`` tokens in all; gene ``g`` of the vocabulary has id
+``N_SPECIAL + g``. Genes of the data that are not in the vocabulary are ignored (the
+coverage report says how much of the data that drops).
+
+* :class:`RankValueTokenizer` (Geneformer, Theodoris et al. 2023): counts are divided by
+  the cell's total and multiplied by ``target_sum`` (10,000), then divided by the gene's
+  median over the non-zero values of the training cells (fitted, stored in
+  ``tokenizer.json``), so ubiquitous high-expression genes (housekeeping, mitochondrial)
+  drop down and genes that are unusually high *for that gene* move up. Genes are ordered
+  by that value, descending; ties keep the data's gene order (as a stable sort would).
+  The token's position is its rank; there is no value input.
+* :class:`BinnedTokenizer` (scGPT, Cui et al. 2024): the same gene tokens, ordered by
+  normalized expression, plus a value per token: the cell's quantile bin of
+  ``log1p(count / total * target_sum)`` over its expressed genes (``n_bins - 1`` edges at
+  ``np.quantile(values, linspace(0, 1, n_bins - 1))``, bin = ``np.digitize`` of the value,
+  1 … n_bins - 1), scaled to (0, 1] and fed to the backbone's value input. scGPT breaks
+  ties between equal edges at random; here they break to the left (deterministic). scGPT
+  samples genes at random beyond its context; here the most expressed are kept.
+
+Vectorization. A block of cells is processed with numpy on the CSR arrays: each expressed
+gene becomes one 64-bit key ``row | descending float32 bits of the score | column``; one
+``np.sort`` of the keys orders every cell's genes at once (the column bits make keys
+unique, so the order is fully determined), then top-N selection, ``[CLS]`` insertion and
+(for binning) per-cell quantile edges are computed with cumulative counts and
+``searchsorted``. There is no Python loop per cell or per gene.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from healthfm.errors import ConfigError
+from healthfm.tokenizer import CLS_ID, N_SPECIAL, Tokenizer, register_tokenizer
+from healthfm.tokens import TokenChunk
+
+#: Normalization target (counts per cell) used by Geneformer and scGPT.
+TARGET_SUM = 10_000.0
+#: Longest context proposed by default (Geneformer's 30M models use 2,048).
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_N_BINS = 51
+
+
+def gene_index(
+    data_genes: Sequence[str] | np.ndarray, vocab: Sequence[str] | np.ndarray
+) -> np.ndarray:
+    """Vocabulary position of each data gene, -1 for genes outside the vocabulary."""
+    return pd.Index(np.asarray(vocab, dtype=object)).get_indexer(
+        np.asarray(data_genes, dtype=object)
+    )
+
+
+def _float_bits_desc(values: np.ndarray) -> np.ndarray:
+    """uint64 keys that sort non-negative float32 values in descending order."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return np.uint64(0xFFFFFFFF) - bits
+
+
+def sort_rows_desc(
+    rows: np.ndarray, scores: np.ndarray, n_rows: int, exact: bool = True, packed: bool = True
+) -> np.ndarray:
+    """Permutation ordering entries by row, then score descending, then input order.
+
+    Entries must be row-major (as in a CSR matrix), so "input order" within a row is
+    column order: ties keep the data's gene order, as a stable sort would.
+
+    One ``np.sort`` of packed 64-bit keys ``row | float32 score bits | position in row``
+    orders everything at once. With ``exact`` (float64 scores), entries whose float32
+    scores tie but whose float64 scores differ are re-ordered by the float64 scores, so the
+    result equals ``np.lexsort((index, -scores, rows))``.
+
+    Parameters
+    ----------
+    rows
+        Row (cell) of each entry, 0..n_rows-1, non-decreasing.
+    scores
+        Score (>= 0) of each entry.
+    n_rows
+        Bound of ``rows``.
+    exact
+        Refine float32 ties with the float64 scores.
+    packed
+        False forces the (slower) lexsort path, which gives the same order.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 permutation.
+    """
+    n = len(rows)
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.cumsum(counts) - counts
+    pos_bits = max(1, int(max(int(counts.max(initial=1)) - 1, 0)).bit_length())
+    row_bits = max(1, int(n_rows - 1).bit_length())
+    if not packed or pos_bits + row_bits + 32 > 64:
+        # Too wide for one packed key: lexsort (slower, same order).
+        return np.lexsort((np.arange(n), -np.asarray(scores, dtype=np.float64), rows))
+    s32 = np.asarray(scores, dtype=np.float32)
+    # Build the key in place (few temporaries): row | descending score bits | position.
+    key = rows.astype(np.uint64)
+    key <<= np.uint64(32)
+    bits = s32.view(np.uint32).astype(np.uint64)
+    np.subtract(np.uint64(0xFFFFFFFF), bits, out=bits)
+    key |= bits
+    del bits
+    key <<= np.uint64(pos_bits)
+    pos = np.arange(n, dtype=np.int64)
+    pos -= starts[rows]
+    key |= pos.view(np.uint64)
+    del pos
+    key.sort()
+    # Rows are the primary key and were already grouped, so entry p stays in row rows[p].
+    key &= np.uint64((1 << pos_bits) - 1)
+    order = key.view(np.int64)
+    order += starts[rows]
+    if exact and n > 1:
+        s = s32[order]
+        same_row = rows[1:] == rows[:-1]
+        tie = same_row & (s[1:] == s[:-1])
+        if tie.any():
+            s64 = np.asarray(scores, dtype=np.float64)[order]
+            # Only runs of float32 ties whose float64 scores differ need re-ordering.
+            differs = tie & (s64[1:] != s64[:-1])
+            if differs.any():
+                run = np.cumsum(np.concatenate([[True], ~tie]))  # run id of every position
+                bad = np.zeros(int(run[-1]) + 1, dtype=bool)
+                bad[run[1:][differs]] = True
+                idx = np.flatnonzero(bad[run])
+                sub = order[idx]
+                order[idx] = sub[np.lexsort((sub, -s64[idx], run[idx]))]
+    return order
+
+
+def _expressed(
+    block: sp.csr_matrix, col_map: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, data columns, vocabulary indices and counts of the expressed vocabulary genes."""
+    block = block.tocsr()
+    rows = np.repeat(np.arange(block.shape[0], dtype=np.int64), np.diff(block.indptr))
+    cols = block.indices.astype(np.int64)
+    vocab = col_map[cols]
+    keep = (vocab >= 0) & (block.data > 0)
+    return rows[keep], cols[keep], vocab[keep], block.data[keep].astype(np.float64)
+
+
+def _segments(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row counts, starts, and each entry's position within its row (rows sorted)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.cumsum(counts) - counts
+    pos = np.arange(len(rows)) - starts[rows]
+    return counts, starts, pos
+
+
+def _assemble(
+    rows: np.ndarray,
+    vocab: np.ndarray,
+    pos: np.ndarray,
+    counts: np.ndarray,
+    max_genes: int,
+    values: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """[CLS] + the first ``max_genes`` genes of each row: flat ids, offsets, values."""
+    kept = np.minimum(counts, max_genes)
+    lengths = kept + 1
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    ids[offsets[:-1]] = CLS_ID
+    sel = pos < max_genes
+    target = offsets[rows[sel]] + 1 + pos[sel]
+    ids[target] = (N_SPECIAL + vocab[sel]).astype(np.int32)
+    out_values = None
+    if values is not None:
+        out_values = np.full(len(ids), np.nan, dtype=np.float32)
+        out_values[target] = values[sel]
+    return ids, offsets, out_values
+
+
+class CellTokenizer(Tokenizer):
+    """Shared part of the cell tokenizers: gene vocabulary, context length, normalization.
+
+    Parameters
+    ----------
+    genes
+        The gene vocabulary (identifiers as in the training data).
+    max_length
+        Tokens per cell, ``[CLS]`` included.
+    target_sum
+        Counts per cell after normalization.
+    total_column
+        The ``obs`` column of library sizes the tokenizer was fitted with (None: row sums);
+        a record for users, the reader option decides.
+    """
+
+    modality: ClassVar[str] = "singlecell"
+
+    def __init__(
+        self,
+        genes: Sequence[str],
+        max_length: int = DEFAULT_MAX_LENGTH,
+        target_sum: float = TARGET_SUM,
+        total_column: str | None = None,
+    ) -> None:
+        self.genes = np.asarray(list(genes), dtype=object)
+        if len(self.genes) == 0:
+            raise ConfigError("a cell tokenizer needs at least one gene")
+        if int(max_length) < 2:
+            raise ConfigError(f"max_length must be at least 2 ([CLS] + one gene), got {max_length}")
+        self.max_length = int(max_length)
+        self.target_sum = float(target_sum)
+        self.total_column = total_column
+        self._map_cache: tuple[int, np.ndarray] | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Specials plus one token per gene."""
+        return N_SPECIAL + len(self.genes)
+
+    def column_map(self, data_genes: np.ndarray) -> np.ndarray:
+        """Vocabulary index of each data column (-1 outside the vocabulary), cached."""
+        key = id(data_genes)
+        if self._map_cache is None or self._map_cache[0] != key:
+            self._map_cache = (key, gene_index(data_genes, self.genes))
+        return self._map_cache[1]
+
+    def token_names(self, ids: np.ndarray) -> np.ndarray:
+        """Gene identifier (or special token) of each id."""
+        from healthfm.tokenizer import SPECIAL_TOKENS
+
+        names = np.concatenate([np.asarray(SPECIAL_TOKENS, dtype=object), self.genes])
+        return names[np.asarray(ids)]
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            "genes": [str(g) for g in self.genes],
+            "max_length": self.max_length,
+            "target_sum": self.target_sum,
+            "total_column": self.total_column,
+        }
+
+    def encode_block(
+        self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]
+    ) -> TokenChunk:
+        """Tokenize a CSR block of cells (rows) with library sizes ``totals``."""
+        raise NotImplementedError
+
+
+@register_tokenizer
+class RankValueTokenizer(CellTokenizer):
+    """Geneformer rank-value encoding (see the module docstring).
+
+    Parameters
+    ----------
+    genes
+        Gene vocabulary.
+    medians
+        Each gene's median of ``count / total * target_sum`` over the training cells
+        where it is expressed.
+    """
+
+    type: ClassVar[str] = "singlecell.rank"
+    fields: tuple[str, ...] = ()
+
+    def __init__(self, genes: Sequence[str], medians: Sequence[float], **kwargs: Any) -> None:
+        super().__init__(genes, **kwargs)
+        self.medians = np.asarray(medians, dtype=np.float64)
+        if self.medians.shape != (len(self.genes),) or not np.all(self.medians > 0):
+            raise ConfigError("medians must be one positive number per gene")
+
+    def config(self) -> dict[str, Any]:
+        """Vocabulary, medians and settings."""
+        return {**self._base_config(), "medians": [float(m) for m in self.medians]}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> RankValueTokenizer:
+        """Rebuild from :meth:`config`."""
+        c = dict(config)
+        return cls(c.pop("genes"), c.pop("medians"), **c)
+
+    @classmethod
+    def fit(
+        cls,
+        blocks,
+        data_genes: np.ndarray,
+        min_cells: int = 1,
+        target_sum: float = TARGET_SUM,
+        **kwargs: Any,
+    ) -> RankValueTokenizer:
+        """Fit the vocabulary and per-gene non-zero medians on training cells.
+
+        Parameters
+        ----------
+        blocks
+            Iterable of ``(csr_block, totals)`` of the training cells.
+        data_genes
+            Gene identifier of each column.
+        min_cells
+            Keep genes expressed in at least this many training cells.
+        """
+        genes, medians = nonzero_medians(blocks, data_genes, min_cells, target_sum)
+        return cls(genes, medians, target_sum=target_sum, **kwargs)
+
+    def encode_block(
+        self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]
+    ) -> TokenChunk:
+        """Rank-value tokens of a block of cells."""
+        col_map = self.column_map(data_genes)
+        n = block.shape[0]
+        rows, _, vocab, counts = _expressed(block, col_map)
+        scores = (
+            counts
+            / np.asarray(totals, dtype=np.float64)[rows]
+            * self.target_sum
+            / self.medians[vocab]
+        )
+        order = sort_rows_desc(rows, scores, n)
+        vocab = vocab[order]  # rows stay grouped: rows[order] == rows
+        seg_counts, _, pos = _segments(rows, n)
+        ids, offsets, _ = _assemble(rows, vocab, pos, seg_counts, self.max_length - 1, None)
+        return TokenChunk(ids=ids, offsets=offsets, keys=list(keys))
+
+
+@register_tokenizer
+class BinnedTokenizer(CellTokenizer):
+    """scGPT-style value binning (see the module docstring).
+
+    Parameters
+    ----------
+    genes
+        Gene vocabulary.
+    n_bins
+        Number of bins including the zero bin (scGPT: 51), so expressed genes get bins
+        1 … n_bins - 1; the value input is ``bin / (n_bins - 1)``.
+    """
+
+    type: ClassVar[str] = "singlecell.binned"
+    fields: tuple[str, ...] = ("values",)
+
+    def __init__(self, genes: Sequence[str], n_bins: int = DEFAULT_N_BINS, **kwargs: Any) -> None:
+        super().__init__(genes, **kwargs)
+        if int(n_bins) < 3:
+            raise ConfigError(f"n_bins must be at least 3, got {n_bins}")
+        self.n_bins = int(n_bins)
+
+    def config(self) -> dict[str, Any]:
+        """Vocabulary and settings."""
+        return {**self._base_config(), "n_bins": self.n_bins}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BinnedTokenizer:
+        """Rebuild from :meth:`config`."""
+        c = dict(config)
+        return cls(c.pop("genes"), **c)
+
+    @classmethod
+    def fit(
+        cls,
+        blocks,
+        data_genes: np.ndarray,
+        min_cells: int = 1,
+        target_sum: float = TARGET_SUM,
+        **kwargs: Any,
+    ) -> BinnedTokenizer:
+        """Fit the vocabulary (genes expressed in at least ``min_cells`` training cells)."""
+        genes, _ = nonzero_medians(blocks, data_genes, min_cells, target_sum, medians=False)
+        return cls(genes, target_sum=target_sum, **kwargs)
+
+    def encode_block(
+        self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]
+    ) -> TokenChunk:
+        """Gene tokens with per-cell quantile bins of log1p expression as values."""
+        col_map = self.column_map(data_genes)
+        n = block.shape[0]
+        rows, _, vocab, counts = _expressed(block, col_map)
+        # float32 values: within a cell equal float32 values mean equal counts, so the
+        # float32 order is exact and the bins match np.quantile on these values.
+        logs = np.log1p(
+            counts / np.asarray(totals, dtype=np.float64)[rows] * self.target_sum
+        ).astype(np.float32)
+        order = sort_rows_desc(rows, logs, n, exact=False)
+        vocab, svals = vocab[order], logs[order]  # rows stay grouped: rows[order] == rows
+        seg_counts, starts, pos = _segments(rows, n)
+        bins = quantile_bins(svals, rows, seg_counts, starts, self.n_bins)
+        values = (bins / (self.n_bins - 1)).astype(np.float32)
+        ids, offsets, out_values = _assemble(
+            rows, vocab, pos, seg_counts, self.max_length - 1, values
+        )
+        return TokenChunk(ids=ids, offsets=offsets, keys=list(keys), values=out_values)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    # numpy's own interpolation formula (np.quantile, method="linear"), for identical edges.
+    diff = b - a
+    out = a + diff * t
+    return np.where(t >= 0.5, b - diff * (1 - t), out)
+
+
+def quantile_bins(
+    values_desc: np.ndarray, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray, n_bins: int
+) -> np.ndarray:
+    """Per-row ``np.digitize(x, np.quantile(row, np.linspace(0, 1, n_bins - 1)))``.
+
+    Parameters
+    ----------
+    values_desc
+        Values sorted by row, descending within each row (float32).
+    rows, counts, starts
+        Row of each value; per-row counts and start positions.
+    n_bins
+        Number of bins including the zero bin.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 bin of each value, 1 … n_bins - 1.
+    """
+    n_rows = len(counts)
+    if len(values_desc) == 0:
+        return np.zeros(0, dtype=np.int64)
+    v = values_desc.astype(np.float64)
+    q = np.linspace(0, 1, n_bins - 1)
+    virtual = q[None, :] * (counts[:, None] - 1).astype(np.float64)  # (rows, edges)
+    lo = np.floor(virtual)
+    t = virtual - lo
+    lo = lo.astype(np.int64)
+    hi = np.minimum(lo + 1, np.maximum(counts[:, None] - 1, 0))
+    # Ascending index k of a row is its descending position counts - 1 - k.
+    end = (starts + counts - 1)[:, None]
+    safe = counts[:, None] > 0
+    a = np.where(safe, v[np.clip(end - lo, 0, len(v) - 1)], 0.0)
+    b = np.where(safe, v[np.clip(end - hi, 0, len(v) - 1)], 0.0)
+    edges = _lerp(a, b, t)
+    # Count the edges <= x within each row with one searchsorted: shift each row's edges and
+    # values by a row offset larger than any value range (log1p of <= 1e4 counts is < 10).
+    span = float(max(np.max(v), np.max(edges)) + 1.0)
+    offset = np.arange(n_rows, dtype=np.float64)[:, None] * span
+    flat_edges = (edges + offset).reshape(-1)
+    x = v + offset[rows, 0]
+    idx = np.searchsorted(flat_edges, x, side="right")
+    return idx - rows * (n_bins - 1)
+
+
+def nonzero_medians(
+    blocks,
+    data_genes: np.ndarray,
+    min_cells: int = 1,
+    target_sum: float = TARGET_SUM,
+    medians: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Genes expressed in at least ``min_cells`` cells and their non-zero medians.
+
+    The median of gene ``g`` is taken over ``count / total * target_sum`` of the cells
+    that express it (Geneformer's normalization factor; Geneformer approximates it with
+    t-digests, here it is exact up to float32 rounding).
+
+    Parameters
+    ----------
+    blocks
+        Iterable of ``(csr_block, totals)``.
+    data_genes
+        Gene identifier of each column.
+
+    Returns
+    -------
+    genes, medians
+        Kept genes in data order, and their medians (None when ``medians=False``).
+    """
+    n_genes = len(data_genes)
+    cells = np.zeros(n_genes, dtype=np.int64)
+    keys = []
+    for block, totals in blocks:
+        block = block.tocsr()
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+        keep = block.data > 0
+        cols = block.indices[keep].astype(np.int64)
+        cells += np.bincount(cols, minlength=n_genes)
+        if medians:
+            vals = block.data[keep] / np.asarray(totals, dtype=np.float64)[rows[keep]] * target_sum
+            bits = np.asarray(vals, dtype=np.float32).view(np.uint32).astype(np.uint64)
+            keys.append((cols.astype(np.uint64) << np.uint64(32)) | bits)
+    kept = np.flatnonzero(cells >= max(1, int(min_cells)))
+    genes = np.asarray(data_genes, dtype=object)[kept]
+    if not medians:
+        return genes, None
+    allkeys = np.concatenate(keys) if keys else np.zeros(0, dtype=np.uint64)
+    allkeys.sort()
+    sorted_vals = (
+        (allkeys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32).astype(np.float64)
+    )
+    starts = np.cumsum(cells) - cells
+    c = cells[kept]
+    s = starts[kept]
+    lo = sorted_vals[s + (c - 1) // 2]
+    hi = sorted_vals[s + c // 2]
+    return genes, (lo + hi) / 2.0

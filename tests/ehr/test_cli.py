@@ -1,0 +1,216 @@
+"""End to end through the CLI: tokenize, pretrain, embed at prediction times, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from healthfm.cli import main
+from healthfm.ehr.evaluate import parse_few_shot, run_protocol
+from healthfm.errors import ConfigError
+from healthfm.tokens import TokenStore
+
+
+@pytest.fixture(scope="module")
+def model_dir(syn_meds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m"
+    rc = main(
+        [
+            "pretrain",
+            "ehr",
+            str(syn_meds),
+            "--out",
+            str(out),
+            "--steps",
+            "4",
+            "--batch-size",
+            "8",
+            "--eval-every",
+            "2",
+            "--checkpoint-every",
+            "4",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_tokenize_one_sample_per_subject(syn_meds, tmp_path):
+    assert main(["tokenize", "ehr", str(syn_meds), "--out", str(tmp_path / "store")]) == 0
+    store = TokenStore(tmp_path / "store")
+    assert len(store) == 120 and store.fields == ["ids", "times"]
+    assert len(set(store.keys)) == 120
+
+
+def test_pretrain_uses_meds_splits_and_tail_truncation(model_dir, syn_meds):
+    info = json.loads((model_dir / "training_info.json").read_text())
+    splits = pl.read_parquet(syn_meds / "metadata" / "subject_splits.parquet")
+    assert info["n_train"] == (splits["split"] == "train").sum()
+    assert info["n_val"] == (splits["split"] == "tuning").sum()
+    assert info["val_loss"] is not None and info["train_config"]["truncate"] == "tail"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["objective"] == "causal" and config["use_times"] is True
+
+
+def test_embed_one_row_per_label(model_dir, syn_meds, tmp_path):
+    labels = syn_meds / "task_labels" / "admission_1y" / "labels.parquet"
+    out = tmp_path / "emb.parquet"
+    assert (
+        main(["embed", str(model_dir), str(syn_meds), "--labels", str(labels), "--out", str(out)])
+        == 0
+    )
+    table = pq.read_table(out)
+    assert table.num_rows == pq.read_table(labels).num_rows
+    assert table.column_names[:3] == ["subject_id", "prediction_time", "embedding"]
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.shape[1] == 128 and np.isfinite(emb).all()
+
+
+def test_embed_without_labels_is_a_clear_error(model_dir, syn_meds, tmp_path, capsys):
+    assert main(["embed", str(model_dir), str(syn_meds), "--out", str(tmp_path / "e.parquet")]) == 2
+    assert "--labels" in capsys.readouterr().err
+    assert not (tmp_path / "e.parquet").exists()
+
+
+def test_evaluate_writes_results_predictions_and_plot(model_dir, syn_meds, tmp_path, capsys):
+    labels = syn_meds / "task_labels" / "admission_1y" / "labels.parquet"
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "evaluate",
+            str(model_dir),
+            str(syn_meds),
+            "--labels",
+            str(labels),
+            "--few-shot",
+            "2",
+            "all",
+            "--seeds",
+            "0",
+            "1",
+            "--n-boot",
+            "50",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "counts+gbm" in text and "AUROC by k" in text
+    rows = json.loads((out / "results.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert methods == {"tiny-causal-last+logreg", "counts+logreg", "counts+gbm"}
+    assert {r["k"] for r in rows} == {2, "all"} and {r["metric"] for r in rows} == {
+        "auroc",
+        "auprc",
+        "brier",
+    }
+    assert all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in rows if r["metric"] == "auroc")
+    pred = pl.read_parquet(out / "predictions" / "counts_gbm.parquet")
+    assert pred.columns == [
+        "subject_id",
+        "prediction_time",
+        "boolean_value",
+        "predicted_boolean_value",
+        "predicted_boolean_probability",
+    ]
+    assert (out / "few_shot_auroc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_protocol_learns_a_real_signal_and_subject_bootstrap():
+    rng = np.random.default_rng(0)
+    n = 600
+    groups = np.repeat(np.arange(n // 3), 3)
+    x = rng.normal(size=(n, 5))
+    y = (x[:, 0] + 0.3 * rng.normal(size=n) > 0.8).astype(int)
+    split = np.where(groups % 5 < 3, "train", np.where(groups % 5 == 3, "tuning", "held_out"))
+    rows, final = run_protocol(
+        {"lr": (x, False, "logreg"), "gbm": (x, True, "gbm")},
+        y,
+        split,
+        groups,
+        "t",
+        [4, "all"],
+        [0, 1],
+        n_boot=100,
+    )
+    auroc = {(r.method, r.extra["k"], r.seed): r.value for r in rows if r.metric == "auroc"}
+    assert auroc[("lr", "all", 0)] > 0.9 and auroc[("gbm", "all", 0)] > 0.85
+    assert len(final["lr"]) == (split == "held_out").sum()
+    assert ("lr", "all", 1) not in auroc  # 'all' runs once: nothing random to repeat
+
+
+def test_parse_few_shot():
+    assert parse_few_shot(None)[-1] == "all" and parse_few_shot(["1", "all"]) == [1, "all"]
+    with pytest.raises(ConfigError):
+        parse_few_shot(["0"])
+
+
+def test_single_class_split_is_a_clear_error_and_writes_nothing(
+    model_dir, syn_meds, tmp_path, capsys
+):
+    labels = pl.read_parquet(syn_meds / "task_labels" / "admission_1y" / "labels.parquet")
+    held = pl.read_parquet(syn_meds / "metadata" / "subject_splits.parquet").filter(
+        pl.col("split") == "held_out"
+    )
+    labels = labels.with_columns(
+        pl.when(pl.col("subject_id").is_in(held["subject_id"].implode()))
+        .then(False)
+        .otherwise(pl.col("boolean_value"))
+        .alias("boolean_value")
+    )
+    labels.write_parquet(tmp_path / "one_class.parquet")
+    out = tmp_path / "ev"
+    rc = main(
+        [
+            "evaluate",
+            str(model_dir),
+            str(syn_meds),
+            "--labels",
+            str(tmp_path / "one_class.parquet"),
+            "--few-shot",
+            "all",
+            "--n-boot",
+            "10",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 2 and "held_out split has 1 label class" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
+
+
+def test_regression_labels_are_not_yet_supported(syn_meds, tmp_path):
+    from healthfm.ehr import evaluate_ehrshot
+
+    labels = pl.read_parquet(syn_meds / "task_labels" / "admission_1y" / "labels.parquet")
+    labels = labels.select(
+        "subject_id", "prediction_time", pl.lit(1.5, pl.Float32).alias("float_value")
+    )
+    labels.write_parquet(tmp_path / "reg.parquet")
+    with pytest.raises(ConfigError, match="not yet") as e:
+        evaluate_ehrshot(None, syn_meds, tmp_path / "ev", {"labels": str(tmp_path / "reg.parquet")})
+    assert e.value.column == "float_value"
+    assert not (tmp_path / "ev").exists()
+
+
+def test_baselines_alone_without_a_model(syn_meds, tmp_path):
+    from healthfm.ehr import evaluate_ehrshot
+
+    labels = syn_meds / "task_labels" / "admission_1y" / "labels.parquet"
+    rows = evaluate_ehrshot(
+        None,
+        syn_meds,
+        tmp_path / "ev",
+        {"labels": str(labels), "few_shot": ["all"]},
+        seeds=[0],
+        n_boot=20,
+        echo=False,
+    )
+    assert {r.method for r in rows} == {"counts+logreg", "counts+gbm"} and all(
+        r.is_baseline for r in rows
+    )

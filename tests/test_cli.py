@@ -1,0 +1,150 @@
+"""The command line end to end on real bundled data (tiny model, a few steps)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from healthfm.cli import main
+from healthfm.datasets import promoters, splice
+from healthfm.evaluate.embed import load_embeddings
+from healthfm.model.pretrained import save_pretrained
+from helpers import tiny_model
+
+FAST = ["--steps", "6", "--batch-size", "16", "--eval-every", "3", "--checkpoint-every", "3"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "model"
+    assert main(["pretrain", "dna", str(promoters()), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_pretrain_writes_model_folder(model_dir):
+    names = sorted(p.name for p in model_dir.iterdir())
+    assert names == ["config.json", "model.safetensors", "tokenizer.json", "training_info.json"]
+    info = json.loads((model_dir / "training_info.json").read_text())
+    assert info["steps"] == 6 and info["n_train"] > 0 and len(info["data_hash"]) == 64
+    run_dir = model_dir.with_name("model.run")
+    assert (run_dir / "train_log.jsonl").exists() and (run_dir / "checkpoints").is_dir()
+
+
+def test_resume_continues_to_more_steps(tmp_path):
+    out = tmp_path / "m"
+    args = [
+        "pretrain",
+        "dna",
+        str(promoters()),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--eval-every",
+        "0",
+        "--checkpoint-every",
+        "2",
+    ]
+    assert main([*args, "--steps", "4", "--stop-at", "2"]) == 0
+    assert not out.exists()  # stopped early: no model folder yet
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    assert json.loads((out / "training_info.json").read_text())["resumed"] is True
+
+
+def test_embed_parquet_and_npy(model_dir, tmp_path, capsys):
+    assert (
+        main(["embed", str(model_dir), str(promoters()), "--out", str(tmp_path / "e.parquet")]) == 0
+    )
+    keys, emb = load_embeddings(tmp_path / "e.parquet")
+    assert len(keys) == 106 and emb.shape == (106, 128) and np.isfinite(emb).all()
+    assert (
+        main(
+            [
+                "embed",
+                str(model_dir),
+                str(promoters()),
+                "--out",
+                str(tmp_path / "e.npy"),
+                "--pooling",
+                "cls",
+            ]
+        )
+        == 0
+    )
+    keys2, emb2 = load_embeddings(tmp_path / "e.npy")
+    assert keys2 == keys and not np.allclose(emb, emb2)
+
+
+def test_evaluate_writes_results_next_to_baselines(model_dir, tmp_path, capsys):
+    code = main(
+        [
+            "evaluate",
+            str(model_dir),
+            str(promoters()),
+            "--label-column",
+            "label",
+            "--out",
+            str(tmp_path),
+            "--seeds",
+            "0",
+            "1",
+            "--n-boot",
+            "50",
+        ]
+    )
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())
+    methods = {(r["method"], r["is_baseline"]) for r in rows}
+    assert ("kmer-counts+logreg", True) in methods and ("one-hot+logreg", True) in methods
+    assert any(not b for _, b in methods)
+    assert {r["seed"] for r in rows} == {0, 1}
+    for r in rows:
+        assert r["ci_low"] <= r["value"] <= r["ci_high"]
+        assert r["n_test"] > 0 and r["healthfm_version"]
+    printed = capsys.readouterr().out
+    assert "(baseline)" in printed and "auroc" in printed
+
+
+def test_tokenize_command(tmp_path):
+    assert (
+        main(["tokenize", "dna", str(splice()), "--out", str(tmp_path / "store"), "--k", "3"]) == 0
+    )
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    assert meta["n_samples"] == 3188 and meta["modality"] == "dna"
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sequence\tlabel\nACGT\ta\nACXT\tb\n")
+    assert main(["tokenize", "dna", str(bad), "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.tsv" in err and "row 1" in err and "'X'" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_model_from_another_modality(tmp_path, capsys):
+    model = tiny_model()  # modality "test"
+    save_pretrained(model, tmp_path / "m")
+    assert (
+        main(["evaluate", str(tmp_path / "m"), str(promoters()), "--out", str(tmp_path / "r")]) == 2
+    )
+    assert "modality" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_single_class_label(model_dir, tmp_path, capsys):
+    one = tmp_path / "one.tsv"
+    one.write_text(
+        "sequence\tlabel\n" + "".join(f"{'ACGT' * 5}{i % 4 * 'A'}\tx\n" for i in range(40))
+    )
+    assert main(["evaluate", str(model_dir), str(one), "--out", str(tmp_path / "r")]) == 2
+    assert "single class" in capsys.readouterr().err
+
+
+def test_help_is_useful(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "dna", "--help"])
+    out = capsys.readouterr().out
+    assert "--preset" in out and "--resume" in out and "--k" in out

@@ -1,0 +1,167 @@
+"""Multi-process training under torchrun (gloo, CPU): DDP and FSDP2 agree with one process.
+
+Each test launches real processes with ``torchrun --standalone``; the runs are tiny (a few
+steps of a 2-layer model) so the file stays within seconds on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from healthfm.tokens import write_store
+from healthfm.train.checkpoint import checkpoint_dirs, load_checkpoint
+from healthfm.train.trainer import TrainConfig, Trainer
+from helpers import make_chunk, tiny_model
+from train.launch import final_weights, losses, run, torchrun_cmd, val_losses
+
+STEPS = 6
+#: Same global batch everywhere: 1 process × 2 micro-batches of 8 = 2 processes × 1 × 8.
+SETTINGS = dict(
+    steps=STEPS,
+    batch_size=16,
+    micro_batch_size=8,
+    checkpoint_every=3,
+    eval_every=3,  # 3 held-out batches over 2 ranks: uneven, as in real runs
+    objective="masked",
+)
+
+
+@pytest.fixture(scope="module")
+def dist_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "store"
+    return write_store(path, [make_chunk(96, 0), make_chunk(64, 1)], "hash-a")
+
+
+@pytest.fixture(scope="module")
+def one_process(dist_store, tmp_path_factory):
+    """The reference: one process under torchrun, gradient accumulation 2."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    run(torchrun_cmd(1, {**SETTINGS, "store": str(dist_store.path), "run_dir": str(run_dir)}))
+    return run_dir
+
+
+def _assert_close_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_ddp_processes_match_one(dist_store, one_process, tmp_path):
+    run_dir = tmp_path / "run"
+    run(torchrun_cmd(2, {**SETTINGS, "store": str(dist_store.path), "run_dir": str(run_dir)}))
+    ref, got = losses(one_process), losses(run_dir)
+    assert len(ref) == len(got) == STEPS
+    # Same samples and masks per part; only the order of the float sums differs.
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    assert ref[-1] != ref[0]  # it did train
+    assert len(val_losses(one_process)) == 2
+    torch.testing.assert_close(
+        torch.tensor(val_losses(run_dir)),
+        torch.tensor(val_losses(one_process)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    _assert_close_weights(final_weights(run_dir), final_weights(one_process))
+
+
+def test_fsdp_checkpoints_move_between_process_counts(dist_store, one_process, tmp_path):
+    # 1 process trains 3 steps; 2 FSDP processes resume from its checkpoint; 1 process
+    # loads the sharded run's final checkpoint. The curve must match the reference.
+    run_dir = tmp_path / "run"
+    config = TrainConfig(
+        steps=STEPS,
+        batch_size=16,
+        micro_batch_size=8,
+        warmup_steps=2,
+        lr=3e-3,
+        eval_every=0,
+        checkpoint_every=3,
+        log_every=1,
+        progress=False,
+    )
+    Trainer(tiny_model(), dist_store, config, run_dir).fit(stop_at=3)
+    proc = run(
+        torchrun_cmd(
+            2,
+            {
+                **SETTINGS,
+                "store": str(dist_store.path),
+                "run_dir": str(run_dir),
+                "strategy": "fsdp",
+                "resume": True,
+            },
+        )
+    )
+    assert '"resumed": true' in proc.stdout
+    torch.testing.assert_close(
+        torch.tensor(losses(run_dir)), torch.tensor(losses(one_process)), rtol=1e-5, atol=1e-6
+    )
+    last = checkpoint_dirs(run_dir / "checkpoints")[-1]
+    state = load_checkpoint(last)["state"]
+    assert state["strategy"] == "fsdp" and state["world_size"] == 2 and state["step"] == STEPS
+    _assert_close_weights(final_weights(run_dir), final_weights(one_process))
+    # Held-out loss under FSDP (rank 1 runs a zero-weight pass to match rank 0's all-gathers).
+    torch.testing.assert_close(
+        val_losses(run_dir)[-1], val_losses(one_process)[-1], rtol=1e-5, atol=1e-6
+    )
+    # The sharded run's checkpoint holds full tensors: a single process resumes from it.
+    single = tiny_model()
+    trainer = Trainer(single, dist_store, config, run_dir)
+    assert trainer.resume()
+    assert trainer.step == STEPS
+    _assert_close_weights(
+        {k: v for k, v in single.state_dict().items()}, final_weights(one_process)
+    )
+
+
+def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
+    # The real entry point: `torchrun -m healthfm pretrain` on bundled data; rank 0
+    # tokenizes while rank 1 waits, both train sharded, rank 0 alone writes the folder.
+    from importlib.resources import files
+
+    from healthfm.model.pretrained import load
+
+    data = files("healthfm") / "data" / "dna" / "promoters.tsv"
+    out = tmp_path / "model"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "healthfm",
+        "pretrain",
+        "dna",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--strategy",
+        "fsdp",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]
+    proc = run(cmd, timeout=180)
+    assert proc.stdout.count("wrote ") == 1  # one report, from rank 0
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["world_size"] == 2 and info["strategy"] == "fsdp" and info["steps"] == 4
+    model = load(out)  # the sharded run's folder loads strictly into one process
+    assert model.num_parameters() == info["parameters"]
+    rows = [
+        json.loads(x) for x in (tmp_path / "model.run" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows if "val_loss" in r] == [2, 4]  # written once, not per rank
+    assert [d.name for d in checkpoint_dirs(tmp_path / "model.run" / "checkpoints")] == [
+        "step-00000002",
+        "step-00000004",
+    ]
