@@ -37,12 +37,6 @@ DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "macro_f1", "auroc", "auprc"]
 
 
-def _version() -> str:
-    from healthfm import __version__
-
-    return __version__
-
-
 def split_samples(
     modality: Modality, samples: Samples, salt: str = DEFAULT_SALT, fractions=DEFAULT_FRACTIONS
 ) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ import polars as pl
 from healthfm.errors import DataError
 from healthfm.evaluate.metrics import classification_metrics
 from healthfm.evaluate.probe import few_shot_indices, fit_linear_probe
-from healthfm.evaluate.results import ResultRow
+from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_write_bytes
 
 FEW_SHOT_KS: tuple[int | str, ...] = (1, 2, 4, 8, 16, 32, 64, 128, "all")
@@ -168,37 +168,30 @@ def run_protocol(
                 wall = time.perf_counter() - t
                 if k == ks[-1] and seed == k_seeds[0]:
                     final[method] = p
-                for metric in METRICS:
-                    mc = m[metric]
-                    rows.append(
-                        ResultRow(
-                            task=task,
-                            method=method,
-                            is_baseline=is_baseline,
-                            metric=metric,
-                            value=float(mc.value),
-                            ci_low=float(mc.ci_low),
-                            ci_high=float(mc.ci_high),
-                            n_test=len(te),
-                            seed=int(seed),
-                            model_hash=None if is_baseline else model_hash,
-                            data_hash=data_hash,
-                            healthfm_version=version,
-                            wall_seconds=wall,
-                            extra={
-                                "k": k,
-                                "n_train": len(a),
-                                "n_tuning": len(b),
-                                "n_test_subjects": len(np.unique(groups[te])),
-                                "modality": "ehr",
-                                "protocol": "ehrshot",
-                                **{
-                                    kk: (float(v) if isinstance(v, float | np.floating) else v)
-                                    for kk, v in extra.items()
-                                },
-                            },
-                        )
-                    )
+                rows += rows_from_metrics(
+                    m,
+                    names=list(METRICS),
+                    task=task,
+                    method=method,
+                    is_baseline=is_baseline,
+                    n_test=len(te),
+                    seed=seed,
+                    model_hash=model_hash,
+                    data_hash=data_hash,
+                    wall_seconds=wall,
+                    extra={
+                        "k": k,
+                        "n_train": len(a),
+                        "n_tuning": len(b),
+                        "n_test_subjects": len(np.unique(groups[te])),
+                        "modality": "ehr",
+                        "protocol": "ehrshot",
+                        **{
+                            kk: (float(v) if isinstance(v, float | np.floating) else v)
+                            for kk, v in extra.items()
+                        },
+                    },
+                )
             if progress:
                 print(f"      k={k} seed={seed} done", flush=True)
     return rows, final

@@ -543,7 +543,7 @@ def evaluate_tiles(
     from healthfm.evaluate.embed import save_embeddings
     from healthfm.evaluate.metrics import classification_metrics
     from healthfm.evaluate.probe import align_proba, fit_linear_probe
-    from healthfm.evaluate.results import ResultRow, format_table, write_results
+    from healthfm.evaluate.results import format_table, rows_from_metrics, write_results
     from healthfm.modality import require_labels
     from healthfm.model.pretrained import load
 
@@ -602,43 +602,28 @@ def evaluate_tiles(
             metrics = classification_metrics(
                 y[test_idx], scores, n_boot=n_boot, seed=seed, groups=samples.groups[test_idx]
             )
-            for metric in CLASSIFICATION_METRICS:
-                if metric not in metrics:
-                    continue
-                m = metrics[metric]
-                rows.append(
-                    ResultRow(
-                        task=task,
-                        method=method,
-                        is_baseline=is_baseline,
-                        metric=metric,
-                        value=float(m.value),
-                        ci_low=float(m.ci_low),
-                        ci_high=float(m.ci_high),
-                        n_test=len(test_idx),
-                        seed=int(seed),
-                        model_hash=None if is_baseline else model_hash,
-                        data_hash=samples.data_hash,
-                        healthfm_version=_version(),
-                        wall_seconds=t_feat + time.perf_counter() - t,
-                        extra={
-                            "n_train": len(tr),
-                            "n_val": len(va),
-                            "best_C": float(probe.best_C),
-                            "n_classes": len(classes),
-                            "modality": "pathology",
-                            "level": "tile",
-                        },
-                    )
-                )
+            rows += rows_from_metrics(
+                metrics,
+                names=CLASSIFICATION_METRICS,
+                task=task,
+                method=method,
+                is_baseline=is_baseline,
+                n_test=len(test_idx),
+                seed=seed,
+                model_hash=model_hash,
+                data_hash=samples.data_hash,
+                wall_seconds=t_feat + time.perf_counter() - t,
+                extra={
+                    "n_train": len(tr),
+                    "n_val": len(va),
+                    "best_C": float(probe.best_C),
+                    "n_classes": len(classes),
+                    "modality": "pathology",
+                    "level": "tile",
+                },
+            )
     write_results(out_dir / "results.json", rows)
     if echo:
         print(format_table([r.to_dict() for r in rows], CLASSIFICATION_METRICS[:3]))
         print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
     return rows
-
-
-def _version() -> str:
-    from healthfm import __version__
-
-    return __version__

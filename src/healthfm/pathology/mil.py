@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from healthfm.errors import DataError
-from healthfm.evaluate.results import ResultRow, format_table, write_results
+from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
 
 
 class GatedABMIL(nn.Module):
@@ -306,30 +306,19 @@ def evaluate_slides(
         )
         for method, (scores, is_baseline, wall) in methods.items():
             metrics = classification_metrics(y[test_idx], scores, seed=seed, **metrics_kw)
-            for name in ("balanced_accuracy", "macro_f1", "auroc", "accuracy"):
-                if name in metrics:
-                    m = metrics[name]
-                    rows.append(
-                        ResultRow(
-                            task=f"{labels_csv.stem}:{label_column}",
-                            method=method,
-                            is_baseline=is_baseline,
-                            metric=name,
-                            value=float(m.value),
-                            ci_low=float(m.ci_low),
-                            ci_high=float(m.ci_high),
-                            n_test=len(test_idx),
-                            seed=int(seed),
-                            model_hash=None if is_baseline else model_hash,
-                            data_hash=data_hash,
-                            wall_seconds=wall,
-                            extra={
-                                "level": "slide",
-                                "n_train": len(pool_idx),
-                                "modality": "pathology",
-                            },
-                        )
-                    )
+            rows += rows_from_metrics(
+                metrics,
+                names=["balanced_accuracy", "macro_f1", "auroc", "accuracy"],
+                task=f"{labels_csv.stem}:{label_column}",
+                method=method,
+                is_baseline=is_baseline,
+                n_test=len(test_idx),
+                seed=seed,
+                model_hash=model_hash,
+                data_hash=data_hash,
+                wall_seconds=wall,
+                extra={"level": "slide", "n_train": len(pool_idx), "modality": "pathology"},
+            )
         if seed == seeds[0]:
             # Attention of the first seed's model over every slide, saved and drawn.
             _, attns = predict_abmil(mil, bags)
