@@ -168,3 +168,47 @@ def test_lr_schedule():
     assert config.lr_at(9) == pytest.approx(1.0)
     assert config.lr_at(99) == pytest.approx(0.1, abs=0.01)
     assert config.lr_at(55) < config.lr_at(20)
+
+
+class _ShuffledSource:
+    """A batch source whose batches depend on the generator (like image augmentation)."""
+
+    def __init__(self, store):
+        from healthfm.train.data import StoreSource
+
+        self.inner = StoreSource(store, max_len=64)
+        self.fingerprint = self.inner.fingerprint
+
+    def __len__(self):
+        return len(self.inner)
+
+    def batch(self, indices, generator):
+        batch = self.inner.batch(indices, generator)
+        # Random token dropout driven by the generator: a stand-in for augmentation.
+        keep = torch.rand(batch["ids"].shape, generator=generator) > 0.2
+        batch["ids"] = torch.where(
+            keep | (batch["ids"] < 5), batch["ids"], torch.full_like(batch["ids"], 5)
+        )
+        return batch
+
+
+def test_dataloader_workers_give_the_same_run(store, tmp_path):
+    # Augmentation built in worker processes must equal the in-process path, bitwise,
+    # and a resumed worker run must continue exactly.
+    runs = {}
+    for workers in (0, 2):
+        model = tiny_model()
+        Trainer(
+            model, _ShuffledSource(store), _config(num_workers=workers), tmp_path / f"w{workers}"
+        ).fit()
+        runs[workers] = model.state_dict()
+    resumed = tiny_model()
+    Trainer(tiny_model(), _ShuffledSource(store), _config(num_workers=2), tmp_path / "r").fit(
+        stop_at=4
+    )
+    Trainer(resumed, _ShuffledSource(store), _config(num_workers=2), tmp_path / "r").fit(
+        resume=True
+    )
+    for k, v in runs[0].items():
+        assert torch.equal(v, runs[2][k]), k
+        assert torch.equal(v, resumed.state_dict()[k]), k

@@ -287,6 +287,25 @@ def as_source(
     return StoreSource(data, max_len, truncate, pack) if isinstance(data, TokenStore) else data
 
 
+class SourceBatches(torch.utils.data.Dataset):
+    """Items are whole batches of a :class:`BatchSource`: ``ds[(indices, seed)]``.
+
+    Used with ``DataLoader(batch_size=None)`` so that decoding and augmentation run in
+    worker processes; each batch's generator is seeded by the caller from (step, part), so
+    the result does not depend on which worker builds it (or whether one does).
+    """
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, item: tuple[np.ndarray, int]) -> dict[str, torch.Tensor]:
+        indices, seed = item
+        return self.source.batch(indices, torch.Generator().manual_seed(int(seed)))
+
+
 class StoreBatches(torch.utils.data.Dataset):
     """A map-style dataset whose items are whole collated batches (given their indices).
 

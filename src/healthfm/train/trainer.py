@@ -32,7 +32,7 @@ from healthfm.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from healthfm.train.data import BatchSource, EpochBatches, as_source
+from healthfm.train.data import BatchSource, EpochBatches, SourceBatches, as_source
 from healthfm.train.objectives import prepare
 
 LOG_NAME = "train_log.jsonl"
@@ -113,6 +113,12 @@ class TrainConfig:
         progress = min(1.0, (step - self.warmup_steps) / span)
         cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+
+
+def _seed(*parts: int) -> int:
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    )
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -208,6 +214,7 @@ class Trainer:
             fused=False,
         )
         self.step = 0
+        self._prefetch = None
         self.position = 0
         self.identity = {
             "model_config_hash": json_hash(self.model.config.to_dict()),
@@ -307,9 +314,14 @@ class Trainer:
     ) -> tuple[dict[str, torch.Tensor], torch.Generator]:
         part = micro * self.info.world_size + self.info.rank
         parts = self.accumulation * self.info.world_size
-        indices = self.batches.part(self.position, part, parts)
         gen = _generator(self.config.seed, 1, step, part)
-        batch = self.train_store.batch(indices, gen)
+        if self._prefetch is not None:
+            batch = next(self._prefetch)  # built by a DataLoader worker from the same plan
+        else:
+            indices = self.batches.part(self.position, part, parts)
+            # Its own stream (not ``gen``): identical whether a worker builds it or not.
+            source_gen = torch.Generator().manual_seed(_seed(self.config.seed, 3, step, part))
+            batch = self.train_store.batch(indices, source_gen)
         if self.augment is not None:
             batch = self.augment(batch, gen)
         batch = prepare(
@@ -397,6 +409,8 @@ class Trainer:
         last_loss = float("nan")
         val_loss = None
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        loader = self._worker_loader(end) if cfg.num_workers > 0 else None
+        self._prefetch = iter(loader) if loader is not None else None
         while self.step < end:
             result = self.train_step()
             last_loss, grad_norm = result["loss"], result["grad_norm"]
@@ -431,6 +445,8 @@ class Trainer:
             ):
                 self.save()
         bar.close()
+        self._prefetch = None
+        del loader  # stops the workers
         wall = time.perf_counter() - t_start
         return {
             "steps": self.step,
@@ -441,6 +457,29 @@ class Trainer:
             "wall_seconds": wall,
             "world_size": self.info.world_size,
         }
+
+    def _worker_loader(self, end: int) -> torch.utils.data.DataLoader:
+        """Batches of steps ``self.step .. end`` built in ``num_workers`` DataLoader workers.
+
+        The plan (indices and generator seed of every micro-batch, in the order the loop
+        consumes them) is fixed up front from the step and data position, so batches and
+        augmentations are the same as without workers, and a resumed run continues exactly.
+        """
+        world, rank = self.info.world_size, self.info.rank
+        parts = self.accumulation * world
+        plan = []
+        for offset, step in enumerate(range(self.step, end)):
+            for micro in range(self.accumulation):
+                part = micro * world + rank
+                indices = self.batches.part(self.position + offset, part, parts)
+                plan.append((indices, _seed(self.config.seed, 3, step, part)))
+        return torch.utils.data.DataLoader(
+            SourceBatches(self.train_store),
+            sampler=plan,
+            batch_size=None,
+            num_workers=self.config.num_workers,
+            prefetch_factor=4,
+        )
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step: every micro-batch of this rank, clipping, AdamW, then step += 1.
