@@ -155,6 +155,7 @@ def pretrain(
         fractions=fractions,
         model_overrides=model_overrides,
         stop_at=stop_at,
+        strategy=strategy,
     )
     if custom is not None:
         return custom
