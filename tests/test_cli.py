@@ -148,3 +148,29 @@ def test_help_is_useful(capsys):
         main(["pretrain", "dna", "--help"])
     out = capsys.readouterr().out
     assert "--preset" in out and "--resume" in out and "--k" in out
+
+
+def test_unlabelled_table_pretrains_and_labelled_evaluation_needs_labels(tmp_path, capsys):
+    # A pretraining corpus has no label column; nothing needs to be said for it.
+    corpus = tmp_path / "corpus.tsv"
+    rng = np.random.default_rng(0)
+    corpus.write_text(
+        "sequence\n" + "".join("".join(rng.choice(list("ACGT"), 40)) + "\n" for _ in range(80))
+    )
+    out = tmp_path / "m"
+    assert main(["pretrain", "dna", str(corpus), "--out", str(out), *FAST]) == 0
+    assert (out / "model.safetensors").exists()
+    assert main(["evaluate", str(out), str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert "no label column" in capsys.readouterr().err
+    missing = main(
+        [
+            "evaluate",
+            str(out),
+            str(promoters()),
+            "--label-column",
+            "class",
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert missing == 2 and "'class'" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_registered():
 def test_cli_options():
     opts = options()
     assert opts["k"] == 1 and opts["stride"] == 1 and opts["ambiguity"] == "token"
-    assert opts["label_column"] == "label" and opts["sequence_column"] == "sequence"
+    assert opts["label_column"] is None and opts["sequence_column"] == "sequence"
     assert (
         opts["reverse_complement"] is True and opts["labels"] is None and opts["key_column"] is None
     )
@@ -68,8 +68,10 @@ def test_read_dispatch(tmp_path, splice):
         table, options("--sequence-column", "dna", "--key-column", "name", "--label-column", "none")
     )
     assert unlabelled.labels is None and unlabelled.keys.tolist() == ["x"]
+    # No --label-column and no "label" column: an unlabelled (pretraining) table.
+    assert m.read(table, options("--sequence-column", "dna")).labels is None
     with pytest.raises(DataError, match="no label column"):
-        m.read(table, options("--sequence-column", "dna"))
+        m.read(table, options("--sequence-column", "dna", "--label-column", "label"))
     with pytest.raises(ConfigError, match="--labels is for FASTA"):
         m.read(table, options("--labels", str(tmp_path / "y.tsv")))
 

@@ -28,7 +28,7 @@ from healthfm.dna.tokenizer import (
     make_rc_augmenter,
     reverse_complement_batch,
 )
-from healthfm.errors import ConfigError
+from healthfm.errors import ConfigError, DataError
 from healthfm.modality import BaselineFn, Modality, Samples, register_modality
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk
@@ -78,8 +78,9 @@ class DnaModality(Modality):
         )
         group.add_argument(
             "--label-column",
-            default="label",
-            help="column of the labels (in the table, or in --labels for FASTA); "
+            default=None,
+            help="column of the labels (in the table, or in --labels for FASTA); default "
+            "'label' when there is one (pretraining also reads unlabelled tables); "
             "'none' for unlabelled data",
         )
         group.add_argument("--key-column", default=None, help="table column of unique sample ids")
@@ -108,7 +109,7 @@ class DnaModality(Modality):
 
     def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
-        label_column = options.get("label_column", "label")
+        label_column = options.get("label_column")
         if is_fasta(path):
             labels = options.get("labels")
             return read_fasta(
@@ -122,12 +123,24 @@ class DnaModality(Modality):
                 f"--labels is for FASTA input; {path} is read as a table, whose labels are "
                 "its --label-column"
             )
-        return read_table(
-            path,
-            sequence_column=options.get("sequence_column") or "sequence",
-            label_column=None if _no_label(label_column) else label_column,
-            key_column=options.get("key_column"),
-        )
+
+        def table(label: str | None) -> Samples:
+            return read_table(
+                path,
+                sequence_column=options.get("sequence_column") or "sequence",
+                label_column=label,
+                key_column=options.get("key_column"),
+            )
+
+        if label_column is None:
+            # Not given: "label" if the table has it, else unlabelled (a pretraining corpus).
+            try:
+                return table("label")
+            except DataError as exc:
+                if exc.column != "label" or "no label column" not in exc.message:
+                    raise
+                return table(None)
+        return table(None if _no_label(label_column) else label_column)
 
     def fit_tokenizer(
         self, samples: Samples, train_idx: np.ndarray, options: dict[str, Any]
