@@ -288,6 +288,41 @@ def embed(
     )
 
 
+def probe_and_score(
+    X: np.ndarray,
+    y: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    test_idx: np.ndarray,
+    n_classes: int,
+    groups: np.ndarray,
+    seed: int,
+    n_boot: int = 1000,
+):
+    """Fit the linear probe (C tuned on val) and score it on test with bootstrap CIs.
+
+    ``y`` holds class indices ``0 .. n_classes - 1``; the bootstrap resamples ``groups``
+    (identical sequences, a donor's cells, a source image), not rows.
+
+    Returns
+    -------
+    tuple
+        The :class:`~healthfm.evaluate.probe.ProbeResult` and ``{metric: MetricCI}``.
+    """
+    probe = fit_linear_probe(
+        X[train_idx], y[train_idx], X[val_idx], y[val_idx], X[test_idx], seed=seed
+    )
+    scores = align_proba(probe.proba, probe.classes, np.arange(n_classes))
+    metrics = classification_metrics(
+        y[test_idx],
+        scores,
+        n_boot=n_boot,
+        seed=seed,
+        groups=np.asarray(groups)[test_idx].astype(str),
+    )
+    return probe, metrics
+
+
 def probe_split(
     pool_idx: np.ndarray, groups: np.ndarray, seed: int, val_fraction: float = 0.125
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -396,17 +431,8 @@ def evaluate(
             va_idx, tr_idx = tr_idx[: max(1, len(tr_idx) // 8)], tr_idx[max(1, len(tr_idx) // 8) :]
         for method, (X, is_baseline, extra) in features.items():
             t = time.perf_counter()
-            probe = fit_linear_probe(
-                X[tr_idx], y[tr_idx], X[va_idx], y[va_idx], X[test_idx], seed=seed
-            )
-            scores = align_proba(probe.proba, probe.classes, np.arange(len(classes)))
-            # Resample groups (identical sequences, a donor's cells), not rows.
-            metrics = classification_metrics(
-                y[test_idx],
-                scores,
-                n_boot=n_boot,
-                seed=seed,
-                groups=np.asarray(samples.groups)[test_idx].astype(str),
+            probe, metrics = probe_and_score(
+                X, y, tr_idx, va_idx, test_idx, len(classes), samples.groups, seed, n_boot
             )
             rows += rows_from_metrics(
                 metrics,

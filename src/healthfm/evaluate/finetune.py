@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
-from healthfm.evaluate.results import ResultRow
+from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_dir
 from healthfm.modality import Modality, Samples, get_modality, require_labels
 from healthfm.model.heads import FoundationModel, pool
@@ -888,7 +888,6 @@ def finetuned_rows(
     task
         Task name of the rows.
     """
-    from healthfm import __version__
     from healthfm.evaluate.probe import align_proba
     from healthfm.pipeline import tokenize_to_store
 
@@ -929,35 +928,27 @@ def finetuned_rows(
             y = np.searchsorted(classes, samples.labels[test_idx])
             result = classification_metrics(y, proba, n_boot=n_boot, seed=seed, groups=groups)
         wall = time.perf_counter() - t
-        for name, m in result.items():
-            if metrics is not None and name not in metrics:
-                continue
-            rows.append(
-                ResultRow(
-                    task=task,
-                    method=method,
-                    is_baseline=False,
-                    metric=name,
-                    value=float(m.value),
-                    ci_low=float(m.ci_low),
-                    ci_high=float(m.ci_high),
-                    n_test=len(test_idx),
-                    seed=seed,
-                    model_hash=getattr(model, "model_hash", None),
-                    data_hash=samples.data_hash,
-                    healthfm_version=__version__,
-                    wall_seconds=wall,
-                    extra={
-                        "finetune_method": info.get("method"),
-                        "trainable_parameters": info.get("trainable_parameters"),
-                        "finetune_wall_seconds": info.get("wall_seconds"),
-                        "best_epoch": info.get("best_epoch"),
-                        "base_model_hash": info.get("base_model_hash"),
-                        "modality": modality.name,
-                        "model_folder": str(path),
-                    },
-                )
-            )
+        rows += rows_from_metrics(
+            result,
+            names=[n for n in result if metrics is None or n in metrics],
+            task=task,
+            method=method,
+            is_baseline=False,
+            n_test=len(test_idx),
+            seed=seed,
+            model_hash=getattr(model, "model_hash", None),
+            data_hash=samples.data_hash,
+            wall_seconds=wall,
+            extra={
+                "finetune_method": info.get("method"),
+                "trainable_parameters": info.get("trainable_parameters"),
+                "finetune_wall_seconds": info.get("wall_seconds"),
+                "best_epoch": info.get("best_epoch"),
+                "base_model_hash": info.get("base_model_hash"),
+                "modality": modality.name,
+                "model_folder": str(path),
+            },
+        )
     return rows
 
 

@@ -541,11 +541,10 @@ def evaluate_tiles(
     histogram and raw-pixel baselines get exactly the same splits. Rows → ``results.json``.
     """
     from healthfm.evaluate.embed import save_embeddings
-    from healthfm.evaluate.metrics import classification_metrics
-    from healthfm.evaluate.probe import align_proba, fit_linear_probe
     from healthfm.evaluate.results import format_table, rows_from_metrics, write_results
     from healthfm.modality import require_labels
     from healthfm.model.pretrained import load
+    from healthfm.pipeline import probe_and_score
 
     t0 = time.perf_counter()
     options = dict(options or {})
@@ -597,10 +596,8 @@ def evaluate_tiles(
         tr, va = stratified_pool_split(y, pool_idx, seed)
         for method, (X, is_baseline, t_feat) in features.items():
             t = time.perf_counter()
-            probe = fit_linear_probe(X[tr], y[tr], X[va], y[va], X[test_idx], seed=seed)
-            scores = align_proba(probe.proba, probe.classes, np.arange(len(classes)))
-            metrics = classification_metrics(
-                y[test_idx], scores, n_boot=n_boot, seed=seed, groups=samples.groups[test_idx]
+            probe, metrics = probe_and_score(
+                X, y, tr, va, test_idx, len(classes), samples.groups, seed, n_boot
             )
             rows += rows_from_metrics(
                 metrics,
