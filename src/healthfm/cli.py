@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from healthfm.errors import HealthFMError
+from healthfm.errors import ConfigError, HealthFMError
 from healthfm.modality import get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS
 
@@ -224,6 +224,13 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap resamples of the test metrics"
     )
+    if "--few-shot" not in p._option_string_actions:  # EHR defines it for evaluate already
+        p.add_argument(
+            "--few-shot",
+            nargs="+",
+            default=None,
+            help="train on K rows per class (and early-stop on K per class of val), seeded",
+        )
     _split_options(p)
     sub.choices["evaluate"].add_argument(
         "--finetuned",
@@ -255,10 +262,29 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         pooling=args.pooling,
         bf16=args.bf16,
         seed=args.seed,
+        few_shot=_one_few_shot(args.few_shot),
     )
     finetune(
         args.model, args.input, args.out, opts, config, salt=args.split_salt, n_boot=args.n_boot
     )
+
+
+def _one_few_shot(values: list[str] | None) -> int | None:
+    # One fine-tuned model per k: a single integer, or "all" (every row).
+    if not values:
+        return None
+    if len(values) != 1:
+        raise ConfigError(
+            f"finetune --few-shot takes one k (one model per k), not {values}", column="few_shot"
+        )
+    if str(values[0]).lower() == "all":
+        return None
+    try:
+        return int(values[0])
+    except ValueError:
+        raise ConfigError(
+            f"--few-shot takes a positive integer or 'all', not {values[0]!r}", column="few_shot"
+        ) from None
 
 
 def _options(args: argparse.Namespace) -> dict:
@@ -269,8 +295,11 @@ def _model_modality(argv: list[str]) -> str | None:
     # embed/evaluate: the modality (and so its options) comes from MODEL/config.json.
     positional = [a for a in argv if not a.startswith("-")]
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
+        from healthfm.evaluate.adapters import is_adapter, read_adapter_info
         from healthfm.model.pretrained import read_config
 
+        if is_adapter(positional[1]):  # a LoRA adapter folder names its base's modality
+            return read_adapter_info(positional[1]).get("modality")
         return read_config(positional[1]).modality
     return None
 

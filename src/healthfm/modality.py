@@ -65,6 +65,29 @@ class Samples:
         return len(self.keys)
 
 
+@dataclass
+class TaskInput:
+    """The rows a task head is trained and scored on (see :meth:`Modality.task_input`).
+
+    Attributes
+    ----------
+    samples
+        One entry per row: ``keys``, ``groups`` (split and bootstrap unit, e.g. the
+        subject), ``labels`` (numpy array), ``source`` / ``label_column`` for messages.
+    split_names
+        "train" / "val" / "test" per row.
+    source
+        A :class:`healthfm.train.data.BatchSource` whose ``batch(indices)`` collates rows.
+    info
+        Anything the modality wants recorded (e.g. the label file).
+    """
+
+    samples: Samples
+    split_names: np.ndarray
+    source: Any
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 #: A baseline featurizer: given all samples and the indices of the training split, return
 #: a feature matrix for every sample (fitted on the training rows only).
 BaselineFn = Callable[[Samples, np.ndarray], np.ndarray]
@@ -142,6 +165,23 @@ class Modality(ABC):
         self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict, **kwargs: Any
     ) -> list | None:
         """Modality-specific ``healthfm evaluate``; None means "use the shared one"."""
+        return None
+
+    def task_input(
+        self,
+        samples: Samples,
+        options: dict,
+        model: Any,
+        salt: str,
+        fractions: tuple[float, float, float],
+    ) -> TaskInput | None:
+        """Labelled rows, their splits and a batch source, for fine-tuning and its scoring.
+
+        None (the default) means "one row per sample": the shared code splits with
+        :meth:`split`, takes ``samples.labels`` and tokenizes the samples into a token
+        store. A modality whose rows are not its samples (EHR label rows at prediction
+        times) or whose data are not token sequences (image tiles) returns its own.
+        """
         return None
 
     def extra_evaluations(self, context: dict[str, Any]) -> list:

@@ -247,8 +247,20 @@ def json_safe(obj: Any) -> Any:
 
 
 def load_for(modality_name: str | None, model_dir: str | Path) -> tuple[FoundationModel, Modality]:
-    """Load a model folder and its modality, checking they agree."""
-    model = load(model_dir, modality=modality_name)
+    """Load a model folder (or a LoRA adapter folder, onto its base) and its modality,
+    checking they agree."""
+    from healthfm.evaluate.adapters import is_adapter, load_adapter
+
+    if is_adapter(model_dir):
+        model = load_adapter(model_dir)
+        if modality_name is not None and model.config.modality != modality_name:
+            raise ModelError(
+                f"this adapter's base model is a {model.config.modality!r} model, not "
+                f"{modality_name!r}",
+                file=model_dir,
+            )
+    else:
+        model = load(model_dir, modality=modality_name)
     if model.tokenizer is None:
         raise ModelError("model folder has no tokenizer.json", file=model_dir)
     return model, get_modality(model.config.modality)
@@ -396,6 +408,7 @@ def evaluate(
         fractions=fractions,
         include_baselines=include_baselines,
         echo=echo,
+        finetuned=list(finetuned),
     )
     if custom is not None:
         return custom
@@ -509,5 +522,11 @@ def evaluate(
 def _training_info(model_dir: Path) -> dict[str, Any]:
     import json
 
-    path = model_dir / "training_info.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    from healthfm.evaluate.adapters import BASE_REF
+
+    # A LoRA adapter folder records the split of its base model in its reference file.
+    for name in ("training_info.json", BASE_REF):
+        path = model_dir / name
+        if path.exists():
+            return json.loads(path.read_text())
+    return {}

@@ -238,7 +238,9 @@ def test_class_weights_balance_an_imbalanced_label(tmp_path):
     )
     modality = get_modality("dna")
     samples = modality.read(data, {})
-    task = _task_data(modality, samples, "healthfm", (0.7, 0.1, 0.2), FinetuneConfig(), "mean")
+    fractions = (0.7, 0.1, 0.2)
+    split_names = modality.split(samples, "healthfm", fractions)
+    task = _task_data(samples, split_names, "healthfm", fractions, FinetuneConfig(), "mean")
     train = task.targets[task.splits["train"]]
     counts = np.bincount(train)
     # Each class's total weight is the same: n_c * w_c = n / k.

@@ -282,7 +282,24 @@ class EhrModality(Modality):
             batch_size=int(kwargs.get("batch_size") or 32),
             include_baselines=kwargs.get("include_baselines", True),
             echo=kwargs.get("echo", True),
+            finetuned=kwargs.get("finetuned") or (),
         )
+
+    def task_input(
+        self,
+        samples: Samples,
+        options: dict,
+        model: Any,
+        salt: str,
+        fractions: tuple[float, float, float],
+    ) -> Any:
+        """Fine-tuning rows: one per label of ``--labels``, holding exactly the events up to
+        its prediction time (see :mod:`healthfm.ehr.finetune`); splits are the subjects'
+        MEDS splits (train / tuning / held_out → train / val / test)."""
+        from healthfm.ehr.finetune import ehr_task_input
+
+        labels = self._labels(options, samples)
+        return ehr_task_input(samples, model, labels, self.split(samples, salt, fractions))
 
     def run_demo(self, out: Path, quick: bool) -> Any:
         """Pretrain on the bundled synthetic MEDS population and run the EHRSHOT protocol."""
@@ -341,8 +358,13 @@ def evaluate_ehrshot(
     batch_size: int = 32,
     include_baselines: bool = True,
     echo: bool = True,
+    finetuned=(),
 ) -> list:
     """The EHRSHOT evaluation of a model (or of the baselines alone) on a MEDS label file.
+
+    ``finetuned``: fine-tuned EHR model / LoRA adapter folders whose own predictions on the
+    held-out rows are scored next to the probe and the baselines (a fine-tuned
+    ``model_dir`` adds its own), at their few-shot k.
 
     Writes ``results.json`` (core schema), ``predictions/<method>.parquet``
     (meds-evaluation schema, held-out rows, largest k), ``few_shot_auroc.png`` and
@@ -391,6 +413,8 @@ def evaluate_ehrshot(
     model = None
     if model_dir is not None:
         model, _ = load_for("ehr", model_dir)
+    if model is None and not include_baselines and not finetuned:
+        raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
     tokenizer = (
         model.tokenizer
         if model is not None
@@ -425,6 +449,28 @@ def evaluate_ehrshot(
         r.extra["labels_per_s_embed"] = (
             (len(labels) / feats.seconds_embed) if feats.seconds_embed else None
         )
+    ft_dirs = [
+        *finetuned,
+        *([model_dir] if model is not None and model.task_head is not None else []),
+    ]
+    if ft_dirs:
+        from healthfm.ehr.evaluate import METRICS
+        from healthfm.ehr.finetune import finetuned_ehr_rows
+
+        ft_rows, ft_final = finetuned_ehr_rows(
+            ft_dirs,
+            samples.payload["dataset"],
+            labels,
+            y,
+            split,
+            task,
+            list(METRICS),
+            n_boot,
+            batch_size,
+            samples.data_hash,
+        )
+        rows += ft_rows
+        final.update(ft_final)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_results(out_dir / "results.json", rows)
     te = np.flatnonzero(split == "held_out")

@@ -223,7 +223,7 @@ def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
     then AUROC / AUPRC / Brier of every method with all training rows."""
     methods = list(dict.fromkeys(r.method for r in rows))
     baseline = {r.method: r.is_baseline for r in rows}
-    ks = list(dict.fromkeys(r.extra["k"] for r in rows))
+    ks = _sorted_ks(r.extra["k"] for r in rows)
     s = summarize_by_k(rows, "auroc")
     width = max(24, *(len(m) + 4 for m in methods))
     lines = [
@@ -247,21 +247,30 @@ def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
             )
         lines.append(str(k).ljust(6) + "".join(cells))
     last = ks[-1]
+    by_metric = {metric: summarize_by_k(rows, metric) for metric in METRICS}
     lines.append("")
     lines.append(
         f"k={last}: "
         + "   ".join(
             f"{m}: "
             + ", ".join(
-                f"{metric} {summarize_by_k(rows, metric)[(m, last)]['mean']:.3f}"
-                f"[{summarize_by_k(rows, metric)[(m, last)]['ci_low']:.3f},"
-                f"{summarize_by_k(rows, metric)[(m, last)]['ci_high']:.3f}]"
+                f"{metric} {by_metric[metric][(m, last)]['mean']:.3f}"
+                f"[{by_metric[metric][(m, last)]['ci_low']:.3f},"
+                f"{by_metric[metric][(m, last)]['ci_high']:.3f}]"
                 for metric in METRICS
+                if (m, last) in by_metric[metric]
             )
             for m in methods
+            if (m, last) in by_metric["auroc"]
         )
     )
     return "\n".join(lines) + "\n"
+
+
+def _sorted_ks(ks) -> list[int | str]:
+    """Distinct k values, integers ascending, then ``all``."""
+    distinct = set(ks)
+    return sorted(k for k in distinct if k != "all") + (["all"] if "all" in distinct else [])
 
 
 def plot_few_shot(rows: list[ResultRow], path: str | Path, task: str) -> Path:
@@ -275,7 +284,7 @@ def plot_few_shot(rows: list[ResultRow], path: str | Path, task: str) -> Path:
 
     s = summarize_by_k(rows, "auroc")
     methods = list(dict.fromkeys(r.method for r in rows))
-    ks = list(dict.fromkeys(r.extra["k"] for r in rows))
+    ks = _sorted_ks(r.extra["k"] for r in rows)
     numeric = [k for k in ks if k != "all"]
     x_of = {k: (k if k != "all" else (max(numeric) * 2 if numeric else 1)) for k in ks}
     fig, ax = plt.subplots(figsize=(6.5, 4))

@@ -45,7 +45,7 @@ from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_dir
-from healthfm.modality import Modality, Samples, get_modality, require_labels
+from healthfm.modality import Modality, Samples, TaskInput, get_modality, require_labels
 from healthfm.model.heads import FoundationModel, pool
 from healthfm.model.pretrained import load, save_pretrained
 from healthfm.train.data import StoreSource
@@ -55,9 +55,11 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
+    "finetuned_method",
     "finetuned_rows",
     "load_finetuned",
     "predict",
+    "read_provenance",
     "task_spec",
     "with_task_head",
 ]
@@ -106,7 +108,10 @@ class FinetuneConfig:
     bf16
         bf16 autocast.
     seed
-        Seeds the head, the LoRA matrices and the data order.
+        Seeds the head, the LoRA matrices, the data order and the few-shot draw.
+    few_shot
+        Train on ``k`` rows per class drawn from train and early-stop on ``k`` per class
+        from val (EHRSHOT's few-shot protocol, seeded by ``seed``); None: every row.
     """
 
     task: str | None = None
@@ -128,6 +133,7 @@ class FinetuneConfig:
     head_init: str = "random"
     bf16: bool = False
     seed: int = 0
+    few_shot: int | None = None
 
     @property
     def method(self) -> str:
@@ -289,6 +295,35 @@ class _TaskData:
     val_from_train: bool
 
 
+def _shared_task_input(
+    modality: Modality,
+    samples: Samples,
+    model: FoundationModel,
+    salt: str,
+    fractions,
+    stack: contextlib.ExitStack,
+) -> TaskInput:
+    """One row per sample: the modality's split, per-sample labels, a temporary token store."""
+    from healthfm.pipeline import tokenize_to_store
+
+    if samples.labels is None and type(modality).evaluate_command is not Modality.evaluate_command:
+        # Labels that are not per sample come through the modality's own evaluate; without
+        # a task_input hook, fine-tuning cannot pair them with samples.
+        raise ConfigError(
+            f"fine-tuning {modality.name!r} data needs per-sample labels; this modality's labels "
+            "come through its own evaluate command and it has no fine-tuning rows (task_input)",
+            file=samples.source,
+        )
+    if samples.labels is None:
+        require_labels(samples)  # raises the shared "no label column" error
+    modality.check_input(samples, model.tokenizer)
+    split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="healthfm-finetune-")))
+    store = tokenize_to_store(modality, model.tokenizer, samples, tmp / "store")
+    source = StoreSource(store, model.config.max_len, getattr(modality, "truncate", "head"))
+    return TaskInput(samples, split_names, source)
+
+
 def _training_info(model_dir: Path) -> dict[str, Any]:
     path = model_dir / "training_info.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -321,9 +356,14 @@ def _infer_task(labels: np.ndarray) -> str:
 
 
 def _task_data(
-    modality: Modality, samples: Samples, salt: str, fractions, config: FinetuneConfig, pooling: str
+    samples: Samples,
+    split_names: np.ndarray,
+    salt: str,
+    fractions,
+    config: FinetuneConfig,
+    pooling: str,
 ) -> _TaskData:
-    split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
+    split_names = np.asarray(split_names).astype(str)
     if samples.labels is None:
         require_labels(samples)  # raises the shared "no label column" error
     _check_missing(samples, split_names)
@@ -353,6 +393,8 @@ def _task_data(
     )
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}, not {task!r}", column="task")
+    if config.few_shot is not None:
+        splits = _few_shot(samples, splits, task, int(config.few_shot), config.seed)
     spec: dict[str, Any] = {"task": task, "pooling": pooling, "label_column": samples.label_column}
     class_weights = None
     if task == "regression":
@@ -406,6 +448,26 @@ def _task_data(
     return _TaskData(
         samples, splits, spec, targets, class_weights, salt, tuple(fractions), val_from_train
     )
+
+
+def _few_shot(
+    samples: Samples, splits: dict[str, np.ndarray], task: str, k: int, seed: int
+) -> dict[str, np.ndarray]:
+    """k rows per class from train and k from val (EHRSHOT draws both), seeded."""
+    from healthfm.evaluate.probe import few_shot_indices
+
+    if task == "regression":
+        raise ConfigError(
+            "--few-shot draws k rows per class; it does not apply to regression",
+            column="few_shot",
+        )
+    labels = np.asarray(samples.labels)
+    train, val = splits["train"], splits["val"]
+    return {
+        **splits,
+        "train": train[few_shot_indices(labels[train], k, seed)],
+        "val": val[few_shot_indices(labels[val], k, seed + 10_000)],
+    }
 
 
 def _is_number(value: Any) -> bool:
@@ -568,6 +630,10 @@ def _validate(config: FinetuneConfig, n_layers: int) -> None:
         )
     if config.patience < 1:
         raise ConfigError("patience must be at least 1", column="patience")
+    if config.few_shot is not None and int(config.few_shot) < 1:
+        raise ConfigError(
+            f"--few-shot must be at least 1, not {config.few_shot}", column="few_shot"
+        )
     if not config.learning_rate() > 0:
         raise ConfigError(f"--lr must be positive, not {config.lr}", column="lr")
 
@@ -636,24 +702,15 @@ def finetune(
     fractions = tuple(fractions or info.get("split_fractions", (0.7, 0.1, 0.2)))
     pooling = config.pooling or base.config.pooling
     samples = modality.read(input_path, options)
-    if samples.labels is None and type(modality).evaluate_command is not Modality.evaluate_command:
-        # Labels that are not per sample (EHR label files with prediction times) come
-        # through the modality's own evaluate; fine-tuning has no such path yet.
-        raise ConfigError(
-            f"fine-tuning {modality.name!r} data needs per-sample labels; this modality's labels "
-            "come through its own evaluate command, which fine-tuning does not support yet",
-            file=samples.source,
-        )
-    modality.check_input(samples, base.tokenizer)
-    data = _task_data(modality, samples, salt, fractions, config, pooling)
-    torch.manual_seed(config.seed)
-    model = with_task_head(base, data.spec)
-    truncate = getattr(modality, "truncate", "head")
-    with tempfile.TemporaryDirectory(prefix="healthfm-finetune-") as tmp:
-        from healthfm.pipeline import tokenize_to_store
-
-        store = tokenize_to_store(modality, base.tokenizer, samples, Path(tmp) / "store")
-        source = StoreSource(store, model.config.max_len, truncate)
+    with contextlib.ExitStack() as stack:
+        task_input = modality.task_input(samples, options, base, salt, fractions)
+        if task_input is None:
+            task_input = _shared_task_input(modality, samples, base, salt, fractions, stack)
+        samples = task_input.samples
+        data = _task_data(samples, task_input.split_names, salt, fractions, config, pooling)
+        source = task_input.source
+        torch.manual_seed(config.seed)
+        model = with_task_head(base, data.spec)
         _init_head(model, source, data, config)
         _freeze(model, config.freeze_layers)
         peft_model = None
@@ -699,6 +756,8 @@ def finetune(
             "n_val": len(data.splits["val"]),
             "n_test": len(data.splits["test"]),
             "val_carved_from_train": data.val_from_train,
+            "few_shot": config.few_shot,
+            "rows": task_input.info,
             "test_metrics": test_metrics,
             "wall_seconds": wall,
         },
@@ -897,11 +956,8 @@ def finetuned_rows(
         t = time.perf_counter()
         model = load_finetuned(path)
         spec = task_spec(model)
-        info = _read_provenance(Path(path))
-        method = f"{model.config.preset or 'model'}-finetune-{info.get('method', 'full')}"
-        if method in seen:
-            method = f"{method}@{Path(path).name}"
-        seen.add(method)
+        info = read_provenance(Path(path))
+        method = finetuned_method(model, info, path, seen)
         modality.check_input(samples, model.tokenizer)
         with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
             store = tokenize_to_store(
@@ -952,7 +1008,22 @@ def finetuned_rows(
     return rows
 
 
-def _read_provenance(path: Path) -> dict[str, Any]:
+def finetuned_method(
+    model: FoundationModel, info: dict[str, Any], path: str | Path, seen: set[str]
+) -> str:
+    """Result-row method name of a fine-tuned model: ``<preset>-finetune-<method>``, plus
+    ``-k<k>`` for a few-shot one and ``@<folder>`` when the name is taken; added to ``seen``."""
+    method = f"{model.config.preset or 'model'}-finetune-{info.get('method', 'full')}"
+    if info.get("few_shot"):
+        method += f"-k{info['few_shot']}"
+    if method in seen:
+        method = f"{method}@{Path(path).name}"
+    seen.add(method)
+    return method
+
+
+def read_provenance(path: Path) -> dict[str, Any]:
+    """The ``finetune`` provenance of a fine-tuned model or adapter folder ({} if none)."""
     from healthfm.evaluate.adapters import BASE_REF
 
     for name in (BASE_REF, "training_info.json"):

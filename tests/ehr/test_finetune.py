@@ -1,0 +1,166 @@
+"""EHR fine-tuning obeys the prediction-time contract, and its rows join the EHRSHOT table.
+
+Each fine-tuning row is the token window the prediction-time embedding reads; property tests
+(hypothesis) show that changing, adding or deleting events after the prediction time leaves
+the row and the fine-tuned model's prediction unchanged, while an event exactly at it is
+included.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ehr.ehr_helpers import write_shard
+from ehr.test_embed import MODELS, T0, TOK, _close, _embed, _frame, event, timeline_and_edit
+from healthfm.cli import main, run
+from healthfm.ehr.finetune import label_windows
+from healthfm.ehr.reader import open_meds, read_labels
+from healthfm.errors import ConfigError
+from healthfm.evaluate.finetune import FinetuneConfig, finetune, predict, with_task_head
+from healthfm.model.heads import pool
+
+SPEC = {"task": "binary", "pooling": "last", "n_outputs": 1, "classes": [0, 1]}
+
+
+def _head_model(max_len: int):
+    torch.manual_seed(1)
+    model = with_task_head(MODELS[max_len], SPEC).eval()
+    model.tokenizer = TOK
+    return model
+
+
+HEAD_MODELS = {n: _head_model(n) for n in MODELS}
+
+
+def _rows(df: pl.DataFrame, t_minutes: list[int], max_len: int):
+    """Label windows and fine-tuned predictions for prediction times ``t_minutes``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_shard(Path(tmp) / "m", df)
+        labels = pl.DataFrame(
+            {
+                "subject_id": [int(df["subject_id"][0])] * len(t_minutes),
+                "prediction_time": [T0 + timedelta(minutes=m) for m in t_minutes],
+                "boolean_value": [i % 2 == 0 for i in range(len(t_minutes))],
+            },
+            schema_overrides={"prediction_time": pl.Datetime("us")},
+        )
+        labels.write_parquet(Path(tmp) / "labels.parquet")
+        source = label_windows(
+            open_meds(root), TOK, read_labels(Path(tmp) / "labels.parquet"), max_len
+        )
+    batch = source.batch(np.arange(len(source)))
+    return batch, predict(HEAD_MODELS[max_len], source)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(timeline_and_edit())
+@pytest.mark.parametrize("max_len", [64, 12])
+def test_finetuning_rows_never_see_events_after_prediction_time(max_len, case):
+    evts, edited, cut = case
+    a, pa = _rows(_frame(evts), [cut], max_len)
+    b, pb = _rows(_frame(edited), [cut], max_len)
+    assert torch.equal(a["ids"], b["ids"])
+    assert torch.equal(a["times"].nan_to_num(-1), b["times"].nan_to_num(-1))
+    assert _close(pa, pb)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(event, min_size=0, max_size=30), st.integers(0, 60 * 24 * 400), st.integers(0, 4))
+def test_event_exactly_at_prediction_time_is_in_the_row(evts, cut, code):
+    base, _ = _rows(_frame(evts), [cut], 64)
+    at, _ = _rows(_frame([*evts, (cut, code, 2.5)]), [cut], 64)
+    # the event's token (and any [GAP] token before it) joins the row
+    assert at["ids"].shape[1] > base["ids"].shape[1]
+    later, _ = _rows(_frame([*evts, (cut + 1, code, 2.5)]), [cut], 64)
+    assert torch.equal(later["ids"], base["ids"])
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(event, min_size=1, max_size=40),
+    st.lists(st.integers(0, 60 * 24 * 400), min_size=1, max_size=6),
+)
+@pytest.mark.parametrize("max_len", [64, 12])
+def test_head_reads_the_prediction_time_embedding(max_len, evts, cuts):
+    # The state the task head sees ("last" pooling of the row) is what `healthfm embed` writes.
+    cuts = sorted(cuts)
+    df = _frame(evts)
+    batch, _ = _rows(df, cuts, max_len)
+    with torch.no_grad():
+        pooled = pool(MODELS[max_len].forward_batch(batch), batch["attention_mask"], "last")
+    for a, b in zip(pooled.numpy(), _embed(df, cuts, max_len), strict=True):
+        assert _close(a, b)
+
+
+LABELS = "task_labels/admission_1y/labels.parquet"
+
+
+def test_finetune_ehr_few_shot_and_evaluate_rows(ehr_model, syn_meds, tmp_path):
+    labels = str(syn_meds / LABELS)
+    k = 4
+    result = finetune(
+        ehr_model,
+        syn_meds,
+        tmp_path / "ft",
+        {"labels": labels},
+        FinetuneConfig(epochs=1, few_shot=k, lora=True, seed=2),
+        n_boot=50,
+    )
+    info = json.loads((tmp_path / "ft" / "healthfm_adapter.json").read_text())["finetune"]
+    assert info["few_shot"] == k and info["n_train"] == 2 * k and info["n_val"] == 2 * k
+    # Test rows are the held_out subjects' label rows, all of them.
+    frame = pl.read_parquet(labels)
+    splits = pl.read_parquet(syn_meds / "metadata" / "subject_splits.parquet")
+    held = frame.join(splits, on="subject_id").filter(pl.col("split") == "held_out")
+    assert len(result.test_indices) == len(held)
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(ehr_model), str(syn_meds), "--labels", labels, "--out", str(out)]
+    assert main([*argv, "--few-shot", "4", "all", "--seeds", "0", "--n-boot", "50",
+                 "--finetuned", str(tmp_path / "ft")]) == 0  # fmt: skip
+    rows = json.loads((out / "results.json").read_text())
+    ft = [r for r in rows if r["method"] == "tiny-finetune-lora-k4"]
+    assert {r["metric"] for r in ft} == {"auroc", "auprc", "brier"}
+    assert all(r["k"] == k and r["n_test"] == len(held) for r in ft)
+    auroc = next(r for r in ft if r["metric"] == "auroc")
+    assert auroc["value"] == pytest.approx(result.test_metrics["auroc"]["value"], abs=1e-6)
+    pred = pl.read_parquet(out / "predictions" / "tiny-finetune-lora-k4.parquet")
+    assert len(pred) == len(held) and "predicted_boolean_probability" in pred.columns
+
+
+def test_finetuned_ehr_model_is_an_ordinary_model_folder(ehr_model, syn_meds, tmp_path):
+    labels = str(syn_meds / LABELS)
+    base = ["finetune", str(ehr_model), str(syn_meds), "--labels", labels]
+    assert main([*base, "--out", str(tmp_path / "ft"), "--epochs", "1"]) == 0
+    emb = tmp_path / "emb.parquet"
+    assert main(["embed", str(tmp_path / "ft"), str(syn_meds), "--labels", labels,
+                 "--out", str(emb)]) == 0  # fmt: skip
+    assert len(pl.read_parquet(emb)) == len(pl.read_parquet(labels))
+    # evaluate MODEL where MODEL is fine-tuned: its own rows come with the probe's
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "ft"), str(syn_meds), "--labels", labels,
+                 "--out", str(out), "--few-shot", "all", "--no-baselines",
+                 "--n-boot", "20"]) == 0  # fmt: skip
+    methods = {r["method"] for r in json.loads((out / "results.json").read_text())}
+    assert methods == {"tiny-causal-last+logreg", "tiny-finetune-full"}
+
+
+def test_finetune_ehr_bad_settings(ehr_model, syn_meds, tmp_path):
+    base = ["finetune", str(ehr_model), str(syn_meds), "--out", str(tmp_path / "x")]
+    labels = ["--labels", str(syn_meds / LABELS)]
+    with pytest.raises(ConfigError, match="--labels"):
+        run([*base, "--epochs", "1"])
+    with pytest.raises(ConfigError, match="one k"):
+        run([*base, *labels, "--few-shot", "4", "8"])
+    with pytest.raises(ConfigError, match="regression"):
+        run([*base, *labels, "--few-shot", "4", "--task", "regression"])
+    assert not (tmp_path / "x").exists()
