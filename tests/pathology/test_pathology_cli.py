@@ -203,3 +203,23 @@ def test_tile_folder_of_slides(pyramid, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out" / "patches").iterdir()) == ["a.h5", "b.h5"]
     assert main(["tile", str(tmp_path / "out" / "thumbnails"), "--out", str(tmp_path / "o2")]) == 2
     assert "no slide files" in capsys.readouterr().err
+
+
+def test_finetune_tiles_full_and_lora_then_evaluate(model_dir, kather, tmp_path):
+    # 24 tiles, 8 classes: too few to learn anything; this checks the plumbing end to end.
+    base = ["finetune", str(model_dir), str(kather), "--epochs", "1", "--batch-size", "8"]
+    assert main([*base, "--out", str(tmp_path / "full")]) == 0
+    assert main([*base, "--out", str(tmp_path / "lora"), "--lora", "--lora-rank", "2"]) == 0
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    res = tmp_path / "eval"
+    argv = ["evaluate", str(model_dir), str(kather), "--out", str(res), "--seeds", "0"]
+    argv += ["--n-boot", "20", "--finetuned", str(tmp_path / "full"), str(tmp_path / "lora")]
+    assert main(argv) == 0
+    rows = json.loads((res / "results.json").read_text())
+    n_test = {r["method"]: r["n_test"] for r in rows}
+    assert {"tiny-finetune-full", "tiny-finetune-lora"} <= set(n_test)
+    assert len(set(n_test.values())) == 1  # the same test tiles as the probe and baselines
+    # An adapter folder is accepted wherever a model folder is.
+    assert main(["embed", str(tmp_path / "lora"), str(kather), "--out", str(tmp_path / "e")]) == 0
+    _, emb = load_embeddings(tmp_path / "e" / "embeddings.parquet")
+    assert emb.shape == (24, 128)

@@ -851,7 +851,11 @@ def _fit(
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            batch = {k: v.to(device) for k, v in source.batch(idx, None).items()}
+            # Sources that augment (tiles) do so for training batches only, seeded per step.
+            generator = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+            )
+            batch = {k: v.to(device) for k, v in source.batch(idx, generator).items()}
             y = targets[idx].to(device)
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
@@ -926,6 +930,7 @@ def finetuned_rows(
     n_boot: int = 1000,
     batch_size: int = 128,
     metrics: list[str] | None = None,
+    source_for: Any = None,
 ) -> list[ResultRow]:
     """Result rows of fine-tuned models' own predictions on the test split.
 
@@ -946,6 +951,10 @@ def finetuned_rows(
         The evaluation's sorted class names (the probe's class order).
     task
         Task name of the rows.
+    source_for
+        ``f(model) -> BatchSource`` over the test samples, in ``test_idx`` order, for data
+        that are not token sequences (tiles); by default the test samples are tokenized
+        into a temporary token store.
     """
     from healthfm.evaluate.probe import align_proba
     from healthfm.pipeline import tokenize_to_store
@@ -958,13 +967,17 @@ def finetuned_rows(
         spec = task_spec(model)
         info = read_provenance(Path(path))
         method = finetuned_method(model, info, path, seen)
-        modality.check_input(samples, model.tokenizer)
-        with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
-            store = tokenize_to_store(
-                modality, model.tokenizer, samples, Path(tmp) / "store", test_idx
-            )
-            source = StoreSource(store, model.config.max_len, getattr(modality, "truncate", "head"))
-            scores = predict(model, source, batch_size=batch_size)
+        if source_for is not None:
+            scores = predict(model, source_for(model), batch_size=batch_size)
+        else:
+            modality.check_input(samples, model.tokenizer)
+            with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
+                store = tokenize_to_store(
+                    modality, model.tokenizer, samples, Path(tmp) / "store", test_idx
+                )
+                truncate = getattr(modality, "truncate", "head")
+                source = StoreSource(store, model.config.max_len, truncate)
+                scores = predict(model, source, batch_size=batch_size)
         seed = int(info.get("config", {}).get("seed", 0))
         groups = np.asarray(samples.groups)[test_idx].astype(str)
         if spec["task"] == "regression":

@@ -266,6 +266,23 @@ class PathologyModality(Modality):
         """eva-style tile classification: frozen embeddings + linear probe vs baselines."""
         return evaluate_tiles(model_dir, input_path, out_dir, options, **kwargs)
 
+    def task_input(
+        self,
+        samples: Samples,
+        options: dict,
+        model: Any,
+        salt: str,
+        fractions: tuple[float, float, float],
+    ) -> Any:
+        """Fine-tuning rows are the tiles: the evaluation's split, tiles decoded (and cached
+        when they fit) by a :class:`TileSource` that augments training batches only."""
+        from healthfm.modality import TaskInput, require_labels
+
+        if samples.labels is None:
+            require_labels(samples)  # the shared "no label column" error
+        source = TileSource(samples.payload, _model_tokenizer(model), augment=True, cache=True)
+        return TaskInput(samples, self.split(samples, salt, tuple(fractions)), source)
+
     def run_demo(self, out: Path, quick: bool) -> Any:
         """Tile the bundled slide, MAE-pretrain, embed, probe vs baselines, MIL on bags."""
         from healthfm.pathology.demo import run_demo
@@ -530,6 +547,7 @@ def evaluate_tiles(
     include_baselines: bool = True,
     echo: bool = True,
     model: Any = None,
+    finetuned=(),
     **_: Any,
 ) -> list:
     """eva-style evaluation of tile classification.
@@ -550,7 +568,9 @@ def evaluate_tiles(
     options = dict(options or {})
     out_dir = Path(out_dir)
     if model is None and model_dir is not None:
-        model = load(model_dir, modality="pathology")
+        from healthfm.pipeline import load_for
+
+        model, _ = load_for("pathology", model_dir)
     samples = MODALITY.read(input_path, options)
     split_names = MODALITY.split(samples, salt, tuple(fractions))
     labels = require_labels(samples, np.where(split_names == "val", "train", split_names))
@@ -619,6 +639,27 @@ def evaluate_tiles(
                     "level": "tile",
                 },
             )
+    ft_dirs = [
+        *finetuned,
+        *([model_dir] if model_dir is not None and getattr(model, "task_head", None) else []),
+    ]
+    if ft_dirs:
+        from healthfm.evaluate.finetune import finetuned_rows
+
+        rows += finetuned_rows(
+            ft_dirs,
+            MODALITY,
+            samples,
+            test_idx,
+            classes,
+            task,
+            n_boot=n_boot,
+            batch_size=batch_size,
+            metrics=list(CLASSIFICATION_METRICS),
+            source_for=lambda m: TileSource(
+                samples.payload, _model_tokenizer(m), test_idx, augment=False, cache=False
+            ),
+        )
     write_results(out_dir / "results.json", rows)
     if echo:
         print(format_table([r.to_dict() for r in rows], CLASSIFICATION_METRICS[:3]))
