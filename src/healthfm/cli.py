@@ -224,6 +224,24 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--n-boot", type=int, default=1000, help="bootstrap resamples of the test metrics"
     )
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="per-epoch checkpoints (default: OUT.run); --no-checkpoints to skip",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="do not checkpoint epochs")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the latest epoch checkpoint"
+    )
+    p.add_argument(
+        "--stop-at-epoch",
+        type=int,
+        default=None,
+        help="stop after this epoch (checkpointed); continue later with --resume",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
     if "--few-shot" not in p._option_string_actions:  # EHR defines it for evaluate already
         p.add_argument(
             "--few-shot",
@@ -264,8 +282,19 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         seed=args.seed,
         few_shot=_one_few_shot(args.few_shot),
     )
+    run_dir = None if args.no_checkpoints else (args.run_dir or f"{args.out.rstrip('/')}.run")
     finetune(
-        args.model, args.input, args.out, opts, config, salt=args.split_salt, n_boot=args.n_boot
+        args.model,
+        args.input,
+        args.out,
+        opts,
+        config,
+        salt=args.split_salt,
+        n_boot=args.n_boot,
+        run_dir=run_dir,
+        resume=args.resume,
+        stop_at_epoch=args.stop_at_epoch,
+        device=args.device,
     )
 
 

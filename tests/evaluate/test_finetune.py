@@ -451,3 +451,61 @@ def test_singlecell_finetune_through_the_cli(tmp_path, capsys):
     tuned = [r for r in rows if r["method"] == "tiny-finetune-full" and r["metric"] == "auroc"]
     probe = [r for r in rows if r["method"] == "tiny-mean+logreg" and r["metric"] == "auroc"]
     assert tuned and probe and tuned[0]["n_test"] == probe[0]["n_test"]
+
+
+RESUME = FinetuneConfig(epochs=4, patience=10, lr=3e-3, batch_size=48, class_weight=True)
+
+
+def _weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(work, tmp_path):
+    base, data = work["root"] / "base", work["data"]
+    ref = finetune(base, data, tmp_path / "ref", {}, RESUME, n_boot=20, echo=False)
+    run_dir = tmp_path / "run"
+    kw = {"n_boot": 20, "echo": False, "run_dir": run_dir}
+    stopped = finetune(base, data, tmp_path / "out", {}, RESUME, stop_at_epoch=2, **kw)
+    assert stopped is None and not (tmp_path / "out").exists()
+    state = json.loads(
+        (run_dir / "checkpoints" / "step-00000002" / "trainer_state.json").read_text()
+    )
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    resumed = finetune(base, data, tmp_path / "out", {}, RESUME, resume=True, **kw)
+    assert resumed.history == ref.history
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "out")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(work, tmp_path):
+    from healthfm.errors import CheckpointError
+
+    base, data = work["root"] / "base", work["data"]
+    kw = {"n_boot": 20, "echo": False, "run_dir": tmp_path / "run"}
+    finetune(base, data, tmp_path / "out", {}, RESUME, stop_at_epoch=1, **kw)
+    other = FinetuneConfig(**{**RESUME.__dict__, "lr": 1e-4})
+    with pytest.raises(CheckpointError, match="another run configuration"):
+        finetune(base, data, tmp_path / "out", {}, other, resume=True, **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_torchrun_processes_match_one(work, tmp_path):
+    import subprocess
+    import sys
+
+    from train.launch import env
+
+    base, data = work["root"] / "base", work["data"]
+    # Batches of 48 split over 2 processes; the gradient must be the one-process gradient.
+    argv = ["finetune", str(base), str(data), "--epochs", "2", "--batch-size", "48"]
+    argv += ["--lr", "3e-3", "--no-checkpoints", "--n-boot", "10", "--device", "cpu"]
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd += [f"--nproc-per-node={n}", "-m", "healthfm.cli", *argv, "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = _weights(out)
+    for k in outs[1]:
+        torch.testing.assert_close(outs[2][k], outs[1][k], rtol=1e-4, atol=1e-5, msg=k)

@@ -166,6 +166,14 @@ class FinetuneResult:
     test_scores: np.ndarray | None = None
 
 
+class FinetuneStopped(Exception):
+    """Raised inside :func:`finetune` when ``stop_at_epoch`` is reached (checkpointed)."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"stopped after epoch {epoch}")
+        self.epoch = epoch
+
+
 # ---------------------------------------------------------------------------- task head
 
 
@@ -481,10 +489,18 @@ def _is_number(value: Any) -> bool:
 # ---------------------------------------------------------------------------- training
 
 
-def _loss_fn(spec: dict[str, Any], class_weights: np.ndarray | None, device: torch.device):
+def _loss_terms(spec: dict[str, Any], class_weights: np.ndarray | None, device: torch.device):
+    """``f(out, y)`` → the *sum* of the per-sample task-loss terms of a batch.
+
+    The task loss is that sum divided by :func:`_normaliser` (PyTorch's ``mean``
+    reductions: MSE and ``pos_weight``-balanced BCE divide by the number of samples,
+    class-weighted cross-entropy by the sum of the samples' class weights). Processes that
+    hold parts of one batch divide by the *whole* batch's normaliser, so their averaged
+    gradients are exactly the one-process gradient.
+    """
     task = spec["task"]
     if task == "regression":
-        return lambda out, y: F.mse_loss(out[:, 0].float(), y)
+        return lambda out, y: F.mse_loss(out[:, 0].float(), y, reduction="sum")
     if task == "binary":
         pos_weight = None
         if class_weights is not None and class_weights[1] > 0:
@@ -492,14 +508,32 @@ def _loss_fn(spec: dict[str, Any], class_weights: np.ndarray | None, device: tor
                 class_weights[1] / max(class_weights[0], 1e-12), device=device
             )
         return lambda out, y: F.binary_cross_entropy_with_logits(
-            out[:, 0].float(), y.float(), pos_weight=pos_weight
+            out[:, 0].float(), y.float(), pos_weight=pos_weight, reduction="sum"
         )
     weight = (
         torch.tensor(class_weights, dtype=torch.float32, device=device)
         if class_weights is not None
         else None
     )
-    return lambda out, y: F.cross_entropy(out.float(), y, weight=weight)
+    return lambda out, y: F.cross_entropy(out.float(), y, weight=weight, reduction="sum")
+
+
+def _normaliser(spec: dict[str, Any], class_weights: np.ndarray | None, y: np.ndarray) -> float:
+    """The denominator of the mean task loss of a batch with targets ``y``."""
+    if spec["task"] == "classification" and class_weights is not None:
+        return float(np.asarray(class_weights, dtype=np.float64)[np.asarray(y)].sum())
+    return float(len(y))
+
+
+def _loss_fn(spec: dict[str, Any], class_weights: np.ndarray | None, device: torch.device):
+    """The mean task loss ``f(out, y)`` of a whole batch."""
+    terms = _loss_terms(spec, class_weights, device)
+
+    def loss(out, y):
+        norm = _normaliser(spec, class_weights, y.detach().cpu().numpy())
+        return terms(out, y) / max(norm, 1e-12)
+
+    return loss
 
 
 @torch.no_grad()
@@ -649,7 +683,11 @@ def finetune(
     fractions=None,
     n_boot: int = 200,
     echo: bool = True,
-) -> FinetuneResult:
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_at_epoch: int | None = None,
+    device: str | None = None,
+) -> FinetuneResult | None:
     """Fine-tune a model folder on the labelled input and write the result to ``out``.
 
     Parameters
@@ -674,10 +712,22 @@ def finetune(
         Bootstrap resamples of the test metrics recorded in the provenance.
     echo
         Print parameter counts, progress per epoch and the test metrics.
+    run_dir
+        Folder for per-epoch checkpoints (``checkpoints/step-N``, N the epoch: trainable weights, the
+        best epoch's weights, optimizer, RNG, history); None: no checkpoints.
+    resume
+        Continue from the latest checkpoint in ``run_dir`` (same data, rows and settings,
+        checked); the result equals an uninterrupted run.
+    stop_at_epoch
+        Stop after this epoch (checkpointed) without writing ``out``; returns None.
+    device
+        "cpu" or "cuda" (default: CUDA when available). Under torchrun each process takes
+        an equal part of every batch (DDP); only rank 0 writes.
 
     Returns
     -------
-    FinetuneResult
+    FinetuneResult or None
+        None when stopped by ``stop_at_epoch``.
 
     Raises
     ------
@@ -688,11 +738,15 @@ def finetune(
     ModelError
         Unreadable model folder.
     """
+    from healthfm.train.distributed import barrier, init_distributed
+
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
     options = options or {}
     model_dir = Path(model_dir)
     base = load(model_dir, modality=modality_name)
+    dist_info = init_distributed(device)
+    echo = echo and dist_info.is_main
     if base.tokenizer is None:
         raise ModelError("model folder has no tokenizer.json", file=model_dir)
     _validate(config, base.config.n_layers)
@@ -710,7 +764,7 @@ def finetune(
         data = _task_data(samples, task_input.split_names, salt, fractions, config, pooling)
         source = task_input.source
         torch.manual_seed(config.seed)
-        model = with_task_head(base, data.spec)
+        model = with_task_head(base, data.spec).to(dist_info.device)
         _init_head(model, source, data, config)
         _freeze(model, config.freeze_layers)
         peft_model = None
@@ -731,7 +785,26 @@ def finetune(
                 f"fine-tuning ({config.method}, {data.spec['task']}): trainable parameters {trainable:,} "
                 f"of {total:,} ({100.0 * trainable / total:.2f}%)"
             )
-        history, best_epoch, best_loss = _fit(model, source, data, config, echo)
+        try:
+            history, best_epoch, best_loss = _fit(
+                model,
+                source,
+                data,
+                config,
+                echo,
+                run_dir=Path(run_dir) if run_dir is not None else None,
+                resume=resume,
+                dist_info=dist_info,
+                base_hash=str(base.model_hash),
+                stop_after_epoch=stop_at_epoch,
+            )
+        except FinetuneStopped as stop:
+            if echo:
+                print(
+                    f"stopped after epoch {stop.epoch}; checkpoint in {run_dir} "
+                    "(continue with --resume)"
+                )
+            return None
         test_scores = None
         if len(data.splits["test"]):
             test_scores = _to_scores(
@@ -767,6 +840,10 @@ def finetune(
         "split_fractions": list(fractions),
     }
     out = Path(out)
+    if not dist_info.is_main:  # one writer; the others wait until the folder is there
+        barrier(dist_info)
+        return None
+    model.to("cpu")
     if peft_model is not None and not config.merge:
         from healthfm.evaluate.adapters import save_adapter
 
@@ -798,6 +875,7 @@ def finetune(
             f"wrote {out}: best epoch {best_epoch} of {len(history)}, val loss {best_loss:.4f}; "
             f"test {line or '-'}; {wall:.1f} s"
         )
+    barrier(dist_info)
     return FinetuneResult(
         out=out,
         method=config.method,
@@ -815,12 +893,63 @@ def finetune(
     )
 
 
+class _TaskForward(torch.nn.Module):
+    """The head outputs of a batch as ``forward`` (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: FoundationModel, pooling: str) -> None:
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _head_outputs(self.model, batch, self.pooling)
+
+
+def _run_fingerprint(data: _TaskData, config: FinetuneConfig, source: Any, base_hash: str) -> str:
+    """What a checkpoint must match to be resumed: the data, rows, splits and settings."""
+    import hashlib
+
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "patience")}
+    h.update(
+        json.dumps([settings, data.spec, base_hash, data.samples.data_hash], default=str).encode()
+    )
+    h.update(str(getattr(source, "fingerprint", "")).encode())
+    for name in ("train", "val"):
+        h.update(np.ascontiguousarray(data.splits[name], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
 def _fit(
-    model: FoundationModel, source: StoreSource, data: _TaskData, config: FinetuneConfig, echo: bool
+    model: FoundationModel,
+    source: Any,
+    data: _TaskData,
+    config: FinetuneConfig,
+    echo: bool,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    dist_info: Any = None,
+    base_hash: str = "",
+    stop_after_epoch: int | None = None,
 ) -> tuple[list[dict[str, float]], int, float]:
+    """Epoch loop with early stopping; per-epoch checkpoints in ``run_dir/checkpoints``
+    (folders ``step-N`` with N the epoch, the trainer's checkpoint format).
+
+    Under torchrun every process takes an equal part of each batch (DDP averages the
+    gradients; the loss is normalised by the whole batch, so the update is the one-process
+    one) and computes the same validation loss; only the main process writes.
+    """
+    from healthfm.train.checkpoint import (
+        checkpoint_dirs,
+        clean_temporary,
+        load_checkpoint,
+        save_checkpoint,
+    )
+    from healthfm.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
     from healthfm.train.trainer import TrainConfig
 
-    device = next(model.parameters()).device
+    info = dist_info or DistInfo(device=next(model.parameters()).device)
+    device = info.device
     train_idx, val_idx = data.splits["train"], data.splits["val"]
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -833,10 +962,13 @@ def _fit(
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=schedule.lr, betas=(0.9, 0.98)
     )
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named_trainable.values())
+    terms = _loss_terms(data.spec, data.class_weights, device)
     loss_fn = _loss_fn(data.spec, data.class_weights, device)
     pooling = data.spec["pooling"]
     targets = torch.from_numpy(data.targets)
+    forward = wrap_model(_TaskForward(model, pooling), info, "ddp")
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if config.bf16
@@ -844,54 +976,107 @@ def _fit(
     )
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state, since_best = math.inf, 0, None, 0
-    step = 0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
+    step, first_epoch = 0, 1
+    ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    fingerprint = _run_fingerprint(data, config, source, base_hash)
+    if ckpt_root is not None and resume and checkpoint_dirs(ckpt_root):
+        if info.is_main:
+            clean_temporary(ckpt_root)
+        ckpt = load_checkpoint(checkpoint_dirs(ckpt_root)[-1], expect={"run": fingerprint})
+        state = ckpt["state"]
+        with torch.no_grad():
+            for name, p in named_trainable.items():
+                p.copy_(ckpt["model"][name])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        best = {k[len("best::") :]: v for k, v in ckpt["model"].items() if k.startswith("best::")}
+        best_state = {k: v.to(device) for k, v in best.items()} or None
+        history, step = state["history"], state["optimizer_step"]
+        best_loss, best_epoch = float(state["best_loss"]), int(state["best_epoch"])
+        since_best, first_epoch = int(state["since_best"]), int(state["epoch"]) + 1
+        if echo and info.is_main:
+            print(f"  resumed after epoch {state['epoch']} from {checkpoint_dirs(ckpt_root)[-1]}")
+    elif ckpt_root is not None and resume and echo and info.is_main:
+        print(f"  no checkpoint in {ckpt_root}: starting from epoch 1")
+    stopped = since_best >= config.patience
+    for epoch in range(first_epoch, config.epochs + 1):
+        if stopped:
+            break
+        forward.train()
         order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
+            mine = np.array_split(idx, info.world_size)[info.rank]
+            # Normalise by the whole batch (every process knows it) and undo DDP's average.
+            norm = max(_normaliser(data.spec, data.class_weights, data.targets[idx]), 1e-12)
+            share = float(info.world_size) / norm
+            if len(mine) == 0:
+                # Fewer samples than processes (an epoch's last batch): this process still
+                # runs forward and backward (DDP needs every rank), with weight zero.
+                mine, share = idx[:1], 0.0
             # Sources that augment (tiles) do so for training batches only, seeded per step.
             generator = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+                int(np.random.SeedSequence([config.seed, step, info.rank]).generate_state(1)[0])
             )
-            batch = {k: v.to(device) for k, v in source.batch(idx, generator).items()}
-            y = targets[idx].to(device)
             for group in optimizer.param_groups:
                 group["lr"] = schedule.lr_at(step)
-            with autocast():
-                loss = loss_fn(_head_outputs(model, batch, pooling), y)
             optimizer.zero_grad(set_to_none=True)
+            batch = {k: v.to(device) for k, v in source.batch(mine, generator).items()}
+            with autocast():
+                loss = terms(forward(batch), targets[mine].to(device)) * share
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             step += 1
-            total += float(loss.detach()) * len(idx)
+            # The parts' losses sum to world_size x the batch's mean loss.
+            mean = all_reduce_sum(loss.detach().float(), info) / info.world_size
+            total += float(mean) * len(idx)
             count += len(idx)
         raw = _raw_outputs(model, source, val_idx, pooling, bf16=config.bf16)
         with torch.no_grad():
             val_loss = float(loss_fn(torch.from_numpy(raw).to(device), targets[val_idx].to(device)))
-        history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss})
-        if echo:
-            print(
-                f"  epoch {epoch:>3}: train loss {total / max(count, 1):.4f}, val loss {val_loss:.4f}"
-            )
+        train_loss = total / max(count, 1)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        if echo and info.is_main:
+            print(f"  epoch {epoch:>3}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
         if val_loss < best_loss - 1e-6:
             best_loss, best_epoch, since_best = val_loss, epoch, 0
             # Only trainable tensors change: keep copies of those (cheap for LoRA).
-            best_state = {
-                n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-            }
+            best_state = {n: p.detach().clone() for n, p in named_trainable.items()}
         else:
             since_best += 1
-            if since_best >= config.patience:
-                break
+            stopped = since_best >= config.patience
+        if ckpt_root is not None:
+            if info.is_main:
+                state_tensors = {n: p.detach() for n, p in named_trainable.items()}
+                for n, v in (best_state or {}).items():
+                    state_tensors[f"best::{n}"] = v
+                save_checkpoint(
+                    ckpt_root,
+                    epoch,
+                    state_tensors,
+                    optimizer.state_dict(),
+                    {
+                        "run": fingerprint,
+                        "epoch": epoch,
+                        "optimizer_step": step,
+                        "history": history,
+                        "best_loss": best_loss,
+                        "best_epoch": best_epoch,
+                        "since_best": since_best,
+                    },
+                    keep=1,
+                )
+            barrier(info)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch and not stopped:
+            if epoch < config.epochs:
+                raise FinetuneStopped(epoch)
     if best_state is not None:
         with torch.no_grad():
-            named = dict(model.named_parameters())
             for name, value in best_state.items():
-                named[name].copy_(value)
+                named_trainable[name].copy_(value)
     model.eval()
     return history, best_epoch, best_loss
 
