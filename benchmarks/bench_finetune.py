@@ -15,6 +15,9 @@ Run (measured on a shared, busy 2-core machine: pretraining 10 min, fine-tuning 
 method, probes + baselines 6 min; less on an idle machine)::
 
     .venv/bin/python benchmarks/bench_finetune.py --out /tmp/bench_ft
+    .venv/bin/python benchmarks/bench_finetune.py --data pbmc --out /tmp/bench_ft_pbmc
+    .venv/bin/python benchmarks/bench_finetune.py --data ehr --steps 300 --epochs 3 \
+        --out /tmp/bench_ft_ehr  # EHRSHOT rows at k = all: AUROC, AUPRC, Brier
 
 Numbers are one run on one machine; compare methods within the run.
 """
@@ -40,15 +43,17 @@ def run_dataset(
     base = out / f"{name}-base"
     t = time.perf_counter()
     if not (base / "config.json").exists():
+        causal = modality == "ehr"  # timelines: the EHR demo's settings (packed, smaller batch)
         cfg = TrainConfig(
             steps=args.steps,
-            batch_size=64,
-            lr=1e-3,
+            batch_size=16 if causal else 64,
+            lr=2e-3 if causal else 1e-3,
             warmup_steps=max(1, args.steps // 10),
             eval_every=max(1, args.steps // 4),
             checkpoint_every=args.steps,
             seed=0,
             progress=False,
+            pack=causal,
         )
         pipeline.pretrain(
             modality,
@@ -106,7 +111,7 @@ def run_dataset(
     for method in dict.fromkeys(r.method for r in rows):
         mrows = [r for r in rows if r.method == method]
         by_metric = {}
-        for metric in ("auroc", "balanced_accuracy", "macro_f1"):
+        for metric in ("auroc", "balanced_accuracy", "macro_f1", "auprc"):
             vals = [r for r in mrows if r.metric == metric]
             if vals:
                 by_metric[metric] = (
@@ -114,7 +119,7 @@ def run_dataset(
                     sum(r.ci_low for r in vals) / len(vals),
                     sum(r.ci_high for r in vals) / len(vals),
                 )
-        kind = next((k for k in ("lora", "full") if method.endswith(f"finetune-{k}")), None)
+        kind = next((k for k in ("lora", "full") if f"finetune-{k}" in method), None)
         if kind is not None:
             result = runs[kind][1]
             params, wall = result.trainable_parameters, result.wall_seconds
@@ -154,7 +159,9 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
     parser.add_argument("--seeds", type=int, default=3, help="probe seeds")
     parser.add_argument("--n-boot", type=int, default=500)
-    parser.add_argument("--data", nargs="+", default=["splice"], help="splice and/or pbmc")
+    parser.add_argument(
+        "--data", nargs="+", default=["splice"], help="splice, pbmc and/or ehr (admission_1y)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -174,6 +181,14 @@ def main() -> None:
             table += run_dataset(
                 name, "singlecell", pbmc68k(), {"label_column": "bulk_labels"}, out, args
             )
+        elif name == "ehr":
+            from healthfm.ehr.demo import DEMO_DATA, DEMO_TASK
+
+            labels = DEMO_DATA / "task_labels" / DEMO_TASK / "labels.parquet"
+            # Every train row (k = all); fine-tuning rows hold exactly the events up to each
+            # prediction time, as the probe's embeddings do.
+            options = {"labels": str(labels), "few_shot": ["all"]}
+            table += run_dataset(name, "ehr", DEMO_DATA, options, out, args)
         else:
             raise SystemExit(f"unknown data set {name!r}")
     print()

@@ -164,3 +164,36 @@ def test_finetune_ehr_bad_settings(ehr_model, syn_meds, tmp_path):
     with pytest.raises(ConfigError, match="regression"):
         run([*base, *labels, "--few-shot", "4", "--task", "regression"])
     assert not (tmp_path / "x").exists()
+
+
+def test_multiclass_labels_evaluate_and_finetune(ehr_model, syn_meds, tmp_path):
+    # A 3-class categorical task (as EHRSHOT's lab-value tasks): admission crossed with the
+    # parity of the subject id, so every class occurs in every split.
+    frame = pl.read_parquet(syn_meds / LABELS)
+    frame = frame.select(
+        "subject_id",
+        "prediction_time",
+        pl.when(pl.col("boolean_value"))
+        .then(pl.lit("admitted"))
+        .when(pl.col("subject_id") % 2 == 0)
+        .then(pl.lit("even"))
+        .otherwise(pl.lit("odd"))
+        .alias("categorical_value"),
+    )
+    labels = str(tmp_path / "three.parquet")
+    frame.write_parquet(labels)
+    ft = tmp_path / "ft"
+    result = finetune(
+        ehr_model, syn_meds, ft, {"labels": labels}, FinetuneConfig(epochs=1), n_boot=20
+    )
+    assert result.task == "classification" and result.test_scores.shape[1] == 3
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(ehr_model), str(syn_meds), "--labels", labels, "--out", str(out)]
+    assert main([*argv, "--few-shot", "2", "all", "--seeds", "0", "--n-boot", "20",
+                 "--finetuned", str(ft)]) == 0  # fmt: skip
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["metric"] for r in rows} == {"auroc", "auprc", "macro_f1"}
+    assert {r["method"] for r in rows} >= {"counts+gbm", "tiny-finetune-full"}
+    pred = pl.read_parquet(out / "predictions" / "counts_logreg.parquet")
+    assert set(pred["predicted_value"].unique()) <= {"admitted", "even", "odd"}
+    assert pred["predicted_probabilities"].dtype == pl.Array(pl.Float32, 3)

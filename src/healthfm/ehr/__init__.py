@@ -391,21 +391,19 @@ def evaluate_ehrshot(
     samples = modality.read(input_path, options)
     labels = modality._labels(options, samples)
     y_raw = labels.frame["label"]
-    # Not yet: regression (float_value) and multi-class (categorical / integer) tasks.
-    if y_raw.dtype.is_float() or y_raw.dtype == pl.String:
+    # Not yet: regression (float_value) in the EHRSHOT evaluation (fine-tuning supports it).
+    if y_raw.dtype.is_float():
         raise ConfigError(
-            "ehr evaluate supports boolean (or 0/1 integer) labels only, not yet "
-            f"{labels.column} of type {y_raw.dtype}",
+            "ehr evaluate supports boolean, integer and categorical labels, not yet regression "
+            f"on {labels.column} ({y_raw.dtype}); `healthfm finetune --task regression` does",
             file=labels.source,
             column=labels.column,
         )
-    y = y_raw.cast(int).to_numpy()
-    if set(np.unique(y)) - {0, 1}:
-        raise ConfigError(
-            "ehr evaluate supports binary labels only, not yet multi-class integer labels",
-            file=labels.source,
-            column=labels.column,
-        )
+    from healthfm.ehr.finetune import label_values
+
+    classes, y = np.unique(label_values(labels), return_inverse=True)
+    y = y.reshape(-1)
+    boolean_like = y_raw.dtype == pl.Boolean or set(classes.tolist()) <= {0, 1}
     split_of = np.array(modality.split(samples, "healthfm", (0.7, 0.1, 0.2)), dtype=object)
     sid_to_split = dict(zip(samples.keys.tolist(), split_of.tolist(), strict=True))
     back = {v: k for k, v in {"train": "train", "tuning": "val", "held_out": "test"}.items()}
@@ -454,7 +452,7 @@ def evaluate_ehrshot(
         *([model_dir] if model is not None and model.task_head is not None else []),
     ]
     if ft_dirs:
-        from healthfm.ehr.evaluate import METRICS
+        from healthfm.ehr.evaluate import metrics_for
         from healthfm.ehr.finetune import finetuned_ehr_rows
 
         ft_rows, ft_final = finetuned_ehr_rows(
@@ -462,9 +460,10 @@ def evaluate_ehrshot(
             samples.payload["dataset"],
             labels,
             y,
+            classes,
             split,
             task,
-            list(METRICS),
+            list(metrics_for(len(classes))),
             n_boot,
             batch_size,
             samples.data_hash,
@@ -476,7 +475,15 @@ def evaluate_ehrshot(
     te = np.flatnonzero(split == "held_out")
     held = labels.frame[te]
     for method, p in final.items():
-        write_predictions(out_dir / "predictions" / f"{method.replace('+', '_')}.parquet", held, p)
+        if not boolean_like and p.ndim == 1:  # two classes that are not True / False
+            p = np.stack([1.0 - p, p], axis=1)
+        write_predictions(
+            out_dir / "predictions" / f"{method.replace('+', '_')}.parquet",
+            held,
+            p,
+            classes=classes,
+            column=labels.column,
+        )
     plot_few_shot(rows, out_dir / "few_shot_auroc.png", task)
     table = format_ehrshot_table(rows, task)
     atomic_write_text(out_dir / "table.txt", table)

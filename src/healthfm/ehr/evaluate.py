@@ -35,6 +35,15 @@ from healthfm.fsutil import atomic_write_bytes
 
 FEW_SHOT_KS: tuple[int | str, ...] = (1, 2, 4, 8, 16, 32, 64, 128, "all")
 METRICS = ("auroc", "auprc", "brier")
+#: Multi-class tasks (EHRSHOT's lab-value tasks): macro one-vs-rest AUROC / AUPRC, macro-F1.
+MULTICLASS_METRICS = ("auroc", "auprc", "macro_f1")
+
+
+def metrics_for(n_classes: int) -> tuple[str, ...]:
+    """The reported metrics of a task with ``n_classes`` classes."""
+    return METRICS if n_classes <= 2 else MULTICLASS_METRICS
+
+
 GBM_GRID = (
     {"learning_rate": 0.05, "max_leaf_nodes": 7},
     {"learning_rate": 0.1, "max_leaf_nodes": 31},
@@ -68,9 +77,28 @@ def parse_few_shot(values: list[str] | str | None) -> list[int | str]:
     return out
 
 
-def _fit_gbm(xtr, ytr, xtu, ytu, xte, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    from sklearn.ensemble import HistGradientBoostingClassifier
+def _tuning_auroc(y: np.ndarray, proba: np.ndarray) -> float:
+    """AUROC on tuning rows (binary, or macro one-vs-rest); 0.5 when it is undefined."""
     from sklearn.metrics import roc_auc_score
+
+    present = np.unique(y)
+    if len(present) < 2:
+        return 0.5
+    if proba.shape[1] == 2:
+        return float(roc_auc_score(y, proba[:, 1]))
+    # One-vs-rest over the classes present in tuning (few-shot draws may miss some).
+    return float(
+        np.mean([roc_auc_score(y == c, proba[:, c]) for c in present if c < proba.shape[1]])
+    )
+
+
+def _fit_gbm(
+    xtr, ytr, xtu, ytu, xte, seed: int, n_classes: int = 2
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boosted trees, tuned by tuning AUROC; class probabilities (n, n_classes) of ``xte``."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from healthfm.evaluate.probe import align_proba
 
     leaf = int(max(1, min(20, len(ytr) // 8)))
     best = None
@@ -79,12 +107,19 @@ def _fit_gbm(xtr, ytr, xtu, ytu, xte, seed: int) -> tuple[np.ndarray, dict[str, 
             max_iter=100, min_samples_leaf=leaf, random_state=seed, **params
         )
         est.fit(xtr, ytr)
-        p = est.predict_proba(xtu)[:, 1]
-        score = roc_auc_score(ytu, p) if len(np.unique(ytu)) == 2 else 0.5
+        p = align_proba(est.predict_proba(xtu), est.classes_, np.arange(n_classes))
+        score = _tuning_auroc(ytu, p)
         if best is None or score > best[0]:
             best = (score, est, params)
     assert best is not None
-    return best[1].predict_proba(xte)[:, 1], {**best[2], "val_auroc": float(best[0])}
+    est = best[1]
+    proba = align_proba(est.predict_proba(xte), est.classes_, np.arange(n_classes))
+    return proba, {**best[2], "val_auroc": float(best[0])}
+
+
+def positive_scores(proba: np.ndarray) -> np.ndarray:
+    """What the metrics take: P(class 1) for a binary task, all columns otherwise."""
+    return proba[:, 1] if proba.shape[1] == 2 else proba
 
 
 def run_protocol(
@@ -108,7 +143,7 @@ def run_protocol(
     features
         Method name → (feature matrix, is_baseline, ``"logreg"`` or ``"gbm"``).
     y
-        Boolean label per row (0/1).
+        Class index per row (0/1 for a boolean task; 0..K-1 for a multi-class one).
     split
         MEDS split per row: ``train``, ``tuning`` or ``held_out``.
     groups
@@ -122,6 +157,10 @@ def run_protocol(
         Result rows, and held-out probabilities per method for ``k=all`` (or the
         largest k run).
     """
+    from healthfm.evaluate.probe import align_proba
+
+    n_classes = max(2, int(y.max()) + 1)
+    metrics = list(metrics_for(n_classes))
     tr = np.flatnonzero(split == "train")
     tu = np.flatnonzero(split == "tuning")
     te = np.flatnonzero(split == "held_out")
@@ -144,7 +183,7 @@ def run_protocol(
             for method, (X, is_baseline, kind) in features.items():
                 t = time.perf_counter()
                 if kind == "gbm":
-                    p, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed)
+                    proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
                 else:
                     res = fit_linear_probe(
                         X[a],
@@ -156,21 +195,18 @@ def run_protocol(
                         refit="train",
                         seed=seed,
                     )
-                    p = (
-                        res.proba[:, list(res.classes).index(1)]
-                        if 1 in res.classes
-                        else np.zeros(len(te))
-                    )
+                    proba = align_proba(res.proba, res.classes, np.arange(n_classes))
                     extra = {"best_C": res.best_C, "val_auroc": res.val_score}
+                p = positive_scores(proba)
                 m = classification_metrics(
-                    y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=list(METRICS)
+                    y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
                 )
                 wall = time.perf_counter() - t
                 if k == ks[-1] and seed == k_seeds[0]:
                     final[method] = p
                 rows += rows_from_metrics(
                     m,
-                    names=list(METRICS),
+                    names=metrics,
                     task=task,
                     method=method,
                     is_baseline=is_baseline,
@@ -247,7 +283,8 @@ def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
             )
         lines.append(str(k).ljust(6) + "".join(cells))
     last = ks[-1]
-    by_metric = {metric: summarize_by_k(rows, metric) for metric in METRICS}
+    reported = [m for m in (*METRICS, *MULTICLASS_METRICS) if any(r.metric == m for r in rows)]
+    by_metric = {metric: summarize_by_k(rows, metric) for metric in dict.fromkeys(reported)}
     lines.append("")
     lines.append(
         f"k={last}: "
@@ -257,7 +294,7 @@ def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
                 f"{metric} {by_metric[metric][(m, last)]['mean']:.3f}"
                 f"[{by_metric[metric][(m, last)]['ci_low']:.3f},"
                 f"{by_metric[metric][(m, last)]['ci_high']:.3f}]"
-                for metric in METRICS
+                for metric in by_metric
                 if (m, last) in by_metric[metric]
             )
             for m in methods
@@ -319,16 +356,39 @@ def plot_few_shot(rows: list[ResultRow], path: str | Path, task: str) -> Path:
 
 
 def write_predictions(
-    path: str | Path, frame: pl.DataFrame, proba: np.ndarray, threshold: float = 0.5
+    path: str | Path,
+    frame: pl.DataFrame,
+    proba: np.ndarray,
+    threshold: float = 0.5,
+    classes: np.ndarray | None = None,
+    column: str = "categorical_value",
 ) -> Path:
-    """Predictions in the ``meds-evaluation`` schema (``subject_id``, ``prediction_time``,
-    ``boolean_value``, ``predicted_boolean_value``, ``predicted_boolean_probability``)."""
-    out = frame.select(
-        "subject_id", "prediction_time", pl.col("label").cast(pl.Boolean).alias("boolean_value")
-    ).with_columns(
-        pl.Series("predicted_boolean_value", proba >= threshold),
-        pl.Series("predicted_boolean_probability", proba.astype(np.float32)),
-    )
+    """Held-out predictions.
+
+    Binary (``proba`` 1-D, P(True)): the ``meds-evaluation`` schema (``subject_id``,
+    ``prediction_time``, ``boolean_value``, ``predicted_boolean_value``,
+    ``predicted_boolean_probability``). Multi-class (``proba`` (n, K) over ``classes``):
+    the label as ``column``, ``predicted_value`` (the argmax class) and
+    ``predicted_probabilities`` (K float32 per row, in ``classes`` order; meds-evaluation
+    defines no multi-class schema).
+    """
+    if proba.ndim == 2:
+        assert classes is not None
+        out = frame.select(
+            "subject_id", "prediction_time", pl.col("label").alias(column)
+        ).with_columns(
+            pl.Series("predicted_value", np.asarray(classes)[proba.argmax(1)]),
+            pl.Series("predicted_probabilities", proba.astype(np.float32)),
+        )
+    else:
+        out = frame.select(
+            "subject_id",
+            "prediction_time",
+            pl.col("label").cast(pl.Boolean).alias("boolean_value"),
+        ).with_columns(
+            pl.Series("predicted_boolean_value", proba >= threshold),
+            pl.Series("predicted_boolean_probability", proba.astype(np.float32)),
+        )
     buf = __import__("io").BytesIO()
     out.write_parquet(buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -198,6 +198,7 @@ def finetuned_ehr_rows(
     ds: MedsDataset,
     labels: Labels,
     y: np.ndarray,
+    classes: np.ndarray,
     split: np.ndarray,
     task: str,
     metrics: list[str],
@@ -208,13 +209,15 @@ def finetuned_ehr_rows(
     """Rows of fine-tuned EHR models' own predictions on the ``held_out`` label rows.
 
     Same rows, metrics and subject bootstrap as the EHRSHOT probe and baselines; ``k`` is
-    the model's few-shot k (``all`` when it was fine-tuned on every row).
+    the model's few-shot k (``all`` when it was fine-tuned on every row). ``y`` holds class
+    indices into ``classes`` (the evaluation's sorted label values).
 
     Returns
     -------
     (list of ResultRow, dict)
         The rows, and each method's held-out probabilities.
     """
+    from healthfm.ehr.evaluate import positive_scores
     from healthfm.evaluate.finetune import (
         finetuned_method,
         load_finetuned,
@@ -223,6 +226,7 @@ def finetuned_ehr_rows(
         task_spec,
     )
     from healthfm.evaluate.metrics import classification_metrics
+    from healthfm.evaluate.probe import align_proba
     from healthfm.evaluate.results import rows_from_metrics
 
     te = np.flatnonzero(split == "held_out")
@@ -239,11 +243,11 @@ def finetuned_ehr_rows(
             raise ConfigError(
                 f"{path} is a fine-tuned {model.config.modality!r} model, not an EHR one"
             )
-        classes = [int(c) for c in spec.get("classes") or []]
-        if spec["task"] == "regression" or sorted(classes) != [0, 1]:
+        head_classes = np.asarray(spec.get("classes") or [])
+        if spec["task"] == "regression" or not np.isin(head_classes, classes).all():
             raise ConfigError(
-                f"{path} predicts {spec['task']} classes {spec.get('classes')}; the EHRSHOT "
-                "evaluation scores boolean tasks",
+                f"{path} predicts {spec['task']} classes {spec.get('classes')}, not the classes "
+                f"{classes.tolist()[:10]} of {labels.column} in this label file",
                 file=Path(path),
             )
         info = read_provenance(Path(path))
@@ -251,7 +255,8 @@ def finetuned_ehr_rows(
         source = label_windows(
             ds, model.tokenizer, held, model.config.max_len, model.config.use_times
         )
-        p = predict(model, source, batch_size=batch_size)[:, classes.index(1)]
+        proba = predict(model, source, batch_size=batch_size)
+        p = positive_scores(align_proba(proba, head_classes, classes))
         seed = int(info.get("config", {}).get("seed", 0))
         m = classification_metrics(
             y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
