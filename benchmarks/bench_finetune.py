@@ -17,6 +17,7 @@ method, probes + baselines 6 min; less on an idle machine)::
     .venv/bin/python benchmarks/bench_finetune.py --out /tmp/bench_ft
     .venv/bin/python benchmarks/bench_finetune.py --data pbmc --out /tmp/bench_ft_pbmc
     .venv/bin/python benchmarks/bench_finetune.py --data ehr --steps 300 --epochs 3 \
+        --ehr-data src/healthfm/data/ehr/synthetic_meds \
         --out /tmp/bench_ft_ehr  # EHRSHOT rows at k = all: AUROC, AUPRC, Brier
 
 Numbers are one run on one machine; compare methods within the run.
@@ -163,6 +164,9 @@ def main() -> None:
         "--data", nargs="+", default=["splice"], help="splice, pbmc and/or ehr (admission_1y)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ehr-data", default=None, help="MEDS folder for --data ehr (default: the EHR demo's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -184,11 +188,12 @@ def main() -> None:
         elif name == "ehr":
             from healthfm.ehr.demo import DEMO_DATA, DEMO_TASK
 
-            labels = DEMO_DATA / "task_labels" / DEMO_TASK / "labels.parquet"
+            data = Path(args.ehr_data) if args.ehr_data else DEMO_DATA
+            labels = data / "task_labels" / DEMO_TASK / "labels.parquet"
             # Every train row (k = all); fine-tuning rows hold exactly the events up to each
             # prediction time, as the probe's embeddings do.
             options = {"labels": str(labels), "few_shot": ["all"]}
-            table += run_dataset(name, "ehr", DEMO_DATA, options, out, args)
+            table += run_dataset(name, "ehr", data, options, out, args)
         else:
             raise SystemExit(f"unknown data set {name!r}")
     print()

@@ -7,12 +7,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: The bundled synthetic MEDS folder (see src/healthfm/data/ehr/README.md).
-DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "ehr" / "synthetic_meds"
+#: The bundled clinosim population converted to MEDS (see src/healthfm/data/ehr/README.md);
+#: ``synthetic_meds`` (our own faster generator) is the tests' data and a ``data=`` option.
+DEMO_DATA = Path(__file__).resolve().parent.parent / "data" / "ehr" / "clinosim_meds"
 DEMO_TASK = "admission_1y"
 
 
-def run_ehr_demo(out: str | Path, quick: bool = False, data: str | Path | None = None) -> list:
+def run_ehr_demo(
+    out: str | Path,
+    quick: bool = False,
+    data: str | Path | None = None,
+    task: str = DEMO_TASK,
+) -> list:
     """Pretrain a tiny causal model on the train split, then run the EHRSHOT protocol.
 
     Parameters
@@ -20,9 +26,11 @@ def run_ehr_demo(out: str | Path, quick: bool = False, data: str | Path | None =
     out
         Output folder (model, results.json, predictions, few_shot_auroc.png).
     quick
-        Fewer steps, k values and seeds (about a minute or two on 2 cores).
+        Fewer steps, k values and seeds (a few minutes on 2 cores).
     data
-        A MEDS folder with ``task_labels/admission_1y``; the bundled one by default.
+        A MEDS folder with ``task_labels/<task>``; the bundled one by default.
+    task
+        The label task under ``task_labels/`` (``admission_1y`` by default).
     """
     from healthfm import pipeline
     from healthfm.ehr import evaluate_ehrshot
@@ -31,7 +39,7 @@ def run_ehr_demo(out: str | Path, quick: bool = False, data: str | Path | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data) if data is not None else DEMO_DATA
-    labels = data / "task_labels" / DEMO_TASK / "labels.parquet"
+    labels = data / "task_labels" / task / "labels.parquet"
     steps = 60 if quick else 300
     spec: dict[str, Any] = {
         "ks": [1, 4, 16, 64, "all"] if quick else [1, 2, 4, 8, 16, 32, 64, 128, "all"],
@@ -70,7 +78,7 @@ def run_ehr_demo(out: str | Path, quick: bool = False, data: str | Path | None =
         flush=True,
     )
     print(
-        f"[2/2] EHRSHOT protocol on {DEMO_TASK}: k = {spec['ks']}, {len(spec['seeds'])} seeds, "
+        f"[2/2] EHRSHOT protocol on {task}: k = {spec['ks']}, {len(spec['seeds'])} seeds, "
         "model vs count baselines, 1,000 subject-level bootstrap resamples ...",
         flush=True,
     )
