@@ -561,7 +561,6 @@ def evaluate_tiles(
     from healthfm.evaluate.embed import save_embeddings
     from healthfm.evaluate.results import format_table, rows_from_metrics, write_results
     from healthfm.modality import require_labels
-    from healthfm.model.pretrained import load
     from healthfm.pipeline import probe_and_score
 
     t0 = time.perf_counter()
