@@ -27,6 +27,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'healthfm' has no attribute {name!r}")
 
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
