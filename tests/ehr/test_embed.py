@@ -265,3 +265,35 @@ def test_window_keeps_the_most_recent_half_to_full_context(c, n):
         assert start == 0
     else:
         assert n // 2 + 1 <= c - start <= n and start % max(1, n // 2) == 0
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(st.lists(event, min_size=0, max_size=40), min_size=2, max_size=6),
+    st.lists(st.integers(0, 60 * 24 * 400), min_size=1, max_size=6),
+    st.sampled_from(["last", "mean"]),
+)
+@pytest.mark.parametrize("max_len", [64, 12])
+def test_packed_one_pass_equals_reencoding_for_many_subjects(max_len, histories, cuts, pooling):
+    """Rows of several subjects share packed sequences (segments); nothing crosses them."""
+    import healthfm.ehr.embed as embed
+
+    df = pl.concat([_frame(evts, subject=i + 1) for i, evts in enumerate(histories)])
+    enc = TOK.encode_frame(df)
+    times = np.array(
+        [np.datetime64(T0 + timedelta(minutes=m), "us").astype(np.int64) for m in cuts]
+    )
+    subjects = np.repeat(np.arange(1, len(histories) + 1), len(times))
+    times = np.tile(times, len(histories))
+    s_idx, cut = label_cutoffs(enc, subjects, times)
+    model = MODELS[max_len]
+    slow = embed_cutoffs(model, enc, s_idx, cut, pooling, per_label=True)
+    old_chunk = embed.PACK_CHUNK
+    try:
+        for chunk, batch_size in ((old_chunk, 32), (3, 2)):
+            embed.PACK_CHUNK = chunk
+            fast = embed_cutoffs(model, enc, s_idx, cut, pooling, batch_size=batch_size)
+            for a, b in zip(fast, slow, strict=True):
+                assert _close(a, b)
+    finally:
+        embed.PACK_CHUNK = old_chunk

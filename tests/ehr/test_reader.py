@@ -273,3 +273,54 @@ def test_subjects_missing_from_splits_fall_back_to_the_hash_split(tmp_path):
         zip(samples.keys.tolist(), ehr.split(samples, "salt", (0.7, 0.1, 0.2)), strict=True)
     )
     assert split[1] == "test" and split[2] in ("train", "val", "test")
+
+
+# ---------------------------------------------------------------- streaming in batches
+@pytest.mark.parametrize("batch_rows", [1, 3, 7, 10_000])
+def test_batches_hold_whole_subjects_and_add_up_to_the_shard(syn_meds, batch_rows):
+    """Subject-aligned batches of any size, concatenated, are the validated shard."""
+    from healthfm.ehr.reader import iter_batches
+
+    ds = open_meds(syn_meds)
+    ds.shards = ds.shards[:1]
+    whole = normalize_shard(pq.read_table(ds.shards[0]), ds.shards[0])
+    if batch_rows < 7:  # a few hundred rows are enough to cross many boundaries
+        first = whole["subject_id"].unique(maintain_order=True).head(12)
+        whole = whole.filter(pl.col("subject_id").is_in(first.implode()))
+    frames = [df for _, df in iter_batches(ds, whole["subject_id"].unique(), batch_rows)]
+    seen: list[int] = []
+    for df in frames:
+        ids = df["subject_id"].unique(maintain_order=True).to_list()
+        assert not set(ids) & set(seen)  # a subject is never split between frames
+        seen += ids
+    assert pl.concat(frames).equals(whole)
+
+
+def test_non_contiguous_subject_across_batches_names_the_file_row(tmp_path):
+    from healthfm.ehr.reader import iter_batches
+
+    rows = [(1, D(2000, 1, 1), "A"), (1, D(2000, 1, 2), "A"), (2, D(2000, 1, 1), "A")]
+    rows += [(3, D(2000, 1, 1), "A"), (3, D(2000, 1, 2), "A"), (1, D(2001, 1, 1), "B")]
+    root = write_shard(tmp_path / "m", _good(rows))
+    with pytest.raises(DataError, match="not contiguous") as e:
+        list(iter_batches(open_meds(root), batch_rows=2))
+    assert e.value.row == 5 and e.value.column == "subject_id"
+
+
+def test_unsorted_rows_across_a_batch_boundary_name_the_file_row(tmp_path):
+    from healthfm.ehr.reader import iter_batches
+
+    rows = [(1, D(2000, 1, 1), "A"), (2, D(2000, 1, 1), "A"), (2, D(2003, 1, 1), "A")]
+    rows += [(2, D(2002, 1, 1), "B"), (2, D(2004, 1, 1), "B")]
+    root = write_shard(tmp_path / "m", _good(rows))
+    with pytest.raises(DataError, match="not sorted by time") as e:
+        list(iter_batches(open_meds(root), batch_rows=3))
+    assert e.value.row == 3 and e.value.column == "time"
+
+
+def test_batch_rows_must_be_positive(syn_meds):
+    from healthfm.ehr.reader import iter_batches
+    from healthfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_rows"):
+        next(iter_batches(open_meds(syn_meds), batch_rows=0))

@@ -125,3 +125,35 @@ def test_encode_order_follows_indices(syn_meds):
     for c in chunks:
         for i, k in enumerate(c.keys):
             np.testing.assert_array_equal(c.sample(i)["ids"], by_key[int(k)])
+
+
+def test_fit_and_encoding_do_not_depend_on_the_batch_size(syn_meds, monkeypatch):
+    """Streaming in small subject-aligned batches gives the same vocabulary, bins and tokens."""
+    import healthfm.ehr.reader as reader
+    import healthfm.ehr.tokenizer as tokenizer
+
+    ds = open_meds(syn_meds)
+    train = np.array([s for s, sp in ds.splits.items() if sp == "train"])
+
+    def run() -> tuple[dict, list[np.ndarray]]:
+        tok = MedsTokenizer.fit(ds, train, min_count=2, min_text_count=2)
+        encs = list(tok.encode_dataset(ds))
+        flat = [
+            np.concatenate([getattr(e, name) for e in encs])
+            for name in ("subject_ids", "ids", "ages", "time_us")
+        ]
+        return tok.config(), [*flat, np.concatenate([np.diff(e.offsets) for e in encs])]
+
+    config, arrays = run()
+    monkeypatch.setattr(reader, "BATCH_ROWS", 97)
+    monkeypatch.setattr(tokenizer, "BATCH_ROWS", 97)
+    small_config, small_arrays = run()
+    assert small_config == config
+    for a, b in zip(arrays, small_arrays, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # bottom-k pruning of the value sample across batches gives the same sample
+    monkeypatch.setattr(tokenizer, "VALUE_SAMPLE_CAP", 40)
+    capped = run()[0]
+    assert capped["bins"] != config["bins"]
+    monkeypatch.setattr(reader, "BATCH_ROWS", 1 << 20)
+    assert run()[0] == capped

@@ -18,6 +18,11 @@ The window depends only on ``c``, which depends only on events up to the predict
 so truncation can never let a later event in (adding events after the prediction time does
 not move the window). ``per_label=True`` re-encodes each label's window on its own (same
 windows, same embeddings: the reference path of the tests and the benchmark).
+
+Compute: the one-pass rows (one per subject window) differ widely in length, so they are
+packed several to a sequence of the model's context, each a segment with block-diagonal
+causal attention and positions restarting at 0, instead of padded; the per-label rows
+are many and of similar lengths, so they run in length-sorted padded batches.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import polars as pl
 import torch
 from scipy import sparse
 
-from healthfm.ehr.reader import US_PER_DAY, Labels, MedsDataset, iter_shards
+from healthfm.ehr.reader import US_PER_DAY, Labels, MedsDataset, iter_batches
 from healthfm.ehr.tokenizer import STATIC_TIME, EncodedShard, MedsTokenizer
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.model.heads import FoundationModel
@@ -138,7 +143,8 @@ def embed_cutoffs(
         ``"last"``: the state of the last included token; ``"mean"``: the mean of the
         states of the included tokens (of the window, for long histories).
     batch_size
-        Forward rows per batch.
+        Forward rows per batch: padded rows (``per_label=True``) or packed sequences of at
+        most ``max_len`` tokens (the one-pass path).
     per_label
         Re-encode each label's history separately (the slow reference path, for tests
         and benchmarks) instead of one pass per subject.
@@ -158,8 +164,26 @@ def embed_cutoffs(
             f"pooling must be 'last' or 'mean' for prediction-time embeddings, not {pooling!r}"
         )
     rows = _plan_rows(enc, s_idx, cut, model.config.max_len, per_label)
+    if per_label:
+        return _embed_padded(model, enc, rows, len(cut), pooling, batch_size)
+    return _embed_packed(model, enc, rows, len(cut), pooling, batch_size)
+
+
+def _embed_padded(
+    model: FoundationModel,
+    enc: EncodedShard,
+    rows: _Rows,
+    n_labels: int,
+    pooling: str,
+    batch_size: int,
+) -> np.ndarray:
+    """Forward ``rows`` in length-sorted, right-padded batches of ``batch_size`` rows.
+
+    The re-encoding (per-label) path: its rows are many and of similar lengths once
+    sorted, so padding wastes little.
+    """
     device = next(model.parameters()).device
-    out = np.zeros((len(cut), model.config.d_model), dtype=np.float32)
+    out = np.zeros((n_labels, model.config.d_model), dtype=np.float32)
     order = np.argsort(rows.lengths, kind="stable")
     rank_of_row = np.empty(len(order), dtype=np.int64)
     rank_of_row[order] = np.arange(len(order))
@@ -193,6 +217,110 @@ def embed_cutoffs(
         ]
         local_row = torch.from_numpy(label_rank[sel] - b)
         picked = hidden[local_row, torch.from_numpy(rows.label_pos[sel])]
+        out[sel] = picked.float().cpu().numpy()
+    return out
+
+
+#: Rows packed together at most (first-fit decreasing costs O(rows x sequences)).
+PACK_CHUNK = 4096
+
+
+def _pack(lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence and start column of each row, packing rows into sequences of ``width``.
+
+    First-fit decreasing (:func:`healthfm.train.data.pack_rows`) over chunks of at most
+    :data:`PACK_CHUNK` rows of similar length (a loop per row, never per token).
+    """
+    from healthfm.train.data import pack_rows
+
+    seq = np.empty(len(lengths), dtype=np.int64)
+    col = np.empty(len(lengths), dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    n_seq = 0
+    for c in range(0, len(order), PACK_CHUNK):
+        part = order[c : c + PACK_CHUNK]
+        r, k = pack_rows(lengths[part], width)
+        seq[part], col[part] = r + n_seq, k
+        n_seq += int(r.max()) + 1
+    return seq, col
+
+
+def _embed_packed(
+    model: FoundationModel,
+    enc: EncodedShard,
+    rows: _Rows,
+    n_labels: int,
+    pooling: str,
+    batch_size: int,
+) -> np.ndarray:
+    """Forward ``rows`` packed into sequences of the model's context, ``batch_size`` at a time.
+
+    One-pass rows (one per subject window) have very different lengths, so padded batches
+    would spend a large share of their compute on pads. Several rows share a sequence
+    instead, each a segment with block-diagonal causal attention and rotary positions
+    restarting at 0 (the backbone's packing support), so each row is encoded as if it
+    were alone.
+    """
+    device = next(model.parameters()).device
+    out = np.zeros((n_labels, model.config.d_model), dtype=np.float32)
+    if len(rows.lengths) == 0:
+        return out
+    lengths = rows.lengths
+    seq, col = _pack(lengths, model.config.max_len)
+    n_seq = int(seq.max()) + 1
+    # Rows grouped by batch of sequences; labels too.
+    row_batch = seq // batch_size
+    row_order = np.argsort(row_batch, kind="stable")
+    row_bounds = np.searchsorted(
+        row_batch[row_order], np.arange(0, n_seq + batch_size, batch_size) // batch_size
+    )
+    lab_seq = seq[rows.label_row]
+    lab_col = col[rows.label_row] + rows.label_pos
+    lab_batch = lab_seq // batch_size
+    lab_order = np.argsort(lab_batch, kind="stable")
+    lab_bounds = np.searchsorted(
+        lab_batch[lab_order], np.arange(0, n_seq + batch_size, batch_size) // batch_size
+    )
+    use_times = model.config.use_times
+    for i, b in enumerate(range(0, n_seq, batch_size)):
+        these = row_order[row_bounds[i] : row_bounds[i + 1]]
+        n_here = min(batch_size, n_seq - b)
+        ln = lengths[these]
+        width = int((col[these] + ln).max())
+        # Token-level scatter, vectorized: one entry per token of the batch.
+        tok_row = np.repeat(np.arange(len(these)), ln)
+        within = np.arange(int(ln.sum())) - np.repeat(np.cumsum(ln) - ln, ln)
+        src = rows.starts[these][tok_row] + within
+        r = seq[these][tok_row] - b
+        c = col[these][tok_row] + within
+        ids = np.full((n_here, width), PAD_ID, dtype=np.int64)
+        ids[r, c] = enc.ids[src]
+        segments = np.zeros((n_here, width), dtype=np.int64)
+        segments[r, c] = tok_row + 1
+        positions = np.zeros((n_here, width), dtype=np.int64)
+        positions[r, c] = within
+        batch = {
+            "ids": torch.from_numpy(ids).to(device),
+            "segment_ids": torch.from_numpy(segments).to(device),
+            "positions": torch.from_numpy(positions).to(device),
+        }
+        if use_times:
+            t = np.full((n_here, width), np.nan)
+            t[r, c] = enc.ages[src]
+            batch["times"] = torch.from_numpy(t).to(device)
+        hidden = model.forward_batch(batch)
+        sel = lab_order[lab_bounds[i] : lab_bounds[i + 1]]
+        lr = torch.from_numpy(lab_seq[sel] - b).to(device)
+        lc = torch.from_numpy(lab_col[sel]).to(device)
+        if pooling == "mean":
+            # Mean over the segment up to the label: differences of a float64 running sum
+            # that restarts nowhere, taken from the segment's first column.
+            csum = torch.nn.functional.pad(hidden.double().cumsum(1), (0, 0, 1, 0))
+            first = torch.from_numpy(col[rows.label_row[sel]]).to(device)
+            count = torch.from_numpy(rows.label_pos[sel] + 1).to(device)
+            picked = (csum[lr, lc + 1] - csum[lr, first]) / count[:, None]
+        else:
+            picked = hidden[lr, lc]
         out[sel] = picked.float().cpu().numpy()
     return out
 
@@ -231,7 +359,7 @@ def featurize_labels(
     batch_size: int = 32,
     per_label: bool = False,
 ) -> LabelFeatures:
-    """Tokenize the labelled subjects shard by shard; embed (if a model is given) and count.
+    """Tokenize the labelled subjects batch by batch; embed (if a model is given) and count.
 
     Returns features in the order of ``labels.frame``.
     """
@@ -247,9 +375,7 @@ def featurize_labels(
     seconds_embed = 0.0
     if model is not None:
         model.eval()
-    for _, df in iter_shards(ds, np.unique(subjects)):
-        if len(df) == 0:
-            continue
+    for _, df in iter_batches(ds, np.unique(subjects)):
         enc = tokenizer.encode_frame(df)
         idx = np.flatnonzero(np.isin(subjects, enc.subject_ids))
         s_idx, cut = label_cutoffs(enc, subjects[idx], times_us[idx])

@@ -4,8 +4,10 @@ A MEDS 0.4 folder holds ``data/**/*.parquet`` (one row per measurement: ``subjec
 int64, ``time`` timestamp[us] (null for static measurements), ``code`` string, nullable
 ``numeric_value`` float32 and ``text_value`` string, extra columns allowed),
 ``metadata/codes.parquet``, ``metadata/subject_splits.parquet`` (``train`` / ``tuning`` /
-``held_out``) and ``metadata/dataset.json``. Shards are read one at a time, so memory is
-bounded by the largest shard, never by the data set.
+``held_out``) and ``metadata/dataset.json``. Shards are streamed in record batches of
+whole subjects (:func:`iter_batches`, only the MEDS columns), so memory is bounded by a
+batch (plus the largest subject, and the parquet row group being decoded), never by the
+shard or the data set.
 
 What is checked, and what is fixed up (documented choices, each tested):
 
@@ -38,7 +40,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from healthfm.errors import DataError
+from healthfm.errors import ConfigError, DataError
 
 log = logging.getLogger("healthfm.ehr")
 
@@ -48,6 +50,16 @@ DEATH_CODE = "MEDS_DEATH"
 MEDS_SPLITS = {"train": "train", "tuning": "val", "held_out": "test"}
 LABEL_VALUE_COLUMNS = ("boolean_value", "integer_value", "float_value", "categorical_value")
 US_PER_DAY = 86_400_000_000
+#: Rows read from a parquet shard at a time by :func:`iter_batches`.
+BATCH_ROWS = 16_384
+#: The columns (and polars dtypes) of a normalized data frame.
+SHARD_SCHEMA = {
+    "subject_id": pl.Int64,
+    "time": pl.Datetime("us"),
+    "code": pl.String,
+    "numeric_value": pl.Float32,
+    "text_value": pl.String,
+}
 
 try:  # the MEDS package's own pyarrow schemas (meds>=0.4,<0.5 implements MEDS 0.4)
     import meds as _meds
@@ -106,8 +118,12 @@ class MedsDataset:
 
 
 def _row_error(
-    message: str, path: Path, column: str, df: pl.DataFrame, mask: pl.Series
+    message: str, path: Path, column: str, df: pl.DataFrame, mask: pl.Series, offset: int = 0
 ) -> DataError:
+    """A :class:`DataError` at the first row of ``df`` where ``mask`` is true.
+
+    ``offset`` is the file row of ``df``'s first row (frames read in batches).
+    """
     idx = int(np.flatnonzero(mask.to_numpy())[0])
     example = {
         k: v
@@ -115,7 +131,7 @@ def _row_error(
         if k in ("subject_id", "time", "code", "numeric_value", "prediction_time")
     }
     return DataError(
-        f"{message}; first offending row: {example}", file=path, column=column, row=idx
+        f"{message}; first offending row: {example}", file=path, column=column, row=idx + offset
     )
 
 
@@ -169,6 +185,104 @@ def _check_schema(schema: pa.Schema, path: Path) -> list[str]:
     return cols
 
 
+def _to_frame(data: pa.Table | pa.RecordBatch, cols: list[str]) -> pl.DataFrame:
+    """Columns ``cols`` of ``data`` (already schema-checked) in the MEDS data schema."""
+    df = pl.from_arrow(data.select(cols), rechunk=False)
+    assert isinstance(df, pl.DataFrame)
+    df = df.with_columns(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("time").dt.cast_time_unit("us"),
+        pl.col("code").cast(pl.String),
+    )
+    if "numeric_value" in df.columns:
+        df = df.with_columns(pl.col("numeric_value").cast(pl.Float32))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
+    if "text_value" in df.columns:
+        df = df.with_columns(pl.col("text_value").cast(pl.String))
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("text_value"))
+    return df.select("subject_id", "time", "code", "numeric_value", "text_value")
+
+
+def _validate(
+    df: pl.DataFrame, path: Path, offset: int = 0, done: np.ndarray | None = None
+) -> np.ndarray:
+    """Check the rows of ``df`` (see the module docstring); return its subject start rows.
+
+    Parameters
+    ----------
+    df
+        Rows in the MEDS data schema (:func:`_to_frame`).
+    path
+        The shard, for messages.
+    offset
+        File row of ``df``'s first row, so errors name the row in the file.
+    done
+        Sorted subject ids already read from earlier rows of the same shard: one of them
+        appearing again means the subject's rows are not contiguous.
+    """
+    if len(df) == 0:
+        return np.zeros(0, dtype=np.int64)
+    for name in ("subject_id", "code"):
+        if df[name].null_count():  # O(1): arrow keeps the count
+            raise _row_error(
+                "null values are not allowed", path, name, df, df[name].is_null(), offset
+            )
+    nv = df["numeric_value"]
+    if not nv.is_finite().all(ignore_nulls=True):
+        bad = nv.is_finite().not_().fill_null(False)
+        raise _row_error(
+            "NaN / inf values are not allowed (MEDS marks a missing value with null)",
+            path,
+            "numeric_value",
+            df,
+            bad,
+            offset,
+        )
+    sid = df["subject_id"].to_numpy()
+    # Rows of one subject must be contiguous ...
+    is_start = np.empty(len(sid), dtype=bool)
+    is_start[0] = True
+    np.not_equal(sid[1:], sid[:-1], out=is_start[1:])
+    start_rows = np.flatnonzero(is_start)
+    run_ids = sid[start_rows]
+    uniq, first_run = np.unique(run_ids, return_index=True)
+    seen_before = done is not None and bool(np.isin(uniq, done, assume_unique=True).any())
+    if len(uniq) != len(run_ids) or seen_before:
+        repeat = np.ones(len(run_ids), dtype=bool)
+        repeat[first_run] = False
+        if done is not None and len(done):
+            repeat |= np.isin(run_ids, done)
+        mask = np.zeros(len(df), dtype=bool)
+        mask[start_rows[repeat]] = True
+        raise _row_error(
+            "rows of a subject are not contiguous (MEDS shards are sorted by subject_id, time)",
+            path,
+            "subject_id",
+            df,
+            pl.Series(mask),
+            offset,
+        )
+    # ... and sorted by time within the subject, static (null-time) rows first.
+    t_null = df["time"].is_null().to_numpy()
+    t = df["time"].dt.epoch("us").fill_null(0).to_numpy()
+    unsorted = np.zeros(len(t), dtype=bool)
+    unsorted[1:] = ~is_start[1:] & (
+        (t_null[1:] & ~t_null[:-1]) | (~t_null[1:] & ~t_null[:-1] & (t[1:] < t[:-1]))
+    )
+    if unsorted.any():
+        raise _row_error(
+            "rows are not sorted by time within a subject (static rows with a null time come first)",
+            path,
+            "time",
+            df,
+            pl.Series(unsorted),
+            offset,
+        )
+    return start_rows
+
+
 def normalize_shard(table: pa.Table, path: Path) -> pl.DataFrame:
     """Validate one data shard and return it in the MEDS data schema as a polars frame.
 
@@ -185,73 +299,8 @@ def normalize_shard(table: pa.Table, path: Path) -> pl.DataFrame:
         Columns ``subject_id`` (Int64), ``time`` (Datetime[µs]), ``code`` (String),
         ``numeric_value`` (Float32), ``text_value`` (String), in file order.
     """
-    cols = _check_schema(table.schema, path)
-    df = pl.from_arrow(table.select(cols), rechunk=False)
-    assert isinstance(df, pl.DataFrame)
-    df = df.with_columns(
-        pl.col("subject_id").cast(pl.Int64),
-        pl.col("time").dt.cast_time_unit("us"),
-        pl.col("code").cast(pl.String),
-    )
-    if "numeric_value" in df.columns:
-        df = df.with_columns(pl.col("numeric_value").cast(pl.Float32))
-    else:
-        df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias("numeric_value"))
-    if "text_value" in df.columns:
-        df = df.with_columns(pl.col("text_value").cast(pl.String))
-    else:
-        df = df.with_columns(pl.lit(None, dtype=pl.String).alias("text_value"))
-    df = df.select("subject_id", "time", "code", "numeric_value", "text_value")
-    if len(df) == 0:
-        return df
-    for name in ("subject_id", "code"):
-        nulls = df[name].is_null()
-        if nulls.any():
-            raise _row_error("null values are not allowed", path, name, df, nulls)
-    nv = df["numeric_value"]
-    bad = (nv.is_nan() | nv.is_infinite()).fill_null(False)
-    if bad.any():
-        raise _row_error(
-            "NaN / inf values are not allowed (MEDS marks a missing value with null)",
-            path,
-            "numeric_value",
-            df,
-            bad,
-        )
-    sid = df["subject_id"]
-    # Rows of one subject must be contiguous ...
-    starts = (sid != sid.shift(1)).fill_null(True)
-    if int(starts.sum()) != sid.n_unique():
-        start_rows = np.flatnonzero(starts.to_numpy())
-        run_ids = sid.to_numpy()[start_rows]
-        _, first_run = np.unique(run_ids, return_index=True)
-        repeat = np.ones(len(run_ids), dtype=bool)
-        repeat[first_run] = False
-        mask = np.zeros(len(df), dtype=bool)
-        mask[start_rows[repeat]] = True
-        raise _row_error(
-            "rows of a subject are not contiguous (MEDS shards are sorted by subject_id, time)",
-            path,
-            "subject_id",
-            df,
-            pl.Series(mask),
-        )
-    # ... and sorted by time within the subject, static (null-time) rows first.
-    t = df["time"]
-    prev_t = t.shift(1)
-    same = ~starts
-    unsorted = same & (
-        (t.is_null() & prev_t.is_not_null())
-        | (t.is_not_null() & prev_t.is_not_null() & (t < prev_t))
-    ).fill_null(False)
-    if unsorted.any():
-        raise _row_error(
-            "rows are not sorted by time within a subject (static rows with a null time come first)",
-            path,
-            "time",
-            df,
-            unsorted,
-        )
+    df = _to_frame(table, _check_schema(table.schema, path))
+    _validate(df, path)
     return df
 
 
@@ -317,27 +366,105 @@ def open_meds(root: str | Path, strict_codes: bool = False) -> MedsDataset:
     return ds
 
 
+def _read_error(path: Path, exc: Exception) -> DataError:
+    return DataError(f"cannot read parquet shard: {exc}", file=path)
+
+
+def _shard_batches(path: Path, keep: pl.Series | None, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """Validated, subject-aligned frames of one shard, streamed in record batches.
+
+    The parquet file is read ``batch_rows`` rows at a time (only the MEDS columns); the
+    rows of the last subject of a batch are carried into the next one, so every frame holds
+    whole subjects, and frames of consecutive batches are checked against each other (a
+    subject seen earlier in the shard may not reappear). Memory is bounded by a batch plus
+    the largest subject, not by the shard.
+    """
+    try:
+        pf = pq.ParquetFile(path)
+        cols = _check_schema(pf.schema_arrow, path)
+        n_rows = pf.metadata.num_rows
+        batches = pf.iter_batches(batch_size=batch_rows, columns=cols, use_threads=False)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise _read_error(path, exc) from exc
+    done = np.zeros(0, dtype=np.int64)  # subjects already yielded (sorted)
+    carry: pl.DataFrame | None = None  # rows of the last, possibly unfinished, subject
+    carry_row = next_row = 0  # file rows of the carry's first row and of the next batch
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise _read_error(path, exc) from exc
+        if batch is None:
+            break
+        new = _to_frame(batch, cols)
+        del batch
+        if carry is not None and len(carry):
+            df, offset = pl.concat([carry, new], rechunk=False), carry_row
+        else:
+            df, offset = new, next_row
+        del new
+        starts = _validate(df, path, offset, done)
+        next_row = offset + len(df)
+        if next_row >= n_rows:  # the last batch: nothing to carry
+            carry = None
+            yield df if keep is None else df.filter(pl.col("subject_id").is_in(keep))
+            break
+        if len(starts) == 0:
+            carry, carry_row = df, offset
+            continue
+        cut = int(starts[-1])  # the last subject may continue in the next batch
+        carry, carry_row = df.slice(cut), offset + cut
+        if cut:
+            head = df.slice(0, cut)
+            done = np.union1d(done, head["subject_id"].to_numpy()[starts[:-1]])
+            yield head if keep is None else head.filter(pl.col("subject_id").is_in(keep))
+        del df
+    if carry is not None and len(carry):
+        yield carry if keep is None else carry.filter(pl.col("subject_id").is_in(keep))
+
+
+def iter_batches(
+    ds: MedsDataset,
+    subjects: np.ndarray | None = None,
+    batch_rows: int | None = None,
+) -> Iterator[tuple[Path, pl.DataFrame]]:
+    """Yield ``(path, frame)``: validated, subject-aligned batches of every shard in turn.
+
+    Each frame holds whole subjects (a subject is never split between frames), in file
+    order, optionally filtered to ``subjects`` (frames left empty by the filter are
+    skipped). At most about ``batch_rows`` rows (plus the rest of a subject that straddles
+    a batch boundary) are in memory at a time; ``None`` means :data:`BATCH_ROWS`.
+    """
+    batch_rows = BATCH_ROWS if batch_rows is None else batch_rows
+    if batch_rows < 1:
+        raise ConfigError(f"batch_rows must be positive, not {batch_rows}")
+    keep = None if subjects is None else pl.Series("s", np.asarray(subjects, dtype=np.int64))
+    keep_list = None if keep is None else keep.implode()
+    for path in ds.shards:
+        for df in _shard_batches(path, keep_list, batch_rows):
+            if len(df):
+                yield path, df
+
+
 def iter_shards(
     ds: MedsDataset, subjects: np.ndarray | None = None
 ) -> Iterator[tuple[Path, pl.DataFrame]]:
     """Yield ``(path, frame)`` for each shard, validated, optionally filtered to ``subjects``.
 
-    Only one shard is in memory at a time.
+    One whole shard at a time (the streaming readers use :func:`iter_batches`).
     """
     keep = None if subjects is None else pl.Series("s", np.asarray(subjects, dtype=np.int64))
+    keep_list = None if keep is None else keep.implode()
     for path in ds.shards:
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"cannot read parquet shard: {exc}", file=path) from exc
-        df = normalize_shard(table, path)
-        if keep is not None:
-            df = df.filter(pl.col("subject_id").is_in(keep.implode()))
-        yield path, df
+        frames = list(_shard_batches(path, keep_list, BATCH_ROWS))
+        if frames:
+            yield path, pl.concat(frames)
+        else:
+            yield path, pl.DataFrame(schema=SHARD_SCHEMA)
 
 
 def scan_meds(ds: MedsDataset) -> pl.DataFrame:
-    """Validate every shard (one at a time) and summarise each subject.
+    """Validate every shard (streamed in batches) and summarise each subject.
 
     Returns
     -------
@@ -348,9 +475,9 @@ def scan_meds(ds: MedsDataset) -> pl.DataFrame:
     """
     parts = []
     used_codes: set[str] = set()
-    for i, (_path, df) in enumerate(iter_shards(ds)):
-        if len(df) == 0:
-            continue
+    shard_index = {path: i for i, path in enumerate(ds.shards)}
+    for path, df in iter_batches(ds):
+        i = shard_index[path]
         used_codes.update(df["code"].unique().to_list())
         t_us = pl.col("time").cast(pl.Int64)
         summary = (

@@ -22,7 +22,7 @@ One event becomes one token; the vocabulary is fitted on the train split only.
 * Every subject starts with ``[CLS]`` (a start token: a prediction time before any event
   still has a state to read). Static rows (null time) follow it.
 
-Everything is vectorized over a whole shard with polars / numpy.
+Everything is vectorized over a batch of whole subjects with polars / numpy.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 import polars as pl
 
-from healthfm.ehr.reader import BIRTH_CODE, US_PER_DAY, MedsDataset, iter_shards
+from healthfm.ehr.reader import BATCH_ROWS, BIRTH_CODE, US_PER_DAY, MedsDataset, iter_batches
 from healthfm.errors import ConfigError
 from healthfm.tokenizer import (
     CLS_ID,
@@ -51,6 +51,12 @@ DEFAULT_GAP_DAYS = (1.0, 7.0, 30.0, 91.0, 365.0)
 STATIC_TIME = np.iinfo(np.int64).min
 #: Values kept per code and shard for fitting the quantile bins (bounds memory).
 VALUE_SAMPLE_CAP = 20_000
+
+
+def _bottom_k(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Rows with the :data:`VALUE_SAMPLE_CAP` smallest keys ``u`` of each code ``cid``."""
+    merged = pl.concat(frames)
+    return merged.filter(pl.col("u").rank("ordinal").over("cid") <= VALUE_SAMPLE_CAP)
 
 
 @dataclass
@@ -170,51 +176,58 @@ class MedsTokenizer(Tokenizer):
     ) -> MedsTokenizer:
         """Fit the vocabulary, value bins and text tokens on the train subjects only.
 
-        Streams the shards; per shard it keeps code counts, (code, text) counts and at
-        most :data:`VALUE_SAMPLE_CAP` numeric values per code (a random subset), so memory
-        stays bounded by one shard.
+        Streams the shards in batches of whole subjects (:func:`iter_batches`) and keeps
+        running code counts, (code, text) counts and at most :data:`VALUE_SAMPLE_CAP`
+        numeric values per code (a uniform random subset), so memory stays bounded by one
+        batch plus the vocabulary. The result does not depend on the batch size.
         """
         if n_bins < 1 or min_count < 1:
             raise ConfigError("n_bins and min_count must be positive")
-        code_counts: list[pl.DataFrame] = []
-        text_counts: list[pl.DataFrame] = []
+        # Running totals in plain dicts (O(distinct codes)); the value sample holds a code
+        # index, not the string: polars string columns gathered from a batch keep that
+        # batch's string buffers alive, so kept strings would pin every batch read.
+        code_counts: dict[str, int] = {}
+        text_counts: dict[tuple[str, str], int] = {}
+        code_ids: dict[str, int] = {}
         values: list[pl.DataFrame] = []
-        for i, (_, df) in enumerate(iter_shards(ds, train_subjects)):
-            if len(df) == 0:
-                continue
-            # Running totals: memory stays O(distinct codes), whatever the number of shards.
-            code_counts = [
-                pl.concat([*code_counts, df.group_by("code").len()])
-                .group_by("code")
-                .agg(pl.col("len").sum())
-            ]
+        kept = pending = 0  # rows of the pruned value sample, rows appended since
+        shard_index = {path: i for i, path in enumerate(ds.shards)}
+        rng_path, rng = None, np.random.default_rng(seed)
+        for path, df in iter_batches(ds, train_subjects):
+            if path != rng_path:  # one random stream per shard, drawn on across its batches
+                rng_path, rng = path, np.random.default_rng([seed, shard_index[path]])
+            here = df.group_by("code").len()
+            for code, n in zip(here["code"].to_list(), here["len"].to_list(), strict=True):
+                code_counts[code] = code_counts.get(code, 0) + n
+                code_ids.setdefault(code, len(code_ids))
             texts_here = (
                 df.filter(pl.col("text_value").is_not_null()).group_by(["code", "text_value"]).len()
             )
-            text_counts = [
-                pl.concat([*text_counts, texts_here])
-                .group_by(["code", "text_value"])
-                .agg(pl.col("len").sum())
-            ]
-            num = df.filter(pl.col("numeric_value").is_not_null()).select("code", "numeric_value")
+            for code, text, n in texts_here.iter_rows():
+                text_counts[code, text] = text_counts.get((code, text), 0) + n
+            num = df.filter(pl.col("numeric_value").is_not_null()).select(
+                pl.col("code").replace_strict(code_ids, return_dtype=pl.UInt32).alias("cid"),
+                "numeric_value",
+            )
+            del df, here, texts_here
             if len(num):
                 # Bottom-k sampling: every value gets a random key once; keeping the
-                # VALUE_SAMPLE_CAP smallest keys per code over all shards seen so far is a
-                # uniform sample of that code's values, in bounded memory.
-                u = pl.Series("u", np.random.default_rng([seed, i]).random(len(num)))
-                values.append(num.with_columns(u))
-                merged = pl.concat(values)
-                values = [
-                    merged.filter(pl.col("u").rank("ordinal").over("code") <= VALUE_SAMPLE_CAP)
-                ]
+                # VALUE_SAMPLE_CAP smallest keys per code over all values seen so far is a
+                # uniform sample of that code's values, in bounded memory. Pruning only once
+                # the unpruned rows outnumber the kept ones (and a batch) keeps the work
+                # linear; where it happens does not change the sample.
+                values.append(num.with_columns(pl.Series("u", rng.random(len(num)))))
+                pending += len(num)
+                if pending > max(kept, BATCH_ROWS):
+                    values = [_bottom_k(values)]
+                    kept, pending = len(values[0]), 0
+            del num
         if not code_counts:
             raise ConfigError("the train split holds no events; cannot fit a tokenizer")
-        counts = (
-            pl.concat(code_counts)
-            .group_by("code")
-            .agg(pl.col("len").sum())
-            .filter(pl.col("len") >= min_count)
-        )
+        counts = pl.DataFrame(
+            {"code": list(code_counts), "len": list(code_counts.values())},
+            schema={"code": pl.String, "len": pl.Int64},
+        ).filter(pl.col("len") >= min_count)
         counts = counts.sort(["len", "code"], descending=[True, False])
         if max_codes is not None:
             counts = counts.head(max_codes)
@@ -222,7 +235,11 @@ class MedsTokenizer(Tokenizer):
         vocab = set(codes)
         bins: dict[str, list[float]] = {}
         if values:
-            vals = pl.concat(values).filter(pl.col("code").is_in(list(vocab)))
+            sample = _bottom_k(values)
+            names = pl.Series("code", list(code_ids), dtype=pl.String)
+            vals = sample.with_columns(names.gather(sample["cid"])).filter(
+                pl.col("code").is_in(list(vocab))
+            )
             qs = [(b + 1) / n_bins for b in range(n_bins - 1)]
             per_code = (
                 vals.group_by("code")
@@ -240,7 +257,14 @@ class MedsTokenizer(Tokenizer):
                 bins[row["code"]] = edges
         texts: list[list[str]] = []
         if text_counts:
-            tc = pl.concat(text_counts).group_by(["code", "text_value"]).agg(pl.col("len").sum())
+            tc = pl.DataFrame(
+                {
+                    "code": [c for c, _ in text_counts],
+                    "text_value": [t for _, t in text_counts],
+                    "len": list(text_counts.values()),
+                },
+                schema={"code": pl.String, "text_value": pl.String, "len": pl.Int64},
+            )
             tc = tc.filter((pl.col("len") >= min_text_count) & pl.col("code").is_in(list(vocab)))
             tc = tc.sort(["len", "code", "text_value"], descending=[True, False, False])
             texts = [[c, t] for c, t in tc.select("code", "text_value").iter_rows()]
@@ -253,22 +277,42 @@ class MedsTokenizer(Tokenizer):
         return cls(codes, bins, texts, gap_days, settings)
 
     # ------------------------------------------------------------------ encoding
+    def _lookups(self) -> tuple[dict[str, int], np.ndarray, np.ndarray, pl.DataFrame]:
+        """Code index, value cut-point table, value-token bases and text-token table.
+
+        Built once per tokenizer (encoding runs once per batch).
+        """
+        cached = self.__dict__.get("_lookup_cache")
+        if cached is not None:
+            return cached
+        code_index = {c: i for i, c in enumerate(self.codes)}
+        # Value tokens: a padded (n_codes + 1, max_edges) table of cut points, +inf padded;
+        # the last row (unknown codes) and codes without bins have base -1.
+        width = max((len(e) for e in self.bins.values()), default=1)
+        table = np.full((len(self.codes) + 1, max(width, 1)), np.inf)
+        base = np.full(len(self.codes) + 1, -1, dtype=np.int64)
+        for code, edges in self.bins.items():
+            j = code_index[code]
+            table[j, : len(edges)] = edges
+            base[j] = self.bin_base[code]
+        texts = pl.DataFrame(
+            {
+                "code": [c for c, _ in self.texts],
+                "text_value": [t for _, t in self.texts],
+                "tid": np.arange(self.text_base, self.text_base + len(self.texts), dtype=np.int64),
+            },
+            schema={"code": pl.String, "text_value": pl.String, "tid": pl.Int64},
+        )
+        self._lookup_cache = (code_index, table, base, texts)
+        return self._lookup_cache
+
     def _event_ids(self, df: pl.DataFrame) -> np.ndarray:
         """One token id per event row (vectorized)."""
-        n = len(df)
-        code_index = {c: i for i, c in enumerate(self.codes)}
+        code_index, table, base, texts = self._lookups()
         ci = df["code"].replace_strict(code_index, default=-1, return_dtype=pl.Int64).to_numpy()
         known = ci >= 0
         ids = np.where(known, self.code_base + np.maximum(ci, 0), UNK_ID).astype(np.int64)
-        # Value tokens: a padded (n_codes, max_edges) table of cut points, +inf padded.
         if self.bins:
-            width = max(len(e) for e in self.bins.values())
-            table = np.full((len(self.codes) + 1, max(width, 1)), np.inf)
-            base = np.full(len(self.codes) + 1, -1, dtype=np.int64)
-            for code, edges in self.bins.items():
-                j = code_index[code]
-                table[j, : len(edges)] = edges
-                base[j] = self.bin_base[code]
             v = df["numeric_value"].to_numpy().astype(np.float64)  # nulls -> NaN
             row = np.where(known, ci, len(self.codes))
             has = known & ~np.isnan(v) & (base[row] >= 0)
@@ -277,25 +321,20 @@ class MedsTokenizer(Tokenizer):
                 b = (v[has, None] >= table[r]).sum(axis=1)
                 ids[has] = base[r] + b
         if self.texts:
-            tt = pl.DataFrame(
-                {
-                    "code": [c for c, _ in self.texts],
-                    "text_value": [t for _, t in self.texts],
-                    "tid": np.arange(
-                        self.text_base, self.text_base + len(self.texts), dtype=np.int64
-                    ),
-                }
-            )
-            tid = (
-                df.select("code", "text_value")
-                .join(tt, on=["code", "text_value"], how="left", maintain_order="left")["tid"]
-                .to_numpy()
-            )
-            m = ~np.isnan(tid.astype(np.float64)) if tid.dtype.kind == "f" else np.ones(n, bool)
-            if tid.dtype.kind == "f":
-                ids[m] = tid[m].astype(np.int64)
-            else:
-                ids = tid.astype(np.int64)
+            # Only rows with a text value can match a (code, text) token.
+            with_text = np.flatnonzero(df["text_value"].is_not_null().to_numpy())
+            if len(with_text):
+                tid = (
+                    df[with_text]
+                    .select("code", "text_value")
+                    .join(texts, on=["code", "text_value"], how="left", maintain_order="left")[
+                        "tid"
+                    ]
+                    .to_numpy()
+                )
+                tid = tid.astype(np.float64)
+                matched = ~np.isnan(tid)
+                ids[with_text[matched]] = tid[matched].astype(np.int64)
         return ids
 
     def encode_frame(self, df: pl.DataFrame) -> EncodedShard:
@@ -364,10 +403,14 @@ class MedsTokenizer(Tokenizer):
     def encode_dataset(
         self, ds: MedsDataset, subjects: np.ndarray | None = None
     ) -> Iterator[EncodedShard]:
-        """Tokenize the chosen subjects (all by default), shard by shard."""
-        for _, df in iter_shards(ds, subjects):
-            if len(df):
-                yield self.encode_frame(df)
+        """Tokenize the chosen subjects (all by default), in file order.
+
+        One :class:`EncodedShard` per batch of whole subjects (:func:`iter_batches`), so
+        memory is bounded by a batch; the concatenated output does not depend on the batch
+        size.
+        """
+        for _, df in iter_batches(ds, subjects):
+            yield self.encode_frame(df)
 
     def token_names(self, ids: np.ndarray) -> list[str]:
         """Token strings of ``ids`` (for inspection)."""
