@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
@@ -999,6 +1001,15 @@ def _fit(
     elif ckpt_root is not None and resume and echo and info.is_main:
         print(f"  no checkpoint in {ckpt_root}: starting from epoch 1")
     stopped = since_best >= config.patience
+    # A step progress bar as the pretraining trainer's: only on a terminal, only rank 0.
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        disable=not (echo and info.is_main and sys.stderr.isatty()),
+        desc="finetune",
+        unit="step",
+        dynamic_ncols=True,
+    )
     for epoch in range(first_epoch, config.epochs + 1):
         if stopped:
             break
@@ -1033,6 +1044,8 @@ def _fit(
             # The parts' losses sum to world_size x the batch's mean loss.
             mean = all_reduce_sum(loss.detach().float(), info) / info.world_size
             total += float(mean) * len(idx)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{float(mean):.4f}", refresh=False)
             count += len(idx)
         raw = _raw_outputs(model, source, val_idx, pooling, bf16=config.bf16)
         with torch.no_grad():
@@ -1073,6 +1086,7 @@ def _fit(
         if stop_after_epoch is not None and epoch >= stop_after_epoch and not stopped:
             if epoch < config.epochs:
                 raise FinetuneStopped(epoch)
+    bar.close()
     if best_state is not None:
         with torch.no_grad():
             for name, value in best_state.items():
