@@ -10,8 +10,9 @@ last token of that window (``last`` pooling), which is the prediction-time embed
 ``healthfm embed`` writes. Nothing after the cut-off is ever put in a batch, so neither
 training nor prediction can see the future, whatever the model.
 
-Rows are built once, shard by shard (one shard's events in memory at a time); the token
-windows of all labelled subjects are kept as flat arrays (int32 ids, float64 ages).
+Rows are built once, batch by batch of whole subjects
+(:func:`~healthfm.ehr.reader.iter_batches`); the token windows of all labelled subjects are kept
+as flat arrays (int32 ids, float64 ages).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import polars as pl
 import torch
 
 from healthfm.ehr.embed import label_cutoffs, window_start
-from healthfm.ehr.reader import Labels, MedsDataset, iter_shards
+from healthfm.ehr.reader import Labels, MedsDataset, iter_batches
 from healthfm.ehr.tokenizer import MedsTokenizer
 from healthfm.errors import ConfigError, DataError
 from healthfm.modality import Samples, TaskInput
@@ -111,7 +112,7 @@ def label_windows(
     age_parts: list[np.ndarray] = []
     base = 0
     found = np.zeros(n, dtype=bool)
-    for _, df in iter_shards(ds, np.unique(subjects)):
+    for _, df in iter_batches(ds, np.unique(subjects)):
         if len(df) == 0:
             continue
         enc = tokenizer.encode_frame(df)
