@@ -23,10 +23,16 @@ from hypothesis import strategies as st
 from ehr.ehr_helpers import write_shard
 from ehr.test_embed import MODELS, T0, TOK, _close, _embed, _frame, event, timeline_and_edit
 from healthfm.cli import main, run
-from healthfm.ehr.finetune import label_windows
+from healthfm.ehr.finetune import LabelWindows, label_windows
 from healthfm.ehr.reader import open_meds, read_labels
 from healthfm.errors import ConfigError
-from healthfm.evaluate.finetune import FinetuneConfig, finetune, predict, with_task_head
+from healthfm.evaluate.finetune import (
+    FinetuneConfig,
+    finetune,
+    pooled_rows,
+    predict,
+    with_task_head,
+)
 from healthfm.model.heads import pool
 
 SPEC = {"task": "binary", "pooling": "last", "n_outputs": 1, "classes": [0, 1]}
@@ -42,7 +48,7 @@ def _head_model(max_len: int):
 HEAD_MODELS = {n: _head_model(n) for n in MODELS}
 
 
-def _rows(df: pl.DataFrame, t_minutes: list[int], max_len: int):
+def _rows(df: pl.DataFrame, t_minutes: list[int], max_len: int, shared: bool = True):
     """Label windows and fine-tuned predictions for prediction times ``t_minutes``."""
     with tempfile.TemporaryDirectory() as tmp:
         root = write_shard(Path(tmp) / "m", df)
@@ -55,9 +61,8 @@ def _rows(df: pl.DataFrame, t_minutes: list[int], max_len: int):
             schema_overrides={"prediction_time": pl.Datetime("us")},
         )
         labels.write_parquet(Path(tmp) / "labels.parquet")
-        source = label_windows(
-            open_meds(root), TOK, read_labels(Path(tmp) / "labels.parquet"), max_len
-        )
+        labels = read_labels(Path(tmp) / "labels.parquet")
+        source = label_windows(open_meds(root), TOK, labels, max_len, shared=shared)
     batch = source.batch(np.arange(len(source)))
     return batch, predict(HEAD_MODELS[max_len], source)
 
@@ -97,9 +102,49 @@ def test_head_reads_the_prediction_time_embedding(max_len, evts, cuts):
     df = _frame(evts)
     batch, _ = _rows(df, cuts, max_len)
     with torch.no_grad():
-        pooled = pool(MODELS[max_len].forward_batch(batch), batch["attention_mask"], "last")
+        pooled = pooled_rows(MODELS[max_len], batch, "last")
     for a, b in zip(pooled.numpy(), _embed(df, cuts, max_len), strict=True):
         assert _close(a, b)
+    # Unshared rows (each label padded on its own) give the same states.
+    single, _ = _rows(df, cuts, max_len, shared=False)
+    with torch.no_grad():
+        alone = pool(MODELS[max_len].forward_batch(single), single["attention_mask"], "last")
+    assert _close(alone.numpy(), pooled.numpy())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(event, min_size=1, max_size=40),
+    st.lists(st.integers(0, 60 * 24 * 400), min_size=2, max_size=6),
+    st.sampled_from(["last", "mean", "cls"]),
+)
+def test_shared_pass_equals_one_row_per_label(evts, cuts, pooling):
+    # Labels of one subject share one causal pass; each row is read at its own end.
+    df = _frame(evts)
+    shared, _ = _rows(df, sorted(cuts), 12)
+    single, _ = _rows(df, sorted(cuts), 12, shared=False)
+    assert shared["ids"].shape[0] <= single["ids"].shape[0]
+    with torch.no_grad():
+        a = pooled_rows(MODELS[12], shared, pooling).numpy()
+        b = pool(MODELS[12].forward_batch(single), single["attention_mask"], pooling).numpy()
+    assert a.shape == b.shape and _close(a, b)
+
+
+def test_group_order_keeps_a_subjects_rows_together():
+    windows = LabelWindows(
+        ids=np.zeros(10, np.int32),
+        ages=np.zeros(10),
+        starts=np.arange(8),
+        lengths=np.ones(8, np.int64),
+        use_times=False,
+        fingerprint="x",
+        subjects=np.array([5, 5, 7, 7, 7, 9, 9, 5]),
+    )
+    order = np.array([3, 0, 6, 2, 7, 5, 1, 4])
+    grouped = windows.group_order(order)
+    assert sorted(grouped) == list(range(8))
+    # subjects in order of first appearance (7, 5, 9), rows of each in their given order
+    assert grouped.tolist() == [3, 2, 4, 0, 7, 1, 6, 5]
 
 
 LABELS = "task_labels/admission_1y/labels.parquet"

@@ -49,6 +49,13 @@ class LabelWindows:
 
     ``batch(indices)`` returns right-padded ``ids``, ``attention_mask`` and (when the
     model uses them) ``times`` (age in days) — the dict the trainer and the task head read.
+
+    With ``shared`` (the default), rows that start at the same token (one subject's labels
+    in one context window) share one sequence, as long as the longest of them: the causal
+    state at a row's last token depends only on that row's tokens, so one pass serves them
+    all. The batch then also holds ``row_seq`` / ``row_pos`` (each row's sequence and last
+    position) for :func:`healthfm.evaluate.finetune.pooled_rows`, and :meth:`group_order`
+    puts a subject's rows next to each other in the training order.
     """
 
     ids: np.ndarray
@@ -57,28 +64,49 @@ class LabelWindows:
     lengths: np.ndarray
     use_times: bool
     fingerprint: str
+    subjects: np.ndarray | None = None
+    shared: bool = True
 
     def __len__(self) -> int:
         return len(self.starts)
+
+    def group_order(self, order: np.ndarray) -> np.ndarray:
+        """``order`` with each subject's rows together, subjects in order of first appearance."""
+        order = np.asarray(order, dtype=np.int64)
+        if not self.shared or self.subjects is None or len(order) == 0:
+            return order
+        _, first, inverse = np.unique(self.subjects[order], return_index=True, return_inverse=True)
+        return order[np.argsort(first[inverse.reshape(-1)], kind="stable")]
 
     def batch(
         self, indices: np.ndarray, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Collate label rows ``indices`` (no augmentation: ``generator`` is unused)."""
         indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
-        width = int(lengths.max()) if len(indices) else 0
+        starts, lengths = self.starts[indices], self.lengths[indices]
+        extra: dict[str, torch.Tensor] = {}
+        if self.shared:
+            starts, row_seq = np.unique(starts, return_inverse=True)
+            row_seq = row_seq.reshape(-1)
+            seq_len = np.zeros(len(starts), dtype=np.int64)
+            np.maximum.at(seq_len, row_seq, lengths)
+            extra = {
+                "row_seq": torch.from_numpy(row_seq.astype(np.int64)),
+                "row_pos": torch.from_numpy(lengths - 1),
+            }
+            lengths = seq_len
+        width = int(lengths.max()) if len(lengths) else 0
         cols = np.arange(width)
         mask = cols[None, :] < lengths[:, None]
-        positions = (self.starts[indices][:, None] + cols[None, :])[mask]
-        ids = np.full((len(indices), width), PAD_ID, dtype=np.int64)
+        positions = (starts[:, None] + cols[None, :])[mask]
+        ids = np.full((len(starts), width), PAD_ID, dtype=np.int64)
         ids[mask] = self.ids[positions]
         batch = {"ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
         if self.use_times:
-            times = np.full((len(indices), width), np.nan)
+            times = np.full((len(starts), width), np.nan)
             times[mask] = self.ages[positions]
             batch["times"] = torch.from_numpy(times)
-        return batch
+        return {**batch, **extra}
 
 
 def label_windows(
@@ -87,6 +115,7 @@ def label_windows(
     labels: Labels,
     max_len: int,
     use_times: bool = True,
+    shared: bool = True,
 ) -> LabelWindows:
     """Token windows of every label row, in the order of ``labels.frame``.
 
@@ -103,6 +132,8 @@ def label_windows(
         :func:`~healthfm.ehr.embed.window_start` gives (the most recent N/2+1 to N tokens).
     use_times
         Collate the age input (models with ``use_times``).
+    shared
+        Let rows of one subject and window share one sequence (see :class:`LabelWindows`).
     """
     subjects, times_us = labels.subject_ids, labels.times_us
     n = len(subjects)
@@ -139,7 +170,7 @@ def label_windows(
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
     ages = np.concatenate(age_parts) if age_parts else np.zeros(0)
     digest = hashlib.sha256(tokenizer.hash.encode() + str(max_len).encode()).hexdigest()
-    return LabelWindows(ids, ages, starts, lengths, use_times, digest)
+    return LabelWindows(ids, ages, starts, lengths, use_times, digest, subjects, shared)
 
 
 def label_values(labels: Labels) -> np.ndarray:

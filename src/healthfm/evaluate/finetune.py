@@ -206,11 +206,35 @@ def with_task_head(base: FoundationModel, spec: dict[str, Any]) -> FoundationMod
     return model
 
 
+def pooled_rows(
+    model: FoundationModel, batch: dict[str, torch.Tensor], pooling: str
+) -> torch.Tensor:
+    """One pooled vector per row of a batch.
+
+    A batch from a source whose rows share sequences (``row_seq``, ``row_pos``: the
+    sequence and last position of each row, as EHR label rows of one subject share one
+    causal pass) reads each row at its own end: ``last`` the state there, ``mean`` the mean
+    of the states up to it, ``cls`` the first state; otherwise rows are the batch's
+    sequences, pooled over their attention mask.
+    """
+    hidden = model.forward_batch(batch)
+    if "row_seq" not in batch:
+        return pool(hidden, batch.get("attention_mask"), pooling)
+    seq, pos = batch["row_seq"], batch["row_pos"]
+    if pooling == "last":
+        return hidden[seq, pos]
+    if pooling == "cls":
+        return hidden[seq, torch.zeros_like(pos)]
+    if pooling == "mean":
+        steps = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=torch.float32)
+        return (hidden.float().cumsum(1) / steps[None, :, None])[seq, pos].to(hidden.dtype)
+    raise ConfigError(f"unknown pooling {pooling!r}", column="pooling")
+
+
 def _head_outputs(
     model: FoundationModel, batch: dict[str, torch.Tensor], pooling: str
 ) -> torch.Tensor:
-    hidden = model.forward_batch(batch)
-    return model.task_head(pool(hidden, batch.get("attention_mask"), pooling))
+    return model.task_head(pooled_rows(model, batch, pooling))
 
 
 def _to_scores(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -610,12 +634,7 @@ def _pooled(
             k: v.to(device)
             for k, v in source.batch(indices[start : start + batch_size], None).items()
         }
-        out[start : start + batch_size] = (
-            pool(model.forward_batch(batch), batch.get("attention_mask"), pooling)
-            .float()
-            .cpu()
-            .numpy()
-        )
+        out[start : start + batch_size] = pooled_rows(model, batch, pooling).float().cpu().numpy()
     return out
 
 
@@ -1015,6 +1034,10 @@ def _fit(
             break
         forward.train()
         order = train_idx[np.random.default_rng([config.seed, epoch]).permutation(len(train_idx))]
+        if hasattr(source, "group_order"):
+            # Rows that can share a forward pass (one subject's labels) next to each other;
+            # groups in random order, so the epoch stays a function of (seed, epoch).
+            order = source.group_order(order)
         total, count = 0.0, 0
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
