@@ -485,6 +485,8 @@ def evaluate(
                 n_boot=n_boot,
                 batch_size=batch_size,
                 metrics=[*CLASSIFICATION_METRICS, "mae", "rmse", "r2"],
+                salt=salt,
+                fractions=tuple(fractions),
             )
         )
     rows.extend(

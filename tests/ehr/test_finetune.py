@@ -242,3 +242,41 @@ def test_multiclass_labels_evaluate_and_finetune(ehr_model, syn_meds, tmp_path):
     pred = pl.read_parquet(out / "predictions" / "counts_logreg.parquet")
     assert set(pred["predicted_value"].unique()) <= {"admitted", "even", "odd"}
     assert pred["predicted_probabilities"].dtype == pl.Array(pl.Float32, 3)
+
+
+def test_resume_refuses_other_labels(ehr_model, syn_meds, tmp_path):
+    from healthfm.errors import CheckpointError
+
+    frame = pl.read_parquet(syn_meds / LABELS)
+    flipped = tmp_path / "flipped.parquet"
+    frame.with_columns(~pl.col("boolean_value")).write_parquet(flipped)
+    config = FinetuneConfig(epochs=2, few_shot=4)
+    kw = {"n_boot": 10, "echo": False, "run_dir": tmp_path / "run"}
+    assert finetune(ehr_model, syn_meds, tmp_path / "ft", {"labels": str(syn_meds / LABELS)},
+                    config, stop_at_epoch=1, **kw) is None  # fmt: skip
+    with pytest.raises(CheckpointError, match="another run configuration"):
+        finetune(ehr_model, syn_meds, tmp_path / "ft", {"labels": str(flipped)}, config,
+                 resume=True, **kw)  # fmt: skip
+    assert not (tmp_path / "ft").exists()
+
+
+def test_evaluate_refuses_a_model_fine_tuned_on_held_out_rows(ehr_model, syn_meds, tmp_path):
+    import shutil
+
+    # Without subject_splits.parquet the split comes from the salt: fine-tune under one salt,
+    # evaluate under another, and some evaluation held-out rows were training rows.
+    data = tmp_path / "meds"
+    shutil.copytree(syn_meds, data)
+    (data / "metadata" / "subject_splits.parquet").unlink()
+    labels = str(data / LABELS)
+    ft = tmp_path / "ft"
+    finetune(ehr_model, data, ft, {"labels": labels}, FinetuneConfig(epochs=1, few_shot=2),
+             salt="other", n_boot=10, echo=False)  # fmt: skip
+    from healthfm.ehr import evaluate_ehrshot
+
+    with pytest.raises(ConfigError, match="--split-salt other"):
+        evaluate_ehrshot(None, data, tmp_path / "ev", {"labels": labels, "few_shot": ["all"]},
+                         finetuned=[ft], n_boot=10, echo=False)  # fmt: skip
+    rows = evaluate_ehrshot(None, data, tmp_path / "ev2", {"labels": labels, "few_shot": ["all"]},
+                            finetuned=[ft], n_boot=10, echo=False, salt="other")  # fmt: skip
+    assert any(r.method == "tiny-finetune-full-k2" for r in rows)

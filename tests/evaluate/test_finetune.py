@@ -509,3 +509,17 @@ def test_two_torchrun_processes_match_one(work, tmp_path):
         outs[n] = _weights(out)
     for k in outs[1]:
         torch.testing.assert_close(outs[2][k], outs[1][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(work, tmp_path):
+    base, data = work["root"] / "base", work["data"]
+    kw = {"n_boot": 10, "echo": False, "run_dir": tmp_path / "run"}
+    three = FinetuneConfig(**{**RESUME.__dict__, "epochs": 3})
+    two = FinetuneConfig(**{**RESUME.__dict__, "epochs": 2})
+    finetune(base, data, tmp_path / "a", {}, three, **kw)  # leaves an epoch-3 checkpoint
+    assert finetune(base, data, tmp_path / "b", {}, two, stop_at_epoch=1, **kw) is None
+    resumed = finetune(base, data, tmp_path / "b", {}, two, resume=True, **kw)
+    ref = finetune(base, data, tmp_path / "ref", {}, two, n_boot=10, echo=False)
+    assert resumed.history == ref.history and len(ref.history) == 2
+    with pytest.raises(ConfigError, match="--no-checkpoints"):
+        finetune(base, data, tmp_path / "c", {}, two, stop_at_epoch=1, n_boot=10, echo=False)

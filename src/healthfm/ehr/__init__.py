@@ -283,6 +283,8 @@ class EhrModality(Modality):
             include_baselines=kwargs.get("include_baselines", True),
             echo=kwargs.get("echo", True),
             finetuned=kwargs.get("finetuned") or (),
+            salt=kwargs.get("salt") or "healthfm",
+            fractions=tuple(kwargs.get("fractions") or (0.7, 0.1, 0.2)),
         )
 
     def task_input(
@@ -347,6 +349,29 @@ def _task_name(path: Path) -> str:
     )
 
 
+def _check_split(model_dir, split: np.ndarray, evaluation: tuple, row_splits) -> Any:
+    """``model_dir``, after checking that its fine-tuning never trained on a held-out row."""
+    from healthfm.pipeline import _training_info
+
+    info = _training_info(Path(model_dir))
+    salt, fractions = info.get("split_salt"), info.get("split_fractions")
+    if salt is None or fractions is None:
+        return model_dir
+    if (salt, tuple(fractions)) == (evaluation[0], tuple(evaluation[1])):
+        return model_dir
+    its_split, _ = row_splits(salt, fractions)
+    leaked = (split == "held_out") & (its_split != "held_out")
+    if leaked.any():
+        raise ConfigError(
+            f"{model_dir} was fine-tuned with split salt {salt!r} and fractions {fractions}, "
+            f"which put {int(leaked.sum())} of this evaluation's held-out rows in its train or "
+            f"tuning split; evaluate with --split-salt {salt}",
+            file=Path(model_dir),
+            column="split_salt",
+        )
+    return model_dir
+
+
 def evaluate_ehrshot(
     model_dir: str | Path | None,
     input_path: str | Path,
@@ -359,12 +384,16 @@ def evaluate_ehrshot(
     include_baselines: bool = True,
     echo: bool = True,
     finetuned=(),
+    salt: str = "healthfm",
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
 ) -> list:
     """The EHRSHOT evaluation of a model (or of the baselines alone) on a MEDS label file.
 
     ``finetuned``: fine-tuned EHR model / LoRA adapter folders whose own predictions on the
     held-out rows are scored next to the probe and the baselines (a fine-tuned
-    ``model_dir`` adds its own), at their few-shot k.
+    ``model_dir`` adds its own), at their few-shot k. ``salt`` / ``fractions``: the split of
+    subjects missing from ``subject_splits.parquet`` (the model's, through ``healthfm
+    evaluate``); a fine-tuned model trained on any held-out row is refused.
 
     Writes ``results.json`` (core schema), ``predictions/<method>.parquet``
     (meds-evaluation schema, held-out rows, largest k), ``few_shot_auroc.png`` and
@@ -404,10 +433,16 @@ def evaluate_ehrshot(
     classes, y = np.unique(label_values(labels), return_inverse=True)
     y = y.reshape(-1)
     boolean_like = y_raw.dtype == pl.Boolean or set(classes.tolist()) <= {0, 1}
-    split_of = np.array(modality.split(samples, "healthfm", (0.7, 0.1, 0.2)), dtype=object)
-    sid_to_split = dict(zip(samples.keys.tolist(), split_of.tolist(), strict=True))
-    back = {v: k for k, v in {"train": "train", "tuning": "val", "held_out": "test"}.items()}
-    split = np.array([back[sid_to_split[int(s)]] for s in labels.subject_ids])
+
+    def row_splits(split_salt: str, split_fractions) -> tuple[np.ndarray, np.ndarray]:
+        # MEDS split name of every label row, and the split of every subject.
+        of_subject = np.asarray(modality.split(samples, split_salt, tuple(split_fractions)))
+        order = np.argsort(samples.keys, kind="stable")
+        where = order[np.searchsorted(samples.keys[order], labels.subject_ids)]
+        meds = {"train": "train", "val": "tuning", "test": "held_out"}
+        return np.array([meds[x] for x in of_subject.astype(str)])[where], of_subject
+
+    split, split_of = row_splits(salt, fractions)
     model = None
     if model_dir is not None:
         model, _ = load_for("ehr", model_dir)
@@ -456,7 +491,7 @@ def evaluate_ehrshot(
         from healthfm.ehr.finetune import finetuned_ehr_rows
 
         ft_rows, ft_final = finetuned_ehr_rows(
-            ft_dirs,
+            [_check_split(d, split, (salt, fractions), row_splits) for d in ft_dirs],
             samples.payload["dataset"],
             labels,
             y,

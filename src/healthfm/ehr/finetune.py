@@ -169,7 +169,11 @@ def label_windows(
         )
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
     ages = np.concatenate(age_parts) if age_parts else np.zeros(0)
-    digest = hashlib.sha256(tokenizer.hash.encode() + str(max_len).encode()).hexdigest()
+    # The rows: tokenizer, context, and every label's subject and prediction time.
+    h = hashlib.sha256(tokenizer.hash.encode() + str(max_len).encode())
+    h.update(np.ascontiguousarray(subjects, dtype=np.int64).tobytes())
+    h.update(np.ascontiguousarray(times_us, dtype=np.int64).tobytes())
+    digest = h.hexdigest()
     return LabelWindows(ids, ages, starts, lengths, use_times, digest, subjects, shared)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -614,8 +615,13 @@ def _init_head(
             # low logit (it cannot be learnt anyway).
             coef = np.zeros((spec["n_outputs"], X.shape[1]))
             intercept = np.full(spec["n_outputs"], -10.0)
-            coef[np.asarray(probe.classes, dtype=int)] = lr.coef_
-            intercept[np.asarray(probe.classes, dtype=int)] = lr.intercept_
+            seen = np.asarray(probe.classes, dtype=int)
+            if lr.coef_.shape[0] == 1:  # two classes seen: one logit for the second
+                coef[seen[0]], intercept[seen[0]] = 0.0, 0.0
+                coef[seen[1]], intercept[seen[1]] = lr.coef_[0], lr.intercept_[0]
+            else:
+                coef[seen] = lr.coef_
+                intercept[seen] = lr.intercept_
     weight = coef / sigma[None, :]
     bias = intercept - weight @ mu
     head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
@@ -761,6 +767,12 @@ def finetune(
     """
     from healthfm.train.distributed import barrier, init_distributed
 
+    if run_dir is None and (resume or stop_at_epoch is not None):
+        raise ConfigError(
+            "--resume and --stop-at-epoch need epoch checkpoints: drop --no-checkpoints "
+            "(or give a run folder)",
+            column="run_dir",
+        )
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
     options = options or {}
@@ -927,15 +939,18 @@ class _TaskForward(torch.nn.Module):
 
 
 def _run_fingerprint(data: _TaskData, config: FinetuneConfig, source: Any, base_hash: str) -> str:
-    """What a checkpoint must match to be resumed: the data, rows, splits and settings."""
+    """What a checkpoint must match to be resumed: the data, rows, targets, splits and every
+    setting (the epoch count too: it shapes the learning-rate schedule)."""
     import hashlib
 
     h = hashlib.sha256()
-    settings = {k: v for k, v in asdict(config).items() if k not in ("epochs", "patience")}
     h.update(
-        json.dumps([settings, data.spec, base_hash, data.samples.data_hash], default=str).encode()
+        json.dumps(
+            [asdict(config), data.spec, base_hash, data.samples.data_hash], default=str
+        ).encode()
     )
     h.update(str(getattr(source, "fingerprint", "")).encode())
+    h.update(np.ascontiguousarray(data.targets).tobytes())
     for name in ("train", "val"):
         h.update(np.ascontiguousarray(data.splits[name], dtype=np.int64).tobytes())
     return h.hexdigest()
@@ -966,7 +981,13 @@ def _fit(
         load_checkpoint,
         save_checkpoint,
     )
-    from healthfm.train.distributed import DistInfo, all_reduce_sum, barrier, wrap_model
+    from healthfm.train.distributed import (
+        DistInfo,
+        all_reduce_mean,
+        all_reduce_sum,
+        barrier,
+        wrap_model,
+    )
     from healthfm.train.trainer import TrainConfig
 
     info = dist_info or DistInfo(device=next(model.parameters()).device)
@@ -1000,6 +1021,15 @@ def _fit(
     step, first_epoch = 0, 1
     ckpt_root = Path(run_dir) / "checkpoints" if run_dir is not None else None
     fingerprint = _run_fingerprint(data, config, source, base_hash)
+    if ckpt_root is not None and not resume and checkpoint_dirs(ckpt_root):
+        # A fresh run replaces an earlier run's checkpoints (they could not be resumed into
+        # this one, and a later --resume must never pick them up).
+        if info.is_main:
+            for old in checkpoint_dirs(ckpt_root):
+                shutil.rmtree(old)
+            if echo:
+                print(f"  removed the checkpoints of an earlier run in {ckpt_root}")
+        barrier(info)
     if ckpt_root is not None and resume and checkpoint_dirs(ckpt_root):
         if info.is_main:
             clean_temporary(ckpt_root)
@@ -1072,7 +1102,10 @@ def _fit(
             count += len(idx)
         raw = _raw_outputs(model, source, val_idx, pooling, bf16=config.bf16)
         with torch.no_grad():
-            val_loss = float(loss_fn(torch.from_numpy(raw).to(device), targets[val_idx].to(device)))
+            val = loss_fn(torch.from_numpy(raw).to(device), targets[val_idx].to(device))
+            # Every process computes it; averaging makes the early-stopping decision (and
+            # so the collective calls that follow) identical on all of them.
+            val_loss = float(all_reduce_mean(val.detach().float().reshape(1), info))
         train_loss = total / max(count, 1)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if echo and info.is_main:
@@ -1153,6 +1186,8 @@ def finetuned_rows(
     batch_size: int = 128,
     metrics: list[str] | None = None,
     source_for: Any = None,
+    salt: str | None = None,
+    fractions=None,
 ) -> list[ResultRow]:
     """Result rows of fine-tuned models' own predictions on the test split.
 
@@ -1177,6 +1212,9 @@ def finetuned_rows(
         ``f(model) -> BatchSource`` over the test samples, in ``test_idx`` order, for data
         that are not token sequences (tiles); by default the test samples are tokenized
         into a temporary token store.
+    salt, fractions
+        The evaluation's split. A model fine-tuned under another split that put any of
+        these test samples in its train or val split is refused (``ConfigError``).
     """
     from healthfm.evaluate.probe import align_proba
     from healthfm.pipeline import tokenize_to_store
@@ -1189,6 +1227,7 @@ def finetuned_rows(
         spec = task_spec(model)
         info = read_provenance(Path(path))
         method = finetuned_method(model, info, path, seen)
+        _check_test_split(modality, samples, test_idx, Path(path), salt, fractions)
         if source_for is not None:
             scores = predict(model, source_for(model), batch_size=batch_size)
         else:
@@ -1241,6 +1280,29 @@ def finetuned_rows(
             },
         )
     return rows
+
+
+def _check_test_split(
+    modality: Modality, samples: Samples, test_idx: np.ndarray, path: Path, salt, fractions
+) -> None:
+    from healthfm.pipeline import _training_info
+
+    info = _training_info(path)
+    own_salt, own_fractions = info.get("split_salt"), info.get("split_fractions")
+    if salt is None or own_salt is None or own_fractions is None:
+        return
+    if (own_salt, tuple(own_fractions)) == (salt, tuple(fractions)):
+        return
+    own = np.asarray(modality.split(samples, own_salt, tuple(own_fractions))).astype(str)
+    leaked = own[test_idx] != "test"
+    if leaked.any():
+        raise ConfigError(
+            f"{path} was fine-tuned with split salt {own_salt!r} and fractions {own_fractions}, "
+            f"which put {int(leaked.sum())} of this evaluation's test samples in its train or "
+            f"val split; evaluate with --split-salt {own_salt}",
+            file=path,
+            column="split_salt",
+        )
 
 
 def finetuned_method(

@@ -658,6 +658,8 @@ def evaluate_tiles(
             source_for=lambda m: TileSource(
                 samples.payload, _model_tokenizer(m), test_idx, augment=False, cache=False
             ),
+            salt=salt,
+            fractions=tuple(fractions),
         )
     write_results(out_dir / "results.json", rows)
     if echo:
