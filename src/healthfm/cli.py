@@ -296,6 +296,10 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
     )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # started by finetune under torchrun
+        dist.destroy_process_group()
 
 
 def _one_few_shot(values: list[str] | None) -> int | None:
