@@ -436,41 +436,29 @@ def evaluate(
             t = time.perf_counter()
             features[name] = (np.asarray(featurize(samples, pool_idx), dtype=np.float32), True, {})
             timings[name] = time.perf_counter() - t
-    rows: list[ResultRow] = []
     model_hash = getattr(model, "model_hash", None)
-    for seed in seeds:
+
+    def pool_split(seed: int) -> tuple[np.ndarray, np.ndarray]:
         tr_idx, va_idx = probe_split(pool_idx, samples.groups, seed)
         if len(np.unique(y[va_idx])) < 2:
             va_idx, tr_idx = tr_idx[: max(1, len(tr_idx) // 8)], tr_idx[max(1, len(tr_idx) // 8) :]
-        for method, (X, is_baseline, extra) in features.items():
-            t = time.perf_counter()
-            probe, metrics = probe_and_score(
-                X, y, tr_idx, va_idx, test_idx, len(classes), samples.groups, seed, n_boot
-            )
-            rows += rows_from_metrics(
-                metrics,
-                names=CLASSIFICATION_METRICS,
-                task=task,
-                method=method,
-                is_baseline=is_baseline,
-                n_test=len(test_idx),
-                seed=seed,
-                model_hash=model_hash,
-                data_hash=samples.data_hash,
-                wall_seconds=timings[method] + (time.perf_counter() - t),
-                extra={
-                    "n_train": len(tr_idx),
-                    "n_val": len(va_idx),
-                    "best_C": float(probe.best_C),
-                    "n_classes": len(classes),
-                    "modality": modality.name,
-                    **extra,
-                },
-            )
-    ft_dirs = [
-        *finetuned,
-        *([model_dir] if model is not None and model.task_head is not None else []),
-    ]
+        return tr_idx, va_idx
+
+    rows = probe_rows(
+        features,
+        timings,
+        y,
+        len(classes),
+        test_idx,
+        samples,
+        seeds,
+        pool_split,
+        task,
+        n_boot,
+        model_hash,
+        {"modality": modality.name},
+    )
+    ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
         from healthfm.evaluate.finetune import finetuned_rows
 
@@ -519,6 +507,78 @@ def evaluate(
             print(format_table(other))
         print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
     return rows
+
+
+def probe_rows(
+    features: dict[str, tuple[np.ndarray, bool, dict]],
+    seconds: dict[str, float],
+    y: np.ndarray,
+    n_classes: int,
+    test_idx: np.ndarray,
+    samples: Samples,
+    seeds,
+    pool_split,
+    task: str,
+    n_boot: int,
+    model_hash: str | None,
+    extra: dict[str, Any],
+    metrics: list[str] = CLASSIFICATION_METRICS,
+) -> list[ResultRow]:
+    """Probe every feature set for every seed on the same splits; one row per metric.
+
+    Parameters
+    ----------
+    features
+        Method → (features of every sample, is_baseline, extra fields of its rows).
+    seconds
+        Method → seconds spent computing its features (added to each row's wall time).
+    y, n_classes, test_idx
+        Class index per sample, number of classes, the fixed test split.
+    samples
+        The evaluated samples (``groups`` are the bootstrap unit, ``data_hash`` provenance).
+    seeds, pool_split
+        Probe seeds and ``pool_split(seed) -> (probe-train, probe-val)`` indices.
+    task, n_boot, model_hash, extra
+        Row task name, bootstrap resamples, model hash, fields added to every row.
+    metrics
+        The metrics reported (one row each).
+    """
+    rows: list[ResultRow] = []
+    for seed in seeds:
+        tr_idx, va_idx = pool_split(seed)
+        for method, (X, is_baseline, method_extra) in features.items():
+            t = time.perf_counter()
+            probe, scored = probe_and_score(
+                X, y, tr_idx, va_idx, test_idx, n_classes, samples.groups, seed, n_boot
+            )
+            rows += rows_from_metrics(
+                scored,
+                names=list(metrics),
+                task=task,
+                method=method,
+                is_baseline=is_baseline,
+                n_test=len(test_idx),
+                seed=seed,
+                model_hash=model_hash,
+                data_hash=samples.data_hash,
+                wall_seconds=seconds.get(method, 0.0) + (time.perf_counter() - t),
+                extra={
+                    "n_train": len(tr_idx),
+                    "n_val": len(va_idx),
+                    "best_C": float(probe.best_C),
+                    "n_classes": n_classes,
+                    **extra,
+                    **method_extra,
+                },
+            )
+    return rows
+
+
+def finetuned_folders(finetuned, model_dir, model) -> list:
+    """The fine-tuned folders to score: ``finetuned``, plus ``model_dir`` when the evaluated
+    model itself carries a task head."""
+    own = model is not None and getattr(model, "task_head", None) is not None
+    return [*finetuned, *([model_dir] if own else [])]
 
 
 def _training_info(model_dir: Path) -> dict[str, Any]:

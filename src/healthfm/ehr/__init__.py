@@ -410,7 +410,7 @@ def evaluate_ehrshot(
     )
     from healthfm.evaluate.results import write_results
     from healthfm.fsutil import atomic_write_text
-    from healthfm.pipeline import load_for
+    from healthfm.pipeline import finetuned_folders, load_for
 
     t0 = time.perf_counter()
     modality = EhrModality()
@@ -482,10 +482,7 @@ def evaluate_ehrshot(
         r.extra["labels_per_s_embed"] = (
             (len(labels) / feats.seconds_embed) if feats.seconds_embed else None
         )
-    ft_dirs = [
-        *finetuned,
-        *([model_dir] if model is not None and model.task_head is not None else []),
-    ]
+    ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
         from healthfm.ehr.evaluate import metrics_for
         from healthfm.ehr.finetune import finetuned_ehr_rows

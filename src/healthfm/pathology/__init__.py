@@ -559,9 +559,9 @@ def evaluate_tiles(
     histogram and raw-pixel baselines get exactly the same splits. Rows → ``results.json``.
     """
     from healthfm.evaluate.embed import save_embeddings
-    from healthfm.evaluate.results import format_table, rows_from_metrics, write_results
+    from healthfm.evaluate.results import format_table, write_results
     from healthfm.modality import require_labels
-    from healthfm.pipeline import probe_and_score
+    from healthfm.pipeline import finetuned_folders, probe_rows
 
     t0 = time.perf_counter()
     options = dict(options or {})
@@ -577,7 +577,8 @@ def evaluate_tiles(
     test_idx = np.flatnonzero(split_names == "test")
     pool_idx = np.flatnonzero(split_names != "test")
     task = f"{Path(input_path).name}:{samples.label_column}"
-    features: dict[str, tuple[np.ndarray, bool, float]] = {}
+    features: dict[str, tuple[np.ndarray, bool, dict]] = {}
+    seconds: dict[str, float] = {}
     model_hash = getattr(model, "model_hash", None)
     if model is not None:
         t = time.perf_counter()
@@ -591,7 +592,8 @@ def evaluate_tiles(
         )
         pool_name = pooling or model.config.pooling
         name = f"{model.config.preset or 'vit'}-mae-{pool_name}+logreg"
-        features[name] = (emb, False, time.perf_counter() - t)
+        features[name] = (emb, False, {})
+        seconds[name] = time.perf_counter() - t
         emb_dir = out_dir / "embeddings"
         save_embeddings(
             emb_dir / "embeddings.parquet",
@@ -603,45 +605,26 @@ def evaluate_tiles(
     if include_baselines:
         for name, featurize in BASELINES.items():
             t = time.perf_counter()
-            features[name] = (
-                np.asarray(featurize(samples, pool_idx), dtype=np.float32),
-                True,
-                time.perf_counter() - t,
-            )
+            features[name] = (np.asarray(featurize(samples, pool_idx), dtype=np.float32), True, {})
+            seconds[name] = time.perf_counter() - t
     if not features:
         raise ConfigError("nothing to evaluate: no model and --no-baselines")
-    rows: list = []
-    for seed in seeds:
-        tr, va = stratified_pool_split(y, pool_idx, seed)
-        for method, (X, is_baseline, t_feat) in features.items():
-            t = time.perf_counter()
-            probe, metrics = probe_and_score(
-                X, y, tr, va, test_idx, len(classes), samples.groups, seed, n_boot
-            )
-            rows += rows_from_metrics(
-                metrics,
-                names=CLASSIFICATION_METRICS,
-                task=task,
-                method=method,
-                is_baseline=is_baseline,
-                n_test=len(test_idx),
-                seed=seed,
-                model_hash=model_hash,
-                data_hash=samples.data_hash,
-                wall_seconds=t_feat + time.perf_counter() - t,
-                extra={
-                    "n_train": len(tr),
-                    "n_val": len(va),
-                    "best_C": float(probe.best_C),
-                    "n_classes": len(classes),
-                    "modality": "pathology",
-                    "level": "tile",
-                },
-            )
-    ft_dirs = [
-        *finetuned,
-        *([model_dir] if model_dir is not None and getattr(model, "task_head", None) else []),
-    ]
+    rows = probe_rows(
+        features,
+        seconds,
+        y,
+        len(classes),
+        test_idx,
+        samples,
+        seeds,
+        lambda seed: stratified_pool_split(y, pool_idx, seed),
+        task,
+        n_boot,
+        model_hash,
+        {"modality": "pathology", "level": "tile"},
+        metrics=CLASSIFICATION_METRICS,
+    )
+    ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
         from healthfm.evaluate.finetune import finetuned_rows
 
