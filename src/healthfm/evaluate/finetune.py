@@ -251,6 +251,32 @@ def _to_scores(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 
 @torch.no_grad()
+def _per_row(
+    model: FoundationModel,
+    source: Any,
+    indices: np.ndarray,
+    compute,
+    width: int,
+    batch_size: int = 128,
+    bf16: bool = False,
+) -> np.ndarray:
+    """``compute(batch)`` (one vector of ``width`` per row) over rows ``indices``, in eval
+    mode without augmentation, batch by batch; float32 ``(len(indices), width)``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = np.zeros((len(indices), width), dtype=np.float32)
+    for start in range(0, len(indices), batch_size):
+        batch = {
+            k: v.to(device)
+            for k, v in source.batch(indices[start : start + batch_size], None).items()
+        }
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out[start : start + batch_size] = compute(batch).float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
 def _raw_outputs(
     model: FoundationModel,
     source: Any,
@@ -259,21 +285,15 @@ def _raw_outputs(
     batch_size: int = 128,
     bf16: bool = False,
 ) -> np.ndarray:
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = np.zeros((len(indices), model.task_head.out_features), dtype=np.float32)
-    for start in range(0, len(indices), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in source.batch(indices[start : start + batch_size], None).items()
-        }
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out[start : start + batch_size] = (
-                _head_outputs(model, batch, pooling).float().cpu().numpy()
-            )
-    model.train(was_training)
-    return out
+    return _per_row(
+        model,
+        source,
+        indices,
+        lambda batch: _head_outputs(model, batch, pooling),
+        model.task_head.out_features,
+        batch_size,
+        bf16,
+    )
 
 
 def predict(
@@ -628,20 +648,17 @@ def _init_head(
     head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
 
 
-@torch.no_grad()
 def _pooled(
     model: FoundationModel, source: Any, indices: np.ndarray, pooling: str, batch_size: int = 128
 ) -> np.ndarray:
-    model.eval()
-    device = next(model.parameters()).device
-    out = np.zeros((len(indices), model.config.d_model), dtype=np.float32)
-    for start in range(0, len(indices), batch_size):
-        batch = {
-            k: v.to(device)
-            for k, v in source.batch(indices[start : start + batch_size], None).items()
-        }
-        out[start : start + batch_size] = pooled_rows(model, batch, pooling).float().cpu().numpy()
-    return out
+    return _per_row(
+        model,
+        source,
+        indices,
+        lambda batch: pooled_rows(model, batch, pooling),
+        model.config.d_model,
+        batch_size,
+    )
 
 
 def _freeze(model: FoundationModel, freeze_layers: int) -> None:

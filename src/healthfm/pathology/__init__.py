@@ -71,6 +71,19 @@ def _opt(options: dict[str, Any], name: str) -> Any:
     return _DEFAULTS.get(name) if value is None else value
 
 
+def _tile_one(slide: Path, tile_dir: str | Path, options: dict[str, Any]) -> Path:
+    """Tile one slide with the CLI's tiling options; the tile HDF5 path."""
+    return tile_slide(
+        slide,
+        tile_dir,
+        _opt(options, "mpp"),
+        _opt(options, "size"),
+        _opt(options, "overlap"),
+        _opt(options, "min_tissue"),
+        options.get("slide_mpp"),
+    )[0]
+
+
 def is_slide_input(path: str | Path) -> bool:
     """Whether ``path`` is a slide file or a folder of slide files (not a tile set)."""
     path = Path(path)
@@ -160,18 +173,7 @@ class PathologyModality(Modality):
                 info["_tmp"] = tmp  # removed when the samples are garbage-collected
                 tile_dir = tmp.name
             slides = find_slides(path)
-            h5s = [
-                tile_slide(
-                    s,
-                    tile_dir,
-                    _opt(options, "mpp"),
-                    _opt(options, "size"),
-                    _opt(options, "overlap"),
-                    _opt(options, "min_tissue"),
-                    options.get("slide_mpp"),
-                )[0]
-                for s in slides
-            ]
+            h5s = [_tile_one(s, tile_dir, options) for s in slides]
             tiles = slide_tile_set(h5s, slides, options.get("slide_mpp"))
             info.update({"h5": h5s, "slides": slides, "tile_dir": Path(tile_dir)})
         else:
@@ -465,21 +467,7 @@ def embed_input(
                 pairs.append((h5, Path(src)))
         else:
             tile_dir = Path(options.get("tile_dir") or out)
-            pairs = [
-                (
-                    tile_slide(
-                        s,
-                        tile_dir,
-                        _opt(options, "mpp"),
-                        _opt(options, "size"),
-                        _opt(options, "overlap"),
-                        _opt(options, "min_tissue"),
-                        options.get("slide_mpp"),
-                    )[0],
-                    s,
-                )
-                for s in find_slides(input_path)
-            ]
+            pairs = [(_tile_one(s, tile_dir, options), s) for s in find_slides(input_path)]
         for h5, slide in pairs:
             tiles = slide_tile_set([h5], [slide], options.get("slide_mpp"))
             src = TileSource(tiles, tok, augment=False, cache=False)
