@@ -428,7 +428,7 @@ def evaluate_ehrshot(
             file=labels.source,
             column=labels.column,
         )
-    from healthfm.ehr.finetune import label_values
+    from healthfm.ehr.finetune import label_values, subject_positions
 
     classes, y = np.unique(label_values(labels), return_inverse=True)
     y = y.reshape(-1)
@@ -437,8 +437,7 @@ def evaluate_ehrshot(
     def row_splits(split_salt: str, split_fractions) -> tuple[np.ndarray, np.ndarray]:
         # MEDS split name of every label row, and the split of every subject.
         of_subject = np.asarray(modality.split(samples, split_salt, tuple(split_fractions)))
-        order = np.argsort(samples.keys, kind="stable")
-        where = order[np.searchsorted(samples.keys[order], labels.subject_ids)]
+        where = subject_positions(samples, labels.subject_ids)
         meds = {"train": "train", "val": "tuning", "test": "held_out"}
         return np.array([meds[x] for x in of_subject.astype(str)])[where], of_subject
 

@@ -177,6 +177,12 @@ def label_windows(
     return LabelWindows(ids, ages, starts, lengths, use_times, digest, subjects, shared)
 
 
+def subject_positions(samples: Samples, subject_ids: np.ndarray) -> np.ndarray:
+    """Position in ``samples.keys`` of each of ``subject_ids`` (all must be there)."""
+    order = np.argsort(samples.keys, kind="stable")
+    return order[np.searchsorted(samples.keys[order], subject_ids)]
+
+
 def label_values(labels: Labels) -> np.ndarray:
     """Label values as a numpy array: booleans as 0/1 integers, others as they are."""
     y = labels.frame["label"]
@@ -209,9 +215,7 @@ def ehr_task_input(
         )
     ds: MedsDataset = samples.payload["dataset"]
     subject_ids = labels.subject_ids
-    order = np.argsort(samples.keys, kind="stable")
-    where = order[np.searchsorted(samples.keys[order], subject_ids)]
-    split_names = np.asarray(subject_splits).astype(str)[where]
+    split_names = np.asarray(subject_splits).astype(str)[subject_positions(samples, subject_ids)]
     values = label_values(labels)
     rows = Samples(
         source=labels.source,
