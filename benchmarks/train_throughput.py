@@ -165,8 +165,9 @@ def worker(settings: dict) -> None:
     )
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(out), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    from healthfm.train.distributed import shutdown
+
+    shutdown()
 
 
 def run_processes(nproc: int, threads: int, settings: dict) -> dict:

@@ -296,10 +296,9 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
     )
-    import torch.distributed as dist
+    from healthfm.train.distributed import shutdown
 
-    if dist.is_available() and dist.is_initialized():  # started by finetune under torchrun
-        dist.destroy_process_group()
+    shutdown()  # a process group started by finetune under torchrun
 
 
 def _one_few_shot(values: list[str] | None) -> int | None:
@@ -388,10 +387,9 @@ def run(argv: list[str]) -> int:
             stop_at=args.stop_at,
             strategy=args.strategy,
         )
-        import torch.distributed as dist
+        from healthfm.train.distributed import shutdown
 
-        if dist.is_initialized():  # torchrun: all ranks are past the final barrier
-            dist.destroy_process_group()
+        shutdown()  # under torchrun: every rank is past the final barrier
         if os.environ.get("RANK", "0") != "0":
             pass  # under torchrun only rank 0 reports
         elif (Path(out) / "training_info.json").exists():

@@ -2,7 +2,8 @@
 
 Usage: ``python dist_worker.py '<json settings>'``. Settings: ``store``, ``run_dir``,
 ``steps``, ``batch_size``, ``micro_batch_size``, ``strategy``, ``objective``,
-``checkpoint_every``, ``resume``, ``stop_at``, and test hooks:
+``checkpoint_every``, ``resume``, ``stop_at``, ``report_threads`` (print the thread
+names left after shutdown), and test hooks:
 
 - ``slow``: seconds to sleep per micro-batch, so a parent can kill the run mid-way;
 - ``crash_at``: on the first attempt under torchrun (``TORCHELASTIC_RESTART_COUNT`` 0),
@@ -58,6 +59,17 @@ class HookedSource(StoreSource):
 
 def main(settings: dict) -> None:
     info = D.init_distributed("cpu")
+    train(settings, info)
+    D.shutdown(info)  # the trainer and its DDP/FSDP module are out of scope here
+    if settings.get("report_threads"):
+        names = [
+            (Path("/proc/self/task") / t / "comm").read_text().strip()
+            for t in os.listdir("/proc/self/task")
+        ]
+        print("THREADS", json.dumps(sorted(names)), flush=True)
+
+
+def train(settings: dict, info: D.DistInfo) -> None:
     store = TokenStore(settings["store"])
     model = tiny_model(settings.get("objective", "masked"))
     source = HookedSource(
@@ -100,7 +112,6 @@ def main(settings: dict) -> None:
     summary = trainer.fit(resume=settings.get("resume", False), stop_at=settings.get("stop_at"))
     if info.is_main:
         print("DONE", json.dumps(summary), flush=True)
-    D.shutdown(info)
 
 
 if __name__ == "__main__":
