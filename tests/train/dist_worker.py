@@ -2,8 +2,8 @@
 
 Usage: ``python dist_worker.py '<json settings>'``. Settings: ``store``, ``run_dir``,
 ``steps``, ``batch_size``, ``micro_batch_size``, ``strategy``, ``objective``,
-``checkpoint_every``, ``resume``, ``stop_at``, ``report_threads`` (print the thread
-names left after shutdown), and test hooks:
+``checkpoint_every``, ``resume``, ``stop_at``, ``report_threads`` (write the names of
+the threads left after shutdown to ``run_dir/threads-rank<r>.json``), and test hooks:
 
 - ``slow``: seconds to sleep per micro-batch, so a parent can kill the run mid-way;
 - ``crash_at``: on the first attempt under torchrun (``TORCHELASTIC_RESTART_COUNT`` 0),
@@ -61,12 +61,13 @@ def main(settings: dict) -> None:
     info = D.init_distributed("cpu")
     train(settings, info)
     D.shutdown(info)  # the trainer and its DDP/FSDP module are out of scope here
-    if settings.get("report_threads"):
+    if settings.get("report_threads"):  # a file per rank: two ranks' stdout lines interleave
         names = [
             (Path("/proc/self/task") / t / "comm").read_text().strip()
             for t in os.listdir("/proc/self/task")
         ]
-        print("THREADS", json.dumps(sorted(names)), flush=True)
+        report = Path(settings["run_dir"]) / f"threads-rank{info.rank}.json"
+        report.write_text(json.dumps(sorted(names)))
 
 
 def train(settings: dict, info: D.DistInfo) -> None:
