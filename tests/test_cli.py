@@ -107,6 +107,42 @@ def test_evaluate_writes_results_next_to_baselines(model_dir, tmp_path, capsys):
     assert "(baseline)" in printed and "auroc" in printed
 
 
+def _composition_table(path, typo_row: int | None = None):
+    """Promoters with a numeric target learnable from k-mers: G+C count + CpG count / 2."""
+    import polars as pl
+
+    frame = pl.read_csv(promoters(), separator="\t")
+    seq = frame["sequence"]
+    target = (seq.str.count_matches("[GC]") + 0.5 * seq.str.count_matches("CG")).cast(pl.Utf8)
+    if typo_row is not None:
+        target = target.scatter(typo_row, "n/a")
+    frame.with_columns(target.alias("gc_score")).write_csv(path, separator="\t")
+    return path
+
+
+def test_evaluate_numeric_labels_is_a_ridge_regression(model_dir, tmp_path, capsys):
+    # 38 distinct numbers (> 20): a regression, as finetune infers it; ridge probes.
+    table = _composition_table(tmp_path / "gc.tsv")
+    argv = ["evaluate", str(model_dir), str(table), "--label-column", "gc_score"]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--seeds", "0", "--n-boot", "50"]) == 0
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
+    assert {r["method"] for r in rows} == {"tiny-mean+ridge", "kmer-counts+ridge", "one-hot+ridge"}
+    r2 = {r["method"]: r["value"] for r in rows if r["metric"] == "r2"}
+    assert r2["kmer-counts+ridge"] > 0.85  # the 1- and 2-mer frequencies give the target
+    assert all(r["task_type"] == "regression" and r["best_alpha"] > 0 for r in rows)
+    assert "kmer-counts+ridge" in capsys.readouterr().out
+
+
+def test_evaluate_numeric_labels_with_a_typo_names_the_row(model_dir, tmp_path, capsys):
+    table = _composition_table(tmp_path / "gc.tsv", typo_row=7)
+    argv = ["evaluate", str(model_dir), str(table), "--label-column", "gc_score"]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "'n/a'" in err and "gc_score" in err and "row 7" in err
+    assert not (tmp_path / "r").exists()
+
+
 def test_tokenize_command(tmp_path):
     assert (
         main(["tokenize", "dna", str(splice()), "--out", str(tmp_path / "store"), "--k", "3"]) == 0

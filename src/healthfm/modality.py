@@ -286,6 +286,33 @@ def split_indices(splits: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.flatnonzero(splits == name) for name in SPLIT_NAMES}
 
 
+def labels_as_targets(samples: Samples, labels: np.ndarray) -> np.ndarray:
+    """The labels as float64 regression targets; a missing, non-numeric or infinite one is
+    a ``DataError`` naming its row."""
+    values = np.empty(len(labels), dtype=np.float64)
+    try:
+        values[:] = labels
+    except (TypeError, ValueError):
+        values = np.array([_as_number(v) for v in labels.tolist()], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise DataError(
+            f"regression target {labels[bad[0]]!r} of sample {samples.keys[bad[0]]!r} is not a "
+            f"finite number ({bad.size} such sample(s))",
+            file=samples.source,
+            column=samples.label_column,
+            row=int(bad[0]),
+        )
+    return values
+
+
+def _as_number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.ndarray:
     """Return the labels, or raise if there are none or only one class."""
     if samples.labels is None:

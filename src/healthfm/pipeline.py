@@ -18,10 +18,17 @@ import torch
 
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.embed import embed_store, save_embeddings
-from healthfm.evaluate.metrics import classification_metrics
-from healthfm.evaluate.probe import align_proba, fit_linear_probe
+from healthfm.evaluate.metrics import REGRESSION_METRICS, classification_metrics, regression_metrics
+from healthfm.evaluate.probe import align_proba, fit_linear_probe, fit_ridge_probe, infer_task
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
-from healthfm.modality import Modality, Samples, get_modality, require_labels, split_indices
+from healthfm.modality import (
+    Modality,
+    Samples,
+    get_modality,
+    labels_as_targets,
+    require_labels,
+    split_indices,
+)
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import load, save_pretrained
@@ -310,29 +317,36 @@ def probe_and_score(
     groups: np.ndarray,
     seed: int,
     n_boot: int = 1000,
+    regression: bool = False,
 ):
     """Fit the linear probe (C tuned on val) and score it on test with bootstrap CIs.
 
-    ``y`` holds class indices ``0 .. n_classes - 1``; the bootstrap resamples ``groups``
-    (identical sequences, a donor's cells, a source image), not rows.
+    ``y`` holds class indices ``0 .. n_classes - 1``, or numeric targets when
+    ``regression`` (a ridge probe, alpha tuned on val by RMSE); the bootstrap resamples
+    ``groups`` (identical sequences, a donor's cells, a source image), not rows.
 
     Returns
     -------
     tuple
-        The :class:`~healthfm.evaluate.probe.ProbeResult` and ``{metric: MetricCI}``.
+        The probe result (:class:`~healthfm.evaluate.probe.ProbeResult` or
+        :class:`~healthfm.evaluate.probe.RidgeProbeResult`), ``{metric: MetricCI}`` and
+        the probe's extra result fields (the chosen penalty).
     """
+    test_groups = np.asarray(groups)[test_idx].astype(str)
+    if regression:
+        ridge = fit_ridge_probe(X[train_idx], y[train_idx], X[val_idx], y[val_idx], X[test_idx])
+        metrics = regression_metrics(
+            y[test_idx], ridge.pred, n_boot=n_boot, seed=seed, groups=test_groups
+        )
+        return ridge, metrics, {"best_alpha": ridge.best_alpha, "val_rmse": ridge.val_score}
     probe = fit_linear_probe(
         X[train_idx], y[train_idx], X[val_idx], y[val_idx], X[test_idx], seed=seed
     )
     scores = align_proba(probe.proba, probe.classes, np.arange(n_classes))
     metrics = classification_metrics(
-        y[test_idx],
-        scores,
-        n_boot=n_boot,
-        seed=seed,
-        groups=np.asarray(groups)[test_idx].astype(str),
+        y[test_idx], scores, n_boot=n_boot, seed=seed, groups=test_groups
     )
-    return probe, metrics
+    return probe, metrics, {"best_C": float(probe.best_C), "n_classes": n_classes}
 
 
 def probe_split(
@@ -416,9 +430,14 @@ def evaluate(
     split_names = modality.split(samples, salt, tuple(fractions))
     splits = split_indices(split_names)
     labels = require_labels(samples, np.where(split_names == "val", "train", split_names))
-    classes, y = np.unique(labels, return_inverse=True)
     test_idx = splits["test"]
     pool_idx = np.concatenate([splits["train"], splits["val"]])
+    # The task follows the labels by finetune's rule: many distinct numbers → regression.
+    regression = infer_task(labels[pool_idx]) == "regression"
+    if regression:
+        classes, y = np.array([]), labels_as_targets(samples, labels)
+    else:
+        classes, y = np.unique(labels, return_inverse=True)
     task = task or f"{Path(input_path).stem}:{samples.label_column}"
     features: dict[str, tuple[np.ndarray, bool, dict]] = {}
     timings: dict[str, float] = {}
@@ -444,6 +463,10 @@ def evaluate(
             va_idx, tr_idx = tr_idx[: max(1, len(tr_idx) // 8)], tr_idx[max(1, len(tr_idx) // 8) :]
         return tr_idx, va_idx
 
+    metrics = list(REGRESSION_METRICS) if regression else CLASSIFICATION_METRICS
+    if regression:  # the same features under a ridge probe: say so in the method names
+        features = {k.replace("+logreg", "+ridge"): v for k, v in features.items()}
+        timings = {k.replace("+logreg", "+ridge"): v for k, v in timings.items()}
     rows = probe_rows(
         features,
         timings,
@@ -456,7 +479,9 @@ def evaluate(
         task,
         n_boot,
         model_hash,
-        {"modality": modality.name},
+        {"modality": modality.name, "task_type": "regression" if regression else "classification"},
+        metrics=metrics,
+        regression=regression,
     )
     ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
@@ -472,7 +497,7 @@ def evaluate(
                 task,
                 n_boot=n_boot,
                 batch_size=batch_size,
-                metrics=[*CLASSIFICATION_METRICS, "mae", "rmse", "r2"],
+                metrics=metrics,
                 salt=salt,
                 fractions=tuple(fractions),
             )
@@ -491,18 +516,16 @@ def evaluate(
                 "model_hash": model_hash,
             }
         )
+        if not regression  # k-NN and clustering rows score classes
+        else []
     )
     out_dir = Path(out_dir)
     write_results(out_dir / "results.json", rows)
     if echo:
         dicts = [r.to_dict() for r in rows]
-        print(
-            format_table(
-                [d for d in dicts if d["metric"] in CLASSIFICATION_METRICS], CLASSIFICATION_METRICS
-            )
-        )
+        print(format_table([d for d in dicts if d["metric"] in metrics], metrics))
         # Rows of other metrics from extra_evaluations (clustering ARI/NMI ...) get their own table.
-        other = [d for d in dicts if d["metric"] not in CLASSIFICATION_METRICS]
+        other = [d for d in dicts if d["metric"] not in metrics]
         if other:
             print(format_table(other))
         print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
@@ -523,6 +546,7 @@ def probe_rows(
     model_hash: str | None,
     extra: dict[str, Any],
     metrics: list[str] = CLASSIFICATION_METRICS,
+    regression: bool = False,
 ) -> list[ResultRow]:
     """Probe every feature set for every seed on the same splits; one row per metric.
 
@@ -533,7 +557,8 @@ def probe_rows(
     seconds
         Method → seconds spent computing its features (added to each row's wall time).
     y, n_classes, test_idx
-        Class index per sample, number of classes, the fixed test split.
+        Class index per sample (the target when ``regression``), number of classes, the
+        fixed test split.
     samples
         The evaluated samples (``groups`` are the bootstrap unit, ``data_hash`` provenance).
     seeds, pool_split
@@ -542,14 +567,16 @@ def probe_rows(
         Row task name, bootstrap resamples, model hash, fields added to every row.
     metrics
         The metrics reported (one row each).
+    regression
+        Ridge probes scored by regression metrics instead of logistic probes.
     """
     rows: list[ResultRow] = []
     for seed in seeds:
         tr_idx, va_idx = pool_split(seed)
         for method, (X, is_baseline, method_extra) in features.items():
             t = time.perf_counter()
-            probe, scored = probe_and_score(
-                X, y, tr_idx, va_idx, test_idx, n_classes, samples.groups, seed, n_boot
+            _, scored, probe_extra = probe_and_score(
+                X, y, tr_idx, va_idx, test_idx, n_classes, samples.groups, seed, n_boot, regression
             )
             rows += rows_from_metrics(
                 scored,
@@ -565,8 +592,7 @@ def probe_rows(
                 extra={
                     "n_train": len(tr_idx),
                     "n_val": len(va_idx),
-                    "best_C": float(probe.best_C),
-                    "n_classes": n_classes,
+                    **probe_extra,
                     **extra,
                     **method_extra,
                 },

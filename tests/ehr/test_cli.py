@@ -184,17 +184,57 @@ def test_single_class_split_is_a_clear_error_and_writes_nothing(
     assert not (out / "results.json").exists()
 
 
-def test_regression_labels_are_not_yet_supported(syn_meds, tmp_path):
+def age_labels(meds, path, noise: float = 0.5, seed: int = 0):
+    """A regression label file: age in years at each admission_1y prediction time + noise.
+
+    The count baseline holds the age, so a ridge on it must recover the target.
+    """
+    rng = np.random.default_rng(seed)
+    births = (
+        pl.read_parquet(meds / "data" / "**" / "*.parquet")
+        .filter(pl.col("code") == "MEDS_BIRTH")
+        .select("subject_id", pl.col("time").alias("birth"))
+    )
+    frame = pl.read_parquet(meds / "task_labels" / "admission_1y" / "labels.parquet")
+    frame = frame.join(births, on="subject_id", how="left").sort("subject_id", "prediction_time")
+    age = (frame["prediction_time"] - frame["birth"]).dt.total_days().to_numpy() / 365.25
+    frame.select("subject_id", "prediction_time").with_columns(
+        pl.Series("float_value", age + rng.normal(0, noise, len(age)), pl.Float32)
+    ).write_parquet(path)
+    return path
+
+
+def test_regression_labels_run_ridge_and_boosted_trees(model_dir, syn_meds, tmp_path, capsys):
+    labels = age_labels(syn_meds, tmp_path / "age.parquet")
+    out = tmp_path / "ev"
+    argv = ["evaluate", str(model_dir), str(syn_meds), "--labels", str(labels), "--out", str(out)]
+    assert main([*argv, "--seeds", "0", "1", "--n-boot", "50"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in rows} == {"tiny-causal-last+ridge", "counts+ridge", "counts+gbm"}
+    assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
+    assert {r["k"] for r in rows} == {"all"}  # few-shot k counts rows per class
+    r2 = {r["method"]: r for r in rows if r["metric"] == "r2"}
+    assert r2["counts+ridge"]["value"] > 0.9  # the age column is a feature
+    assert (
+        r2["counts+ridge"]["ci_low"] <= r2["counts+ridge"]["value"] <= r2["counts+ridge"]["ci_high"]
+    )
+    pred = pl.read_parquet(out / "predictions" / "counts_ridge.parquet")
+    assert pred.columns == ["subject_id", "prediction_time", "float_value", "predicted_float_value"]
+    err = np.abs(pred["predicted_float_value"].to_numpy() - pred["float_value"].to_numpy())
+    mae = next(r for r in rows if r["method"] == "counts+ridge" and r["metric"] == "mae")
+    assert err.mean() == pytest.approx(mae["value"], rel=1e-5)
+    assert not (out / "few_shot_auroc.png").exists()
+    assert "counts+ridge" in capsys.readouterr().out
+
+
+def test_regression_labels_refuse_few_shot_k(syn_meds, tmp_path):
     from healthfm.ehr import evaluate_ehrshot
 
-    labels = pl.read_parquet(syn_meds / "task_labels" / "admission_1y" / "labels.parquet")
-    labels = labels.select(
-        "subject_id", "prediction_time", pl.lit(1.5, pl.Float32).alias("float_value")
-    )
-    labels.write_parquet(tmp_path / "reg.parquet")
-    with pytest.raises(ConfigError, match="not yet") as e:
-        evaluate_ehrshot(None, syn_meds, tmp_path / "ev", {"labels": str(tmp_path / "reg.parquet")})
-    assert e.value.column == "float_value"
+    labels = age_labels(syn_meds, tmp_path / "age.parquet")
+    with pytest.raises(ConfigError, match="regression task"):
+        evaluate_ehrshot(
+            None, syn_meds, tmp_path / "ev", {"labels": str(labels), "few_shot": ["4", "all"]}
+        )
     assert not (tmp_path / "ev").exists()
 
 

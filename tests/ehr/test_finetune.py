@@ -244,6 +244,34 @@ def test_multiclass_labels_evaluate_and_finetune(ehr_model, syn_meds, tmp_path):
     assert pred["predicted_probabilities"].dtype == pl.Array(pl.Float32, 3)
 
 
+def test_regression_finetune_joins_the_regression_table(ehr_model, syn_meds, tmp_path):
+    from ehr.test_cli import age_labels
+
+    labels = str(age_labels(syn_meds, tmp_path / "age.parquet"))
+    ft = tmp_path / "ft"
+    result = finetune(
+        ehr_model, syn_meds, ft, {"labels": labels}, FinetuneConfig(epochs=1), n_boot=20
+    )
+    assert result.task == "regression"
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(ehr_model), str(syn_meds), "--labels", labels, "--out", str(out)]
+    assert main([*argv, "--seeds", "0", "--n-boot", "20", "--finetuned", str(ft)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    mine = {r["metric"]: r for r in rows if r["method"] == "tiny-finetune-full"}
+    assert set(mine) == {"mae", "rmse", "r2", "pearson"}
+    assert mine["rmse"]["value"] == pytest.approx(result.test_metrics["rmse"]["value"], rel=1e-5)
+    # A classification model cannot score a regression label file, nor the reverse.
+    binary = tmp_path / "binary"
+    finetune(ehr_model, syn_meds, binary, {"labels": str(syn_meds / LABELS)},
+             FinetuneConfig(epochs=1), n_boot=10, echo=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="regression"):
+        run([*argv[:-2], "--out", str(tmp_path / "e2"), "--finetuned", str(binary)])
+    with pytest.raises(ConfigError, match="classes"):
+        run(["evaluate", str(ehr_model), str(syn_meds), "--labels", str(syn_meds / LABELS),
+             "--out", str(tmp_path / "e3"), "--few-shot", "all", "--finetuned", str(ft)])  # fmt: skip
+    assert not (tmp_path / "e2").exists() and not (tmp_path / "e3").exists()
+
+
 def test_resume_refuses_other_labels(ehr_model, syn_meds, tmp_path):
     from healthfm.errors import CheckpointError
 

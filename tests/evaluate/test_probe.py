@@ -15,6 +15,8 @@ from healthfm.evaluate.probe import (
     few_shot_indices,
     fit_knn_probe,
     fit_linear_probe,
+    fit_ridge_probe,
+    infer_task,
 )
 
 
@@ -234,3 +236,73 @@ def test_few_shot_indices() -> None:
     assert few_shot_indices(np.array([], dtype=int), 2, seed=0).size == 0
     with pytest.raises(ConfigError):
         few_shot_indices(y, 0, seed=0)
+
+
+@pytest.mark.parametrize("n,d", [(200, 20), (40, 120)])  # Gram path, SVD path
+def test_ridge_probe_equals_scikit_learn(n, d):
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, d))
+    x[:, 3] = 1.0  # a constant column
+    x[:, 5] = 1.0 - x[:, 4]  # and a collinear pair, as one-hot positions
+    w = rng.normal(size=d)
+    y = x @ w + rng.normal(size=n)
+    xv = rng.normal(size=(30, d))
+    yv = xv @ w + rng.normal(size=30)
+    xt = rng.normal(size=(25, d))
+    for refit, (xf, yf) in (("train", (x, y)), ("train+val", (np.vstack([x, xv]), np.r_[y, yv]))):
+        res = fit_ridge_probe(x, y, xv, yv, xt, refit=refit)
+        ref = make_pipeline(StandardScaler(), Ridge(alpha=res.best_alpha)).fit(xf, yf)
+        np.testing.assert_allclose(res.pred, ref.predict(xt), rtol=1e-7, atol=1e-7)
+        np.testing.assert_allclose(xt @ res.coef + res.intercept, res.pred, rtol=1e-9, atol=1e-9)
+    for alpha, rmse in res.val_scores.items():
+        pred = make_pipeline(StandardScaler(), Ridge(alpha=alpha)).fit(x, y).predict(xv)
+        assert rmse == pytest.approx(np.sqrt(np.mean((pred - yv) ** 2)), rel=1e-7)
+    assert res.val_score == min(res.val_scores.values())
+
+
+def test_ridge_probe_shrinks_noise_and_keeps_signal():
+    rng = np.random.default_rng(0)
+    x, xv, xt = rng.normal(size=(60, 200)), rng.normal(size=(40, 200)), rng.normal(size=(40, 200))
+    noise = fit_ridge_probe(x, rng.normal(size=60), xv, rng.normal(size=40), xt)
+    assert noise.best_alpha >= 1e3 and np.std(noise.pred) < 0.3  # about the mean
+    x, xv, xt = x[:, :20], xv[:, :20], xt[:, :20]  # more rows than features
+    signal = fit_ridge_probe(x, 3 * x[:, 0], xv, 3 * xv[:, 0], xt)
+    assert signal.best_alpha <= 1.0 and np.corrcoef(signal.pred, 3 * xt[:, 0])[0, 1] > 0.99
+
+
+def test_ridge_probe_bad_input():
+    x = np.random.default_rng(0).normal(size=(10, 3))
+    y = np.arange(10.0)
+    with pytest.raises(DataError, match="constant"):
+        fit_ridge_probe(x, np.ones(10), x, y, x)
+    bad = y.copy()
+    bad[4] = np.nan
+    with pytest.raises(DataError, match="non-finite") as e:
+        fit_ridge_probe(x, bad, x, y, x)
+    assert e.value.row == 4 and e.value.column == "y_train"
+    with pytest.raises(DataError, match="numeric"):
+        fit_ridge_probe(x, y.astype(str).astype(object) + "x", x, y, x)
+    with pytest.raises(DataError, match="features"):
+        fit_ridge_probe(x, y, x[:, :2], y, x)
+    with pytest.raises(ConfigError, match="alphas"):
+        fit_ridge_probe(x, y, x, y, x, alphas=[0.0, 1.0])
+    with pytest.raises(ConfigError, match="refit"):
+        fit_ridge_probe(x, y, x, y, x, refit="val")
+
+
+def test_infer_task_rule_is_shared_by_finetune_and_evaluate():
+    assert infer_task(np.array([True, False, True])) == "binary"
+    assert infer_task(np.array(["a", "b", "c"])) == "classification"
+    assert infer_task(np.arange(20) % 7) == "classification"  # a few integer codes
+    many = np.linspace(0, 1, 50)
+    assert infer_task(many) == "regression"
+    assert infer_task(many.astype(str)) == "regression"  # numbers read as text (TSV)
+    typo = many.astype(str).astype(object)
+    typo[3] = "n/a"
+    assert infer_task(typo) == "regression"  # reported as a bad target, not 50 classes
+    words = np.array([f"cell type {i}" for i in range(50)])
+    assert infer_task(words) == "classification"

@@ -219,6 +219,20 @@ def test_stratified_split_puts_every_class_in_test():
     assert np.array_equal(again, split[perm])  # independent of row order
 
 
+def test_numeric_target_splits_by_barcode_and_evaluates_as_a_regression(tmp_path):
+    # A continuous obs column has no classes to stratify by (each value would be its own
+    # class of one cell, all in train): cells split by barcode, the probe is a ridge.
+    from healthfm import pipeline
+
+    s = read_h5ad(pbmc68k(), label_column="percent_mito")
+    split = SC.split(s, "healthfm", (0.7, 0.1, 0.2))
+    assert 0.1 < (split == "test").mean() < 0.3
+    rows = pipeline.evaluate(None, pbmc68k(), tmp_path, {"label_column": "percent_mito"},
+                             modality_name="singlecell", seeds=(0,), n_boot=20, echo=False)  # fmt: skip
+    assert {r.method for r in rows} == {"hvg-pca+ridge", "lognorm+ridge"}
+    assert {r.metric for r in rows} == {"mae", "rmse", "r2", "pearson"}  # no k-NN, no clustering
+
+
 def test_group_column_keeps_groups_together(tmp_path, pbmc):
     pbmc.obs["donor"] = [f"d{i % 9}" for i in range(pbmc.n_obs)]
     pbmc.write_h5ad(tmp_path / "a.h5ad")

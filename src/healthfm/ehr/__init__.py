@@ -408,7 +408,8 @@ def evaluate_ehrshot(
         run_protocol,
         write_predictions,
     )
-    from healthfm.evaluate.results import write_results
+    from healthfm.evaluate.metrics import REGRESSION_METRICS
+    from healthfm.evaluate.results import format_table, write_results
     from healthfm.fsutil import atomic_write_text
     from healthfm.pipeline import finetuned_folders, load_for
 
@@ -420,19 +421,19 @@ def evaluate_ehrshot(
     samples = modality.read(input_path, options)
     labels = modality._labels(options, samples)
     y_raw = labels.frame["label"]
-    # Not yet: regression (float_value) in the EHRSHOT evaluation (fine-tuning supports it).
-    if y_raw.dtype.is_float():
-        raise ConfigError(
-            "ehr evaluate supports boolean, integer and categorical labels, not yet regression "
-            f"on {labels.column} ({y_raw.dtype}); `healthfm finetune --task regression` does",
-            file=labels.source,
-            column=labels.column,
-        )
     from healthfm.ehr.finetune import label_values, subject_positions
 
-    classes, y = np.unique(label_values(labels), return_inverse=True)
-    y = y.reshape(-1)
-    boolean_like = y_raw.dtype == pl.Boolean or set(classes.tolist()) <= {0, 1}
+    # MEDS float_value labels are a regression (the others are classes, as in EHRSHOT).
+    regression = y_raw.dtype.is_float()
+    if regression:
+        if options.get("few_shot") is None:
+            ks = ["all"]
+        classes, y = np.array([]), y_raw.to_numpy().astype(np.float64)
+        boolean_like = False
+    else:
+        classes, y = np.unique(label_values(labels), return_inverse=True)
+        y = y.reshape(-1)
+        boolean_like = y_raw.dtype == pl.Boolean or set(classes.tolist()) <= {0, 1}
 
     def row_splits(split_salt: str, split_fractions) -> tuple[np.ndarray, np.ndarray]:
         # MEDS split name of every label row, and the split of every subject.
@@ -457,11 +458,12 @@ def evaluate_ehrshot(
     counts = np.log1p(feats.counts.toarray())
     counts = np.column_stack([counts, np.nan_to_num(feats.age_years, nan=-1.0)]).astype(np.float32)
     features: dict[str, tuple[np.ndarray, bool, str]] = {}
+    linear = "ridge" if regression else "logreg"
     if model is not None:
-        name = f"{model.config.preset or 'model'}-causal-{pool}+logreg"
-        features[name] = (feats.embeddings, False, "logreg")
+        name = f"{model.config.preset or 'model'}-causal-{pool}+{linear}"
+        features[name] = (feats.embeddings, False, "linear")
     if include_baselines:
-        features["counts+logreg"] = (counts, True, "logreg")
+        features[f"counts+{linear}"] = (counts, True, "linear")
         features["counts+gbm"] = (counts, True, "gbm")
     task = _task_name(Path(str(options["labels"])))
     rows, final = run_protocol(
@@ -476,6 +478,7 @@ def evaluate_ehrshot(
         data_hash=samples.data_hash,
         model_hash=getattr(model, "model_hash", None),
         version=__version__,
+        regression=regression,
     )
     for r in rows:
         r.extra["labels_per_s_embed"] = (
@@ -494,7 +497,7 @@ def evaluate_ehrshot(
             classes,
             split,
             task,
-            list(metrics_for(len(classes))),
+            list(REGRESSION_METRICS) if regression else list(metrics_for(len(classes))),
             n_boot,
             batch_size,
             samples.data_hash,
@@ -506,7 +509,7 @@ def evaluate_ehrshot(
     te = np.flatnonzero(split == "held_out")
     held = labels.frame[te]
     for method, p in final.items():
-        if not boolean_like and p.ndim == 1:  # two classes that are not True / False
+        if not boolean_like and not regression and p.ndim == 1:  # two non-boolean classes
             p = np.stack([1.0 - p, p], axis=1)
         write_predictions(
             out_dir / "predictions" / f"{method.replace('+', '_')}.parquet",
@@ -514,9 +517,14 @@ def evaluate_ehrshot(
             p,
             classes=classes,
             column=labels.column,
+            regression=regression,
         )
-    plot_few_shot(rows, out_dir / "few_shot_auroc.png", task)
-    table = format_ehrshot_table(rows, task)
+    plot = None
+    if regression:  # no few-shot curve: one k
+        table = format_table([r.to_dict() for r in rows], list(REGRESSION_METRICS))
+    else:
+        plot = plot_few_shot(rows, out_dir / "few_shot_auroc.png", task)
+        table = format_ehrshot_table(rows, task)
     atomic_write_text(out_dir / "table.txt", table)
     atomic_write_text(
         out_dir / "run_info.json",
@@ -538,7 +546,7 @@ def evaluate_ehrshot(
     )
     if echo:
         print(table, end="")
-        print(f"wrote {out_dir / 'results.json'}, {out_dir / 'few_shot_auroc.png'}")
+        print(f"wrote {out_dir / 'results.json'}" + (f", {plot}" if plot else ""))
     return rows
 
 

@@ -15,6 +15,12 @@ tuning rows by AUROC, and scored on all ``held_out`` rows:
 
 AUROC, AUPRC and Brier score get 95% percentile-bootstrap intervals over *subjects*
 (1,000 resamples by default): all label rows of a subject are resampled together.
+
+Regression tasks (MEDS ``float_value`` labels; EHRSHOT itself has none) run the same
+protocol with every train and tuning row (few-shot ``k`` counts rows per class, which a
+continuous target does not have): ``<model>+ridge`` and ``counts+ridge`` (ridge regression,
+penalty tuned by tuning RMSE, refit on train) and ``counts+gbm`` (boosted regression trees),
+scored by MAE, RMSE, R² and Pearson r with the same subject bootstrap.
 """
 
 from __future__ import annotations
@@ -28,8 +34,8 @@ import numpy as np
 import polars as pl
 
 from healthfm.errors import DataError
-from healthfm.evaluate.metrics import classification_metrics
-from healthfm.evaluate.probe import few_shot_indices, fit_linear_probe
+from healthfm.evaluate.metrics import REGRESSION_METRICS, classification_metrics, regression_metrics
+from healthfm.evaluate.probe import few_shot_indices, fit_linear_probe, fit_ridge_probe
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_write_bytes
 
@@ -92,6 +98,20 @@ def _tuning_auroc(y: np.ndarray, proba: np.ndarray) -> float:
     )
 
 
+def _tuned_gbm(estimator: type, xtr, ytr, seed: int, score) -> tuple[float, Any, dict]:
+    """Fit boosted trees for each :data:`GBM_GRID` setting; keep the best ``score(est)``."""
+    leaf = int(max(1, min(20, len(ytr) // 8)))
+    best = None
+    for params in GBM_GRID:
+        est = estimator(max_iter=100, min_samples_leaf=leaf, random_state=seed, **params)
+        est.fit(xtr, ytr)
+        value = score(est)
+        if best is None or value > best[0]:
+            best = (value, est, params)
+    assert best is not None
+    return best
+
+
 def _fit_gbm(
     xtr, ytr, xtu, ytu, xte, seed: int, n_classes: int = 2
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -100,21 +120,24 @@ def _fit_gbm(
 
     from healthfm.evaluate.probe import align_proba
 
-    leaf = int(max(1, min(20, len(ytr) // 8)))
-    best = None
-    for params in GBM_GRID:
-        est = HistGradientBoostingClassifier(
-            max_iter=100, min_samples_leaf=leaf, random_state=seed, **params
-        )
-        est.fit(xtr, ytr)
-        p = align_proba(est.predict_proba(xtu), est.classes_, np.arange(n_classes))
-        score = _tuning_auroc(ytu, p)
-        if best is None or score > best[0]:
-            best = (score, est, params)
-    assert best is not None
-    est = best[1]
-    proba = align_proba(est.predict_proba(xte), est.classes_, np.arange(n_classes))
-    return proba, {**best[2], "val_auroc": float(best[0])}
+    def proba(est, x):
+        return align_proba(est.predict_proba(x), est.classes_, np.arange(n_classes))
+
+    auroc, est, params = _tuned_gbm(
+        HistGradientBoostingClassifier, xtr, ytr, seed, lambda e: _tuning_auroc(ytu, proba(e, xtu))
+    )
+    return proba(est, xte), {**params, "val_auroc": float(auroc)}
+
+
+def _fit_gbm_regressor(xtr, ytr, xtu, ytu, xte, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Boosted regression trees, tuned by tuning RMSE; predictions of ``xte``."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    def neg_rmse(est) -> float:
+        return -float(np.sqrt(np.mean((est.predict(xtu) - ytu) ** 2)))
+
+    score, est, params = _tuned_gbm(HistGradientBoostingRegressor, xtr, ytr, seed, neg_rmse)
+    return est.predict(xte), {**params, "val_rmse": -score}
 
 
 def positive_scores(proba: np.ndarray) -> np.ndarray:
@@ -135,37 +158,54 @@ def run_protocol(
     model_hash: str | None = None,
     version: str = "",
     progress: bool = False,
+    regression: bool = False,
 ) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
     """Run the few-shot grid for every method.
 
     Parameters
     ----------
     features
-        Method name → (feature matrix, is_baseline, ``"logreg"`` or ``"gbm"``).
+        Method name → (feature matrix, is_baseline, ``"linear"`` or ``"gbm"``); the
+        linear probe is logistic regression, or ridge regression when ``regression``.
     y
-        Class index per row (0/1 for a boolean task; 0..K-1 for a multi-class one).
+        Class index per row (0/1 for a boolean task; 0..K-1 for a multi-class one), or
+        the target when ``regression``.
     split
         MEDS split per row: ``train``, ``tuning`` or ``held_out``.
     groups
         Subject id per row (bootstrap unit).
     task, ks, seeds, n_boot
         Task name, few-shot sizes, seeds, bootstrap resamples.
+    regression
+        A continuous target: only ``k="all"`` (a ``ConfigError`` otherwise).
 
     Returns
     -------
     (list of ResultRow, dict)
-        Result rows, and held-out probabilities per method for ``k=all`` (or the
-        largest k run).
+        Result rows, and held-out probabilities (predictions for a regression) per
+        method for ``k=all`` (or the largest k run).
     """
     from healthfm.evaluate.probe import align_proba
 
-    n_classes = max(2, int(y.max()) + 1)
-    metrics = list(metrics_for(n_classes))
+    if regression and ks != ["all"]:
+        from healthfm.errors import ConfigError
+
+        raise ConfigError(
+            "--few-shot k draws k label rows per class; a regression task (float_value "
+            "labels) runs with all rows: pass --few-shot all or leave it out"
+        )
+    n_classes = 0 if regression else max(2, int(y.max()) + 1)
+    metrics = list(REGRESSION_METRICS) if regression else list(metrics_for(n_classes))
     tr = np.flatnonzero(split == "train")
     tu = np.flatnonzero(split == "tuning")
     te = np.flatnonzero(split == "held_out")
     for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
-        if len(np.unique(y[idx])) < 2:
+        if regression and len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has a constant target among {len(idx)} rows; the protocol "
+                "needs varying targets in train, tuning and held_out"
+            )
+        if not regression and len(np.unique(y[idx])) < 2:
             raise DataError(
                 f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
                 f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
@@ -182,7 +222,12 @@ def run_protocol(
                 b = tu[few_shot_indices(y[tu], int(k), seed + 10_000)]
             for method, (X, is_baseline, kind) in features.items():
                 t = time.perf_counter()
-                if kind == "gbm":
+                if regression:
+                    p, extra = _fit_regression(kind, X[a], y[a], X[b], y[b], X[te], seed)
+                    m = regression_metrics(
+                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+                    )
+                elif kind == "gbm":
                     proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
                 else:
                     res = fit_linear_probe(
@@ -197,10 +242,11 @@ def run_protocol(
                     )
                     proba = align_proba(res.proba, res.classes, np.arange(n_classes))
                     extra = {"best_C": res.best_C, "val_auroc": res.val_score}
-                p = positive_scores(proba)
-                m = classification_metrics(
-                    y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
-                )
+                if not regression:
+                    p = positive_scores(proba)
+                    m = classification_metrics(
+                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+                    )
                 wall = time.perf_counter() - t
                 if k == ks[-1] and seed == k_seeds[0]:
                     final[method] = p
@@ -231,6 +277,14 @@ def run_protocol(
             if progress:
                 print(f"      k={k} seed={seed} done", flush=True)
     return rows, final
+
+
+def _fit_regression(kind: str, xtr, ytr, xtu, ytu, xte, seed: int):
+    """Held-out predictions and extra fields of a ridge probe or boosted trees."""
+    if kind == "gbm":
+        return _fit_gbm_regressor(xtr, ytr, xtu, ytu, xte, seed)
+    res = fit_ridge_probe(xtr, ytr, xtu, ytu, xte, refit="train")
+    return res.pred, {"best_alpha": res.best_alpha, "val_rmse": res.val_score}
 
 
 def summarize_by_k(
@@ -362,8 +416,12 @@ def write_predictions(
     threshold: float = 0.5,
     classes: np.ndarray | None = None,
     column: str = "categorical_value",
+    regression: bool = False,
 ) -> Path:
     """Held-out predictions.
+
+    Regression (``proba`` holds the predicted values): ``float_value`` and
+    ``predicted_float_value`` (named after the MEDS label column).
 
     Binary (``proba`` 1-D, P(True)): the ``meds-evaluation`` schema (``subject_id``,
     ``prediction_time``, ``boolean_value``, ``predicted_boolean_value``,
@@ -372,7 +430,11 @@ def write_predictions(
     ``predicted_probabilities`` (K float32 per row, in ``classes`` order; meds-evaluation
     defines no multi-class schema).
     """
-    if proba.ndim == 2:
+    if regression:
+        out = frame.select(
+            "subject_id", "prediction_time", pl.col("label").alias("float_value")
+        ).with_columns(pl.Series("predicted_float_value", proba.astype(np.float64)))
+    elif proba.ndim == 2:
         assert classes is not None
         out = frame.select(
             "subject_id", "prediction_time", pl.col("label").alias(column)

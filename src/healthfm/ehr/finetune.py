@@ -250,7 +250,8 @@ def finetuned_ehr_rows(
 
     Same rows, metrics and subject bootstrap as the EHRSHOT probe and baselines; ``k`` is
     the model's few-shot k (``all`` when it was fine-tuned on every row). ``y`` holds class
-    indices into ``classes`` (the evaluation's sorted label values).
+    indices into ``classes`` (the evaluation's sorted label values), or the targets of a
+    regression (``classes`` empty), which only a regression model can score.
 
     Returns
     -------
@@ -265,7 +266,7 @@ def finetuned_ehr_rows(
         read_provenance,
         task_spec,
     )
-    from healthfm.evaluate.metrics import classification_metrics
+    from healthfm.evaluate.metrics import classification_metrics, regression_metrics
     from healthfm.evaluate.probe import align_proba
     from healthfm.evaluate.results import rows_from_metrics
 
@@ -284,10 +285,12 @@ def finetuned_ehr_rows(
                 f"{path} is a fine-tuned {model.config.modality!r} model, not an EHR one"
             )
         head_classes = np.asarray(spec.get("classes") or [])
-        if spec["task"] == "regression" or not np.isin(head_classes, classes).all():
+        regression = len(classes) == 0
+        if (spec["task"] == "regression") != regression or not np.isin(head_classes, classes).all():
+            wanted = "a regression" if regression else f"the classes {classes.tolist()[:10]}"
             raise ConfigError(
-                f"{path} predicts {spec['task']} classes {spec.get('classes')}, not the classes "
-                f"{classes.tolist()[:10]} of {labels.column} in this label file",
+                f"{path} predicts {spec['task']} classes {spec.get('classes')}, not "
+                f"{wanted} of {labels.column} in this label file",
                 file=Path(path),
             )
         info = read_provenance(Path(path))
@@ -295,12 +298,18 @@ def finetuned_ehr_rows(
         source = label_windows(
             ds, model.tokenizer, held, model.config.max_len, model.config.use_times
         )
-        proba = predict(model, source, batch_size=batch_size)
-        p = positive_scores(align_proba(proba, head_classes, classes))
+        out = predict(model, source, batch_size=batch_size)
         seed = int(info.get("config", {}).get("seed", 0))
-        m = classification_metrics(
-            y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
-        )
+        if regression:
+            p = out
+            m = regression_metrics(
+                y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
+            )
+        else:
+            p = positive_scores(align_proba(out, head_classes, classes))
+            m = classification_metrics(
+                y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
+            )
         final[method] = p
         rows += rows_from_metrics(
             m,

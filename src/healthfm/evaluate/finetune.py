@@ -46,9 +46,17 @@ from tqdm.auto import tqdm
 
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
+from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_dir
-from healthfm.modality import Modality, Samples, TaskInput, get_modality, require_labels
+from healthfm.modality import (
+    Modality,
+    Samples,
+    TaskInput,
+    get_modality,
+    labels_as_targets,
+    require_labels,
+)
 from healthfm.model.heads import FoundationModel, pool
 from healthfm.model.pretrained import load, save_pretrained
 from healthfm.train.data import StoreSource
@@ -399,17 +407,6 @@ def _check_missing(samples: Samples, split_names: np.ndarray) -> None:
         )
 
 
-def _infer_task(labels: np.ndarray) -> str:
-    classes = np.unique(labels)
-    if len(classes) == 2:
-        return "binary"
-    try:
-        np.asarray(labels, dtype=np.float64)
-    except ValueError:
-        return "classification"
-    return "regression" if len(classes) > 20 else "classification"
-
-
 def _task_data(
     samples: Samples,
     split_names: np.ndarray,
@@ -443,7 +440,7 @@ def _task_data(
                 column=samples.label_column,
             )
         splits["train"], splits["val"], val_from_train = tr, va, True
-    task = config.task or _infer_task(
+    task = config.task or infer_task(
         samples.labels[np.concatenate([splits["train"], splits["val"]])]
     )
     if task not in TASKS:
@@ -453,16 +450,7 @@ def _task_data(
     spec: dict[str, Any] = {"task": task, "pooling": pooling, "label_column": samples.label_column}
     class_weights = None
     if task == "regression":
-        try:
-            values = np.asarray(samples.labels, dtype=np.float64)
-        except ValueError:
-            bad = next(i for i, v in enumerate(samples.labels.tolist()) if not _is_number(v))
-            raise DataError(
-                f"regression needs numeric labels, got {samples.labels[bad]!r}",
-                file=samples.source,
-                column=samples.label_column,
-                row=bad,
-            ) from None
+        values = labels_as_targets(samples, samples.labels)
         train_values = values[splits["train"]]
         mean, std = float(train_values.mean()), float(train_values.std())
         if not np.isfinite(std) or std == 0.0:
@@ -523,14 +511,6 @@ def _few_shot(
         "train": train[few_shot_indices(labels[train], k, seed)],
         "val": val[few_shot_indices(labels[val], k, seed + 10_000)],
     }
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------- training

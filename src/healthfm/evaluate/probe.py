@@ -1,4 +1,4 @@
-"""Probes on frozen embeddings: tuned logistic regression, k-NN, few-shot sampling.
+"""Probes on frozen embeddings: tuned logistic or ridge regression, k-NN, few-shot sampling.
 
 The linear probe follows EHRSHOT / eva: standardize the features, fit an L2-penalized
 logistic regression for each ``C`` on the training split, pick ``C`` on the validation
@@ -31,18 +31,64 @@ from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.metrics import classification_metrics
 
 __all__ = [
+    "DEFAULT_ALPHAS",
     "DEFAULT_CS",
     "ProbeResult",
+    "RidgeProbeResult",
     "align_proba",
     "few_shot_indices",
     "fit_knn_probe",
     "fit_linear_probe",
+    "fit_ridge_probe",
+    "infer_task",
 ]
 
 # Inverse regularization strengths tried by default. Features are standardized, so the
 # useful range is well covered by 1e-4 (almost all shrinkage, for few noisy samples in
 # many dimensions) to 1e2 (almost none, for clean, plentiful data).
 DEFAULT_CS: np.ndarray = np.logspace(-4, 2, 7)
+
+# Ridge penalties tried by default. The penalty weighs against a *sum* of squared errors
+# over standardized features, so the useful range grows with n: 1e-3 (none) to 1e5 (the
+# mean prediction, for a few hundred rows of noise).
+DEFAULT_ALPHAS: np.ndarray = np.logspace(-3, 5, 9)
+
+#: Numeric labels with more distinct values than this are a regression target.
+MAX_CLASSES_FOR_NUMBERS = 20
+
+
+def infer_task(labels: Any) -> str:
+    """``"binary"``, ``"classification"`` or ``"regression"`` for a label vector.
+
+    Two distinct values make a binary task; numbers with more than
+    :data:`MAX_CLASSES_FOR_NUMBERS` distinct values a regression, also when a few values
+    (under 5% of the distinct values) are not numbers, so that a typo in a numeric column is reported as a bad
+    target rather than turning the column into hundreds of classes; anything else
+    (strings, a few integer codes) a multi-class classification. ``finetune`` and
+    ``evaluate`` both use this rule, so a label column means the same task to both.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) == 2:
+        return "binary"
+    if len(classes) <= MAX_CLASSES_FOR_NUMBERS:
+        return "classification"
+    try:
+        np.asarray(labels, dtype=np.float64)
+        return "regression"
+    except (TypeError, ValueError):
+        pass
+    numeric = np.array([_is_number(v) for v in classes.tolist()])
+    return "regression" if (~numeric).sum() < 0.05 * len(classes) else "classification"
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
 
 SelectMetric = Literal["auto", "auroc", "balanced_accuracy", "log_loss"]
 
@@ -101,6 +147,21 @@ def _as_labels(y: Any, n: int, name: str) -> np.ndarray:
     if a.ndim != 1 or a.shape[0] != n:
         raise DataError(f"{name} must be 1-D with {n} entries, got shape {a.shape}", column=name)
     return a
+
+
+def _as_targets(y: Any, n: int, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(y, dtype=np.float64).ravel()
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{name} must be numeric for a regression probe", column=name) from exc
+    if arr.shape[0] != n:
+        raise DataError(f"{name} has {arr.shape[0]} values for {n} rows", column=name)
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise DataError(
+            f"{name} has a non-finite target ({arr[bad[0]]})", column=name, row=int(bad[0])
+        )
+    return arr
 
 
 def _train_classes(y_train: np.ndarray) -> np.ndarray:
@@ -346,6 +407,134 @@ def fit_knn_probe(
         proba=proba,
         pred=classes[np.argmax(proba, axis=1)],
         model=model,
+    )
+
+
+@dataclass
+class RidgeProbeResult:
+    """What a ridge probe learned and predicted.
+
+    Attributes
+    ----------
+    best_alpha
+        The chosen ridge penalty.
+    val_score
+        Validation RMSE at ``best_alpha``.
+    pred
+        Test-set predictions.
+    coef, intercept
+        The refitted model on the raw (unstandardized) features: ``X @ coef + intercept``.
+    val_scores
+        Validation RMSE for every alpha tried.
+    """
+
+    best_alpha: float
+    val_score: float
+    pred: np.ndarray
+    coef: np.ndarray
+    intercept: float
+    val_scores: dict[float, float] = field(default_factory=dict)
+
+
+def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: np.ndarray):
+    """Ridge coefficients for every alpha from one decomposition, on standardized ``x``.
+
+    Returns ``(mean, scale, coefs (n_alpha, d), intercept)``: predict with
+    ``((X - mean) / scale) @ coefs[i] + intercept``. One symmetric eigendecomposition of
+    the Gram matrix (d ≤ n) or one thin SVD (d > n) serves all alphas, and zero-variance
+    or collinear columns (one-hot positions summing to one) are handled exactly, where a
+    Cholesky solve per alpha warns of ill-conditioning at small alphas.
+    """
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale == 0] = 1.0
+    z = (x - mean) / scale
+    intercept = float(y.mean())
+    yc = y - intercept
+    if z.shape[1] <= z.shape[0]:
+        eig, v = np.linalg.eigh(z.T @ z)
+        eig = np.clip(eig, 0.0, None)
+        proj = v.T @ (z.T @ yc)  # (d,)
+        coefs = (v[None] * (proj / (eig[None, :] + alphas[:, None]))[:, None, :]).sum(-1)
+    else:
+        u, sv, vt = np.linalg.svd(z, full_matrices=False)
+        proj = u.T @ yc
+        coefs = (sv * proj / (sv**2 + alphas[:, None])) @ vt
+    return mean, scale, coefs, intercept
+
+
+def fit_ridge_probe(
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    X_test: Any,
+    *,
+    alphas: Sequence[float] | np.ndarray = DEFAULT_ALPHAS,
+    refit: Literal["train+val", "train"] = "train+val",
+) -> RidgeProbeResult:
+    """Fit a standardized ridge-regression probe with the penalty tuned on val.
+
+    The regression counterpart of :func:`fit_linear_probe`: standardize the features,
+    fit ridge regression (with intercept) for each ``alpha`` on train, pick the alpha of
+    the lowest validation RMSE (ties toward the larger alpha), refit, predict test. It
+    equals scikit-learn's ``make_pipeline(StandardScaler(), Ridge(alpha))`` (tested).
+
+    Parameters
+    ----------
+    X_train, y_train
+        Training embeddings ``(n, d)`` and numeric targets.
+    X_val, y_val
+        Validation (tuning) split used to choose ``alpha``.
+    X_test
+        Embeddings to predict.
+    alphas
+        Ridge penalties to try (positive).
+    refit
+        Refit the chosen ``alpha`` on ``"train+val"`` (default) or on ``"train"`` only.
+
+    Raises
+    ------
+    DataError
+        If shapes disagree, a feature or target is not finite, or the train target is
+        constant.
+    ConfigError
+        On an empty ``alphas``, a non-positive alpha or an unknown ``refit``.
+    """
+    if refit not in ("train+val", "train"):
+        raise ConfigError(f"refit must be 'train+val' or 'train', got {refit!r}")
+    grid = np.sort(np.asarray(alphas, dtype=np.float64).ravel())
+    if grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+        raise ConfigError(f"alphas must be a non-empty list of positive numbers, got {alphas!r}")
+    xtr = _as_features(X_train, "X_train").astype(np.float64)
+    xva = _as_features(X_val, "X_val").astype(np.float64)
+    xte = _as_features(X_test, "X_test").astype(np.float64)
+    for name, x in (("X_val", xva), ("X_test", xte)):
+        if x.shape[1] != xtr.shape[1]:
+            raise DataError(
+                f"{name} has {x.shape[1]} features but X_train has {xtr.shape[1]}", column=name
+            )
+    ytr = _as_targets(y_train, xtr.shape[0], "y_train")
+    yva = _as_targets(y_val, xva.shape[0], "y_val")
+    if np.ptp(ytr) == 0:
+        raise DataError("the train target is constant; nothing to regress", column="y_train")
+    mean, scale, coefs, intercept = _ridge_path(xtr, ytr, grid)
+    val_pred = ((xva - mean) / scale) @ coefs.T + intercept  # (n_val, n_alpha)
+    rmse = np.sqrt(np.mean((val_pred - yva[:, None]) ** 2, axis=0))
+    # Lowest RMSE; on a tie the larger penalty (the last index among the minima).
+    best = int(np.flatnonzero(rmse <= rmse.min() * (1 + 1e-12))[-1])
+    if refit == "train+val":
+        xtr, ytr = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
+    mean, scale, coefs, intercept = _ridge_path(xtr, ytr, grid[best : best + 1])
+    coef = coefs[0] / scale
+    intercept = float(intercept - mean @ coef)
+    return RidgeProbeResult(
+        best_alpha=float(grid[best]),
+        val_score=float(rmse[best]),
+        pred=xte @ coef + intercept,
+        coef=coef,
+        intercept=intercept,
+        val_scores={float(a): float(r) for a, r in zip(grid, rmse, strict=True)},
     )
 
 

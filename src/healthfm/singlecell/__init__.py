@@ -293,8 +293,18 @@ class SingleCellModality(Modality):
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]
     ) -> np.ndarray:
-        """Group split with ``--group-column``; else stratified by label; else by barcode."""
-        if samples.info.get("group_column") is None and samples.labels is not None:
+        """Group split with ``--group-column``; else stratified by class label; else by barcode.
+
+        A numeric label that is a regression target (:func:`~healthfm.evaluate.probe.infer_task`)
+        has no classes to stratify by: its cells split by barcode.
+        """
+        from healthfm.evaluate.probe import infer_task
+
+        if (
+            samples.info.get("group_column") is None
+            and samples.labels is not None
+            and infer_task(samples.labels) != "regression"
+        ):
             return stratified_splits(samples.labels, samples.keys, fractions, salt)
         return assign_splits(samples.groups, fractions, salt)
 
