@@ -75,3 +75,24 @@ def test_results_json_schema_and_table(tmp_path):
     table = format_table(data)
     assert "kmer (baseline)" in table and "0.900*" in table and "0.800 " in table
     json.dumps(data)
+
+
+def test_table_columns_fit_large_values():
+    # Regression errors in a target's units (mmHg, mg/dL) are wider than AUROC cells.
+    rows = [
+        {
+            "task": "t",
+            "method": "m",
+            "is_baseline": False,
+            "metric": metric,
+            "value": v,
+            "ci_low": v - 1.5,
+            "ci_high": v + 1.5,
+            "n_test": 9,
+            "seed": 0,
+        }
+        for metric, v in (("mae", 10.327), ("rmse", 12.83), ("r2", 0.348))
+    ]
+    line = format_table(rows, ["mae", "rmse", "r2"]).splitlines()[2]
+    cells = [c for c in line.split("  ") if c.strip()]
+    assert len(cells) == 4  # method + three cells, each separated by at least two spaces

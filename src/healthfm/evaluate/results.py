@@ -99,7 +99,12 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
         )
         info[(s["task"], s["method"])] = s
     name_width = max(len(m) + (11 if info[(t, m)]["is_baseline"] else 0) for t, m in cells) + 2
-    col_width = max(22, *(len(m) + 2 for m in metrics))
+    # Wide enough for every cell (MAE / RMSE in the target's units can be large numbers).
+    col_width = max(
+        22,
+        *(len(m) + 2 for m in metrics),
+        *(len(c) + 2 for d in cells.values() for c in d.values()),
+    )
     lines = []
     for task in dict.fromkeys(t for t, _ in cells):
         first = next(s for (t, _), s in info.items() if t == task)
