@@ -19,6 +19,11 @@ method, probes + baselines 6 min; less on an idle machine)::
     .venv/bin/python benchmarks/bench_finetune.py --data ehr --steps 300 --epochs 3 \
         --ehr-data src/healthfm/data/ehr/synthetic_meds \
         --out /tmp/bench_ft_ehr  # EHRSHOT rows at k = all: AUROC, AUPRC, Brier
+    .venv/bin/python benchmarks/bench_finetune.py --data ehr --steps 300 --epochs 5 \
+        --patience 2 --ehr-task next:LOINC/8480-6 --out /tmp/bench_ft_sbp  # regression: R², MAE
+
+``--ehr-task next:CODE`` is a regression: the next value of CODE after each ``admission_1y``
+prediction time, within a year (:func:`healthfm.ehr.labels.next_value_labels`).
 
 Numbers are one run on one machine; compare methods within the run.
 """
@@ -112,7 +117,7 @@ def run_dataset(
     for method in dict.fromkeys(r.method for r in rows):
         mrows = [r for r in rows if r.method == method]
         by_metric = {}
-        for metric in ("auroc", "balanced_accuracy", "macro_f1", "auprc"):
+        for metric in ("auroc", "balanced_accuracy", "macro_f1", "auprc", "r2", "mae"):
             vals = [r for r in mrows if r.metric == metric]
             if vals:
                 by_metric[metric] = (
@@ -125,9 +130,12 @@ def run_dataset(
             result = runs[kind][1]
             params, wall = result.trainable_parameters, result.wall_seconds
         elif mrows[0].is_baseline:
-            params, wall = None, sum(r.wall_seconds or 0 for r in mrows if r.metric == "auroc")
+            params, wall = (
+                None,
+                sum(r.wall_seconds or 0 for r in mrows if r.metric == mrows[0].metric),
+            )
         else:
-            params, wall = 0, sum(r.wall_seconds or 0 for r in mrows if r.metric == "auroc")
+            params, wall = 0, sum(r.wall_seconds or 0 for r in mrows if r.metric == mrows[0].metric)
         table.append(
             {
                 "data": name,
@@ -167,6 +175,11 @@ def main() -> None:
     parser.add_argument(
         "--ehr-data", default=None, help="MEDS folder for --data ehr (default: the EHR demo's)"
     )
+    parser.add_argument(
+        "--ehr-task",
+        default=None,
+        help="task under task_labels/ (default: admission_1y), or next:CODE for a regression",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,10 +199,18 @@ def main() -> None:
                 name, "singlecell", pbmc68k(), {"label_column": "bulk_labels"}, out, args
             )
         elif name == "ehr":
+            import polars as pl
+
             from healthfm.ehr.demo import DEMO_DATA, DEMO_TASK
+            from healthfm.ehr.labels import next_value_labels
 
             data = Path(args.ehr_data) if args.ehr_data else DEMO_DATA
-            labels = data / "task_labels" / DEMO_TASK / "labels.parquet"
+            task = args.ehr_task or DEMO_TASK
+            labels = data / "task_labels" / task / "labels.parquet"
+            if task.startswith("next:"):
+                times = pl.read_parquet(data / "task_labels" / DEMO_TASK / "labels.parquet")
+                labels = out / "ehr-next-value.parquet"
+                next_value_labels(data, times, task.removeprefix("next:")).write_parquet(labels)
             # Every train row (k = all); fine-tuning rows hold exactly the events up to each
             # prediction time, as the probe's embeddings do.
             options = {"labels": str(labels), "few_shot": ["all"]}
@@ -197,14 +218,20 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown data set {name!r}")
     print()
-    print(
-        f"{'data':<8}{'method':<34}{'AUROC [95% CI]':<24}{'bal. acc. [95% CI]':<24}{'trainable':>12}{'wall s':>8}"
-    )
     for row in table:
+        # Classification: AUROC and balanced accuracy; regression: R² and MAE.
+        first, second = (
+            ("auroc", "balanced_accuracy") if "auroc" in row["metrics"] else ("r2", "mae")
+        )
+        if row is table[0] or row["data"] != table[table.index(row) - 1]["data"]:
+            print(
+                f"{'data':<8}{'method':<34}{first + ' [95% CI]':<24}{second + ' [95% CI]':<24}"
+                f"{'trainable':>12}{'wall s':>8}"
+            )
         params = "-" if row["trainable_parameters"] is None else f"{row['trainable_parameters']:,}"
         label = row["method"] + (" (baseline)" if row["baseline"] else "")
         print(
-            f"{row['data']:<8}{label:<34}{_cell(row, 'auroc'):<24}{_cell(row, 'balanced_accuracy'):<24}{params:>12}"
+            f"{row['data']:<8}{label:<34}{_cell(row, first):<24}{_cell(row, second):<24}{params:>12}"
             f"{row['wall_seconds']:>8.1f}"
         )
     (out / "bench_finetune.json").write_text(json.dumps(table, indent=2))
