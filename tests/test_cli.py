@@ -143,6 +143,25 @@ def test_evaluate_numeric_labels_with_a_typo_names_the_row(model_dir, tmp_path, 
     assert not (tmp_path / "r").exists()
 
 
+def test_evaluate_follows_the_fine_tuned_models_task(model_dir, tmp_path):
+    # 25 integer cluster ids look like a regression to the label rule; a model fine-tuned
+    # with --task classification makes evaluate score them as classes, probe included.
+    import polars as pl
+
+    frame = pl.read_csv(promoters(), separator="\t")
+    frame.with_columns((pl.int_range(pl.len()) % 25).alias("cluster")).write_csv(
+        tmp_path / "c.tsv", separator="\t"
+    )
+    base = [str(model_dir), str(tmp_path / "c.tsv"), "--label-column", "cluster"]
+    assert main(["finetune", *base, "--out", str(tmp_path / "ft"), "--epochs", "1",
+                 "--task", "classification", "--no-checkpoints"]) == 0  # fmt: skip
+    assert main(["evaluate", *base, "--out", str(tmp_path / "r"), "--seeds", "0",
+                 "--n-boot", "20", "--finetuned", str(tmp_path / "ft")]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert {r["method"] for r in rows} >= {"tiny-mean+logreg", "tiny-finetune-full"}
+    assert "auroc" in {r["metric"] for r in rows} and "r2" not in {r["metric"] for r in rows}
+
+
 def test_tokenize_command(tmp_path):
     assert (
         main(["tokenize", "dna", str(splice()), "--out", str(tmp_path / "store"), "--k", "3"]) == 0

@@ -554,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("healthfm: interrupted", file=sys.stderr)
         return 130
+    finally:
+        # Under torchrun an error can leave the process group up; free it before exit
+        # (see healthfm.train.distributed.shutdown), without waiting for the other ranks.
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            from healthfm.train.distributed import shutdown
+
+            shutdown(barrier=False)
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def labels_as_targets(samples: Samples, labels: np.ndarray) -> np.ndarray:
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         raise DataError(
-            f"regression target {labels[bad[0]]!r} of sample {samples.keys[bad[0]]!r} is not a "
+            f"regression target {str(labels[bad[0]])!r} of sample {str(samples.keys[bad[0]])!r} is not a "
             f"finite number ({bad.size} such sample(s))",
             file=samples.source,
             column=samples.label_column,

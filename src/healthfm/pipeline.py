@@ -18,8 +18,9 @@ import torch
 
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.embed import embed_store, save_embeddings
+from healthfm.evaluate.finetune import evaluation_is_regression
 from healthfm.evaluate.metrics import REGRESSION_METRICS, classification_metrics, regression_metrics
-from healthfm.evaluate.probe import align_proba, fit_linear_probe, fit_ridge_probe, infer_task
+from healthfm.evaluate.probe import align_proba, fit_linear_probe, fit_ridge_probe
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
 from healthfm.modality import (
     Modality,
@@ -432,8 +433,12 @@ def evaluate(
     labels = require_labels(samples, np.where(split_names == "val", "train", split_names))
     test_idx = splits["test"]
     pool_idx = np.concatenate([splits["train"], splits["val"]])
-    # The task follows the labels by finetune's rule: many distinct numbers → regression.
-    regression = infer_task(labels[pool_idx]) == "regression"
+    # The task of the fine-tuned models scored, else finetune's rule on the labels (many
+    # distinct numbers → regression).
+    ft_dirs = finetuned_folders(finetuned, model_dir, model)
+    regression = evaluation_is_regression(
+        labels[pool_idx], ft_dirs, bool(samples.info.get("categorical_labels"))
+    )
     if regression:
         classes, y = np.array([]), labels_as_targets(samples, labels)
     else:
@@ -483,7 +488,6 @@ def evaluate(
         metrics=metrics,
         regression=regression,
     )
-    ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
         from healthfm.evaluate.finetune import finetuned_rows
 

@@ -25,7 +25,8 @@ def _meds(tmp_path):
         (1, T + day, SBP, None),  # no value: skipped
         (1, T + 2 * day, "LOINC/other", 1.0),
         (1, T + 3 * day, SBP, 130.0),  # the target of T
-        (1, T + 10 * day, SBP, 120.0),  # the target of T + 5 days
+        (1, T + 10 * day, SBP, 124.0),  # the target of T + 5 days: the mean of two
+        (1, T + 10 * day, SBP, 116.0),
         (2, datetime(1960, 1, 1), "MEDS_BIRTH"),
         (2, T + 400 * day, SBP, 110.0),  # beyond a 365-day horizon
     ]
@@ -68,8 +69,9 @@ def test_bad_input(tmp_path):
     with pytest.raises(DataError, match="null subject_id") as e:
         next_value_labels(meds, _times((1, T), (None, T)), SBP)
     assert e.value.row == 1
-    with pytest.raises(ConfigError, match="horizon"):
-        next_value_labels(meds, _times((1, T)), SBP, horizon_days=0)
+    for bad in (0, float("inf"), float("nan"), 1e12):
+        with pytest.raises(ConfigError, match="horizon"):
+            next_value_labels(meds, _times((1, T)), SBP, horizon_days=bad)
     _times((2, T)).write_parquet(tmp_path / "t2.parquet")
     with pytest.raises(DataError, match="nothing written"):
         main([str(meds), "--code", SBP, "--times", str(tmp_path / "t2.parquet"),

@@ -233,6 +233,24 @@ def test_numeric_target_splits_by_barcode_and_evaluates_as_a_regression(tmp_path
     assert {r.metric for r in rows} == {"mae", "rmse", "r2", "pearson"}  # no k-NN, no clustering
 
 
+def test_categorical_cluster_ids_stay_classes(tmp_path, pbmc):
+    # 25 Leiden-style ids "0".."24" look like numbers, but the obs column is categorical.
+    from healthfm.evaluate.probe import infer_task
+
+    pbmc.obs["leiden"] = [str(i % 25) for i in range(pbmc.n_obs)]
+    pbmc.obs["leiden"] = pbmc.obs["leiden"].astype("category")
+    pbmc.obs["score"] = np.arange(pbmc.n_obs, dtype=np.float32) % 25  # the same, numeric
+    pbmc.write_h5ad(tmp_path / "a.h5ad")
+    cat = SC.read(tmp_path / "a.h5ad", {"label_column": "leiden"})
+    num = SC.read(tmp_path / "a.h5ad", {"label_column": "score"})
+    assert cat.info["categorical_labels"] and not num.info["categorical_labels"]
+    assert infer_task(cat.labels, cat.info["categorical_labels"]) == "classification"
+    assert infer_task(num.labels, num.info["categorical_labels"]) == "regression"
+    split = SC.split(cat, "healthfm", (0.7, 0.1, 0.2))
+    for c in np.unique(cat.labels):  # stratified: every cluster in test
+        assert (split[cat.labels == c] == "test").any(), c
+
+
 def test_group_column_keeps_groups_together(tmp_path, pbmc):
     pbmc.obs["donor"] = [f"d{i % 9}" for i in range(pbmc.n_obs)]
     pbmc.write_h5ad(tmp_path / "a.h5ad")

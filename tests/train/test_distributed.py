@@ -182,3 +182,29 @@ def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
         "step-00000002",
         "step-00000004",
     ]
+
+
+def test_shutdown_in_process_is_idempotent_and_survives_dead_proxies():
+    # One in-process gloo group; a dead weakref.proxy among the live objects makes a
+    # plain isinstance() over gc.get_objects() raise ReferenceError.
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from healthfm.train.distributed import shutdown
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    proxies = [weakref.proxy(thing)]
+    del thing
+    gc.collect()
+    assert any(type(o) is weakref.ProxyType for o in gc.get_objects())
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    shutdown()
+    assert not dist.is_initialized()
+    shutdown()  # nothing left to tear down
+    shutdown(barrier=False)
+    assert len(proxies) == 1

@@ -422,13 +422,27 @@ def evaluate_ehrshot(
     labels = modality._labels(options, samples)
     y_raw = labels.frame["label"]
     from healthfm.ehr.finetune import label_values, subject_positions
+    from healthfm.evaluate.finetune import evaluation_is_regression
 
-    # MEDS float_value labels are a regression (the others are classes, as in EHRSHOT).
-    regression = y_raw.dtype.is_float()
+    # The rule finetune uses (more than 20 distinct numbers → regression; integer lab-value
+    # bins and boolean outcomes stay classes, as in EHRSHOT), or the fine-tuned models' task.
+    model = None
+    if model_dir is not None:
+        model, _ = load_for("ehr", model_dir)
+    ft_dirs = finetuned_folders(finetuned, model_dir, model)
+    regression = evaluation_is_regression(label_values(labels), ft_dirs)
     if regression:
         if options.get("few_shot") is None:
             ks = ["all"]
-        classes, y = np.array([]), y_raw.to_numpy().astype(np.float64)
+        try:
+            y = np.asarray(label_values(labels), dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise DataError(
+                f"the fine-tuned models are regressions but {labels.column} is not numeric",
+                file=labels.source,
+                column=labels.column,
+            ) from exc
+        classes = np.array([])
         boolean_like = False
     else:
         classes, y = np.unique(label_values(labels), return_inverse=True)
@@ -443,9 +457,6 @@ def evaluate_ehrshot(
         return np.array([meds[x] for x in of_subject.astype(str)])[where], of_subject
 
     split, split_of = row_splits(salt, fractions)
-    model = None
-    if model_dir is not None:
-        model, _ = load_for("ehr", model_dir)
     if model is None and not include_baselines and not finetuned:
         raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
     tokenizer = (
@@ -484,7 +495,6 @@ def evaluate_ehrshot(
         r.extra["labels_per_s_embed"] = (
             (len(labels) / feats.seconds_embed) if feats.seconds_embed else None
         )
-    ft_dirs = finetuned_folders(finetuned, model_dir, model)
     if ft_dirs:
         from healthfm.ehr.evaluate import metrics_for
         from healthfm.ehr.finetune import finetuned_ehr_rows

@@ -16,7 +16,8 @@ tuning rows by AUROC, and scored on all ``held_out`` rows:
 AUROC, AUPRC and Brier score get 95% percentile-bootstrap intervals over *subjects*
 (1,000 resamples by default): all label rows of a subject are resampled together.
 
-Regression tasks (MEDS ``float_value`` labels; EHRSHOT itself has none) run the same
+Regression tasks (more than 20 distinct numbers, e.g. a ``float_value`` measurement; the
+rule ``finetune`` uses; EHRSHOT itself has none) run the same
 protocol with every train and tuning row (few-shot ``k`` counts rows per class, which a
 continuous target does not have): ``<model>+ridge`` and ``counts+ridge`` (ridge regression,
 penalty tuned by tuning RMSE, refit on train) and ``counts+gbm`` (boosted regression trees),
@@ -191,8 +192,8 @@ def run_protocol(
         from healthfm.errors import ConfigError
 
         raise ConfigError(
-            "--few-shot k draws k label rows per class; a regression task (float_value "
-            "labels) runs with all rows: pass --few-shot all or leave it out"
+            "--few-shot k draws k label rows per class; a regression task (numeric labels) "
+            "runs with all rows: pass --few-shot all or leave it out"
         )
     n_classes = 0 if regression else max(2, int(y.max()) + 1)
     metrics = list(REGRESSION_METRICS) if regression else list(metrics_for(n_classes))

@@ -4,8 +4,8 @@
 --horizon-days 365 --out LABELS.parquet`` writes, for every ``(subject_id,
 prediction_time)`` of ``TIMES`` (any parquet with those two columns, e.g. an existing label
 file), the ``numeric_value`` of the subject's first ``--code`` event strictly after the
-prediction time and at most ``--horizon-days`` later, as a MEDS label file with
-``float_value``. Rows with no such event are left out (and counted). The value lies after
+prediction time and at most ``--horizon-days`` later (the mean when several share that
+time), as a MEDS label file with ``float_value``. Rows with no such event are left out (and counted). The value lies after
 the prediction time by construction, so the embedding at that time never sees it.
 
 This is the regression counterpart of EHRSHOT's lab-value tasks, which bin the next value
@@ -25,6 +25,9 @@ import polars as pl
 from healthfm.errors import ConfigError, DataError
 
 __all__ = ["main", "next_value_labels"]
+
+#: Longest horizon accepted (200 years: beyond any record, and within datetime range).
+MAX_HORIZON_DAYS = 73_050.0
 
 
 def next_value_labels(
@@ -62,8 +65,10 @@ def next_value_labels(
     ConfigError
         A non-positive horizon.
     """
-    if not horizon_days > 0:
-        raise ConfigError(f"--horizon-days must be positive, got {horizon_days}")
+    if not 0 < horizon_days <= MAX_HORIZON_DAYS:
+        raise ConfigError(
+            f"--horizon-days must be in (0, {MAX_HORIZON_DAYS:g}] (200 years), got {horizon_days}"
+        )
     for column in ("subject_id", "prediction_time"):
         if column not in times.columns:
             raise DataError(f"missing column {column!r}", file=times_source, column=column)
@@ -82,6 +87,10 @@ def next_value_labels(
             pl.col("numeric_value").cast(pl.Float32).alias("float_value"),
         )
         .filter(pl.col("value_time").is_not_null() & pl.col("float_value").is_finite())
+        # Several values at one time (repeat measurements): their mean, so the target
+        # does not depend on row order.
+        .group_by("subject_id", "value_time")
+        .agg(pl.col("float_value").mean())
         .collect()
         .sort("subject_id", "value_time")
     )

@@ -441,7 +441,8 @@ def _task_data(
             )
         splits["train"], splits["val"], val_from_train = tr, va, True
     task = config.task or infer_task(
-        samples.labels[np.concatenate([splits["train"], splits["val"]])]
+        samples.labels[np.concatenate([splits["train"], splits["val"]])],
+        bool(samples.info.get("categorical_labels")),
     )
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}, not {task!r}", column="task")
@@ -1314,6 +1315,56 @@ def finetuned_method(
         method = f"{method}@{Path(path).name}"
     seen.add(method)
     return method
+
+
+def finetuned_spec(path: str | Path) -> dict[str, Any]:
+    """The task-head spec (``task``, ``classes`` ...) of a fine-tuned model or LoRA adapter
+    folder, read from its metadata without loading weights."""
+    from healthfm.evaluate.adapters import BASE_REF, is_adapter
+
+    path = Path(path)
+    meta = path / (BASE_REF if is_adapter(path) else "config.json")
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the fine-tuned model's metadata: {exc}", file=meta) from exc
+    spec = data.get("task_head") if is_adapter(path) else (data.get("extra") or {}).get("task_head")
+    if not spec or "task" not in spec:
+        raise ModelError("not a fine-tuned model: no task_head", file=meta)
+    return spec
+
+
+def evaluation_is_regression(
+    labels: np.ndarray, model_dirs: list, categorical: bool = False
+) -> bool:
+    """Whether ``evaluate`` scores these labels as a regression.
+
+    The fine-tuned models' task when any are scored (they were trained for it, perhaps
+    with ``finetune --task``), else :func:`~healthfm.evaluate.probe.infer_task` on the
+    labels. Refused (``ConfigError``): fine-tuned models that mix regression and
+    classification, and a classifier whose classes are not among the labels' values (the
+    label file of another task).
+    """
+    specs = {str(p): finetuned_spec(p) for p in model_dirs}
+    kinds = {spec["task"] == "regression" for spec in specs.values()}
+    if len(kinds) > 1:
+        tasks = {p: spec["task"] for p, spec in specs.items()}
+        raise ConfigError(
+            f"the fine-tuned models mix regression and classification heads ({tasks}); "
+            "evaluate them in separate runs"
+        )
+    values = np.unique(np.asarray(labels).astype(str))
+    for path, spec in specs.items():
+        classes = np.asarray(spec.get("classes") or []).astype(str)
+        missing = classes[~np.isin(classes, values)]
+        if spec["task"] != "regression" and missing.size:
+            raise ConfigError(
+                f"{path} is a {spec['task']} model whose classes {missing[:5].tolist()} are not "
+                f"among these labels' values ({len(values)} distinct, e.g. "
+                f"{values[:5].tolist()}): the label file of another task?",
+                file=Path(path),
+            )
+    return kinds.pop() if kinds else infer_task(labels, categorical) == "regression"
 
 
 def read_provenance(path: Path) -> dict[str, Any]:

@@ -57,7 +57,7 @@ DEFAULT_ALPHAS: np.ndarray = np.logspace(-3, 5, 9)
 MAX_CLASSES_FOR_NUMBERS = 20
 
 
-def infer_task(labels: Any) -> str:
+def infer_task(labels: Any, categorical: bool = False) -> str:
     """``"binary"``, ``"classification"`` or ``"regression"`` for a label vector.
 
     Two distinct values make a binary task; numbers with more than
@@ -66,12 +66,14 @@ def infer_task(labels: Any) -> str:
     target rather than turning the column into hundreds of classes; anything else
     (strings, a few integer codes) a multi-class classification. ``finetune`` and
     ``evaluate`` both use this rule, so a label column means the same task to both.
+    ``categorical``: the column is declared categorical (an AnnData category), so its
+    values are classes even when they look like numbers.
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if len(classes) == 2:
         return "binary"
-    if len(classes) <= MAX_CLASSES_FOR_NUMBERS:
+    if categorical or len(classes) <= MAX_CLASSES_FOR_NUMBERS:
         return "classification"
     try:
         np.asarray(labels, dtype=np.float64)
@@ -447,7 +449,9 @@ def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: np.ndarray):
     """
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
-    scale[scale == 0] = 1.0
+    # Constant columns (up to rounding: a float64 column of 0.1s has a std of ~1e-17) carry
+    # no signal; scaling them by 1 keeps them at ~0 instead of blowing rounding noise up.
+    scale[scale <= 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0)] = 1.0
     z = (x - mean) / scale
     intercept = float(y.mean())
     yc = y - intercept
@@ -455,7 +459,7 @@ def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: np.ndarray):
         eig, v = np.linalg.eigh(z.T @ z)
         eig = np.clip(eig, 0.0, None)
         proj = v.T @ (z.T @ yc)  # (d,)
-        coefs = (v[None] * (proj / (eig[None, :] + alphas[:, None]))[:, None, :]).sum(-1)
+        coefs = (proj / (eig[None, :] + alphas[:, None])) @ v.T  # (n_alpha, d), no d² temporaries
     else:
         u, sv, vt = np.linalg.svd(z, full_matrices=False)
         proj = u.T @ yc

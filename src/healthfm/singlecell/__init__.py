@@ -303,7 +303,8 @@ class SingleCellModality(Modality):
         if (
             samples.info.get("group_column") is None
             and samples.labels is not None
-            and infer_task(samples.labels) != "regression"
+            and infer_task(samples.labels, bool(samples.info.get("categorical_labels")))
+            != "regression"
         ):
             return stratified_splits(samples.labels, samples.keys, fractions, salt)
         return assign_splits(samples.groups, fractions, salt)

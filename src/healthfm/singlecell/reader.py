@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from healthfm.errors import DataError
@@ -396,8 +397,13 @@ def samples_from_anndata(
     matrix.totals = totals
     matrix.extra["n_expressed"] = expressed
     labels = None
+    categorical_labels = False
     if label_column is not None:
-        labels = _obs_column(adata, label_column, source, "label").astype(str).to_numpy()
+        label_obs = _obs_column(adata, label_column, source, "label")
+        # A categorical / string obs column is classes even when its values look like
+        # numbers (Leiden cluster ids "0".."30"): never a regression target.
+        categorical_labels = not pd.api.types.is_numeric_dtype(label_obs.dtype)
+        labels = label_obs.astype(str).to_numpy()
     groups = barcodes
     if group_column is not None:
         groups = _obs_column(adata, group_column, source, "group").astype(str).to_numpy()
@@ -418,6 +424,7 @@ def samples_from_anndata(
             "group_column": group_column,
             "normalized": normalized,
             "n_genes": len(genes),
+            "categorical_labels": categorical_labels,
         },
     )
 

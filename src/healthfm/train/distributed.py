@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -269,7 +270,7 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo | None = None) -> None:
+def shutdown(info: DistInfo | None = None, barrier: bool = True) -> None:
     """Tear the process group down and free it while the interpreter is alive.
 
     Call it once the trainer and any DDP/FSDP module are out of scope. Gloo's worker
@@ -277,22 +278,32 @@ def shutdown(info: DistInfo | None = None) -> None:
     already moved on; if the process group outlives ``main`` and is only freed during
     interpreter shutdown, a worker thread can still be dropping such a tensor then, and
     the process aborts ("terminate called without an active exception", seen in about
-    1 run in 15 of two DDP processes). Freeing the group here runs its destructor, which
+    1 run in 20 of two DDP processes). Freeing the group here runs its destructor, which
     drains the queue and joins those threads first.
 
     Parameters
     ----------
     info
         The run's process layout; None tears down whatever group this process started.
+    barrier
+        Wait for every rank first (a normal end). False on an error exit, where the other
+        ranks may never arrive.
     """
     if (info is None or info.distributed) and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
         # FSDP2's device mesh keeps its process groups in a registry, and DTensor's
         # sharding caches keep the mesh alive; release the groups from every mesh.
         from torch.distributed.device_mesh import DeviceMesh
 
-        for obj in gc.get_objects():
-            if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
-                obj._pg_registry.clear()
+        with warnings.catch_warnings():  # isinstance() on torch's deprecated reduce_op warns
+            warnings.simplefilter("ignore", FutureWarning)
+            for obj in gc.get_objects():
+                try:
+                    is_mesh = isinstance(obj, DeviceMesh)
+                except ReferenceError:  # a dead weakref.proxy
+                    continue
+                if is_mesh and isinstance(getattr(obj, "_pg_registry", None), dict):
+                    obj._pg_registry.clear()
     gc.collect()
