@@ -45,7 +45,7 @@ def main() -> None:
     samples = modality.read(args.meds, {})
     train = samples.keys[modality.split(samples, "healthfm", (0.7, 0.1, 0.2)) == "train"]
     tokenizer = modality.fit_tokenizer(samples, np.flatnonzero(np.isin(samples.keys, train)), {})
-    defaults = modality.model_defaults(tokenizer, samples)
+    defaults = modality.model_defaults(tokenizer, samples, {})
     torch.manual_seed(0)
     config = ModelConfig(
         modality="ehr", vocab_size=tokenizer.vocab_size, objective="causal", **defaults

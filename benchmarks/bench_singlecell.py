@@ -223,7 +223,6 @@ def bench_embed(adata, tok, batch_size: int, repeats: int) -> dict:
     import torch
     from transformers import BertConfig, BertModel
 
-    from healthfm import pipeline
     from healthfm.modality import get_modality
     from healthfm.model.config import ModelConfig
     from healthfm.model.heads import FoundationModel
@@ -252,7 +251,7 @@ def bench_embed(adata, tok, batch_size: int, repeats: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         samples = get_modality("singlecell").read(adata, {})
-        pipeline.tokenize_to_store(get_modality("singlecell"), tok, samples, f"{tmp}/store")
+        get_modality("singlecell").tokenize(tok, samples, f"{tmp}/store")
         store = TokenStore(f"{tmp}/store")
         bert = BertModel(
             BertConfig(

@@ -144,7 +144,11 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("input", help="labelled input file or folder")
     p.add_argument("--out", required=True, help="folder for results.json")
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="probe seeds (default: 0 1 2)"
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="probe seeds (default: the protocol's: 0 1 2, or 0-4 for EHRSHOT and eva)",
     )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     p.add_argument("--pooling", choices=POOLINGS, default=None)

@@ -1,4 +1,10 @@
-"""``healthfm demo``: the whole pipeline on bundled real data, in minutes on a laptop."""
+"""``healthfm demo``: the whole pipeline on bundled real data, in minutes on a laptop.
+
+One runner for every modality: it executes the modality's
+:class:`~healthfm.modality.DemoSpec` — pretrain on the bundled data's train split,
+evaluate the frozen embeddings next to the baselines on the same rows, then any extra
+steps the modality adds (pathology: slide embedding and MIL).
+"""
 
 from __future__ import annotations
 
@@ -7,68 +13,76 @@ import time
 from pathlib import Path
 from typing import Any
 
-from healthfm.evaluate.results import ResultRow
-from healthfm.modality import Modality, get_modality
+from healthfm.errors import ConfigError
+from healthfm.modality import get_modality
 
 
-def generic_demo(modality: Modality, spec: dict[str, Any], out: str | Path) -> list[ResultRow]:
-    """Pretrain on the train split of the bundled data, then probe next to the baselines."""
-    from healthfm import pipeline
+def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
+    """Run the demo of ``modality`` into ``out``; returns the result rows."""
+    from healthfm.stages.embed import embed
+    from healthfm.stages.evaluate import evaluate
+    from healthfm.stages.pretrain import pretrain
     from healthfm.train.trainer import TrainConfig
 
+    mod = get_modality(modality)
+    spec = mod.demo_spec(quick)
+    if spec is None:
+        raise ConfigError(f"modality {modality!r} has no demo")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = spec["steps"]
-    config = TrainConfig(
-        steps=steps,
-        batch_size=spec.get("batch_size", 64),
-        lr=spec.get("lr", 1e-3),
-        warmup_steps=max(1, steps // 10),
-        eval_every=max(1, steps // 5),
-        checkpoint_every=max(1, steps // 2),
-        bf16=spec.get("bf16", False),
-        seed=spec.get("seed", 0),
-    )
-    print(
-        f"[1/2] pretraining a {spec.get('preset', 'tiny')} {modality.name} model on the train split of "
-        f"{Path(spec['input']).name} ({steps} steps) ...",
-        flush=True,
-    )
-    model_dir = pipeline.pretrain(
-        modality,
-        spec["input"],
+    steps = list(spec.description or ("pretraining", "evaluating against baselines"))
+    say = _printer(steps)
+
+    say()
+    source = spec.pretrain_input(out) if callable(spec.pretrain_input) else spec.pretrain_input
+    model_dir = pretrain(
+        mod,
+        source,
         out / "model",
-        spec.get("options", {}),
-        preset=spec.get("preset", "tiny"),
-        train_config=config,
+        dict(spec.pretrain_options),
+        preset=spec.preset,
+        train_config=TrainConfig(**spec.train),
         run_dir=out / "model.run",
     )
     info = json.loads((model_dir / "training_info.json").read_text())
+    val = info["val_loss"]
     print(
-        f"      done in {info['wall_seconds']:.0f} s: train loss {info['train_loss']:.3f}, "
-        f"held-out loss {info['val_loss']:.3f}, {info['tokens_per_s']:.0f} tokens/s",
+        f"      done in {info['wall_seconds']:.0f} s: {info['steps']} steps, train loss "
+        f"{info['train_loss']:.3f}, held-out loss {'-' if val is None else f'{val:.3f}'}, "
+        f"{info['tokens_per_s']:.0f} tokens/s",
         flush=True,
     )
-    print(
-        "[2/2] linear probe on the frozen embeddings vs baselines, same splits, "
-        f"{len(spec.get('seeds', (0, 1, 2)))} seeds, 1,000 bootstrap resamples ...",
-        flush=True,
-    )
-    rows = pipeline.evaluate(
+
+    say()
+    rows = evaluate(
         model_dir,
-        spec["input"],
-        out,
-        spec.get("options", {}),
-        seeds=spec.get("seeds", (0, 1, 2)),
-        n_boot=spec.get("n_boot", 1000),
+        spec.evaluate_input,
+        out / spec.evaluate_dir,
+        dict(spec.evaluate_options),
+        seeds=spec.seeds,
+        n_boot=spec.n_boot,
+        batch_size=spec.batch_size,
     )
+    for input_path, options, target in spec.embed:
+        say()
+        written = embed(model_dir, input_path, out / target, dict(options))
+        print(f"      -> {written}", flush=True)
+    if spec.after is not None:
+        say()
+        rows += spec.after(out, model_dir)
     print(
-        f"demo finished in {time.perf_counter() - t0:.0f} s; model in {model_dir}, results in {out / 'results.json'}"
+        f"demo finished in {time.perf_counter() - t0:.0f} s; model in {model_dir}, outputs in {out}"
     )
     return rows
 
 
-def run_demo(modality: str, out: str | Path, quick: bool = False) -> Any:
-    """Run the demo of ``modality`` into ``out``."""
-    return get_modality(modality).run_demo(Path(out), quick)
+def _printer(steps: list[str]):
+    # Prints "[i/n] step i ..." for the next step each time it is called.
+    done = [0]
+
+    def say() -> None:
+        done[0] += 1
+        print(f"[{done[0]}/{len(steps)}] {steps[done[0] - 1]} ...", flush=True)
+
+    return say

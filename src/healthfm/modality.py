@@ -1,8 +1,13 @@
-"""What a modality supplies, and the registry the shared pipeline looks modalities up in.
+"""What a modality supplies, and the registry the shared stages look modalities up in.
 
-Shared code (CLI, pipeline, trainer, evaluation) never branches on a modality's name: it
-asks the registered :class:`Modality` for a reader, a tokenizer, model defaults, an
-objective, an augmentation and baseline featurizers.
+The stages (:mod:`healthfm.stages`: pretrain, embed, evaluate, finetune) are shared code
+that never branches on a modality's name. A modality is a set of *parts* the stages run:
+a reader (→ :class:`Samples`), a split, a tokenizer or image preprocessor, a batch source
+for training, the rows a task is scored on (:class:`EvaluationRows`), how those rows are
+embedded by an :class:`~healthfm.encoders.Encoder`, baseline featurizers, an evaluation
+protocol (data and small functions the shared evaluator runs), how embeddings are written,
+and a demo spec. A modality never imports the stages, the CLI or another modality; the
+defaults below serve modalities whose samples are token sequences with one label each.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
+import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,13 +27,16 @@ import numpy as np
 
 from healthfm.errors import ConfigError, DataError
 from healthfm.tokenizer import Tokenizer
-from healthfm.tokens import TokenChunk
+from healthfm.tokens import TokenChunk, TokenStore, write_store
 
 #: Modules that define modalities; importing one registers it.
 MODALITY_MODULES = ("healthfm.dna", "healthfm.ehr", "healthfm.pathology", "healthfm.singlecell")
 _MODALITIES: dict[str, Modality] = {}
 
 SPLIT_NAMES = ("train", "val", "test")
+#: The split every stage uses unless told otherwise (and the one a model folder records).
+DEFAULT_SALT = "healthfm"
+DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
 @dataclass
@@ -88,54 +98,148 @@ class TaskInput:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EvaluationRows:
+    """The labelled rows a task is scored on, with their split (see
+    :meth:`Modality.evaluation_rows`).
+
+    One row per sample for most inputs; one per label row at its prediction time for EHR.
+
+    Attributes
+    ----------
+    task
+        Task name used in result rows.
+    groups
+        Split and bootstrap unit of each row (a sequence, a donor, a subject, a slide).
+    y
+        Class index per row (into ``classes``), or the numeric target when ``regression``.
+    classes
+        Sorted class values (empty for a regression).
+    regression
+        Whether the task is a regression (numeric target).
+    split
+        "train" / "val" / "test" per row.
+    data_hash
+        Provenance of the evaluated data.
+    info
+        What the modality keeps for its own parts (the label file, cached features ...).
+    """
+
+    task: str
+    groups: np.ndarray
+    y: np.ndarray
+    classes: np.ndarray
+    regression: bool
+    split: np.ndarray
+    data_hash: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def indices(self, name: str) -> np.ndarray:
+        """Row positions of split ``name``."""
+        return np.flatnonzero(self.split == name)
+
+
+@dataclass
+class Features:
+    """One evaluated method's features of every row.
+
+    Attributes
+    ----------
+    X
+        Feature matrix (rows × features), float32.
+    baseline
+        Whether the method is a baseline.
+    probe
+        "linear" (logistic / ridge regression) or "gbm" (gradient-boosted trees).
+    extra
+        Fields added to the method's result rows.
+    seconds
+        Time spent computing the features (added to the rows' wall time).
+    """
+
+    X: np.ndarray
+    baseline: bool
+    probe: str = "linear"
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class DemoSpec:
+    """What ``healthfm demo`` runs for a modality: pretrain, then evaluate, then any extra
+    steps of its own (the shared runner in :mod:`healthfm.demo` executes it).
+
+    Attributes
+    ----------
+    pretrain_input
+        The bundled pretraining input, or a function ``f(out) -> path`` that writes it
+        (e.g. a corpus without the evaluation's test cells).
+    evaluate_input
+        The bundled labelled input.
+    train
+        :class:`~healthfm.train.trainer.TrainConfig` fields.
+    pretrain_options, evaluate_options
+        Reader options of the two inputs.
+    preset
+        Backbone size.
+    seeds, n_boot, batch_size
+        Evaluation seeds, bootstrap resamples and inference batch size.
+    evaluate_dir
+        Sub-folder of the output for the evaluation ("" = the output folder itself).
+    after
+        Extra steps ``f(out, model_dir, say) -> result rows`` (``say(i, text)`` prints step
+        ``i``; pathology: slide embedding and
+        MIL), or None.
+    description
+        One line per step, printed as the demo runs.
+    """
+
+    pretrain_input: Any
+    evaluate_input: Any
+    train: dict[str, Any]
+    pretrain_options: dict[str, Any] = field(default_factory=dict)
+    evaluate_options: dict[str, Any] = field(default_factory=dict)
+    preset: str = "tiny"
+    seeds: tuple[int, ...] | None = None
+    n_boot: int = 1000
+    batch_size: int = 128
+    evaluate_dir: str = ""
+    embed: tuple[tuple[Any, dict[str, Any], str], ...] = ()
+    after: Callable[[Path, Path], list] | None = None
+    description: tuple[str, ...] = ()
+
+
 #: A baseline featurizer: given all samples and the indices of the training split, return
 #: a feature matrix for every sample (fitted on the training rows only).
 BaselineFn = Callable[[Samples, np.ndarray], np.ndarray]
 
 
 class Modality(ABC):
-    """A data modality: reader, tokenizer, objective, model defaults and baselines."""
+    """A data modality: the parts the shared stages run (see the module docstring)."""
 
     name: ClassVar[str]
-    #: Pretraining objective: "masked" (bidirectional) or "causal" (next token).
+    #: Pretraining objective: "masked" (bidirectional) or "causal" (next token), or one a
+    #: modality registers (``healthfm.model.heads.register_objective``).
     objective: ClassVar[str] = "masked"
     #: Default pooling of token states into one vector per sample.
     default_pooling: ClassVar[str] = "mean"
     #: Which end of a sample longer than the context pretraining keeps: "head" (the start)
     #: or "tail" (the most recent tokens, for causal models of timelines).
     truncate: ClassVar[str] = "head"
+    #: How the method name of a model's embedding reads in result rows:
+    #: ``{preset}``, ``{pooling}`` and ``{probe}`` ("logreg" or "ridge") are filled in.
+    embedding_method: ClassVar[str] = "{preset}-{pooling}+{probe}"
 
+    # ------------------------------------------------------------------ reading
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
         """Add reader and tokenizer options to a CLI sub-command."""
 
     @abstractmethod
     def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
         """Read an input file into :class:`Samples`, validating it."""
-
-    @abstractmethod
-    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: dict) -> Tokenizer:
-        """Fit a tokenizer on the training samples only."""
-
-    @abstractmethod
-    def encode(
-        self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
-    ) -> Iterator[TokenChunk]:
-        """Tokenize the chosen samples (all by default) in chunks, in the given order."""
-
-    def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:  # noqa: B027
-        """Validate samples against a fitted tokenizer (e.g. vocabulary coverage)."""
-
-    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
-        """Return a batch augmentation ``f(batch, generator) -> batch``, or ``None``."""
-        return None
-
-    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
-        """Model-config fields this modality fixes (context length, value input...)."""
-        return {}
-
-    def baselines(self) -> dict[str, BaselineFn]:
-        """Baseline featurizers by method name."""
-        return {}
 
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]
@@ -147,26 +251,227 @@ class Modality(ABC):
         """
         return assign_splits(samples.groups, fractions, salt)
 
-    def pretrain_command(
-        self, input_path: Path, out: Path, options: dict, **kwargs: Any
-    ) -> Path | None:
-        """Modality-specific ``healthfm pretrain`` (data that is not a token store, e.g.
-        image tiles); None means "use the shared one". ``kwargs`` are those of
-        :func:`healthfm.pipeline.pretrain`."""
+    # ------------------------------------------------------------------ tokens
+    @abstractmethod
+    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: dict) -> Tokenizer:
+        """Fit a tokenizer (or image preprocessor) on the training samples only."""
+
+    @abstractmethod
+    def encode(
+        self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
+    ) -> Iterator[TokenChunk]:
+        """Tokenize the chosen samples (all by default) in chunks, in the given order."""
+
+    def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:  # noqa: B027
+        """Validate samples against a fitted tokenizer (e.g. vocabulary coverage)."""
+
+    def tokenize(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        out: str | Path,
+        indices: np.ndarray | None = None,
+    ) -> TokenStore:
+        """Tokenize ``samples`` (or the chosen ``indices``) into a token store at ``out``."""
+        extra = {
+            "modality": self.name,
+            "source": str(samples.source),
+            "data_hash": samples.data_hash,
+        }
+        return write_store(
+            out, self.encode(tokenizer, samples, indices), tokenizer.hash, tokenizer.fields, extra
+        )
+
+    # ------------------------------------------------------------------ pretraining
+    def prepare_options(self, options: dict[str, Any], workdir: Path) -> dict[str, Any]:
+        """Reader options for a pretraining run whose working folder is ``workdir``
+        (e.g. where tiles cut from slides go)."""
+        return options
+
+    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
+        """Return a batch augmentation ``f(batch, generator) -> batch``, or ``None``."""
         return None
 
-    def embed_command(
-        self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any
-    ) -> Path | None:
-        """Modality-specific ``healthfm embed``; None means "use the shared one"."""
-        return None
+    def model_defaults(
+        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Model-config fields this modality fixes (context length, value input ...); an
+        ``extra`` dict is merged into ``ModelConfig.extra``."""
+        return {}
 
-    def evaluate_command(
-        self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict, **kwargs: Any
-    ) -> list | None:
-        """Modality-specific ``healthfm evaluate``; None means "use the shared one"."""
-        return None
+    def training_overrides(self, options: dict[str, Any]) -> dict[str, Any]:
+        """:class:`~healthfm.train.trainer.TrainConfig` fields this modality's options set
+        (e.g. the MAE mask ratio)."""
+        return {}
 
+    def batch_source(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        indices: np.ndarray,
+        *,
+        training: bool,
+        workdir: Path,
+    ) -> Any:
+        """What the trainer draws batches of ``indices`` from: a token store at ``workdir``
+        by default (reused when it already holds these samples' tokens), or any
+        :class:`~healthfm.train.data.BatchSource` (image tiles)."""
+        existing = reuse_store(workdir, tokenizer.hash, samples.data_hash)
+        return existing or self.tokenize(tokenizer, samples, workdir, indices)
+
+    def pretraining_info(
+        self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Extra fields for the model folder's ``training_info.json``."""
+        return {}
+
+    # ------------------------------------------------------------------ embedding
+    def embedding_inputs(
+        self, path: str | Path, options: dict[str, Any], out: Path
+    ) -> Iterator[tuple[Samples, Path]]:
+        """The inputs ``healthfm embed`` writes, each with its output path: one by default;
+        one per slide for a folder of slides."""
+        yield self.read(path, options), Path(out)
+
+    def embed_samples(
+        self,
+        encoder: Any,
+        samples: Samples,
+        options: dict[str, Any],
+        pooling: str | None,
+        batch_size: int,
+        bf16: bool = False,
+    ) -> np.ndarray:
+        """One float32 vector per sample (tokenized into a temporary store, batches by length)."""
+        from healthfm.evaluate.embed import embed_store
+
+        self.check_input(samples, encoder.tokenizer)
+        with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
+            store = self.tokenize(encoder.tokenizer, samples, Path(tmp) / "store")
+            return embed_store(encoder, store, pooling, batch_size, bf16)
+
+    def write_embeddings(
+        self,
+        out: Path,
+        samples: Samples,
+        embeddings: np.ndarray,
+        attrs: dict[str, Any],
+        options: dict[str, Any],
+    ) -> Path:
+        """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys."""
+        from healthfm.evaluate.embed import save_embeddings
+
+        labels = samples.labels
+        columns = {"label": labels.tolist()} if labels is not None else None
+        return save_embeddings(
+            out, samples.keys.tolist(), embeddings, columns if out.suffix == ".parquet" else None
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_rows(
+        self,
+        samples: Samples,
+        options: dict[str, Any],
+        salt: str,
+        fractions: tuple[float, float, float],
+        finetuned: list,
+    ) -> EvaluationRows:
+        """The labelled rows a task is scored on: one per sample by default, split by
+        :meth:`split`; a regression when the fine-tuned models are, or when the labels
+        hold many distinct numbers (the rule ``finetune`` uses)."""
+        from healthfm.evaluate.finetune import evaluation_is_regression
+
+        split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
+        labels = require_labels(samples, np.where(split == "val", "train", split))
+        pool = np.flatnonzero(split != "test")
+        regression = evaluation_is_regression(
+            labels[pool], finetuned, bool(samples.info.get("categorical_labels"))
+        )
+        if regression:
+            classes, y = np.array([]), labels_as_targets(samples, labels)
+        else:
+            classes, y = np.unique(labels, return_inverse=True)
+        return EvaluationRows(
+            task=f"{Path(samples.source).stem}:{samples.label_column}",
+            groups=samples.groups,
+            y=y,
+            classes=classes,
+            regression=regression,
+            split=split,
+            data_hash=samples.data_hash,
+        )
+
+    def evaluation_protocol(self, options: dict[str, Any]) -> Any:
+        """The evaluation protocol the shared evaluator runs
+        (:class:`healthfm.evaluate.protocol.ProbeProtocol` by default)."""
+        from healthfm.evaluate.protocol import ProbeProtocol
+
+        return ProbeProtocol()
+
+    def embed_rows(
+        self,
+        encoder: Any,
+        samples: Samples,
+        rows: EvaluationRows,
+        pooling: str | None,
+        batch_size: int,
+    ) -> np.ndarray:
+        """The encoder's vector of every evaluation row (default: of every sample)."""
+        return self.embed_samples(encoder, samples, {}, pooling, batch_size)
+
+    def baselines(self) -> dict[str, BaselineFn]:
+        """Baseline featurizers by method name."""
+        return {}
+
+    def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
+        """Every baseline's features of the evaluation rows, fitted on the non-test rows."""
+        pool = np.flatnonzero(rows.split != "test")
+        out = {}
+        for name, featurize in self.baselines().items():
+            t = time.perf_counter()
+            X = np.asarray(featurize(samples, pool), dtype=np.float32)
+            out[name] = Features(X, baseline=True, seconds=time.perf_counter() - t)
+        return out
+
+    def finetuned_rows(
+        self,
+        folders: list,
+        samples: Samples,
+        rows: EvaluationRows,
+        metrics: list[str],
+        n_boot: int,
+        batch_size: int,
+        salt: str,
+        fractions: tuple[float, float, float],
+    ) -> tuple[list, dict[str, np.ndarray]]:
+        """Rows of fine-tuned models' own predictions on the test rows (and their scores)."""
+        from healthfm.evaluate.finetune import finetuned_rows
+
+        found = finetuned_rows(
+            folders,
+            self,
+            samples,
+            rows.indices("test"),
+            rows.classes,
+            rows.task,
+            n_boot=n_boot,
+            batch_size=batch_size,
+            metrics=metrics,
+            salt=salt,
+            fractions=tuple(fractions),
+        )
+        return found, {}
+
+    def extra_evaluations(self, context: dict[str, Any]) -> list:
+        """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).
+
+        ``context`` holds ``features`` ({method: :class:`Features`}), ``y`` (class index
+        per sample), ``classes``, ``splits`` ({name: indices}), ``seeds``, ``n_boot``,
+        ``task``, ``samples``, ``model_hash``.
+        """
+        return []
+
+    # ------------------------------------------------------------------ fine-tuning
     def task_input(
         self,
         samples: Samples,
@@ -184,32 +489,10 @@ class Modality(ABC):
         """
         return None
 
-    def extra_evaluations(self, context: dict[str, Any]) -> list:
-        """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).
-
-        ``context`` holds ``features`` ({method: (X, is_baseline, extra)}), ``y`` (class
-        index per sample), ``classes``, ``splits`` ({name: indices}), ``seeds``, ``n_boot``,
-        ``task``, ``samples``, ``model_hash``.
-        """
-        return []
-
-    def demo_spec(self, quick: bool) -> dict[str, Any] | None:
-        """What ``healthfm demo`` runs for this modality through the shared pipeline.
-
-        Keys: ``input`` (bundled path), ``options``, ``preset``, ``steps``, ``batch_size``,
-        ``lr``, ``seeds``. Modalities whose demo is not the generic
-        pretrain → probe path override :meth:`run_demo` instead.
-        """
+    # ------------------------------------------------------------------ demo
+    def demo_spec(self, quick: bool) -> DemoSpec | None:
+        """What ``healthfm demo`` runs for this modality, or None when it has no demo."""
         return None
-
-    def run_demo(self, out: Path, quick: bool) -> Any:
-        """Run this modality's demo; the default uses :meth:`demo_spec`."""
-        from healthfm.demo import generic_demo
-
-        spec = self.demo_spec(quick)
-        if spec is None:
-            raise ConfigError(f"modality {self.name!r} has no demo")
-        return generic_demo(self, spec, out)
 
 
 def register_modality(modality: Modality) -> Modality:
@@ -238,6 +521,11 @@ def modality_names() -> list[str]:
     return sorted(_MODALITIES)
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for ``n <= 1``): context lengths."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def _unit_interval(text: str, salt: str) -> float:
     digest = hashlib.blake2b(f"{salt}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
@@ -245,8 +533,8 @@ def _unit_interval(text: str, salt: str) -> float:
 
 def assign_splits(
     groups: np.ndarray,
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-    salt: str = "healthfm",
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    salt: str = DEFAULT_SALT,
 ) -> np.ndarray:
     """Assign each sample to "train", "val" or "test" by a hash of its group.
 
@@ -337,3 +625,15 @@ def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.nda
                     column=samples.label_column,
                 )
     return samples.labels
+
+
+def reuse_store(path: Path, tokenizer_hash: str, data_hash: str) -> TokenStore | None:
+    """The token store at ``path`` if it holds ``data_hash``'s tokens by this tokenizer
+    (a resumed run re-reads its input but need not re-tokenize it), else None."""
+    if not (Path(path) / "meta.json").exists():
+        return None
+    try:
+        store = TokenStore(path, tokenizer_hash)
+    except DataError:
+        return None
+    return store if store.meta.get("data_hash") == data_hash else None

@@ -82,7 +82,7 @@ def test_fit_encode_defaults(splice, tmp_path):
     idx = split_indices(splits)
     tok = m.fit_tokenizer(splice, idx["train"], options())
     assert isinstance(tok, KmerTokenizer) and tok.k == 1 and tok.max_length == 64
-    assert m.model_defaults(tok, splice) == {"max_len": 64}
+    assert m.model_defaults(tok, splice, {}) == {"max_len": 64}
     chunks = list(m.encode(tok, splice, idx["test"]))
     assert len(chunks) == 1 and len(chunks[0]) == len(idx["test"])
     assert list(chunks[0].keys) == splice.keys[idx["test"]].tolist()
@@ -95,7 +95,7 @@ def test_fit_encode_defaults(splice, tmp_path):
     tok.save(tmp_path / "tokenizer.json")
     assert load_tokenizer(tmp_path / "tokenizer.json").hash == tok.hash
     tok6 = m.fit_tokenizer(splice, idx["train"], options("--k", "6"))
-    assert tok6.vocab_size == 4102 and m.model_defaults(tok6, splice) == {"max_len": 64}
+    assert tok6.vocab_size == 4102 and m.model_defaults(tok6, splice, {}) == {"max_len": 64}
 
 
 def test_encode_chunks(monkeypatch, splice):
@@ -114,7 +114,7 @@ def test_model_defaults_cap(tmp_path):
     path.write_text("sequence\n" + "A" * 5000 + "\nACGT\n")
     samples = m.read(path, {"label_column": None})
     tok = m.fit_tokenizer(samples, np.array([0, 1]), {})
-    assert tok.max_length == 4096 and m.model_defaults(tok, samples) == {"max_len": 4096}
+    assert tok.max_length == 4096 and m.model_defaults(tok, samples, {}) == {"max_len": 4096}
     assert len(next(m.encode(tok, samples)).sample(0)["ids"]) == 4096
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 import polars as pl
@@ -12,6 +13,7 @@ import pytest
 from healthfm.cli import main
 from healthfm.ehr.evaluate import parse_few_shot, run_protocol
 from healthfm.errors import ConfigError
+from healthfm.stages.evaluate import evaluate
 from healthfm.tokens import TokenStore
 
 
@@ -228,7 +230,7 @@ def test_regression_labels_run_ridge_and_boosted_trees(model_dir, syn_meds, tmp_
 
 
 def test_regression_labels_refuse_few_shot_k(syn_meds, tmp_path):
-    from healthfm.ehr import evaluate_ehrshot
+    evaluate_ehrshot = partial(evaluate, modality_name="ehr")
 
     labels = age_labels(syn_meds, tmp_path / "age.parquet")
     with pytest.raises(ConfigError, match="regression task"):
@@ -239,7 +241,7 @@ def test_regression_labels_refuse_few_shot_k(syn_meds, tmp_path):
 
 
 def test_baselines_alone_without_a_model(syn_meds, tmp_path):
-    from healthfm.ehr import evaluate_ehrshot
+    evaluate_ehrshot = partial(evaluate, modality_name="ehr")
 
     labels = syn_meds / "task_labels" / "admission_1y" / "labels.parquet"
     rows = evaluate_ehrshot(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from healthfm.evaluate.finetune import (
     with_task_head,
 )
 from healthfm.model.heads import pool
+from healthfm.stages.evaluate import evaluate
 
 SPEC = {"task": "binary", "pooling": "last", "n_outputs": 1, "classes": [0, 1]}
 
@@ -299,7 +301,7 @@ def test_evaluate_refuses_a_model_fine_tuned_on_held_out_rows(ehr_model, syn_med
     ft = tmp_path / "ft"
     finetune(ehr_model, data, ft, {"labels": labels}, FinetuneConfig(epochs=1, few_shot=2),
              salt="other", n_boot=10, echo=False)  # fmt: skip
-    from healthfm.ehr import evaluate_ehrshot
+    evaluate_ehrshot = partial(evaluate, modality_name="ehr")
 
     with pytest.raises(ConfigError, match="--split-salt other"):
         evaluate_ehrshot(None, data, tmp_path / "ev", {"labels": labels, "few_shot": ["all"]},

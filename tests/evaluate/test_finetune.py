@@ -21,7 +21,6 @@ from healthfm.fsutil import sha256_file
 from healthfm.modality import assign_splits, get_modality
 from healthfm.model import FoundationModel, ModelConfig
 from healthfm.model.pretrained import load, save_pretrained
-from healthfm.pipeline import tokenize_to_store
 from healthfm.train.data import StoreSource
 
 SPLIT = {"split_salt": "healthfm", "split_fractions": [0.7, 0.1, 0.2]}
@@ -93,7 +92,7 @@ def _source(model, data):
 
     tmp = Path(tempfile.mkdtemp())
     return samples, StoreSource(
-        tokenize_to_store(modality, model.tokenizer, samples, tmp / "s"), model.config.max_len
+        modality.tokenize(model.tokenizer, samples, tmp / "s"), model.config.max_len
     )
 
 

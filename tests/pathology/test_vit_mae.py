@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from safetensors.torch import load_file
 
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
-from healthfm.pathology import MODALITY, TileSource, pretrain_tiles
+from healthfm.pathology import MODALITY, TileSource
 from healthfm.pathology.mae import encode_visible, mae_prepare
 from healthfm.pathology.tokenizer import (
     CLS_ID,
@@ -20,8 +22,11 @@ from healthfm.pathology.tokenizer import (
     patchify,
     unpatchify,
 )
+from healthfm.stages.pretrain import pretrain
 from healthfm.tokenizer import tokenizer_from_dict
 from healthfm.train.trainer import TrainConfig
+
+pretrain_tiles = partial(pretrain, "pathology")
 
 
 def _tiny_mae(tok: PatchTokenizer) -> FoundationModel:

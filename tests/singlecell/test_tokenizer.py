@@ -136,7 +136,7 @@ def test_json_round_trip_and_default_context(samples):
     a = next(SC.encode(tok, samples, np.arange(20)))
     b = next(SC.encode(again, samples, np.arange(20)))
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.values, b.values, equal_nan=True)
-    assert SC.model_defaults(tok, samples) == {"max_len": 512, "use_values": True}
+    assert SC.model_defaults(tok, samples, {}) == {"max_len": 512, "use_values": True}
 
 
 def test_coverage_report_and_no_overlap(samples, caplog):

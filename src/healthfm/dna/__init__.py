@@ -29,7 +29,14 @@ from healthfm.dna.tokenizer import (
     reverse_complement_batch,
 )
 from healthfm.errors import ConfigError, DataError
-from healthfm.modality import BaselineFn, Modality, Samples, register_modality
+from healthfm.modality import (
+    BaselineFn,
+    DemoSpec,
+    Modality,
+    Samples,
+    next_power_of_two,
+    register_modality,
+)
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk
 
@@ -48,10 +55,6 @@ __all__ = [
 CHUNK_SIZE = 65_536
 #: Longest context :meth:`DnaModality.model_defaults` proposes.
 MAX_CONTEXT = 4096
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _no_label(value: Any) -> bool:
@@ -156,7 +159,7 @@ class DnaModality(Modality):
         lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
         longest = int(lengths.max()) if len(lengths) else 1
         config = probe.config()
-        config["max_length"] = min(_next_power_of_two(longest), MAX_CONTEXT)
+        config["max_length"] = min(next_power_of_two(longest), MAX_CONTEXT)
         config["reverse_complement"] = bool(options.get("reverse_complement", True))
         return KmerTokenizer.from_config(config)
 
@@ -179,29 +182,45 @@ class DnaModality(Modality):
         tokenizer = self._kmer(tokenizer)
         return make_rc_augmenter(tokenizer, p=0.5) if tokenizer.reverse_complement else None
 
-    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+    def model_defaults(
+        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+    ) -> dict[str, Any]:
         """``max_len``: power of two covering the longest tokenized sample, at most 4096."""
         lengths = self._kmer(tokenizer).tokenized_lengths(_sequence_lengths(samples))
         longest = int(lengths.max()) if len(lengths) else 1
-        return {"max_len": min(_next_power_of_two(longest), MAX_CONTEXT)}
+        return {"max_len": min(next_power_of_two(longest), MAX_CONTEXT)}
 
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""
         return dict(BASELINES)
 
-    def demo_spec(self, quick: bool) -> dict[str, Any]:
+    def demo_spec(self, quick: bool) -> DemoSpec:
         """Splice junctions (EI / IE / N): masked pretraining on the train split, then probes."""
         from healthfm.datasets import splice
 
-        return {
-            "input": splice(),
-            "options": {"label_column": "label"},
-            "preset": "tiny",
-            "steps": 100 if quick else 600,
-            "batch_size": 64,
-            "lr": 2e-3,
-            "seeds": (0, 1, 2),
-        }
+        steps = 100 if quick else 600
+        return DemoSpec(
+            pretrain_input=splice(),
+            evaluate_input=splice(),
+            train={
+                "steps": steps,
+                "batch_size": 64,
+                "lr": 2e-3,
+                "warmup_steps": max(1, steps // 10),
+                "eval_every": max(1, steps // 5),
+                "checkpoint_every": max(1, steps // 2),
+                "seed": 0,
+            },
+            pretrain_options={"label_column": "label"},
+            evaluate_options={"label_column": "label"},
+            seeds=(0, 1, 2),
+            description=(
+                f"pretraining a tiny DNA model (masked nucleotides) on the train split of "
+                f"splice.tsv ({steps} steps)",
+                "linear probe on the frozen embeddings vs k-mer and one-hot baselines, same "
+                "splits, 3 seeds, 1,000 bootstrap resamples",
+            ),
+        )
 
     @staticmethod
     def _kmer(tokenizer: Tokenizer) -> KmerTokenizer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,15 @@ import polars as pl
 from healthfm.ehr.reader import MEDS_SPLITS, Labels, MedsDataset, open_meds, read_labels, scan_meds
 from healthfm.ehr.tokenizer import DEFAULT_GAP_DAYS, MedsTokenizer
 from healthfm.errors import ConfigError, DataError
-from healthfm.modality import Modality, Samples, assign_splits, register_modality
+from healthfm.modality import (
+    EvaluationRows,
+    Features,
+    Modality,
+    Samples,
+    assign_splits,
+    next_power_of_two,
+    register_modality,
+)
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk
 
@@ -158,7 +165,6 @@ class EhrModality(Modality):
             info={
                 "n_events": int(subjects["n_events"].sum()),
                 "n_shards": len(ds.shards),
-                "max_len": options.get("max_len"),
             },
         )
 
@@ -208,16 +214,19 @@ class EhrModality(Modality):
         encs = [enc.chunk() for enc in tokenizer.encode_dataset(ds, chosen)]
         yield _reorder(encs, chosen)
 
-    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
-        """Continuous age input on; context from the 95th percentile of events per subject."""
-        if samples.info.get("max_len"):
-            return {"use_times": True, "max_len": int(samples.info["max_len"])}
+    def model_defaults(
+        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Continuous age input on; context ``--max-len``, else from the 95th percentile of
+        events per subject."""
+        if options.get("max_len"):
+            return {"use_times": True, "max_len": int(options["max_len"])}
         n = samples.payload["subjects"]["n_events"].to_numpy()
         want = int(np.quantile(n, 0.95) * 1.3) + 2  # + gap tokens and [CLS]
-        ctx = int(min(MAX_CONTEXT, max(MIN_CONTEXT, 1 << max(want - 1, 1).bit_length())))
+        ctx = int(min(MAX_CONTEXT, max(MIN_CONTEXT, next_power_of_two(want))))
         return {"use_times": True, "max_len": ctx}
 
-    # ------------------------------------------------------------------ embed / evaluate
+    # ------------------------------------------------------------------ rows at prediction times
     def _labels(self, options: dict, samples: Samples) -> Labels:
         if not options.get("labels"):
             raise ConfigError(
@@ -227,35 +236,54 @@ class EhrModality(Modality):
             options["labels"], samples.payload["subjects"], options.get("label_column")
         )
 
-    def embed_command(
-        self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any
-    ) -> Path | None:
-        """One embedding per label row (subject_id, prediction_time, embedding) as parquet."""
+    def embed_samples(
+        self,
+        encoder: Any,
+        samples: Samples,
+        options: dict[str, Any],
+        pooling: str | None,
+        batch_size: int,
+        bf16: bool = False,
+    ) -> np.ndarray:
+        """One embedding per label row of ``--labels``, from exactly the events up to its
+        prediction time (the labels are kept in ``samples.info["labels"]``)."""
+        from healthfm.ehr.embed import featurize_labels
+
+        labels = self._labels(options, samples)
+        samples.info["labels"] = labels
+        feats = featurize_labels(
+            samples.payload["dataset"],
+            encoder.tokenizer,
+            labels,
+            encoder,
+            pooling or encoder.pooling,
+            batch_size=batch_size,
+        )
+        return feats.embeddings
+
+    def write_embeddings(
+        self,
+        out: Path,
+        samples: Samples,
+        embeddings: np.ndarray,
+        attrs: dict[str, Any],
+        options: dict[str, Any],
+    ) -> Path:
+        """Parquet: subject_id, prediction_time, embedding, and the label column."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from healthfm.ehr.embed import featurize_labels
         from healthfm.fsutil import atomic_write_bytes
 
-        samples = self.read(input_path, options)
-        labels = self._labels(options, samples)
-        pooling = kwargs.get("pooling") or "last"
-        feats = featurize_labels(
-            samples.payload["dataset"],
-            model.tokenizer,
-            labels,
-            model,
-            pooling,
-            batch_size=int(kwargs.get("batch_size") or 32),
-        )
         if Path(out).suffix != ".parquet":
             raise ConfigError(f"ehr embeddings are written as .parquet, not {Path(out).suffix!r}")
-        d = feats.embeddings.shape[1]
+        labels: Labels = samples.info["labels"]
+        d = embeddings.shape[1]
         table = labels.frame.select("subject_id", "prediction_time").to_arrow()
         table = table.append_column(
             "embedding",
             pa.FixedSizeListArray.from_arrays(
-                pa.array(feats.embeddings.reshape(-1), type=pa.float32()), d
+                pa.array(embeddings.reshape(-1), type=pa.float32()), d
             ),
         )
         table = table.append_column(labels.column, labels.frame["label"].to_arrow())
@@ -264,27 +292,151 @@ class EhrModality(Modality):
         atomic_write_bytes(out, sink.getvalue().to_pybytes())
         return Path(out)
 
-    def evaluate_command(
-        self, model_dir: Path | None, input_path: Path, out_dir: Path, options: dict, **kwargs: Any
-    ) -> list | None:
-        """EHRSHOT protocol; writes results.json, predictions/*.parquet and few_shot_auroc.png."""
-        seeds = list(kwargs.get("seeds") or [])
-        if seeds == [0, 1, 2]:  # the shared CLI default: EHRSHOT's protocol uses five seeds
-            seeds = [0, 1, 2, 3, 4]
-        return evaluate_ehrshot(
-            model_dir,
-            input_path,
-            out_dir,
-            options,
-            seeds=seeds,
-            n_boot=int(kwargs.get("n_boot") or 1000),
-            pooling=kwargs.get("pooling"),
-            batch_size=int(kwargs.get("batch_size") or 32),
-            include_baselines=kwargs.get("include_baselines", True),
-            echo=kwargs.get("echo", True),
-            finetuned=kwargs.get("finetuned") or (),
-            salt=kwargs.get("salt") or "healthfm",
-            fractions=tuple(kwargs.get("fractions") or (0.7, 0.1, 0.2)),
+    def evaluation_rows(
+        self,
+        samples: Samples,
+        options: dict[str, Any],
+        salt: str,
+        fractions: tuple[float, float, float],
+        finetuned: list,
+    ) -> EvaluationRows:
+        """One row per label of ``--labels``; each takes its subject's MEDS split
+        (train / tuning / held_out → train / val / test). A regression when the fine-tuned
+        models are, or when the labels hold many distinct numbers (integer lab-value bins
+        and boolean outcomes stay classes, as in EHRSHOT)."""
+        from healthfm.ehr.evaluate import meds_split_names
+        from healthfm.ehr.finetune import label_values, subject_positions
+        from healthfm.evaluate.finetune import evaluation_is_regression
+
+        labels = self._labels(options, samples)
+        values = label_values(labels)
+        regression = evaluation_is_regression(values, finetuned)
+        if regression:
+            try:
+                y = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise DataError(
+                    f"the fine-tuned models are regressions but {labels.column} is not numeric",
+                    file=labels.source,
+                    column=labels.column,
+                ) from exc
+            classes, boolean_like = np.array([]), False
+        else:
+            classes, y = np.unique(values, return_inverse=True)
+            y = y.reshape(-1)
+            boolean_like = labels.frame["label"].dtype == pl.Boolean or set(classes.tolist()) <= {
+                0,
+                1,
+            }
+        where = subject_positions(samples, labels.subject_ids)
+
+        def row_splits(split_salt: str, split_fractions) -> tuple[np.ndarray, np.ndarray]:
+            # The MEDS split name of every label row, and the split of every subject.
+            of_subject = np.asarray(self.split(samples, split_salt, tuple(split_fractions)))
+            return meds_split_names(of_subject)[where], of_subject
+
+        split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)[where]
+        return EvaluationRows(
+            task=_task_name(Path(str(options["labels"]))),
+            groups=labels.subject_ids,
+            y=y,
+            classes=classes,
+            regression=regression,
+            split=split,
+            data_hash=samples.data_hash,
+            info={
+                "labels": labels,
+                "boolean_like": boolean_like,
+                "row_splits": row_splits,
+                "salt": salt,
+                "fractions": tuple(fractions),
+                "options": options,
+            },
+        )
+
+    def evaluation_protocol(self, options: dict[str, Any]) -> Any:
+        """The EHRSHOT few-shot protocol (``--few-shot``)."""
+        from healthfm.ehr.evaluate import EhrshotProtocol
+
+        return EhrshotProtocol(options.get("few_shot"))
+
+    def _featurize(self, encoder: Any, samples: Samples, rows: EvaluationRows, pooling, batch_size):
+        # One pass over the labelled subjects gives the embeddings and the count features.
+        from healthfm.ehr.embed import featurize_labels
+
+        if encoder is not None:
+            tokenizer = encoder.tokenizer
+        else:  # the baselines alone: a tokenizer fitted on the train subjects
+            _, of_subject = rows.info["row_splits"](rows.info["salt"], rows.info["fractions"])
+            tokenizer = self.fit_tokenizer(
+                samples, np.flatnonzero(of_subject == "train"), rows.info.get("options", {})
+            )
+        feats = featurize_labels(
+            samples.payload["dataset"],
+            tokenizer,
+            rows.info["labels"],
+            encoder,
+            pooling or (encoder.pooling if encoder is not None else "last"),
+            batch_size,
+        )
+        rows.info["features"] = feats
+        rows.info["seconds_embed"] = feats.seconds_embed
+        rows.info["seconds_featurize"] = feats.seconds_total
+        return feats
+
+    def embed_rows(
+        self,
+        encoder: Any,
+        samples: Samples,
+        rows: EvaluationRows,
+        pooling: str | None,
+        batch_size: int,
+    ) -> np.ndarray:
+        """Embeddings at each label's prediction time (the count features come in the same pass)."""
+        return self._featurize(encoder, samples, rows, pooling, batch_size).embeddings
+
+    def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
+        """log(1 + count) of every token up to the prediction time, plus the age then,
+        under the linear probe and under gradient-boosted trees."""
+        feats = rows.info.get("features") or self._featurize(None, samples, rows, None, 32)
+        counts = np.log1p(feats.counts.toarray())
+        counts = np.column_stack([counts, np.nan_to_num(feats.age_years, nan=-1.0)])
+        counts = counts.astype(np.float32)
+        linear = "ridge" if rows.regression else "logreg"
+        return {
+            f"counts+{linear}": Features(counts, baseline=True, probe="linear"),
+            "counts+gbm": Features(counts, baseline=True, probe="gbm"),
+        }
+
+    def finetuned_rows(
+        self,
+        folders: list,
+        samples: Samples,
+        rows: EvaluationRows,
+        metrics: list[str],
+        n_boot: int,
+        batch_size: int,
+        salt: str,
+        fractions: tuple[float, float, float],
+    ) -> tuple[list, dict[str, np.ndarray]]:
+        """Fine-tuned EHR models' own predictions on the held-out label rows, at their
+        few-shot k; a model fine-tuned on any held-out row is refused."""
+        from healthfm.ehr.evaluate import meds_split_names
+        from healthfm.ehr.finetune import finetuned_ehr_rows
+
+        split = meds_split_names(rows.split)
+        return finetuned_ehr_rows(
+            [_check_split(d, split, (salt, fractions), rows.info["row_splits"]) for d in folders],
+            samples.payload["dataset"],
+            rows.info["labels"],
+            rows.y,
+            rows.classes,
+            split,
+            rows.task,
+            metrics,
+            n_boot,
+            batch_size,
+            samples.data_hash,
         )
 
     def task_input(
@@ -303,11 +455,11 @@ class EhrModality(Modality):
         labels = self._labels(options, samples)
         return ehr_task_input(samples, model, labels, self.split(samples, salt, fractions))
 
-    def run_demo(self, out: Path, quick: bool) -> Any:
-        """Pretrain on the bundled synthetic MEDS population and run the EHRSHOT protocol."""
-        from healthfm.ehr.demo import run_ehr_demo
+    def demo_spec(self, quick: bool) -> Any:
+        """Pretrain on the bundled clinosim MEDS population, then the EHRSHOT protocol."""
+        from healthfm.ehr.demo import demo_spec
 
-        return run_ehr_demo(out, quick)
+        return demo_spec(quick)
 
 
 def _reorder(chunks: list[TokenChunk], order_keys: np.ndarray) -> TokenChunk:
@@ -349,10 +501,18 @@ def _task_name(path: Path) -> str:
     )
 
 
+def _training_info(model_dir: Path) -> dict[str, Any]:
+    # A LoRA adapter folder records the split of its base model in its reference file.
+    from healthfm.evaluate.adapters import BASE_REF
+
+    for name in ("training_info.json", BASE_REF):
+        if (model_dir / name).exists():
+            return json.loads((model_dir / name).read_text())
+    return {}
+
+
 def _check_split(model_dir, split: np.ndarray, evaluation: tuple, row_splits) -> Any:
     """``model_dir``, after checking that its fine-tuning never trained on a held-out row."""
-    from healthfm.pipeline import _training_info
-
     info = _training_info(Path(model_dir))
     salt, fractions = info.get("split_salt"), info.get("split_fractions")
     if salt is None or fractions is None:
@@ -370,194 +530,6 @@ def _check_split(model_dir, split: np.ndarray, evaluation: tuple, row_splits) ->
             column="split_salt",
         )
     return model_dir
-
-
-def evaluate_ehrshot(
-    model_dir: str | Path | None,
-    input_path: str | Path,
-    out_dir: str | Path,
-    options: dict,
-    seeds: list[int] | None = None,
-    n_boot: int = 1000,
-    pooling: str | None = None,
-    batch_size: int = 32,
-    include_baselines: bool = True,
-    echo: bool = True,
-    finetuned=(),
-    salt: str = "healthfm",
-    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
-) -> list:
-    """The EHRSHOT evaluation of a model (or of the baselines alone) on a MEDS label file.
-
-    ``finetuned``: fine-tuned EHR model / LoRA adapter folders whose own predictions on the
-    held-out rows are scored next to the probe and the baselines (a fine-tuned
-    ``model_dir`` adds its own), at their few-shot k. ``salt`` / ``fractions``: the split of
-    subjects missing from ``subject_splits.parquet`` (the model's, through ``healthfm
-    evaluate``); a fine-tuned model trained on any held-out row is refused.
-
-    Writes ``results.json`` (core schema), ``predictions/<method>.parquet``
-    (meds-evaluation schema, held-out rows, largest k), ``few_shot_auroc.png`` and
-    ``table.txt`` into ``out_dir``.
-    """
-    from healthfm import __version__
-    from healthfm.ehr.embed import featurize_labels
-    from healthfm.ehr.evaluate import (
-        format_ehrshot_table,
-        parse_few_shot,
-        plot_few_shot,
-        run_protocol,
-        write_predictions,
-    )
-    from healthfm.evaluate.metrics import REGRESSION_METRICS
-    from healthfm.evaluate.results import format_table, write_results
-    from healthfm.fsutil import atomic_write_text
-    from healthfm.pipeline import finetuned_folders, load_for
-
-    t0 = time.perf_counter()
-    modality = EhrModality()
-    out_dir = Path(out_dir)
-    seeds = list(seeds) if seeds else [0, 1, 2, 3, 4]
-    ks = parse_few_shot(options.get("few_shot"))
-    samples = modality.read(input_path, options)
-    labels = modality._labels(options, samples)
-    y_raw = labels.frame["label"]
-    from healthfm.ehr.finetune import label_values, subject_positions
-    from healthfm.evaluate.finetune import evaluation_is_regression
-
-    # The rule finetune uses (more than 20 distinct numbers → regression; integer lab-value
-    # bins and boolean outcomes stay classes, as in EHRSHOT), or the fine-tuned models' task.
-    model = None
-    if model_dir is not None:
-        model, _ = load_for("ehr", model_dir)
-    ft_dirs = finetuned_folders(finetuned, model_dir, model)
-    regression = evaluation_is_regression(label_values(labels), ft_dirs)
-    if regression:
-        if options.get("few_shot") is None:
-            ks = ["all"]
-        try:
-            y = np.asarray(label_values(labels), dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise DataError(
-                f"the fine-tuned models are regressions but {labels.column} is not numeric",
-                file=labels.source,
-                column=labels.column,
-            ) from exc
-        classes = np.array([])
-        boolean_like = False
-    else:
-        classes, y = np.unique(label_values(labels), return_inverse=True)
-        y = y.reshape(-1)
-        boolean_like = y_raw.dtype == pl.Boolean or set(classes.tolist()) <= {0, 1}
-
-    def row_splits(split_salt: str, split_fractions) -> tuple[np.ndarray, np.ndarray]:
-        # MEDS split name of every label row, and the split of every subject.
-        of_subject = np.asarray(modality.split(samples, split_salt, tuple(split_fractions)))
-        where = subject_positions(samples, labels.subject_ids)
-        meds = {"train": "train", "val": "tuning", "test": "held_out"}
-        return np.array([meds[x] for x in of_subject.astype(str)])[where], of_subject
-
-    split, split_of = row_splits(salt, fractions)
-    if model is None and not include_baselines and not finetuned:
-        raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
-    tokenizer = (
-        model.tokenizer
-        if model is not None
-        else modality.fit_tokenizer(samples, np.flatnonzero(split_of == "train"), options)
-    )
-    pool = pooling or "last"
-    feats = featurize_labels(samples.payload["dataset"], tokenizer, labels, model, pool, batch_size)
-    counts = np.log1p(feats.counts.toarray())
-    counts = np.column_stack([counts, np.nan_to_num(feats.age_years, nan=-1.0)]).astype(np.float32)
-    features: dict[str, tuple[np.ndarray, bool, str]] = {}
-    linear = "ridge" if regression else "logreg"
-    if model is not None:
-        name = f"{model.config.preset or 'model'}-causal-{pool}+{linear}"
-        features[name] = (feats.embeddings, False, "linear")
-    if include_baselines:
-        features[f"counts+{linear}"] = (counts, True, "linear")
-        features["counts+gbm"] = (counts, True, "gbm")
-    task = _task_name(Path(str(options["labels"])))
-    rows, final = run_protocol(
-        features,
-        y,
-        split,
-        labels.subject_ids,
-        task,
-        ks,
-        seeds,
-        n_boot,
-        data_hash=samples.data_hash,
-        model_hash=getattr(model, "model_hash", None),
-        version=__version__,
-        regression=regression,
-    )
-    for r in rows:
-        r.extra["labels_per_s_embed"] = (
-            (len(labels) / feats.seconds_embed) if feats.seconds_embed else None
-        )
-    if ft_dirs:
-        from healthfm.ehr.evaluate import metrics_for
-        from healthfm.ehr.finetune import finetuned_ehr_rows
-
-        ft_rows, ft_final = finetuned_ehr_rows(
-            [_check_split(d, split, (salt, fractions), row_splits) for d in ft_dirs],
-            samples.payload["dataset"],
-            labels,
-            y,
-            classes,
-            split,
-            task,
-            list(REGRESSION_METRICS) if regression else list(metrics_for(len(classes))),
-            n_boot,
-            batch_size,
-            samples.data_hash,
-        )
-        rows += ft_rows
-        final.update(ft_final)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir / "results.json", rows)
-    te = np.flatnonzero(split == "held_out")
-    held = labels.frame[te]
-    for method, p in final.items():
-        if not boolean_like and not regression and p.ndim == 1:  # two non-boolean classes
-            p = np.stack([1.0 - p, p], axis=1)
-        write_predictions(
-            out_dir / "predictions" / f"{method.replace('+', '_')}.parquet",
-            held,
-            p,
-            classes=classes,
-            column=labels.column,
-            regression=regression,
-        )
-    plot = None
-    if regression:  # no few-shot curve: one k
-        table = format_table([r.to_dict() for r in rows], list(REGRESSION_METRICS))
-    else:
-        plot = plot_few_shot(rows, out_dir / "few_shot_auroc.png", task)
-        table = format_ehrshot_table(rows, task)
-    atomic_write_text(out_dir / "table.txt", table)
-    atomic_write_text(
-        out_dir / "run_info.json",
-        json.dumps(
-            {
-                "n_labels": len(labels),
-                "n_held_out": len(te),
-                "seeds": seeds,
-                "ks": ks,
-                "n_boot": n_boot,
-                "embed_seconds": feats.seconds_embed,
-                "featurize_seconds": feats.seconds_total,
-                "total_seconds": time.perf_counter() - t0,
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n",
-    )
-    if echo:
-        print(table, end="")
-        print(f"wrote {out_dir / 'results.json'}" + (f", {plot}" if plot else ""))
-    return rows
 
 
 register_modality(EhrModality())

@@ -456,3 +456,123 @@ def write_predictions(
     out.write_parquet(buf)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+class EhrshotProtocol:
+    """EHRSHOT as a protocol of the shared evaluator: the few-shot grid over seeds
+    (:func:`run_protocol`), its table and plot, and held-out predictions per method.
+
+    Parameters
+    ----------
+    few_shot
+        ``--few-shot`` values (default: :data:`FEW_SHOT_KS`; a regression runs ``all``).
+    """
+
+    #: EHRSHOT repeats every few-shot draw over five seeds.
+    seeds = (0, 1, 2, 3, 4)
+
+    def __init__(self, few_shot: Any = None) -> None:
+        self.few_shot = few_shot
+
+    def ks(self, regression: bool) -> list[int | str]:
+        """The few-shot sizes run."""
+        if regression and self.few_shot is None:
+            return ["all"]
+        return parse_few_shot(self.few_shot)
+
+    def reported(self, regression: bool, n_classes: int = 2) -> list[str]:
+        """The metrics of result rows."""
+        return list(REGRESSION_METRICS) if regression else list(metrics_for(n_classes))
+
+    def run(
+        self,
+        features: dict[str, Any],
+        rows: Any,
+        seeds,
+        n_boot: int,
+        model_hash: str | None,
+        modality: str,
+    ):
+        """The few-shot grid for every method on the MEDS splits of the label rows."""
+        from healthfm import __version__
+        from healthfm.evaluate.protocol import ProbeResult
+
+        result_rows, final = run_protocol(
+            {name: (f.X, f.baseline, f.probe) for name, f in features.items()},
+            rows.y,
+            meds_split_names(rows.split),
+            rows.groups,
+            rows.task,
+            self.ks(rows.regression),
+            list(seeds),
+            n_boot,
+            data_hash=rows.data_hash,
+            model_hash=model_hash,
+            version=__version__,
+            regression=rows.regression,
+        )
+        seconds = rows.info.get("seconds_embed")
+        for r in result_rows:
+            r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
+        return ProbeResult(result_rows, final)
+
+    def table(self, result_rows: list[ResultRow], rows: Any) -> str:
+        """The EHRSHOT table (a plain table for a regression: one k)."""
+        from healthfm.evaluate.results import format_table
+
+        if rows.regression:
+            return format_table([r.to_dict() for r in result_rows], list(REGRESSION_METRICS))
+        return format_ehrshot_table(result_rows, rows.task)
+
+    def write_outputs(
+        self, out_dir: Path, result: Any, rows: Any, run_info: dict[str, Any]
+    ) -> list[Path]:
+        """``predictions/<method>.parquet`` (held-out rows, largest k), ``few_shot_auroc.png``,
+        ``table.txt`` and ``run_info.json``."""
+        import json
+
+        from healthfm.fsutil import atomic_write_text
+
+        labels = rows.info["labels"]
+        te = rows.indices("test")
+        held = labels.frame[te]
+        for method, p in result.scores.items():
+            if not rows.info["boolean_like"] and not rows.regression and p.ndim == 1:
+                p = np.stack([1.0 - p, p], axis=1)  # two non-boolean classes
+            write_predictions(
+                Path(out_dir) / "predictions" / f"{method.replace('+', '_')}.parquet",
+                held,
+                p,
+                classes=rows.classes,
+                column=labels.column,
+                regression=rows.regression,
+            )
+        written = []
+        if not rows.regression:  # no few-shot curve for one k
+            written.append(
+                plot_few_shot(result.rows, Path(out_dir) / "few_shot_auroc.png", rows.task)
+            )
+        atomic_write_text(Path(out_dir) / "table.txt", self.table(result.rows, rows))
+        info = {
+            "n_labels": len(rows),
+            "n_held_out": len(te),
+            "seeds": run_info["seeds"],
+            "ks": self.ks(rows.regression),
+            "n_boot": run_info["n_boot"],
+            "embed_seconds": rows.info.get("seconds_embed", 0.0),
+            "featurize_seconds": rows.info.get("seconds_featurize", 0.0),
+            "total_seconds": run_info["total_seconds"],
+        }
+        atomic_write_text(
+            Path(out_dir) / "run_info.json", json.dumps(info, indent=2, default=str) + "\n"
+        )
+        return written
+
+
+#: The shared split names → MEDS's.
+MEDS_NAMES = {"train": "train", "val": "tuning", "test": "held_out"}
+
+
+def meds_split_names(split: np.ndarray) -> np.ndarray:
+    """train / val / test → train / tuning / held_out."""
+    return np.array([MEDS_NAMES[s] for s in np.asarray(split).astype(str)])

@@ -9,21 +9,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from healthfm.encoders.base import Encoder
 from healthfm.errors import ConfigError
 from healthfm.fsutil import atomic_write_bytes
-from healthfm.model.heads import FoundationModel
 from healthfm.tokens import TokenStore
 from healthfm.train.data import collate
 
 
 @torch.inference_mode()
 def embed_store(
-    model: FoundationModel,
+    model: Encoder,
     store: TokenStore,
     pooling: str | None = None,
     batch_size: int = 128,
     bf16: bool = False,
-    truncate: str = "head",
+    truncate: str | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Embed every sample of ``store`` with ``model``.
@@ -44,7 +44,8 @@ def embed_store(
     bf16
         Run under bf16 autocast (outputs are returned as float32).
     truncate
-        Which end of a too-long sample to keep ("head" or "tail").
+        Which end of a too-long sample to keep ("head" or "tail"); the end the model was
+        trained on (its config's ``truncate``) when None.
     device
         Where to run; the model's current device when None.
 
@@ -56,14 +57,13 @@ def embed_store(
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    truncate = truncate or getattr(getattr(model, "config", None), "truncate", "head")
     n = len(store)
-    out = np.zeros((n, model.config.d_model), dtype=np.float32)
+    out = np.zeros((n, model.dim), dtype=np.float32)
     order = np.argsort(store.lengths, kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
-        batch = {
-            k: v.to(device) for k, v in collate(store, idx, model.config.max_len, truncate).items()
-        }
+        batch = {k: v.to(device) for k, v in collate(store, idx, model.max_len, truncate).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pooled = model.embed(batch, pooling)
         out[idx] = pooled.float().cpu().numpy()

@@ -367,9 +367,7 @@ def _shared_task_input(
     stack: contextlib.ExitStack,
 ) -> TaskInput:
     """One row per sample: the modality's split, per-sample labels, a temporary token store."""
-    from healthfm.pipeline import tokenize_to_store
-
-    if samples.labels is None and type(modality).evaluate_command is not Modality.evaluate_command:
+    if samples.labels is None and type(modality).evaluation_rows is not Modality.evaluation_rows:
         # Labels that are not per sample come through the modality's own evaluate; without
         # a task_input hook, fine-tuning cannot pair them with samples.
         raise ConfigError(
@@ -382,7 +380,7 @@ def _shared_task_input(
     modality.check_input(samples, model.tokenizer)
     split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="healthfm-finetune-")))
-    store = tokenize_to_store(modality, model.tokenizer, samples, tmp / "store")
+    store = modality.tokenize(model.tokenizer, samples, tmp / "store")
     source = StoreSource(store, model.config.max_len, getattr(modality, "truncate", "head"))
     return TaskInput(samples, split_names, source)
 
@@ -430,7 +428,7 @@ def _task_data(
     if len(splits["val"]) == 0:
         # No val split (tiny data, or the data's own splits lack one): hold out 1/8 of the
         # train groups for early stopping, by a seeded group draw.
-        from healthfm.pipeline import probe_split
+        from healthfm.evaluate.protocol import probe_split
 
         tr, va = probe_split(splits["train"], samples.groups, config.seed)
         if len(va) == 0 or len(tr) == 0:
@@ -1215,7 +1213,6 @@ def finetuned_rows(
         these test samples in its train or val split is refused (``ConfigError``).
     """
     from healthfm.evaluate.probe import align_proba
-    from healthfm.pipeline import tokenize_to_store
 
     rows: list[ResultRow] = []
     seen: set[str] = set()
@@ -1231,9 +1228,7 @@ def finetuned_rows(
         else:
             modality.check_input(samples, model.tokenizer)
             with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
-                store = tokenize_to_store(
-                    modality, model.tokenizer, samples, Path(tmp) / "store", test_idx
-                )
+                store = modality.tokenize(model.tokenizer, samples, Path(tmp) / "store", test_idx)
                 truncate = getattr(modality, "truncate", "head")
                 source = StoreSource(store, model.config.max_len, truncate)
                 scores = predict(model, source, batch_size=batch_size)
@@ -1283,9 +1278,12 @@ def finetuned_rows(
 def _check_test_split(
     modality: Modality, samples: Samples, test_idx: np.ndarray, path: Path, salt, fractions
 ) -> None:
-    from healthfm.pipeline import _training_info
+    from healthfm.evaluate.adapters import BASE_REF
 
-    info = _training_info(path)
+    # A LoRA adapter folder records its base's split in its reference file.
+    info = _training_info(path) or (
+        json.loads((path / BASE_REF).read_text()) if (path / BASE_REF).exists() else {}
+    )
     own_salt, own_fractions = info.get("split_salt"), info.get("split_fractions")
     if salt is None or own_salt is None or own_fractions is None:
         return

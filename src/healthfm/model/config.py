@@ -50,6 +50,10 @@ class ModelConfig:
         patches), projected by a linear patch embedder.
     pooling
         Default pooling for embeddings: "mean", "cls" or "last".
+    truncate
+        Which end of a sample longer than ``max_len`` the model was trained on: "head"
+        (the start) or "tail" (the most recent tokens of a causal timeline); inference
+        keeps the same end.
     dropout
         Dropout on attention output and MLP; 0 by default (small data, short runs).
     rope_base
@@ -72,6 +76,7 @@ class ModelConfig:
     use_times: bool = False
     input_dim: int = 0
     pooling: str = "mean"
+    truncate: str = "head"
     dropout: float = 0.0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
@@ -92,6 +97,8 @@ class ModelConfig:
             raise ConfigError(
                 f"objective must be one of {tuple(OBJECTIVES)}, not {self.objective!r}"
             )
+        if self.truncate not in ("head", "tail"):
+            raise ConfigError(f"truncate must be 'head' or 'tail', not {self.truncate!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, not {self.pooling!r}")
         if self.vocab_size < 1 or self.max_len < 1 or self.n_layers < 1:

@@ -87,7 +87,15 @@ class FoundationModel(nn.Module):
     ``forward`` returns hidden states; :meth:`embed` pools them; :meth:`pretraining_loss`
     scores a batch prepared by :mod:`healthfm.train.objectives` (targets in ``labels``,
     ``IGNORE_INDEX`` elsewhere).
+
+    It is an :class:`~healthfm.encoders.Encoder`: ``name``, ``modality``, ``dim``,
+    ``pooling``, ``max_len``, ``tokenizer`` and ``model_hash`` describe it, :meth:`embed`
+    and :meth:`forward_features` run it (the loader sets ``tokenizer`` and ``model_hash``).
     """
+
+    #: Set by the loader: the model folder's tokenizer and the SHA-256 of its weights.
+    tokenizer = None
+    model_hash: str | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -119,6 +127,35 @@ class FoundationModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states (B, T, D)."""
         return self.backbone(ids, attention_mask, values, times, inputs)
+
+    @property
+    def name(self) -> str:
+        """The size preset (what result rows call the model)."""
+        return self.config.preset or "model"
+
+    @property
+    def modality(self) -> str:
+        """The modality the model was pretrained for."""
+        return self.config.modality
+
+    @property
+    def dim(self) -> int:
+        """Size of the pooled vectors."""
+        return self.config.d_model
+
+    @property
+    def pooling(self) -> str:
+        """Default pooling."""
+        return self.config.pooling
+
+    @property
+    def max_len(self) -> int:
+        """Longest input in tokens."""
+        return self.config.max_len
+
+    def forward_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-token states (B, T, D) of a collated batch dict (the Encoder contract)."""
+        return self.forward_batch(batch)
 
     def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Hidden states of a collated batch dict."""

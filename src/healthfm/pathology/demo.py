@@ -1,11 +1,11 @@
 """``healthfm demo --modality pathology``: the whole path on the bundled real files.
 
-1. tile the bundled Aperio slide (CMU-1-Small-Region.svs, skin H&E) at 0.5 µm/px;
-2. MAE-pretrain a tiny ViT on those slide tiles (unlabelled, self-supervised);
-3. embed the slide (Trident HDF5 with ``features``) and the 24 Kather 2016 tiles;
-4. eva-style linear probe on the Kather tiles (colorectal tissue classes, never seen in
-   pretraining) over 5 seeds, next to colour-histogram and raw-pixel baselines;
-5. gated ABMIL on bags built from the slide's real tile embeddings, where positive bags
+1. tile the bundled Aperio slide (CMU-1-Small-Region.svs, skin H&E) at 0.5 µm/px and
+   MAE-pretrain a tiny ViT on those slide tiles (unlabelled, self-supervised);
+2. eva-style linear probe on the 24 Kather 2016 tiles (colorectal tissue classes, never
+   seen in pretraining) over 5 seeds, next to colour-histogram and raw-pixel baselines;
+3. embed the slide (Trident HDF5 with ``features``);
+4. gated ABMIL on bags built from the slide's real tile embeddings, where positive bags
    have 1–3 tiles replaced by Kather TUMOR-tile embeddings (positives known by
    construction), with attention heat maps drawn over the slide thumbnail.
 
@@ -23,22 +23,21 @@ from typing import Any
 
 import numpy as np
 
+from healthfm.modality import DemoSpec
 
-def run_demo(out: str | Path, quick: bool = False) -> list:
-    """Run the pathology demo into ``out``; returns the result rows (tiles + MIL)."""
+#: Tiling of the slide for embedding (pretraining tiles overlap by half a tile).
+SLIDE_TILING = {"mpp": 0.5, "size": 150, "overlap": 0, "min_tissue": 0.5}
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def demo_spec(quick: bool = False) -> DemoSpec:
+    """The pathology demo as pretrain → probe → embed slide → MIL."""
     from healthfm.datasets import data_path
-    from healthfm.model.pretrained import load
-    from healthfm.pathology import evaluate_tiles, pretrain_tiles
-    from healthfm.pathology.mil import evaluate_slides
-    from healthfm.pathology.tiling import read_tiles_h5
-    from healthfm.train.trainer import TrainConfig
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
     slide = data_path("pathology", "CMU-1-Small-Region.svs")
     kather = data_path("pathology", "kather2016_samples")
     steps = 30 if quick else 150
+    n_boot = 200 if quick else 1000
     # Kather tiles are 150 px at 0.495 µm/px: cut slide tiles of the same field of view.
     options = {
         "mpp": 0.5,
@@ -48,56 +47,47 @@ def run_demo(out: str | Path, quick: bool = False) -> list:
         "image_size": 112,
         "patch_size": 16,
     }
-    config = TrainConfig(
-        steps=steps,
-        batch_size=32,
-        lr=1e-3,
-        warmup_steps=max(1, steps // 10),
-        eval_every=max(1, steps // 3),
-        checkpoint_every=steps,
-        log_every=max(1, steps // 10),
-        seed=0,
-    )
-    print(
-        f"[1/4] tiling {slide.name} and MAE-pretraining a tiny ViT on its tiles ({steps} steps) ...",
-        flush=True,
-    )
-    model_dir = pretrain_tiles(
-        slide, out / "model", options, preset="tiny", train_config=config, run_dir=out / "model.run"
-    )
-    info = json.loads((model_dir / "training_info.json").read_text())
-    print(
-        f"      {info['n_train']} train tiles, MAE loss {info['train_loss']:.3f} "
-        f"(held-out {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 3)}), "
-        f"{info['tiles_per_s']:.1f} tiles/s, {info['wall_seconds']:.0f} s",
-        flush=True,
-    )
-    model = load(model_dir, modality="pathology")
-
-    print("[2/4] embedding the slide's tiles into Trident-layout HDF5 ...", flush=True)
-    from healthfm.pathology import embed_input
-
-    slide_dir = out / "slide_features"
-    embed_input(model, slide, slide_dir, {"mpp": 0.5, "size": 150, "overlap": 0, "min_tissue": 0.5})
-    grid, feats = read_tiles_h5(slide_dir / f"{slide.stem}.h5")
-    print(
-        f"      {len(grid)} tiles × {feats.shape[1]} dims -> {slide_dir / (slide.stem + '.h5')}",
-        flush=True,
+    return DemoSpec(
+        pretrain_input=slide,
+        evaluate_input=kather,
+        train={
+            "steps": steps,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "warmup_steps": max(1, steps // 10),
+            "eval_every": max(1, steps // 3),
+            "checkpoint_every": steps,
+            "log_every": max(1, steps // 10),
+            "seed": 0,
+        },
+        pretrain_options=options,
+        seeds=SEEDS,
+        n_boot=n_boot,
+        batch_size=64,
+        evaluate_dir="tiles_eval",
+        embed=((slide, SLIDE_TILING, "slide_features"),),
+        after=lambda out, model_dir: mil_step(out, model_dir, kather, slide, n_boot),
+        description=(
+            f"tiling {slide.name} and MAE-pretraining a tiny ViT on its tiles ({steps} steps)",
+            f"linear probe on the 24 Kather 2016 tiles vs baselines, {len(SEEDS)} seeds",
+            "embedding the slide's tiles into Trident-layout HDF5",
+            "gated ABMIL on constructed bags of real tile embeddings",
+        ),
     )
 
-    seeds = (0, 1, 2, 3, 4)
-    n_boot = 200 if quick else 1000
-    print(
-        f"[3/4] linear probe on the 24 Kather 2016 tiles vs baselines, {len(seeds)} seeds ...",
-        flush=True,
-    )
-    rows = evaluate_tiles(
-        None, kather, out / "tiles_eval", {}, seeds=seeds, n_boot=n_boot, model=model
-    )
 
-    print("[4/4] gated ABMIL on constructed bags of real tile embeddings ...", flush=True)
+def mil_step(out: Path, model_dir: Path, kather: Path, slide: Path, n_boot: int) -> list:
+    """Bags of the slide's tile embeddings (positives: inserted Kather tumour tiles), gated
+    ABMIL vs mean pooling, and how often attention finds the inserted tiles."""
+    from healthfm.model.pretrained import load
     from healthfm.pathology import MODALITY, TileSource, embed_tiles
+    from healthfm.pathology.mil import evaluate_slides
+    from healthfm.pathology.tiling import read_tiles_h5
 
+    t0 = time.perf_counter()
+    model = load(model_dir, modality="pathology")
+    slide_dir = out / "slide_features"
+    grid, feats = read_tiles_h5(slide_dir / f"{slide.stem}.h5")
     samples = MODALITY.read(kather, {})
     tumor = np.flatnonzero(samples.labels == "01_TUMOR")
     kemb = embed_tiles(
@@ -105,12 +95,12 @@ def run_demo(out: str | Path, quick: bool = False) -> list:
     )[tumor]
     mil_dir = out / "mil"
     _mil_bags(grid, feats, kemb, slide_dir, mil_dir, n_bags=24, seed=0)
-    rows += evaluate_slides(
+    rows = evaluate_slides(
         model_dir,
         mil_dir / "features",
         mil_dir / "slides.csv",
         mil_dir / "eval",
-        seeds=seeds,
+        seeds=SEEDS,
         n_boot=n_boot,
         epochs=30,
     )
@@ -122,8 +112,7 @@ def run_demo(out: str | Path, quick: bool = False) -> list:
     (out / "demo_summary.json").write_text(
         json.dumps(
             {
-                "seconds": time.perf_counter() - t0,
-                "steps": steps,
+                "seconds_mil": time.perf_counter() - t0,
                 "attention_top1_hit_rate": hit_rate,
                 "n_slide_tiles": len(grid),
                 "model": str(model_dir),
@@ -132,7 +121,6 @@ def run_demo(out: str | Path, quick: bool = False) -> list:
         )
         + "\n"
     )
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s; outputs in {out}")
     return rows
 
 

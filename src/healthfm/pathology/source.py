@@ -154,7 +154,7 @@ def embed_tiles(
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    out = np.zeros((len(source), model.config.d_model), dtype=np.float32)
+    out = np.zeros((len(source), model.dim), dtype=np.float32)
     start = 0
     batches = batch_iterator(source, batch_size, num_workers)
     for batch in tqdm(

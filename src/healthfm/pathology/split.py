@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from healthfm.evaluate.protocol import stratified_pool_split
 from healthfm.modality import _unit_interval
+
+__all__ = ["stratified_pool_split", "stratified_split"]
 
 
 def stratified_split(
@@ -40,23 +43,3 @@ def stratified_split(
         group_split[members[n_test : n_test + n_val]] = "val"
     out[:] = group_split[inverse]
     return out
-
-
-def stratified_pool_split(
-    y: np.ndarray, pool_idx: np.ndarray, seed: int, val_fraction: float = 0.2
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split a pool of indices into probe-train / probe-val, per class, differently per seed.
-
-    Each class with two or more samples gives at least one to val and keeps at least one
-    for train; this is what varies between the repeated runs.
-    """
-    rng = np.random.default_rng([seed, 7919])
-    y_pool = np.asarray(y)[pool_idx]
-    is_val = np.zeros(len(pool_idx), dtype=bool)
-    for cls in np.unique(y_pool):
-        members = np.flatnonzero(y_pool == cls)
-        if len(members) < 2:
-            continue
-        n_val = min(len(members) - 1, max(1, round(val_fraction * len(members))))
-        is_val[rng.choice(members, n_val, replace=False)] = True
-    return pool_idx[~is_val], pool_idx[is_val]

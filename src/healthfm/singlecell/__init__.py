@@ -30,10 +30,12 @@ from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.results import ResultRow
 from healthfm.modality import (
     BaselineFn,
+    DemoSpec,
     Modality,
     Samples,
     _unit_interval,
     assign_splits,
+    next_power_of_two,
     register_modality,
 )
 from healthfm.singlecell import tl
@@ -82,10 +84,8 @@ log = logging.getLogger("healthfm")
 #: per-entry temporaries in cache and peak memory low; larger ones were not faster).
 CHUNK_CELLS = 512
 TOKENIZERS = {"rank": RankValueTokenizer, "binned": BinnedTokenizer}
-
-
-def _next_power_of_two(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
+#: ``obsm`` key of ``healthfm embed ... --out OUT.h5ad``.
+EMBEDDING_KEY = "X_healthfm"
 
 
 def _no_value(value: Any) -> bool:
@@ -202,7 +202,7 @@ class SingleCellModality(Modality):
         max_length = options.get("max_length")
         if max_length is None:
             longest = int(np.max(matrix.extra["n_expressed"][train_idx]))
-            max_length = min(_next_power_of_two(longest + 1), DEFAULT_MAX_LENGTH)
+            max_length = min(next_power_of_two(longest + 1), DEFAULT_MAX_LENGTH)
         kwargs: dict[str, Any] = {
             "max_length": int(max_length),
             "total_column": options.get("total_column"),
@@ -281,7 +281,9 @@ class SingleCellModality(Modality):
             logging.WARNING if incomplete else logging.INFO, "%s: %s", samples.source, cov.report()
         )
 
-    def model_defaults(self, tokenizer: Tokenizer, samples: Samples) -> dict[str, Any]:
+    def model_defaults(
+        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+    ) -> dict[str, Any]:
         """Context = the tokenizer's ``max_length``; the value input for binned tokens."""
         tokenizer = self._tokenizer(tokenizer)
         return {"max_len": tokenizer.max_length, "use_values": "values" in tokenizer.fields}
@@ -309,48 +311,82 @@ class SingleCellModality(Modality):
             return stratified_splits(samples.labels, samples.keys, fractions, salt)
         return assign_splits(samples.groups, fractions, salt)
 
-    def embed_command(
-        self, model: Any, input_path: Path, out: Path, options: dict, **kwargs: Any
-    ) -> Path | None:
-        """``healthfm embed`` to ``.h5ad``: the input AnnData with ``obsm['X_healthfm']``."""
+    def embedding_inputs(
+        self, path: str | Path, options: dict[str, Any], out: Path, encoder: Any
+    ) -> Iterator[tuple[Samples, Path]]:
+        """The input; for an ``.h5ad`` output the whole AnnData is kept, to be written back
+        with ``obsm['X_healthfm']`` (see :func:`healthfm.singlecell.tl.embed`)."""
         if Path(out).suffix != ".h5ad":
-            return None
-        return tl.embed_file(
-            model,
-            input_path,
-            out,
-            options,
-            pooling=kwargs.get("pooling"),
-            batch_size=kwargs.get("batch_size", 128),
-            bf16=kwargs.get("bf16", False),
+            yield self.read(path, options), Path(out)
+            return
+        from healthfm.singlecell.reader import open_h5ad
+
+        adata = open_h5ad(path)
+        samples = Samples(
+            source=Path(path),
+            keys=np.asarray(adata.obs_names),
+            groups=np.asarray(adata.obs_names),
+            labels=None,
+            payload=None,
+            data_hash="",
+            info={"adata": adata},
         )
+        yield samples, Path(out)
+
+    def embed_samples(
+        self,
+        encoder: Any,
+        samples: Samples,
+        options: dict[str, Any],
+        pooling: str | None,
+        batch_size: int,
+        bf16: bool = False,
+    ) -> np.ndarray:
+        """Cells tokenized into a temporary store; an AnnData kept by
+        :meth:`embedding_inputs` is embedded scanpy style (``tl.embed``)."""
+        adata = samples.info.get("adata")
+        if adata is None:
+            return super().embed_samples(encoder, samples, options, pooling, batch_size, bf16)
+        tl.embed(
+            adata,
+            encoder,
+            EMBEDDING_KEY,
+            layer=options.get("layer"),
+            gene_column=options.get("gene_column"),
+            total_column=options.get("total_column"),
+            normalized=bool(options.get("normalized", False)),
+            pooling=pooling,
+            batch_size=batch_size,
+            bf16=bf16,
+        )
+        return adata.obsm[EMBEDDING_KEY]
+
+    def write_embeddings(
+        self,
+        out: Path,
+        samples: Samples,
+        embeddings: np.ndarray,
+        attrs: dict[str, Any],
+        options: dict[str, Any],
+    ) -> Path:
+        """``.h5ad``: the input AnnData with the embedding in ``obsm`` (gzip, atomic);
+        otherwise parquet / ``.npy``."""
+        adata = samples.info.get("adata")
+        if adata is None:
+            return super().write_embeddings(out, samples, embeddings, attrs, options)
+        from healthfm.singlecell.bundled import write_h5ad_atomic
+
+        return write_h5ad_atomic(adata, out)
 
     def extra_evaluations(self, context: dict[str, Any]) -> list[ResultRow]:
         """k-NN probe rows and zero-shot k-means clustering rows (ARI, NMI)."""
         return knn_rows(context, self.name) + clustering_rows(context, self.name)
 
-    def demo_spec(self, quick: bool) -> dict[str, Any]:
-        """Pretrain on PBMC (non-test) + CellTypist cells, evaluate on PBMC ``bulk_labels``."""
-        return {
-            "input": str(pbmc68k()),
-            "options": {
-                "label_column": "bulk_labels",
-                "total_column": "n_counts",
-                "max_length": 128,
-            },
-            "preset": "tiny",
-            "steps": 40 if quick else 200,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "seeds": (0, 1) if quick else (0, 1, 2, 3, 4),
-            "n_boot": 200 if quick else 1000,
-        }
+    def demo_spec(self, quick: bool) -> DemoSpec:
+        """Pretrain on PBMC (train + val) + CellTypist cells, evaluate on PBMC ``bulk_labels``."""
+        from healthfm.singlecell.demo import demo_spec
 
-    def run_demo(self, out: Path, quick: bool) -> list[ResultRow]:
-        """Build the pretraining corpus without the PBMC test cells, pretrain, evaluate."""
-        from healthfm.singlecell.demo import run_demo
-
-        return run_demo(self, self.demo_spec(quick), Path(out))
+        return demo_spec(self, quick)
 
     @staticmethod
     def _matrix(samples: Samples) -> CountMatrix:

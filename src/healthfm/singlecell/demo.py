@@ -10,86 +10,50 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
-from healthfm.evaluate.results import ResultRow, format_table
+from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, DemoSpec, split_indices
+
+OPTIONS = {"label_column": "bulk_labels", "total_column": "n_counts", "max_length": 128}
 
 
-def run_demo(modality: Any, spec: dict[str, Any], out: Path) -> list[ResultRow]:
-    """Run the single-cell demo into ``out``; returns the result rows."""
-    from healthfm import pipeline
-    from healthfm.modality import split_indices
-    from healthfm.singlecell.bundled import pretraining_corpus
-    from healthfm.train.trainer import TrainConfig
+def demo_spec(modality: Any, quick: bool) -> DemoSpec:
+    """The single-cell demo: corpus without the PBMC test cells, pretrain, evaluate."""
+    from healthfm.singlecell.bundled import pbmc68k
 
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    options = dict(spec["options"])
-    samples = modality.read(spec["input"], options)
-    splits = split_indices(
-        modality.split(samples, pipeline.DEFAULT_SALT, pipeline.DEFAULT_FRACTIONS)
+    steps = 40 if quick else 200
+    seeds = (0, 1) if quick else (0, 1, 2, 3, 4)
+    return DemoSpec(
+        pretrain_input=lambda out: corpus(modality, Path(out)),
+        evaluate_input=str(pbmc68k()),
+        train={
+            "steps": steps,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "warmup_steps": max(1, steps // 10),
+            "eval_every": max(1, steps // 5),
+            "checkpoint_every": max(1, steps // 2),
+            "seed": 0,
+        },
+        pretrain_options={k: v for k, v in OPTIONS.items() if k != "label_column"},
+        evaluate_options=dict(OPTIONS),
+        seeds=seeds,
+        n_boot=200 if quick else 1000,
+        description=(
+            f"pretraining a tiny rank-value model on corpus.h5ad (PBMC train+val cells + "
+            f"CellTypist cells, PBMC test cells held out), {steps} steps",
+            "PBMC bulk_labels: linear + k-NN probes and k-means clustering vs HVG+PCA and "
+            f"lognorm baselines, same stratified splits, {len(seeds)} seeds",
+        ),
     )
+
+
+def corpus(modality: Any, out: Path) -> Path:
+    """The pretraining corpus: every bundled cell but the PBMC test cells, on PBMC's genes."""
+    from healthfm.singlecell.bundled import pbmc68k, pretraining_corpus
+
+    samples = modality.read(str(pbmc68k()), dict(OPTIONS))
+    splits = split_indices(modality.split(samples, DEFAULT_SALT, DEFAULT_FRACTIONS))
     test_keys = samples.keys[splits["test"]]
-    corpus = pretraining_corpus(out / "corpus.h5ad", exclude=test_keys, genes=samples.payload.genes)
-    steps = spec["steps"]
-    config = TrainConfig(
-        steps=steps,
-        batch_size=spec["batch_size"],
-        lr=spec["lr"],
-        warmup_steps=max(1, steps // 10),
-        eval_every=max(1, steps // 5),
-        checkpoint_every=max(1, steps // 2),
-        seed=0,
-    )
-    print(
-        f"[1/2] pretraining a {spec['preset']} rank-value model on {corpus.name} (PBMC train+val cells + "
-        f"CellTypist cells, PBMC test cells held out), {steps} steps ...",
-        flush=True,
-    )
-    corpus_options = {k: v for k, v in options.items() if k != "label_column"}
-    model_dir = pipeline.pretrain(
-        modality,
-        corpus,
-        out / "model",
-        corpus_options,
-        preset=spec["preset"],
-        train_config=config,
-        run_dir=out / "model.run",
-    )
-    info = json.loads((model_dir / "training_info.json").read_text())
-    print(
-        f"      done in {info['wall_seconds']:.0f} s: train loss {info['train_loss']:.3f}, "
-        f"held-out loss {info['val_loss']:.3f}, {info['tokens_per_s']:.0f} tokens/s",
-        flush=True,
-    )
-    print(
-        f"[2/2] PBMC bulk_labels: linear + k-NN probes and k-means clustering vs HVG+PCA and lognorm "
-        f"baselines, same stratified splits, {len(spec['seeds'])} seeds ...",
-        flush=True,
-    )
-    rows = pipeline.evaluate(
-        model_dir,
-        spec["input"],
-        out,
-        options,
-        seeds=spec["seeds"],
-        n_boot=spec["n_boot"],
-        salt=pipeline.DEFAULT_SALT,
-        echo=False,
-    )
-    dicts = [r.to_dict() for r in rows]
-    print(
-        format_table(
-            [d for d in dicts if d["metric"] not in ("ari", "nmi")],
-            ["accuracy", "balanced_accuracy", "macro_f1", "auroc"],
-        )
-    )
-    print("zero-shot clustering (k-means, k = number of cell types, all cells):")
-    print(format_table([d for d in dicts if d["metric"] in ("ari", "nmi")], ["ari", "nmi"]))
-    print(
-        f"demo finished in {time.perf_counter() - t0:.0f} s; model in {model_dir}, results in {out / 'results.json'}"
-    )
-    return rows
+    return pretraining_corpus(out / "corpus.h5ad", exclude=test_keys, genes=samples.payload.genes)

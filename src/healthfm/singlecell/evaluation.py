@@ -50,7 +50,8 @@ def knn_rows(context: dict[str, Any], modality: str) -> list[ResultRow]:
     rows: list[ResultRow] = []
     if len(np.unique(y[pool])) < 2 or len(test) == 0:
         return rows
-    for name, (x, is_baseline, extra) in context["features"].items():
+    for name, feats in context["features"].items():
+        x, is_baseline, extra = feats.X, feats.baseline, feats.extra
         probe = fit_knn_probe(x[pool], y[pool], x[test], k=KNN_K)
         scores = align_proba(probe.proba, probe.classes, np.arange(len(classes)))
         for seed in context["seeds"]:
@@ -166,7 +167,8 @@ def clustering_rows(context: dict[str, Any], modality: str) -> list[ResultRow]:
     y = context["y"]
     k = len(context["classes"])
     rows: list[ResultRow] = []
-    for name, (x, is_baseline, extra) in context["features"].items():
+    for name, feats in context["features"].items():
+        x, is_baseline, extra = feats.X, feats.baseline, feats.extra
         if is_baseline and name not in CLUSTER_BASELINES:
             continue
         for seed in context["seeds"]:

@@ -5,8 +5,10 @@
 >>> hsc.tl.embed(adata, model)                                    # adata.obsm["X_healthfm"]
 >>> sc.pp.neighbors(adata, use_rep="X_healthfm"); sc.tl.umap(adata)
 
-Both go through the shared pipeline (the same reader validation, tokenizer, trainer and
-token store as the CLI), so a model fitted here embeds the same way from the command line.
+``fit`` runs the shared pretrain stage and ``embed`` the modality's own parts (the same
+reader validation, tokenizer, trainer and token store as the CLI), so a model fitted here
+embeds the same way from the command line. This module is a facade over the stages: the
+one place in a modality package allowed to call them (an import-linter exception).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def _modality():
 
 
 def _load(model: FoundationModel | str | Path) -> FoundationModel:
-    if isinstance(model, FoundationModel):
+    if not isinstance(model, str | Path):
         if getattr(model, "tokenizer", None) is None:
             raise ConfigError("the model has no tokenizer; load it with healthfm.load(folder)")
-        if model.config.modality != "singlecell":
-            raise ConfigError(f"a {model.config.modality!r} model cannot embed cells")
+        if model.modality != "singlecell":
+            raise ConfigError(f"a {model.modality!r} model cannot embed cells")
         return model
     from healthfm.model.pretrained import load
 
@@ -87,8 +89,8 @@ def fit(
     FoundationModel
         The trained model, with ``model.tokenizer`` set.
     """
-    from healthfm import pipeline
     from healthfm.model.pretrained import load
+    from healthfm.stages.pretrain import pretrain
     from healthfm.train.trainer import TrainConfig
 
     options = {
@@ -115,10 +117,10 @@ def fit(
         run_dir = Path(tmp) / "run"
         source = adata
         if not isinstance(adata, str | Path):
-            # The shared pipeline reads files: hand it the AnnData as an .h5ad.
+            # The pretrain stage reads files: hand it the AnnData as an .h5ad.
             source = Path(tmp) / "input.h5ad"
             adata.write_h5ad(source)
-        pipeline.pretrain(
+        pretrain(
             _modality(),
             source,
             target,
@@ -174,7 +176,6 @@ def embed(
     AnnData or None
         The copy when ``copy=True``.
     """
-    from healthfm import pipeline
     from healthfm.evaluate.embed import embed_store
 
     t0 = time.perf_counter()
@@ -195,7 +196,7 @@ def embed(
     )
     modality.check_input(samples, tokenizer)
     with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
-        store = pipeline.tokenize_to_store(modality, tokenizer, samples, Path(tmp) / "store")
+        store = modality.tokenize(tokenizer, samples, Path(tmp) / "store")
         emb = embed_store(model, store, pooling, batch_size, bf16)
     seconds = time.perf_counter() - t0
     adata.obsm[key_added] = np.ascontiguousarray(emb, dtype=np.float32)
@@ -205,9 +206,9 @@ def embed(
         "model_hash": str(getattr(model, "model_hash", "") or ""),
         "tokenizer": str(tokenizer.type),
         "tokenizer_hash": tokenizer.hash,
-        "pooling": pooling or model.config.pooling,
-        "preset": str(model.config.preset or ""),
-        "d_model": int(model.config.d_model),
+        "pooling": pooling or model.pooling,
+        "preset": str(model.name or ""),
+        "d_model": int(model.dim),
         "max_length": int(tokenizer.max_length),
         "layer": layer or "X",
         "gene_column": gene_column or "var_names",

@@ -1,0 +1,116 @@
+"""The Encoder contract and the registry of encoder loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from healthfm.errors import ConfigError, ModelError
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A batch of a modality's inputs in, one float32 vector per row out.
+
+    Attributes
+    ----------
+    name
+        What result rows call it (a preset, a published model's name).
+    modality
+        The modality whose inputs it takes ("dna", "ehr", ...).
+    dim
+        Size of the output vectors.
+    pooling
+        The default pooling of token states into a row vector ("mean", "cls", "last").
+    max_len
+        Longest input (tokens or patches) it accepts.
+    tokenizer
+        Its preprocessing: the tokenizer (or image preprocessor) that turns the modality's
+        samples into the batches ``embed`` takes.
+    model_hash
+        Content hash of its weights and configuration, for provenance.
+    """
+
+    name: str
+    modality: str
+    dim: int
+    pooling: str
+    max_len: int
+    tokenizer: Any
+    model_hash: str | None
+
+    def embed(self, batch: dict[str, Any], pooling: str | None = None) -> Any:
+        """Pooled vectors ``(B, dim)`` of a collated batch."""
+
+    def forward_features(self, batch: dict[str, Any]) -> Any:
+        """Per-token states ``(B, T, dim)`` of a collated batch."""
+
+
+def describe(encoder: Encoder) -> dict[str, Any]:
+    """The encoder's identity for provenance and reports."""
+    tokenizer = getattr(encoder, "tokenizer", None)
+    return {
+        "name": encoder.name,
+        "modality": encoder.modality,
+        "dim": int(encoder.dim),
+        "pooling": encoder.pooling,
+        "max_len": int(encoder.max_len),
+        "preprocessing": getattr(tokenizer, "type", None),
+        "preprocessing_hash": getattr(tokenizer, "hash", None),
+        "model_hash": encoder.model_hash,
+    }
+
+
+#: name → loader(path) -> Encoder, for ``NAME:DIR`` model arguments.
+ENCODERS: dict[str, Callable[[Path], Encoder]] = {}
+
+
+def register_encoder(name: str, loader: Callable[[Path], Encoder]) -> None:
+    """Register a loader for ``NAME:DIR`` (a published model's folder layout)."""
+    ENCODERS[name] = loader
+
+
+def _healthfm_folder(path: Path) -> Encoder:
+    from healthfm.evaluate.adapters import is_adapter, load_adapter
+    from healthfm.model.pretrained import load
+
+    model = load_adapter(path) if is_adapter(path) else load(path)
+    if model.tokenizer is None:
+        raise ModelError("model folder has no tokenizer.json", file=path)
+    return model
+
+
+register_encoder("healthfm", _healthfm_folder)
+
+
+def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder:
+    """Load an encoder: a healthfm model or LoRA adapter folder, ``NAME:DIR`` for a
+    registered loader, or an already loaded :class:`Encoder` (returned as it is).
+
+    Parameters
+    ----------
+    spec
+        The folder, ``NAME:DIR``, or an encoder.
+    modality
+        The modality the caller expects; another one is a ``ModelError``.
+    """
+    if isinstance(spec, Encoder):
+        encoder = spec
+    else:
+        text = str(spec)
+        name, _, rest = text.partition(":")
+        if rest and name in ENCODERS and not Path(text).exists():
+            encoder = ENCODERS[name](Path(rest))
+        elif rest and not Path(text).exists() and "/" not in name and len(name) > 1:
+            raise ConfigError(
+                f"unknown encoder {name!r} in {text!r}; known: {', '.join(sorted(ENCODERS))}"
+            )
+        else:
+            encoder = ENCODERS["healthfm"](Path(text))
+    if modality is not None and encoder.modality != modality:
+        raise ModelError(
+            f"this is a {encoder.modality!r} model, not a {modality!r} one",
+            file=None if isinstance(spec, Encoder) else str(spec),
+        )
+    return encoder
