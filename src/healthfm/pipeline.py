@@ -22,6 +22,7 @@ from healthfm.evaluate.finetune import evaluation_is_regression
 from healthfm.evaluate.metrics import REGRESSION_METRICS, classification_metrics, regression_metrics
 from healthfm.evaluate.probe import align_proba, fit_linear_probe, fit_ridge_probe
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
+from healthfm.loader import load
 from healthfm.modality import (
     Modality,
     Samples,
@@ -32,7 +33,7 @@ from healthfm.modality import (
 )
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
-from healthfm.model.pretrained import load, save_pretrained
+from healthfm.model.pretrained import save_pretrained
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenStore, write_store
 from healthfm.train.distributed import barrier, init_distributed
