@@ -211,6 +211,14 @@ class Modality(ABC):
             raise ConfigError(f"modality {self.name!r} has no demo")
         return generic_demo(self, spec, out)
 
+    def add_commands(self, subparsers: Any) -> None:  # noqa: B027
+        """Add this modality's own ``healthfm`` sub-commands (``tile`` ...) to the CLI's
+        ``subparsers`` (the object ``ArgumentParser.add_subparsers`` returns)."""
+
+    def run_command(self, args: argparse.Namespace) -> bool:
+        """Run ``args.command`` if it is one of :meth:`add_commands`'s; True when handled."""
+        return False
+
 
 def register_modality(modality: Modality) -> Modality:
     """Register a modality instance under its name."""

@@ -300,6 +300,17 @@ class PathologyModality(Modality):
             )
         return tokenizer
 
+    def add_commands(self, subparsers: Any) -> None:
+        """``healthfm tile`` and ``healthfm evaluate-slides``."""
+        from healthfm.pathology.commands import add_commands
+
+        add_commands(subparsers)
+
+    def run_command(self, args: argparse.Namespace) -> bool:
+        from healthfm.pathology.commands import run_command
+
+        return run_command(args)
+
 
 MODALITY = register_modality(PathologyModality())
 
