@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   -> creates .venv, installs healthfm, runs `healthfm demo` on the bundled data
-#   make test   -> creates .venv, installs healthfm + test tools, runs ruff and the whole test suite
+#   make test   -> creates .venv, installs healthfm + test tools, runs ruff, the import
+#                  contracts (lint-imports, pyproject.toml) and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -25,6 +26,7 @@ demo: env
 test: env
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
+	PYTHONPATH=src $(VENV)/bin/lint-imports --no-logo
 	$(PY) -m pytest
 
 format: env

@@ -8,16 +8,21 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from healthfm.errors import CheckpointError, ConfigError, DataError, HealthFMError, ModelError
 from healthfm.modality import get_modality, modality_names
 
+try:
+    __version__ = version("healthfm")
+except PackageNotFoundError:  # run from a source tree that is not installed
+    __version__ = "0+unknown"
+
 # torch loads on first use of these, so that reading and tokenizing (and `healthfm --help`)
 # do not pay its import time and memory.
-_LAZY = {"load": "healthfm.model.pretrained", "save_pretrained": "healthfm.model.pretrained"}
+# `load` is healthfm.loader's: it imports the model's modality before loading the folder.
+_LAZY = {"load": "healthfm.loader", "save_pretrained": "healthfm.model.pretrained"}
 
 
 def __getattr__(name: str) -> Any:

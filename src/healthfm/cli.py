@@ -163,7 +163,8 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
-    _pathology_parsers(sub)
+    for name in names:  # commands a modality adds of its own (Modality.add_commands)
+        get_modality(name).add_commands(sub)
     _finetune_parser(sub, parents)
     return parser
 
@@ -246,13 +247,13 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
-    if "--few-shot" not in p._option_string_actions:  # EHR defines it for evaluate already
-        p.add_argument(
-            "--few-shot",
-            nargs="+",
-            default=None,
-            help="train on K rows per class (and early-stop on K per class of val), seeded",
-        )
+    _add_unless_defined(
+        p,
+        "--few-shot",
+        nargs="+",
+        default=None,
+        help="train on K rows per class (and early-stop on K per class of val), seeded",
+    )
     _split_options(p)
     sub.choices["evaluate"].add_argument(
         "--finetuned",
@@ -261,6 +262,15 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         metavar="FOLDER",
         help="fine-tuned model / LoRA adapter folders to score next to the probe and baselines",
     )
+
+
+def _add_unless_defined(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
+    """Add a shared option, unless a modality's parent parser already defines the flag
+    (a modality may give it its own meaning, e.g. a protocol's list of k): theirs wins."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:  # conflicting option string
+        pass
 
 
 def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
@@ -434,8 +444,8 @@ def run(argv: list[str]) -> int:
         run_demo(args.modality, args.out, quick=args.quick)
     elif args.command == "info":
         _info(args.model)
-    elif args.command in ("tile", "evaluate-slides"):
-        _run_pathology(args)
+    elif not any(get_modality(name).run_command(args) for name in modality_names()):
+        raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
 
 
@@ -456,7 +466,7 @@ def _info(model_dir: str | None) -> None:
                 f"{name:<8} {p['d_model']:>7} {p['n_layers']:>6} {p['n_heads']:>5} {p['d_ff']:>5}   {n / 1e6:.2f} M"
             )
         return
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
 
     model = load(model_dir)
     print(
@@ -470,81 +480,6 @@ def _info(model_dir: str | None) -> None:
             indent=2,
         )
     )
-
-
-# ---------------------------------------------------------------- pathology commands
-# `healthfm tile` and `healthfm evaluate-slides` (whole-slide images); kept in this block.
-
-
-def _pathology_parsers(sub) -> None:
-    p = sub.add_parser(
-        "tile", help="detect tissue and tile slides into Trident-layout HDF5 + thumbnails"
-    )
-    p.add_argument("input", help="a slide (.svs, .tif ...) or a folder of slides")
-    p.add_argument(
-        "--out", required=True, help="folder for patches/<slide>.h5 and thumbnails/<slide>.png"
-    )
-    p.add_argument(
-        "--mpp", type=float, default=0.5, help="target microns per pixel (default 0.5, about 20x)"
-    )
-    p.add_argument(
-        "--size", type=int, default=224, help="tile side in pixels at --mpp (default 224)"
-    )
-    p.add_argument("--overlap", type=int, default=0, help="overlap of neighbouring tiles in pixels")
-    p.add_argument(
-        "--min-tissue",
-        type=float,
-        default=0.5,
-        help="minimum tissue fraction of a tile (default 0.5)",
-    )
-    p.add_argument(
-        "--slide-mpp",
-        type=float,
-        default=None,
-        help="microns per level-0 pixel if the file lacks it",
-    )
-
-    p = sub.add_parser(
-        "evaluate-slides", help="slide-level gated ABMIL on tile features vs mean pooling, with CIs"
-    )
-    p.add_argument("model", help="model folder that produced the features (provenance)")
-    p.add_argument(
-        "features", help="folder of <slide_id>.h5 files with 'features' (from healthfm embed)"
-    )
-    p.add_argument("--labels", required=True, help="CSV with slide_id,label[,split]")
-    p.add_argument("--out", required=True, help="folder for results.json, attention/ and heatmaps/")
-    p.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="repeated runs (default 0-4)"
-    )
-    p.add_argument("--n-boot", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=40, help="ABMIL training epochs (default 40)")
-    p.add_argument("--slide-column", default="slide_id")
-    p.add_argument("--label-column", default="label")
-
-
-def _run_pathology(args: argparse.Namespace) -> None:
-    if args.command == "tile":
-        from healthfm.pathology.tiling import find_slides, tile_slide
-
-        for slide in find_slides(args.input):
-            h5, grid = tile_slide(
-                slide, args.out, args.mpp, args.size, args.overlap, args.min_tissue, args.slide_mpp
-            )
-            print(f"{slide.name}: {len(grid)} tiles of {args.size} px at {args.mpp} µm/px -> {h5}")
-    else:
-        from healthfm.pathology.mil import evaluate_slides
-
-        evaluate_slides(
-            args.model,
-            args.features,
-            args.labels,
-            args.out,
-            seeds=tuple(args.seeds),
-            n_boot=args.n_boot,
-            slide_column=args.slide_column,
-            label_column=args.label_column,
-            epochs=args.epochs,
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -494,6 +494,15 @@ class Modality(ABC):
         """What ``healthfm demo`` runs for this modality, or None when it has no demo."""
         return None
 
+    # ------------------------------------------------------------------ CLI
+    def add_commands(self, subparsers: Any) -> None:  # noqa: B027
+        """Add this modality's own ``healthfm`` sub-commands (``tile`` ...) to the CLI's
+        ``subparsers`` (the object ``ArgumentParser.add_subparsers`` returns)."""
+
+    def run_command(self, args: argparse.Namespace) -> bool:
+        """Run ``args.command`` if it is one of :meth:`add_commands`'s; True when handled."""
+        return False
+
 
 def register_modality(modality: Modality) -> Modality:
     """Register a modality instance under its name."""

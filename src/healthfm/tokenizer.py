@@ -1,5 +1,9 @@
 """The tokenizer contract every modality implements, and the registry that reloads them.
 
+This module knows no model and no modality: a tokenizer class registers itself (with
+:func:`register_tokenizer`) when the package defining it is imported, and whoever loads a
+``tokenizer.json`` of some modality imports that modality first (:func:`healthfm.load`).
+
 A tokenizer turns a modality's records into :class:`~healthfm.tokens.TokenChunk` objects
 (flat ``ids`` + ``offsets``, optional ``values`` / ``times``). It is fitted once, saved as
 ``tokenizer.json`` in the model folder and identified by the hash of that JSON, which the
@@ -98,10 +102,10 @@ def tokenizer_from_dict(data: dict[str, Any], source: str | Path | None = None) 
             column="format_version",
         )
     kind = data.get("type")
-    _import_modalities()
     if kind not in _REGISTRY:
         raise ModelError(
-            f"unknown tokenizer type {kind!r} (known: {sorted(_REGISTRY)})",
+            f"unknown tokenizer type {kind!r} (registered: {sorted(_REGISTRY)}); import the "
+            "package that defines it first (healthfm.load(folder) imports the model's modality)",
             file=source,
             column="type",
         )
@@ -118,10 +122,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"tokenizer.json is not valid JSON: {exc}", file=path) from exc
     return tokenizer_from_dict(data, source=path)
-
-
-def _import_modalities() -> None:
-    # Importing the modality packages registers their tokenizers.
-    from healthfm import modality
-
-    modality.load_all()

@@ -82,6 +82,16 @@ def test_truncated_weights(tmp_path):
         healthfm.load(folder)
 
 
+def test_unknown_objective(tmp_path):
+    folder = _saved(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["objective"] = "diffusion"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"unknown objective 'diffusion'.*masked") as err:
+        healthfm.load(folder)
+    assert err.value.column == "objective" and err.value.file.endswith("config.json")
+
+
 def test_other_modality(tmp_path):
     folder = _saved(tmp_path)
     with pytest.raises(ModelError, match="modality 'test'"):

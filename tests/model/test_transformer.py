@@ -95,7 +95,11 @@ def test_config_validation():
     with pytest.raises(ConfigError):
         ModelConfig(modality="t", vocab_size=5, d_model=30, n_heads=4)
     with pytest.raises(ConfigError):
-        ModelConfig(modality="t", vocab_size=5, objective="diffusion")
+        ModelConfig(modality="t", vocab_size=5, objective="")
+    # Whether an objective is registered is checked where the model is built (a config.json
+    # is read before the package registering its objective may be imported).
+    with pytest.raises(ConfigError, match=r"unknown objective 'diffusion'; registered: .*causal"):
+        FoundationModel(ModelConfig(modality="t", vocab_size=5, objective="diffusion"))
     with pytest.raises(ConfigError):
         ModelConfig.from_preset("gigantic", modality="t", vocab_size=5)
 

@@ -180,7 +180,7 @@ def load_adapter(
         adapter weights do not fit it.
     """
     from healthfm.evaluate.finetune import with_task_head
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
 
     adapter_dir = Path(adapter_dir)
     ref = read_adapter_info(adapter_dir)

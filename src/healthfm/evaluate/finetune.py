@@ -49,6 +49,7 @@ from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.fsutil import atomic_dir
+from healthfm.loader import load
 from healthfm.modality import (
     Modality,
     Samples,
@@ -58,7 +59,7 @@ from healthfm.modality import (
     require_labels,
 )
 from healthfm.model.heads import FoundationModel, pool
-from healthfm.model.pretrained import load, save_pretrained
+from healthfm.model.pretrained import save_pretrained
 from healthfm.train.data import StoreSource
 
 __all__ = [

@@ -55,6 +55,26 @@ def register_objective(name: str, head: type[nn.Module], loss: Callable | None =
         OBJECTIVES.append(name)
 
 
+def objective_parts(name: str) -> tuple[type[nn.Module], Callable | None]:
+    """The head class and loss registered for objective ``name``.
+
+    Raises
+    ------
+    ConfigError
+        If no objective of that name is registered, naming the known ones. An objective
+        beyond "masked" / "causal" is registered by the package that defines it when that
+        package is imported; :func:`healthfm.load` imports a model folder's modality first.
+    """
+    if name not in _OBJECTIVES:
+        raise ConfigError(
+            f"unknown objective {name!r}; registered: {', '.join(sorted(_OBJECTIVES))}. "
+            "Import the package that registers it (healthfm.load(folder) imports the "
+            "model's modality first)",
+            column="objective",
+        )
+    return _OBJECTIVES[name]
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
     """Pool token states (B, T, D) into one vector per sample (B, D).
 
@@ -101,11 +121,7 @@ class FoundationModel(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = Transformer(config)
-        if config.objective not in _OBJECTIVES:
-            from healthfm.modality import load_all
-
-            load_all()  # objectives registered by modality packages
-        head_cls, self._loss_fn = _OBJECTIVES[config.objective]
+        head_cls, self._loss_fn = objective_parts(config.objective)
         self.head = head_cls(config)
         # A fine-tuned model (healthfm.evaluate.finetune) carries a task head on the pooled
         # output; config.extra["task_head"] records it, so strict loading rebuilds it.

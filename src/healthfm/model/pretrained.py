@@ -8,6 +8,7 @@ Weights are safetensors only, so nothing loaded from disk can run code.
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from healthfm.errors import ModelError
+from healthfm.errors import ConfigError, ModelError
 from healthfm.fsutil import atomic_dir, sha256_file
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
@@ -25,6 +26,14 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 INFO_NAME = "training_info.json"
+
+
+def _healthfm_version() -> str:
+    """The installed healthfm version, recorded in the folders this writes."""
+    try:
+        return version("healthfm")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "0+unknown"
 
 
 def save_pretrained(
@@ -46,19 +55,18 @@ def save_pretrained(
     info
         Provenance written to ``training_info.json`` (steps, data hash, losses...).
     """
-    from healthfm import __version__
-
+    release = _healthfm_version()
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "healthfm": __version__})
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "healthfm": release})
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
         if info is not None:
             (tmp / INFO_NAME).write_text(
-                json.dumps({"healthfm_version": __version__, **info}, indent=2) + "\n"
+                json.dumps({"healthfm_version": release, **info}, indent=2) + "\n"
             )
     return path
 
@@ -114,6 +122,9 @@ def load_state_strict(module: torch.nn.Module, weights: str | Path) -> None:
 def load(path: str | Path, modality: str | None = None) -> FoundationModel:
     """Load a model folder written by :func:`save_pretrained`.
 
+    The package that registers the model's objective and tokenizer type (its modality)
+    must be imported already; :func:`healthfm.load` does that for a folder of any modality.
+
     Parameters
     ----------
     path
@@ -135,7 +146,10 @@ def load(path: str | Path, modality: str | None = None) -> FoundationModel:
             file=path / CONFIG_NAME,
             column="modality",
         )
-    model = FoundationModel(config)
+    try:
+        model = FoundationModel(config)
+    except ConfigError as exc:  # e.g. an objective whose package is not imported
+        raise ModelError(exc.message, file=path / CONFIG_NAME, column=exc.column) from exc
     load_state_strict(model, path / WEIGHTS_NAME)
     tokenizer = load_tokenizer(path / TOKENIZER_NAME) if (path / TOKENIZER_NAME).exists() else None
     if tokenizer is not None and tokenizer.modality != config.modality:

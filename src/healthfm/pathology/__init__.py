@@ -279,6 +279,18 @@ class PathologyModality(Modality):
         """Tiles decoded on the fly (H&E augmentations for training batches only)."""
         return TileSource(samples.payload, self._patches(tokenizer), indices, augment=training)
 
+    def add_commands(self, subparsers: Any) -> None:
+        """``healthfm tile`` and ``healthfm evaluate-slides``."""
+        from healthfm.pathology.commands import add_commands
+
+        add_commands(subparsers)
+
+    def run_command(self, args: argparse.Namespace) -> bool:
+        from healthfm.pathology.commands import run_command
+
+        return run_command(args)
+
+
     def pretraining_info(
         self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
     ) -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""Load a model folder of any modality: ``healthfm.load``.
+
+:mod:`healthfm.model` knows no modality, yet a model folder may need one: the modality's
+package registers the objective (pathology's "mae") and the tokenizer type its
+``config.json`` and ``tokenizer.json`` name. This module sits above both: it reads the
+config, imports the modality it names, then loads the folder strictly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from healthfm.modality import get_modality, modality_names
+from healthfm.model.heads import FoundationModel
+from healthfm.model.pretrained import load as load_registered
+from healthfm.model.pretrained import read_config
+
+
+def load(path: str | Path, modality: str | None = None) -> FoundationModel:
+    """Load a model folder written by :func:`healthfm.save_pretrained`.
+
+    Parameters
+    ----------
+    path
+        The model folder.
+    modality
+        If given, the modality the caller expects; a model of another modality is a
+        :class:`~healthfm.errors.ModelError`.
+
+    Returns
+    -------
+    FoundationModel
+        In eval mode, with ``.tokenizer`` (or None), ``.folder`` and ``.model_hash`` set.
+    """
+    config = read_config(path)
+    # Import the model's modality, which registers its objectives and tokenizers. A model of
+    # a name no modality carries (tests, or objectives registered by the caller) loads
+    # as is; a model of another modality than the expected one is refused by the load.
+    if (modality is None or modality == config.modality) and config.modality in modality_names():
+        get_modality(config.modality)
+    return load_registered(path, modality=modality)
