@@ -73,7 +73,7 @@ def register_encoder(name: str, loader: Callable[[Path], Encoder]) -> None:
 
 def _healthfm_folder(path: Path) -> Encoder:
     from healthfm.evaluate.adapters import is_adapter, load_adapter
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
 
     model = load_adapter(path) if is_adapter(path) else load(path)
     if model.tokenizer is None:

@@ -290,7 +290,6 @@ class PathologyModality(Modality):
 
         return run_command(args)
 
-
     def pretraining_info(
         self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
     ) -> dict[str, Any]:

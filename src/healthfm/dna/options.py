@@ -1,0 +1,30 @@
+"""The DNA modality's options (reader and k-mer tokenizer); CLI flags come from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from healthfm.options import Options, option
+
+
+@dataclass
+class DnaOptions(Options):
+    """Reader and tokenizer options of DNA tables and FASTA files."""
+
+    title = "DNA"
+
+    sequence_column: str = option("sequence", "table column of the sequences")
+    label_column: str | None = option(
+        None,
+        "column of the labels (in the table, or in --labels for FASTA); default 'label' when "
+        "there is one (pretraining also reads unlabelled tables); 'none' for unlabelled data",
+    )
+    key_column: str | None = option(None, "table column of unique sample ids")
+    labels: str | None = option(None, "TSV/CSV of FASTA record ids and labels (FASTA input)")
+    id_column: str = option("id", "id column of the --labels file")
+    k: int = option(1, "k-mer size (1 = single nucleotides; 6 = DNABERT)")
+    stride: int = option(1, "k-mer step: 1 overlapping, k non-overlapping")
+    ambiguity: str = option(
+        "token", "k=1: a token per IUPAC code, or all as N", choices=("token", "n")
+    )
+    reverse_complement: bool = option(True, "reverse-complement augmentation during pretraining")

@@ -1,0 +1,35 @@
+"""The EHR modality's options (MEDS reader, tokenizer, label rows, EHRSHOT); CLI flags come
+from here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from healthfm.options import Options, option
+
+
+@dataclass
+class EhrOptions(Options):
+    """MEDS reader, tokenizer and evaluation options."""
+
+    title = "ehr input options"
+
+    labels: str | None = option(None, "MEDS label parquet file (or folder) for embed / evaluate")
+    label_column: str | None = option(
+        None,
+        "label column (default: the one of boolean_value/integer_value/... holding values)",
+    )
+    few_shot: list | None = option(
+        None,
+        "few-shot k values, integers and/or 'all' (default: 1 2 4 8 16 32 64 128 all)",
+        nargs="+",
+    )
+    min_count: int = option(5, "minimum train count of a code to get a token")
+    max_codes: int | None = option(None, "keep only the N most frequent codes")
+    n_bins: int = option(10, "quantile bins per numeric code (10 = deciles)")
+    min_text_count: int = option(20, "minimum train count of a text value token")
+    no_gap_tokens: bool = option(False, "no [GAP] interval tokens")
+    max_len: int | None = option(None, "context length (default: from the data)")
+    strict_codes: bool = option(
+        False, "error if the data use codes missing from metadata/codes.parquet"
+    )

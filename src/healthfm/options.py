@@ -1,0 +1,123 @@
+"""Typed options of a modality: one dataclass, its CLI flags declared once.
+
+A modality's reader, tokenizer and evaluation settings are the fields of a dataclass
+deriving from :class:`Options`; each field's :func:`option` carries its help text (and
+choices, list-ness), so the CLI flags are generated from the dataclass and the parts read
+attributes (``options.label_column``), not untyped dict keys.
+
+>>> @dataclass
+... class MyOptions(Options):
+...     label_column: str | None = option(None, "column of the labels")
+...     k: int = option(1, "k-mer size")
+>>> MyOptions.from_dict({"k": 6}).k
+6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from healthfm.errors import ConfigError
+
+T = TypeVar("T", bound="Options")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | list | None = None,
+    nargs: str | None = None,
+    metavar: str | None = None,
+    cli: bool = True,
+) -> Any:
+    """A typed option: its default, its ``--help`` text and argparse details.
+
+    Booleans become ``--flag`` (default False) or ``--flag/--no-flag`` (default True);
+    ``nargs`` ("+") makes a list-valued flag; the flag is the field name in kebab case;
+    ``cli=False`` keeps an option of the Python API off the command line.
+    """
+    meta = {"help": help, "choices": choices, "nargs": nargs, "metavar": metavar, "cli": cli}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _scalar_type(annotation: Any) -> Any:
+    # "int | None" -> int; "str" -> str; lists and unknown types -> None (no conversion).
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else None
+    return hint if hint in (int, float, str) else None
+
+
+@dataclass
+class Options:
+    """Base class of a modality's typed options (see the module docstring)."""
+
+    #: Title of the CLI argument group.
+    title: ClassVar[str] = "input options"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per field; an unset flag is None, so the dataclass default applies."""
+        group = parser.add_argument_group(cls.title)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if not meta.get("cli", True):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"help": meta.get("help"), "default": None, "dest": f.name}
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if hints[f.name] is bool or isinstance(default, bool):
+                if default:
+                    kwargs["action"] = argparse.BooleanOptionalAction
+                else:
+                    kwargs["action"] = "store_true"
+            else:
+                scalar = _scalar_type(hints[f.name])
+                if scalar is not None:
+                    kwargs["type"] = scalar
+                for key in ("choices", "nargs", "metavar"):
+                    if meta.get(key) is not None:
+                        kwargs[key] = meta[key]
+            group.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_dict(cls: type[T], values: Mapping[str, Any] | Options | None = None) -> T:
+        """Typed options from a mapping (None values take the default); an unknown key is a
+        ``ConfigError`` naming it and the known ones."""
+        if isinstance(values, cls):
+            return values
+        if isinstance(values, Options):
+            values = values.to_dict()
+        values = dict(values or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown {cls.title} {unknown}; known: {', '.join(sorted(names))}",
+                column=unknown[0],
+            )
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def names(cls) -> set[str]:
+        """The option names."""
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as a plain dict (for provenance)."""
+        return dataclasses.asdict(self)
+
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some options changed."""
+        return dataclasses.replace(self, **changes)

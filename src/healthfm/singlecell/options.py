@@ -1,0 +1,43 @@
+"""The single-cell modality's options (AnnData reader, cell tokenizer); CLI flags come from
+here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from healthfm.options import Options, option
+from healthfm.singlecell.tokenizer import DEFAULT_MAX_LENGTH
+
+
+@dataclass
+class SingleCellOptions(Options):
+    """Reader and tokenizer options of ``.h5ad`` inputs."""
+
+    title = "singlecell input options"
+
+    layer: str | None = option(None, "layer holding the counts (default: X)")
+    gene_column: str | None = option(None, "var column of gene ids (default: var_names)")
+    label_column: str | None = option(None, "obs column of cell labels (e.g. cell_type)")
+    group_column: str | None = option(
+        None, "obs column of the split unit (donor, sample); default: each cell"
+    )
+    total_column: str | None = option(
+        None, "obs column of library sizes, e.g. n_counts (default: the row sums)"
+    )
+    normalized: bool = option(False, "allow non-integer (normalized) values")
+    backed: bool = option(False, "read the matrix from disk in blocks")
+    tokenizer: str | None = option(
+        None,
+        "rank (Geneformer rank-value, default) or binned (scGPT value bins)",
+        choices=("binned", "rank"),
+    )
+    max_length: int | None = option(
+        None,
+        "tokens per cell incl. [CLS] (default: the longest training cell, at most "
+        f"{DEFAULT_MAX_LENGTH})",
+    )
+    n_bins: int | None = option(None, "value bins incl. zero (binned; default 51)")
+    min_cells: int | None = option(
+        None, "keep genes expressed in at least this many training cells (default 1)"
+    )
+    source: str = option("<AnnData>", "name of an in-memory AnnData in messages", cli=False)
