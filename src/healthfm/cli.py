@@ -333,8 +333,12 @@ def _one_few_shot(values: list[str] | None) -> int | None:
         ) from None
 
 
-def _options(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if v is not None}
+def _options(args: argparse.Namespace, modality: str | None) -> dict:
+    # The flags of the modality's typed options that were given (the others take defaults).
+    if modality is None:
+        return {}
+    names = get_modality(modality).options_class.names()
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
 def _model_modality(argv: list[str]) -> str | None:
@@ -355,11 +359,13 @@ def run(argv: list[str]) -> int:
     from healthfm import pipeline
     from healthfm.train.trainer import TrainConfig
 
-    args = build_parser(_model_modality(argv)).parse_args(argv)
+    model_modality = _model_modality(argv)
+    args = build_parser(model_modality).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
     )
-    opts = _options(args)
+    on_data = args.command in ("tokenize", "pretrain")  # MODALITY INPUT; else MODEL INPUT
+    opts = _options(args, args.modality if on_data else model_modality)
     if args.command == "tokenize":
         store = pipeline.tokenize(
             args.modality,

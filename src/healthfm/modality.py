@@ -18,7 +18,7 @@ import importlib
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from healthfm.errors import ConfigError, DataError
+from healthfm.options import Options
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk, TokenStore, write_store
 
@@ -232,13 +233,20 @@ class Modality(ABC):
     #: How the method name of a model's embedding reads in result rows:
     #: ``{preset}``, ``{pooling}`` and ``{probe}`` ("logreg" or "ridge") are filled in.
     embedding_method: ClassVar[str] = "{preset}-{pooling}+{probe}"
+    #: The modality's typed options (reader, tokenizer, evaluation); its CLI flags.
+    options_class: ClassVar[type[Options]] = Options
 
-    # ------------------------------------------------------------------ reading
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:  # noqa: B027
-        """Add reader and tokenizer options to a CLI sub-command."""
+    # ------------------------------------------------------------------ options, reading
+    def options(self, values: Options | Mapping[str, Any] | None = None) -> Any:
+        """Typed options from a dict (or as they are); an unknown name is a ``ConfigError``."""
+        return self.options_class.from_dict(values)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this modality's option flags (from :attr:`options_class`) to a CLI parser."""
+        self.options_class.add_arguments(parser)
 
     @abstractmethod
-    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+    def read(self, path: str | Path, options: Options) -> Samples:
         """Read an input file into :class:`Samples`, validating it."""
 
     def split(
@@ -253,7 +261,7 @@ class Modality(ABC):
 
     # ------------------------------------------------------------------ tokens
     @abstractmethod
-    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: dict) -> Tokenizer:
+    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
 
     @abstractmethod
@@ -283,7 +291,7 @@ class Modality(ABC):
         )
 
     # ------------------------------------------------------------------ pretraining
-    def prepare_options(self, options: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    def prepare_options(self, options: Options, workdir: Path) -> Options:
         """Reader options for a pretraining run whose working folder is ``workdir``
         (e.g. where tiles cut from slides go)."""
         return options
@@ -293,13 +301,13 @@ class Modality(ABC):
         return None
 
     def model_defaults(
-        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+        self, tokenizer: Tokenizer, samples: Samples, options: Options
     ) -> dict[str, Any]:
         """Model-config fields this modality fixes (context length, value input ...); an
         ``extra`` dict is merged into ``ModelConfig.extra``."""
         return {}
 
-    def training_overrides(self, options: dict[str, Any]) -> dict[str, Any]:
+    def training_overrides(self, options: Options) -> dict[str, Any]:
         """:class:`~healthfm.train.trainer.TrainConfig` fields this modality's options set
         (e.g. the MAE mask ratio)."""
         return {}
@@ -327,7 +335,7 @@ class Modality(ABC):
 
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(
-        self, path: str | Path, options: dict[str, Any], out: Path
+        self, path: str | Path, options: Options, out: Path, encoder: Any
     ) -> Iterator[tuple[Samples, Path]]:
         """The inputs ``healthfm embed`` writes, each with its output path: one by default;
         one per slide for a folder of slides."""
@@ -337,7 +345,7 @@ class Modality(ABC):
         self,
         encoder: Any,
         samples: Samples,
-        options: dict[str, Any],
+        options: Options,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
@@ -356,7 +364,7 @@ class Modality(ABC):
         samples: Samples,
         embeddings: np.ndarray,
         attrs: dict[str, Any],
-        options: dict[str, Any],
+        options: Options,
     ) -> Path:
         """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys."""
         from healthfm.evaluate.embed import save_embeddings
@@ -371,7 +379,7 @@ class Modality(ABC):
     def evaluation_rows(
         self,
         samples: Samples,
-        options: dict[str, Any],
+        options: Options,
         salt: str,
         fractions: tuple[float, float, float],
         finetuned: list,
@@ -401,7 +409,7 @@ class Modality(ABC):
             data_hash=samples.data_hash,
         )
 
-    def evaluation_protocol(self, options: dict[str, Any]) -> Any:
+    def evaluation_protocol(self, options: Options) -> Any:
         """The evaluation protocol the shared evaluator runs
         (:class:`healthfm.evaluate.protocol.ProbeProtocol` by default)."""
         from healthfm.evaluate.protocol import ProbeProtocol
@@ -475,7 +483,7 @@ class Modality(ABC):
     def task_input(
         self,
         samples: Samples,
-        options: dict,
+        options: Options,
         model: Any,
         salt: str,
         fractions: tuple[float, float, float],

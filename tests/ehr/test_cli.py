@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from healthfm.cli import main
-from healthfm.ehr.evaluate import parse_few_shot, run_protocol
+from healthfm.ehr.evaluation import parse_few_shot, run_protocol
 from healthfm.errors import ConfigError
 from healthfm.stages.evaluate import evaluate
 from healthfm.tokens import TokenStore

@@ -14,7 +14,6 @@ Defaults, chosen for short sequences such as the bundled 60-nt splice junctions:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
+from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
     KmerTokenizer,
@@ -70,58 +70,22 @@ class DnaModality(Modality):
     """DNA sequences from TSV/CSV tables or FASTA files."""
 
     name = "dna"
+    options_class = DnaOptions
     objective = "masked"
     default_pooling = "mean"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add reader and tokenizer options."""
-        group = parser.add_argument_group("DNA")
-        group.add_argument(
-            "--sequence-column", default="sequence", help="table column of the sequences"
-        )
-        group.add_argument(
-            "--label-column",
-            default=None,
-            help="column of the labels (in the table, or in --labels for FASTA); default "
-            "'label' when there is one (pretraining also reads unlabelled tables); "
-            "'none' for unlabelled data",
-        )
-        group.add_argument("--key-column", default=None, help="table column of unique sample ids")
-        group.add_argument(
-            "--labels", default=None, help="TSV/CSV of FASTA record ids and labels (FASTA input)"
-        )
-        group.add_argument("--id-column", default="id", help="id column of the --labels file")
-        group.add_argument(
-            "--k", type=int, default=1, help="k-mer size (1 = single nucleotides; 6 = DNABERT)"
-        )
-        group.add_argument(
-            "--stride", type=int, default=1, help="k-mer step: 1 overlapping, k non-overlapping"
-        )
-        group.add_argument(
-            "--ambiguity",
-            choices=("token", "n"),
-            default="token",
-            help="k=1: a token per IUPAC code, or all as N",
-        )
-        group.add_argument(
-            "--reverse-complement",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="reverse-complement augmentation during pretraining",
-        )
-
-    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+    def read(self, path: str | Path, options: DnaOptions | dict[str, Any]) -> Samples:
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
-        label_column = options.get("label_column")
+        options = self.options(options)
+        label_column = options.label_column
         if is_fasta(path):
-            labels = options.get("labels")
             return read_fasta(
                 path,
-                labels=labels,
+                labels=options.labels,
                 label_column="label" if _no_label(label_column) else label_column,
-                id_column=options.get("id_column") or "id",
+                id_column=options.id_column,
             )
-        if options.get("labels"):
+        if options.labels:
             raise ConfigError(
                 f"--labels is for FASTA input; {path} is read as a table, whose labels are "
                 "its --label-column"
@@ -130,9 +94,9 @@ class DnaModality(Modality):
         def table(label: str | None) -> Samples:
             return read_table(
                 path,
-                sequence_column=options.get("sequence_column") or "sequence",
+                sequence_column=options.sequence_column,
                 label_column=label,
-                key_column=options.get("key_column"),
+                key_column=options.key_column,
             )
 
         if label_column is None:
@@ -146,21 +110,18 @@ class DnaModality(Modality):
         return table(None if _no_label(label_column) else label_column)
 
     def fit_tokenizer(
-        self, samples: Samples, train_idx: np.ndarray, options: dict[str, Any]
+        self, samples: Samples, train_idx: np.ndarray, options: DnaOptions | dict[str, Any]
     ) -> KmerTokenizer:
         """Build the k-mer tokenizer; its vocabulary is fixed, so fitting only sets
         ``max_length`` to the power of two covering the longest training sequence
         (at most 4096 tokens)."""
-        probe = KmerTokenizer(
-            k=int(options.get("k") or 1),
-            stride=int(options.get("stride") or 1),
-            ambiguity=options.get("ambiguity") or "token",
-        )
+        options = self.options(options)
+        probe = KmerTokenizer(k=options.k, stride=options.stride, ambiguity=options.ambiguity)
         lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
         longest = int(lengths.max()) if len(lengths) else 1
         config = probe.config()
         config["max_length"] = min(next_power_of_two(longest), MAX_CONTEXT)
-        config["reverse_complement"] = bool(options.get("reverse_complement", True))
+        config["reverse_complement"] = bool(options.reverse_complement)
         return KmerTokenizer.from_config(config)
 
     def encode(
@@ -196,31 +157,9 @@ class DnaModality(Modality):
 
     def demo_spec(self, quick: bool) -> DemoSpec:
         """Splice junctions (EI / IE / N): masked pretraining on the train split, then probes."""
-        from healthfm.datasets import splice
+        from healthfm.dna.demo import demo_spec
 
-        steps = 100 if quick else 600
-        return DemoSpec(
-            pretrain_input=splice(),
-            evaluate_input=splice(),
-            train={
-                "steps": steps,
-                "batch_size": 64,
-                "lr": 2e-3,
-                "warmup_steps": max(1, steps // 10),
-                "eval_every": max(1, steps // 5),
-                "checkpoint_every": max(1, steps // 2),
-                "seed": 0,
-            },
-            pretrain_options={"label_column": "label"},
-            evaluate_options={"label_column": "label"},
-            seeds=(0, 1, 2),
-            description=(
-                f"pretraining a tiny DNA model (masked nucleotides) on the train split of "
-                f"splice.tsv ({steps} steps)",
-                "linear probe on the frozen embeddings vs k-mer and one-hot baselines, same "
-                "splits, 3 seeds, 1,000 bootstrap resamples",
-            ),
-        )
+        return demo_spec(quick)
 
     @staticmethod
     def _kmer(tokenizer: Tokenizer) -> KmerTokenizer:

@@ -9,12 +9,11 @@
   histories to their most recent tokens.
 * ``healthfm embed`` / ``healthfm evaluate`` need ``--labels`` (a MEDS label file): one
   embedding per label row from exactly the events up to its prediction time, and the
-  EHRSHOT few-shot protocol next to count baselines (see :mod:`healthfm.ehr.evaluate`).
+  EHRSHOT few-shot protocol next to count baselines (see :mod:`healthfm.ehr.evaluation`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from healthfm.ehr.options import EhrOptions
 from healthfm.ehr.reader import MEDS_SPLITS, Labels, MedsDataset, open_meds, read_labels, scan_meds
 from healthfm.ehr.tokenizer import DEFAULT_GAP_DAYS, MedsTokenizer
 from healthfm.errors import ConfigError, DataError
@@ -63,7 +63,7 @@ _LAZY = {
     "embed_cutoffs": "healthfm.ehr.embed",
     "featurize_labels": "healthfm.ehr.embed",
     "label_cutoffs": "healthfm.ehr.embed",
-    "FEW_SHOT_KS": "healthfm.ehr.evaluate",
+    "FEW_SHOT_KS": "healthfm.ehr.evaluation",
 }
 
 
@@ -100,59 +100,18 @@ class EhrModality(Modality):
     """Electronic health records in MEDS 0.4."""
 
     name = "ehr"
+    options_class = EhrOptions
     objective = "causal"
     default_pooling = "last"
     #: Causal models keep the most recent history when a subject is longer than the context.
     truncate = "tail"
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add MEDS reader, tokenizer and evaluation options."""
-        g = parser  # the CLI passes an argument group already ("ehr input options")
-        g.add_argument(
-            "--labels",
-            default=None,
-            help="MEDS label parquet file (or folder) for embed / evaluate",
-        )
-        g.add_argument(
-            "--label-column",
-            default=None,
-            help="label column (default: the one of boolean_value/integer_value/... holding values)",
-        )
-        g.add_argument(
-            "--few-shot",
-            nargs="+",
-            default=None,
-            help="few-shot k values, integers and/or 'all' (default: 1 2 4 8 16 32 64 128 all)",
-        )
-        g.add_argument(
-            "--min-count", type=int, default=5, help="minimum train count of a code to get a token"
-        )
-        g.add_argument(
-            "--max-codes", type=int, default=None, help="keep only the N most frequent codes"
-        )
-        g.add_argument(
-            "--n-bins", type=int, default=10, help="quantile bins per numeric code (10 = deciles)"
-        )
-        g.add_argument(
-            "--min-text-count",
-            type=int,
-            default=20,
-            help="minimum train count of a text value token",
-        )
-        g.add_argument("--no-gap-tokens", action="store_true", help="no [GAP] interval tokens")
-        g.add_argument(
-            "--max-len", type=int, default=None, help="context length (default: from the data)"
-        )
-        g.add_argument(
-            "--strict-codes",
-            action="store_true",
-            help="error if the data use codes missing from metadata/codes.parquet",
-        )
+    embedding_method = "{preset}-causal-{pooling}+{probe}"
 
     # ------------------------------------------------------------------ reading
-    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+    def read(self, path: str | Path, options: EhrOptions) -> Samples:
         """Open and validate a MEDS folder; samples are its subjects."""
-        ds = open_meds(path, strict_codes=bool(options.get("strict_codes")))
+        options = self.options(options)
+        ds = open_meds(path, strict_codes=options.strict_codes)
         subjects = scan_meds(ds)
         keys = subjects["subject_id"].to_numpy()
         return Samples(
@@ -187,16 +146,19 @@ class EhrModality(Modality):
         mapped = np.array([MEDS_SPLITS.get(s, "") for s in meds], dtype=object)
         return np.where(mapped == "", fallback, mapped).astype(str)
 
-    def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: dict) -> Tokenizer:
+    def fit_tokenizer(
+        self, samples: Samples, train_idx: np.ndarray, options: EhrOptions
+    ) -> Tokenizer:
         """Fit the MEDS tokenizer on the train subjects only."""
+        options = self.options(options)
         return MedsTokenizer.fit(
             samples.payload["dataset"],
             samples.keys[train_idx],
-            min_count=int(options.get("min_count", 5)),
-            max_codes=options.get("max_codes"),
-            n_bins=int(options.get("n_bins", 10)),
-            min_text_count=int(options.get("min_text_count", 20)),
-            gap_days=() if options.get("no_gap_tokens") else DEFAULT_GAP_DAYS,
+            min_count=options.min_count,
+            max_codes=options.max_codes,
+            n_bins=options.n_bins,
+            min_text_count=options.min_text_count,
+            gap_days=() if options.no_gap_tokens else DEFAULT_GAP_DAYS,
         )
 
     def encode(
@@ -215,32 +177,32 @@ class EhrModality(Modality):
         yield _reorder(encs, chosen)
 
     def model_defaults(
-        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+        self, tokenizer: Tokenizer, samples: Samples, options: EhrOptions
     ) -> dict[str, Any]:
         """Continuous age input on; context ``--max-len``, else from the 95th percentile of
         events per subject."""
-        if options.get("max_len"):
-            return {"use_times": True, "max_len": int(options["max_len"])}
+        options = self.options(options)
+        if options.max_len:
+            return {"use_times": True, "max_len": int(options.max_len)}
         n = samples.payload["subjects"]["n_events"].to_numpy()
         want = int(np.quantile(n, 0.95) * 1.3) + 2  # + gap tokens and [CLS]
         ctx = int(min(MAX_CONTEXT, max(MIN_CONTEXT, next_power_of_two(want))))
         return {"use_times": True, "max_len": ctx}
 
     # ------------------------------------------------------------------ rows at prediction times
-    def _labels(self, options: dict, samples: Samples) -> Labels:
-        if not options.get("labels"):
+    def _labels(self, options: EhrOptions | dict, samples: Samples) -> Labels:
+        options = self.options(options)
+        if not options.labels:
             raise ConfigError(
                 "ehr embed / evaluate need --labels LABELS.parquet (MEDS label schema)"
             )
-        return read_labels(
-            options["labels"], samples.payload["subjects"], options.get("label_column")
-        )
+        return read_labels(options.labels, samples.payload["subjects"], options.label_column)
 
     def embed_samples(
         self,
         encoder: Any,
         samples: Samples,
-        options: dict[str, Any],
+        options: EhrOptions,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
@@ -267,7 +229,7 @@ class EhrModality(Modality):
         samples: Samples,
         embeddings: np.ndarray,
         attrs: dict[str, Any],
-        options: dict[str, Any],
+        options: EhrOptions,
     ) -> Path:
         """Parquet: subject_id, prediction_time, embedding, and the label column."""
         import pyarrow as pa
@@ -295,7 +257,7 @@ class EhrModality(Modality):
     def evaluation_rows(
         self,
         samples: Samples,
-        options: dict[str, Any],
+        options: EhrOptions,
         salt: str,
         fractions: tuple[float, float, float],
         finetuned: list,
@@ -304,7 +266,7 @@ class EhrModality(Modality):
         (train / tuning / held_out → train / val / test). A regression when the fine-tuned
         models are, or when the labels hold many distinct numbers (integer lab-value bins
         and boolean outcomes stay classes, as in EHRSHOT)."""
-        from healthfm.ehr.evaluate import meds_split_names
+        from healthfm.ehr.evaluation import meds_split_names
         from healthfm.ehr.finetune import label_values, subject_positions
         from healthfm.evaluate.finetune import evaluation_is_regression
 
@@ -337,7 +299,7 @@ class EhrModality(Modality):
 
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)[where]
         return EvaluationRows(
-            task=_task_name(Path(str(options["labels"]))),
+            task=_task_name(Path(str(self.options(options).labels))),
             groups=labels.subject_ids,
             y=y,
             classes=classes,
@@ -354,11 +316,11 @@ class EhrModality(Modality):
             },
         )
 
-    def evaluation_protocol(self, options: dict[str, Any]) -> Any:
+    def evaluation_protocol(self, options: EhrOptions) -> Any:
         """The EHRSHOT few-shot protocol (``--few-shot``)."""
-        from healthfm.ehr.evaluate import EhrshotProtocol
+        from healthfm.ehr.evaluation import EhrshotProtocol
 
-        return EhrshotProtocol(options.get("few_shot"))
+        return EhrshotProtocol(self.options(options).few_shot)
 
     def _featurize(self, encoder: Any, samples: Samples, rows: EvaluationRows, pooling, batch_size):
         # One pass over the labelled subjects gives the embeddings and the count features.
@@ -369,7 +331,7 @@ class EhrModality(Modality):
         else:  # the baselines alone: a tokenizer fitted on the train subjects
             _, of_subject = rows.info["row_splits"](rows.info["salt"], rows.info["fractions"])
             tokenizer = self.fit_tokenizer(
-                samples, np.flatnonzero(of_subject == "train"), rows.info.get("options", {})
+                samples, np.flatnonzero(of_subject == "train"), rows.info.get("options")
             )
         feats = featurize_labels(
             samples.payload["dataset"],
@@ -398,14 +360,13 @@ class EhrModality(Modality):
     def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
         """log(1 + count) of every token up to the prediction time, plus the age then,
         under the linear probe and under gradient-boosted trees."""
+        from healthfm.ehr.baselines import baseline_probes, count_features
+
         feats = rows.info.get("features") or self._featurize(None, samples, rows, None, 32)
-        counts = np.log1p(feats.counts.toarray())
-        counts = np.column_stack([counts, np.nan_to_num(feats.age_years, nan=-1.0)])
-        counts = counts.astype(np.float32)
-        linear = "ridge" if rows.regression else "logreg"
+        counts = count_features(feats)
         return {
-            f"counts+{linear}": Features(counts, baseline=True, probe="linear"),
-            "counts+gbm": Features(counts, baseline=True, probe="gbm"),
+            name: Features(counts, baseline=True, probe=probe)
+            for name, probe in baseline_probes(rows.regression).items()
         }
 
     def finetuned_rows(
@@ -421,7 +382,7 @@ class EhrModality(Modality):
     ) -> tuple[list, dict[str, np.ndarray]]:
         """Fine-tuned EHR models' own predictions on the held-out label rows, at their
         few-shot k; a model fine-tuned on any held-out row is refused."""
-        from healthfm.ehr.evaluate import meds_split_names
+        from healthfm.ehr.evaluation import meds_split_names
         from healthfm.ehr.finetune import finetuned_ehr_rows
 
         split = meds_split_names(rows.split)
@@ -442,7 +403,7 @@ class EhrModality(Modality):
     def task_input(
         self,
         samples: Samples,
-        options: dict,
+        options: EhrOptions,
         model: Any,
         salt: str,
         fractions: tuple[float, float, float],

@@ -258,7 +258,7 @@ def finetuned_ehr_rows(
     (list of ResultRow, dict)
         The rows, and each method's held-out probabilities.
     """
-    from healthfm.ehr.evaluate import positive_scores
+    from healthfm.ehr.evaluation import positive_scores
     from healthfm.evaluate.finetune import (
         finetuned_method,
         load_finetuned,

@@ -36,6 +36,7 @@ from healthfm.modality import (
 )
 from healthfm.pathology import mae as _mae  # noqa: F401  (registers the "mae" objective)
 from healthfm.pathology.baselines import BASELINES
+from healthfm.pathology.options import PathologyOptions
 from healthfm.pathology.reader import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, open_slide, read_image
 from healthfm.pathology.source import TileSource, embed_tiles
 from healthfm.pathology.split import stratified_split
@@ -59,32 +60,17 @@ __all__ = [
 
 SLIDE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES
 
-_DEFAULTS = {
-    "mpp": 0.5,
-    "size": 224,
-    "overlap": 0,
-    "min_tissue": 0.5,
-    "image_size": 224,
-    "patch_size": 16,
-    "mask_ratio": 0.75,
-}
 
-
-def _opt(options: dict[str, Any], name: str) -> Any:
-    value = options.get(name)
-    return _DEFAULTS.get(name) if value is None else value
-
-
-def _tile_one(slide: Path, tile_dir: str | Path, options: dict[str, Any]) -> Path:
-    """Tile one slide with the CLI's tiling options; the tile HDF5 path."""
+def _tile_one(slide: Path, tile_dir: str | Path, options: PathologyOptions) -> Path:
+    """Tile one slide with the tiling options; the tile HDF5 path."""
     return tile_slide(
         slide,
         tile_dir,
-        _opt(options, "mpp"),
-        _opt(options, "size"),
-        _opt(options, "overlap"),
-        _opt(options, "min_tissue"),
-        options.get("slide_mpp"),
+        options.mpp,
+        options.size,
+        options.overlap,
+        options.min_tissue,
+        options.slide_mpp,
     )[0]
 
 
@@ -105,73 +91,20 @@ class PathologyModality(Modality):
     """H&E tiles and whole-slide images."""
 
     name = "pathology"
+    options_class = PathologyOptions
     objective = "mae"
     default_pooling = "mean"
     embedding_method = "{preset}-mae-{pooling}+{probe}"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Tiling, tile-set and patching options."""
-        g = (
-            parser.add_argument_group("pathology")
-            if hasattr(parser, "add_argument_group")
-            else parser
-        )
-        g.add_argument(
-            "--mpp",
-            type=float,
-            default=None,
-            help="target microns per pixel of tiles cut from slides (default 0.5)",
-        )
-        g.add_argument(
-            "--size", type=int, default=None, help="tile side in pixels at --mpp (default 224)"
-        )
-        g.add_argument(
-            "--overlap", type=int, default=None, help="tile overlap in pixels (default 0)"
-        )
-        g.add_argument(
-            "--min-tissue",
-            type=float,
-            default=None,
-            help="minimum tissue fraction of a tile (default 0.5)",
-        )
-        g.add_argument(
-            "--slide-mpp",
-            type=float,
-            default=None,
-            help="microns per level-0 pixel when the slide does not say",
-        )
-        g.add_argument(
-            "--test-dir",
-            default=None,
-            help="tile folder used as the official test split (e.g. CRC-VAL-HE-7K)",
-        )
-        g.add_argument(
-            "--image-size",
-            type=int,
-            default=None,
-            help="tiles are resized to this side for the model (default 224)",
-        )
-        g.add_argument("--patch-size", type=int, default=None, help="ViT patch side (default 16)")
-        g.add_argument(
-            "--mask-ratio",
-            type=float,
-            default=None,
-            help="MAE: fraction of patches hidden (default 0.75)",
-        )
-        g.add_argument(
-            "--tile-dir",
-            default=None,
-            help="where tiles of slide inputs go (default: a run or temporary folder)",
-        )
-
     # ------------------------------------------------------------------ reading
-    def read(self, path: str | Path, options: dict[str, Any]) -> Samples:
+    def read(self, path: str | Path, options: PathologyOptions) -> Samples:
         """Read a tile set (class folders / PCam / MHIST) or tile slides (file or folder)."""
+        options = self.options(options)
         path = Path(path)
         if not path.exists():
             raise DataError("no such file or folder", file=path)
         if is_slide_input(path):
-            tile_dir = options.get("tile_dir")
+            tile_dir = options.tile_dir
             info: dict[str, Any] = {}
             if tile_dir is None:
                 tmp = tempfile.TemporaryDirectory(prefix="healthfm-tiles-")
@@ -179,10 +112,10 @@ class PathologyModality(Modality):
                 tile_dir = tmp.name
             slides = find_slides(path)
             h5s = [_tile_one(s, tile_dir, options) for s in slides]
-            tiles = slide_tile_set(h5s, slides, options.get("slide_mpp"))
+            tiles = slide_tile_set(h5s, slides, options.slide_mpp)
             info.update({"h5": h5s, "slides": slides, "tile_dir": Path(tile_dir)})
         else:
-            tiles = read_tile_set(path, options.get("test_dir"))
+            tiles = read_tile_set(path, options.test_dir)
             info = {}
         return Samples(
             source=path,
@@ -196,10 +129,11 @@ class PathologyModality(Modality):
         )
 
     def fit_tokenizer(
-        self, samples: Samples, train_idx: np.ndarray, options: dict
+        self, samples: Samples, train_idx: np.ndarray, options: PathologyOptions
     ) -> PatchTokenizer:
         """Patches are fixed, nothing is fitted: image and patch size from the options."""
-        return PatchTokenizer(int(_opt(options, "image_size")), int(_opt(options, "patch_size")))
+        options = self.options(options)
+        return PatchTokenizer(int(options.image_size), int(options.patch_size))
 
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
@@ -211,7 +145,7 @@ class PathologyModality(Modality):
         )
 
     def model_defaults(
-        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+        self, tokenizer: Tokenizer, samples: Samples, options: PathologyOptions
     ) -> dict[str, Any]:
         """Patch input size and context length of the tokenizer; MAE decoder settings."""
         tok = self._patches(tokenizer)
@@ -253,14 +187,13 @@ class PathologyModality(Modality):
         return assign_splits(samples.groups, fractions, salt)
 
     # ------------------------------------------------------------------ pretraining
-    def prepare_options(self, options: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    def prepare_options(self, options: PathologyOptions, workdir: Path) -> PathologyOptions:
         """Tiles cut from slide inputs go to ``workdir/tiles`` unless ``--tile-dir`` says."""
-        options.setdefault("tile_dir", str(Path(workdir) / "tiles"))
-        return options
+        return options.replace(tile_dir=options.tile_dir or str(Path(workdir) / "tiles"))
 
-    def training_overrides(self, options: dict[str, Any]) -> dict[str, Any]:
+    def training_overrides(self, options: PathologyOptions) -> dict[str, Any]:
         """The MAE mask ratio (``--mask-ratio``) is the objective's mask fraction."""
-        mask_ratio = float(_opt(options, "mask_ratio"))
+        mask_ratio = float(self.options(options).mask_ratio)
         if not 0.0 < mask_ratio < 1.0:
             raise ConfigError(
                 f"--mask-ratio must be in (0, 1), not {mask_ratio}", column="mask_ratio"
@@ -306,11 +239,12 @@ class PathologyModality(Modality):
 
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(
-        self, path: str | Path, options: dict[str, Any], out: Path, encoder: Any
+        self, path: str | Path, options: PathologyOptions, out: Path, encoder: Any
     ) -> Iterator[tuple[Samples, Path]]:
         """Slides (a slide, a folder of slides, or a folder of ``.h5`` tile files written by
         ``healthfm tile``, whose ``source`` attribute names the slide): one input per slide,
         written to ``out/<slide>.h5``. A tile set: one input, ``out/embeddings.parquet``."""
+        options = self.options(options)
         path, out = Path(path), Path(out)
         # A folder of tile files from `healthfm tile` (PatchCamelyon's .h5 pairs are a tile set).
         h5_inputs = (
@@ -334,10 +268,10 @@ class PathologyModality(Modality):
                     )
                 pairs.append((h5, Path(src)))
         else:
-            tile_dir = Path(options.get("tile_dir") or out)
+            tile_dir = Path(options.tile_dir or out)
             pairs = [(_tile_one(s, tile_dir, options), s) for s in find_slides(path)]
         for h5, slide in pairs:
-            tiles = slide_tile_set([h5], [slide], options.get("slide_mpp"))
+            tiles = slide_tile_set([h5], [slide], options.slide_mpp)
             grid, _ = read_tiles_h5(h5)
             samples = Samples(
                 source=slide,
@@ -354,7 +288,7 @@ class PathologyModality(Modality):
         self,
         encoder: Any,
         samples: Samples,
-        options: dict[str, Any],
+        options: PathologyOptions,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
@@ -363,7 +297,7 @@ class PathologyModality(Modality):
         tok = self._patches(encoder.tokenizer)
         samples.info["patches"] = {"image_size": tok.image_size, "patch_size": tok.patch_size}
         source = TileSource(samples.payload, tok, augment=False, cache=False)
-        workers = int(options.get("num_workers") or 0)
+        workers = int(self.options(options).num_workers or 0)
         return embed_tiles(encoder, source, batch_size, pooling, bf16, workers)
 
     def write_embeddings(
@@ -372,7 +306,7 @@ class PathologyModality(Modality):
         samples: Samples,
         embeddings: np.ndarray,
         attrs: dict[str, Any],
-        options: dict[str, Any],
+        options: PathologyOptions,
     ) -> Path:
         """A slide: Trident-layout HDF5 with ``features``. A tile set: ``embeddings.parquet``
         + an eva-style ``manifest.csv`` + ``embeddings.json``."""
@@ -410,7 +344,7 @@ class PathologyModality(Modality):
     def evaluation_rows(
         self,
         samples: Samples,
-        options: dict[str, Any],
+        options: PathologyOptions,
         salt: str,
         fractions: tuple[float, float, float],
         finetuned: list,
@@ -430,7 +364,7 @@ class PathologyModality(Modality):
             info={"options": options},
         )
 
-    def evaluation_protocol(self, options: dict[str, Any]) -> Any:
+    def evaluation_protocol(self, options: PathologyOptions) -> Any:
         """eva's protocol: five repeated probes, probe-val drawn per class, balanced
         accuracy first; the tile embeddings are kept beside the results."""
         from healthfm.pathology.evaluation import TileProbeProtocol
@@ -487,7 +421,7 @@ class PathologyModality(Modality):
     def task_input(
         self,
         samples: Samples,
-        options: dict,
+        options: PathologyOptions,
         model: Any,
         salt: str,
         fractions: tuple[float, float, float],

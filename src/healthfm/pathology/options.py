@@ -18,9 +18,7 @@ class PathologyOptions(Options):
     size: int = option(224, "tile side in pixels at --mpp (default 224)")
     overlap: int = option(0, "tile overlap in pixels (default 0)")
     min_tissue: float = option(0.5, "minimum tissue fraction of a tile (default 0.5)")
-    slide_mpp: float | None = option(
-        None, "microns per level-0 pixel when the slide does not say"
-    )
+    slide_mpp: float | None = option(None, "microns per level-0 pixel when the slide does not say")
     test_dir: str | None = option(
         None, "tile folder used as the official test split (e.g. CRC-VAL-HE-7K)"
     )

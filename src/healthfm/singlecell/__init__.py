@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +41,7 @@ from healthfm.singlecell import tl
 from healthfm.singlecell.baselines import BASELINES, highly_variable_genes, hvg_pca, log_normalize
 from healthfm.singlecell.bundled import celltypist_sample, pbmc68k, pretraining_corpus
 from healthfm.singlecell.evaluation import clustering_rows, knn_rows
+from healthfm.singlecell.options import SingleCellOptions
 from healthfm.singlecell.reader import (
     CountMatrix,
     Coverage,
@@ -121,76 +121,31 @@ class SingleCellModality(Modality):
     """Single-cell RNA-seq counts from AnnData ``.h5ad`` files."""
 
     name = "singlecell"
+    options_class = SingleCellOptions
     objective = "masked"
     default_pooling = "mean"
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Reader and tokenizer options."""
-        g = parser  # the CLI already passes this modality's argument group
-        g.add_argument("--layer", default=None, help="layer holding the counts (default: X)")
-        g.add_argument(
-            "--gene-column", default=None, help="var column of gene ids (default: var_names)"
-        )
-        g.add_argument(
-            "--label-column", default=None, help="obs column of cell labels (e.g. cell_type)"
-        )
-        g.add_argument(
-            "--group-column",
-            default=None,
-            help="obs column of the split unit (donor, sample); default: each cell",
-        )
-        g.add_argument(
-            "--total-column",
-            default=None,
-            help="obs column of library sizes, e.g. n_counts (default: the row sums)",
-        )
-        g.add_argument(
-            "--normalized", action="store_true", help="allow non-integer (normalized) values"
-        )
-        g.add_argument("--backed", action="store_true", help="read the matrix from disk in blocks")
-        g.add_argument(
-            "--tokenizer",
-            choices=sorted(TOKENIZERS),
-            default=None,
-            help="rank (Geneformer rank-value, default) or binned (scGPT value bins)",
-        )
-        g.add_argument(
-            "--max-length",
-            type=int,
-            default=None,
-            help=f"tokens per cell incl. [CLS] (default: the longest training cell, at most {DEFAULT_MAX_LENGTH})",
-        )
-        g.add_argument(
-            "--n-bins", type=int, default=None, help="value bins incl. zero (binned; default 51)"
-        )
-        g.add_argument(
-            "--min-cells",
-            type=int,
-            default=None,
-            help="keep genes expressed in at least this many training cells (default 1)",
-        )
-
-    def read(self, path: Any, options: dict[str, Any]) -> Samples:
+    def read(self, path: Any, options: SingleCellOptions) -> Samples:
         """Read an ``.h5ad`` path (or an in-memory AnnData) into validated samples."""
+        options = self.options(options)
         kwargs = {
-            "layer": options.get("layer"),
-            "gene_column": options.get("gene_column"),
-            "label_column": None
-            if _no_value(options.get("label_column"))
-            else options["label_column"],
-            "group_column": options.get("group_column"),
-            "total_column": options.get("total_column"),
-            "normalized": bool(options.get("normalized", False)),
+            "layer": options.layer,
+            "gene_column": options.gene_column,
+            "label_column": None if _no_value(options.label_column) else options.label_column,
+            "group_column": options.group_column,
+            "total_column": options.total_column,
+            "normalized": options.normalized,
         }
         if not isinstance(path, str | Path):
-            return samples_from_anndata(path, options.get("source", "<AnnData>"), **kwargs)
-        return read_h5ad(path, backed=bool(options.get("backed", False)), **kwargs)
+            return samples_from_anndata(path, options.source, **kwargs)
+        return read_h5ad(path, backed=options.backed, **kwargs)
 
     def fit_tokenizer(
-        self, samples: Samples, train_idx: np.ndarray, options: dict[str, Any]
+        self, samples: Samples, train_idx: np.ndarray, options: SingleCellOptions
     ) -> CellTokenizer:
         """Fit the chosen tokenizer's vocabulary (and medians) on the training cells."""
-        kind = options.get("tokenizer") or "rank"
+        options = self.options(options)
+        kind = options.tokenizer or "rank"
         if kind not in TOKENIZERS:
             raise ConfigError(
                 f"unknown single-cell tokenizer {kind!r}; choose from {sorted(TOKENIZERS)}"
@@ -199,19 +154,19 @@ class SingleCellModality(Modality):
         if len(train_idx) == 0:
             raise DataError("no training cells to fit the tokenizer on", file=samples.source)
         matrix = self._matrix(samples)
-        max_length = options.get("max_length")
+        max_length = options.max_length
         if max_length is None:
             longest = int(np.max(matrix.extra["n_expressed"][train_idx]))
             max_length = min(next_power_of_two(longest + 1), DEFAULT_MAX_LENGTH)
         kwargs: dict[str, Any] = {
             "max_length": int(max_length),
-            "total_column": options.get("total_column"),
+            "total_column": options.total_column,
         }
-        if kind == "binned" and options.get("n_bins") is not None:
-            kwargs["n_bins"] = int(options["n_bins"])
+        if kind == "binned" and options.n_bins is not None:
+            kwargs["n_bins"] = int(options.n_bins)
         blocks = ((block, matrix.totals[pos]) for pos, block in matrix.blocks(train_idx))
         tokenizer = TOKENIZERS[kind].fit(
-            blocks, matrix.genes, min_cells=int(options.get("min_cells") or 1), **kwargs
+            blocks, matrix.genes, min_cells=int(options.min_cells or 1), **kwargs
         )
         return tokenizer
 
@@ -282,7 +237,7 @@ class SingleCellModality(Modality):
         )
 
     def model_defaults(
-        self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
+        self, tokenizer: Tokenizer, samples: Samples, options: SingleCellOptions
     ) -> dict[str, Any]:
         """Context = the tokenizer's ``max_length``; the value input for binned tokens."""
         tokenizer = self._tokenizer(tokenizer)
@@ -312,7 +267,7 @@ class SingleCellModality(Modality):
         return assign_splits(samples.groups, fractions, salt)
 
     def embedding_inputs(
-        self, path: str | Path, options: dict[str, Any], out: Path, encoder: Any
+        self, path: str | Path, options: SingleCellOptions, out: Path, encoder: Any
     ) -> Iterator[tuple[Samples, Path]]:
         """The input; for an ``.h5ad`` output the whole AnnData is kept, to be written back
         with ``obsm['X_healthfm']`` (see :func:`healthfm.singlecell.tl.embed`)."""
@@ -337,7 +292,7 @@ class SingleCellModality(Modality):
         self,
         encoder: Any,
         samples: Samples,
-        options: dict[str, Any],
+        options: SingleCellOptions,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
@@ -351,10 +306,10 @@ class SingleCellModality(Modality):
             adata,
             encoder,
             EMBEDDING_KEY,
-            layer=options.get("layer"),
-            gene_column=options.get("gene_column"),
-            total_column=options.get("total_column"),
-            normalized=bool(options.get("normalized", False)),
+            layer=options.layer,
+            gene_column=options.gene_column,
+            total_column=options.total_column,
+            normalized=options.normalized,
             pooling=pooling,
             batch_size=batch_size,
             bf16=bf16,
@@ -367,7 +322,7 @@ class SingleCellModality(Modality):
         samples: Samples,
         embeddings: np.ndarray,
         attrs: dict[str, Any],
-        options: dict[str, Any],
+        options: SingleCellOptions,
     ) -> Path:
         """``.h5ad``: the input AnnData with the embedding in ``obsm`` (gzip, atomic);
         otherwise parquet / ``.npy``."""

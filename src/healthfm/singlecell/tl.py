@@ -239,16 +239,16 @@ def embed_file(
     from healthfm.singlecell.bundled import write_h5ad_atomic
     from healthfm.singlecell.reader import open_h5ad
 
-    options = options or {}
+    options = _modality().options(options)
     adata = open_h5ad(input_path)
     embed(
         adata,
         model,
         key_added,
-        layer=options.get("layer"),
-        gene_column=options.get("gene_column"),
-        total_column=options.get("total_column"),
-        normalized=bool(options.get("normalized", False)),
+        layer=options.layer,
+        gene_column=options.gene_column,
+        total_column=options.total_column,
+        normalized=options.normalized,
         pooling=pooling,
         batch_size=batch_size,
         bf16=bf16,

@@ -80,12 +80,12 @@ def evaluate(
         Also written to ``out_dir/results.json``.
     """
     t0 = time.perf_counter()
-    options = dict(options or {})
     out_dir = Path(out_dir)
     encoder = load_encoder(model_dir, modality_name) if model_dir is not None else None
     if encoder is None and modality_name is None:
         raise ConfigError("evaluate needs a model folder or a modality")
     modality: Modality = get_modality(encoder.modality if encoder else modality_name)
+    options = modality.options(options)
     salt, fractions = split_of_model(model_dir, salt, fractions)
     ft_dirs = finetuned_folders(finetuned, model_dir, encoder)
     if encoder is None and not include_baselines and not ft_dirs:

@@ -77,7 +77,7 @@ def pretrain(
     train_config = train_config or TrainConfig()
     out = Path(out)
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
-    options = modality.prepare_options(dict(options or {}), run_dir)
+    options = modality.prepare_options(modality.options(options), run_dir)
     if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
         # The modality's preference (causal timelines keep their most recent tokens).
         train_config = replace(train_config, truncate=modality.truncate)

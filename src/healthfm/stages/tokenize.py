@@ -26,7 +26,7 @@ def tokenize(
     from healthfm.encoders import load_encoder
 
     modality = get_modality(modality) if isinstance(modality, str) else modality
-    options = options or {}
+    options = modality.options(options)
     samples = modality.read(input_path, options)
     if model_dir is not None:
         tokenizer = load_encoder(model_dir, modality.name).tokenizer
