@@ -327,7 +327,7 @@ class Modality(ABC):
 
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(
-        self, path: str | Path, options: dict[str, Any], out: Path
+        self, path: str | Path, options: dict[str, Any], out: Path, encoder: Any
     ) -> Iterator[tuple[Samples, Path]]:
         """The inputs ``healthfm embed`` writes, each with its output path: one by default;
         one per slide for a folder of slides."""

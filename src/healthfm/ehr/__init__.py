@@ -104,6 +104,7 @@ class EhrModality(Modality):
     default_pooling = "last"
     #: Causal models keep the most recent history when a subject is longer than the context.
     truncate = "tail"
+    embedding_method = "{preset}-causal-{pooling}+{probe}"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add MEDS reader, tokenizer and evaluation options."""

@@ -50,7 +50,7 @@ def embed(
     encoder = load_encoder(model_dir, modality_name)
     modality = get_modality(encoder.modality)
     attrs = {**describe(encoder), "pooling": pooling or encoder.pooling}
-    for samples, target in modality.embedding_inputs(input_path, options, Path(out)):
+    for samples, target in modality.embedding_inputs(input_path, options, Path(out), encoder):
         embeddings = modality.embed_samples(encoder, samples, options, pooling, batch_size, bf16)
         modality.write_embeddings(target, samples, embeddings, attrs, options)
     return Path(out)
