@@ -25,9 +25,11 @@ def splice():
 
 
 def options(*argv: str) -> dict:
+    # The flags as the CLI parses them, then typed (unset flags take the dataclass defaults).
     parser = argparse.ArgumentParser()
-    DnaModality().add_arguments(parser)
-    return vars(parser.parse_args(list(argv)))
+    modality = DnaModality()
+    modality.add_arguments(parser)
+    return modality.options(vars(parser.parse_args(list(argv)))).to_dict()
 
 
 def test_registered():

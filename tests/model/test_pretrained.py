@@ -118,3 +118,24 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
         save_pretrained(tiny_model(), folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_weights_file_is_byte_identical_across_saves(tmp_path):
+    # model_hash is the SHA-256 of model.safetensors: saving the same weights twice (in two
+    # processes, whose hash-map order differs) must give the same bytes.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; from healthfm.model import FoundationModel, ModelConfig;"
+        "from healthfm.model.pretrained import save_pretrained;"
+        "torch.manual_seed(0);"
+        "m = FoundationModel(ModelConfig(modality='dna', vocab_size=8, d_model=16, n_layers=1,"
+        " n_heads=2, d_ff=32)); save_pretrained(m, sys.argv[1])"
+    )
+    digests = set()
+    for i in range(4):
+        out = tmp_path / f"m{i}"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        digests.add((out / "model.safetensors").read_bytes())
+    assert len(digests) == 1

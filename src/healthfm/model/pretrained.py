@@ -61,7 +61,10 @@ def save_pretrained(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "healthfm": release})
+        # One metadata key: safetensors writes its metadata map in hash order, so a second
+        # key made the file's bytes (and so model_hash, its SHA-256) differ between runs.
+        # The healthfm version is in training_info.json.
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         if tokenizer is not None:
             (tmp / TOKENIZER_NAME).write_text(json.dumps(tokenizer.to_dict(), indent=2) + "\n")
         if info is not None:
