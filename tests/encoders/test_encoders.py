@@ -1,0 +1,101 @@
+"""The Encoder contract: healthfm's model implements it, load_encoder finds loaders, and the
+stages take any Encoder, not only a healthfm folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from healthfm.datasets import promoters
+from healthfm.encoders import ENCODERS, Encoder, describe, load_encoder, register_encoder
+from healthfm.errors import ConfigError, ModelError
+from healthfm.stages.embed import embed
+from healthfm.stages.evaluate import evaluate
+from healthfm.stages.pretrain import pretrain
+from healthfm.train.trainer import TrainConfig
+
+FAST = TrainConfig(steps=4, batch_size=16, warmup_steps=1, eval_every=2, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("enc") / "model"
+    return pretrain("dna", promoters(), out, train_config=FAST)
+
+
+class Renamed:
+    """A foreign encoder: another name and mean pooling on top of a healthfm model, held
+    (not subclassed), as a published model's wrapper would be."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name, self.modality, self.dim = "other-encoder", inner.modality, inner.dim
+        self.pooling, self.max_len, self.tokenizer = "mean", inner.max_len, inner.tokenizer
+        self.model_hash = "f" * 64
+
+    def parameters(self):
+        return self.inner.parameters()
+
+    def eval(self):
+        self.inner.eval()
+        return self
+
+    def to(self, device):
+        self.inner.to(device)
+        return self
+
+    def forward_features(self, batch):
+        return self.inner.forward_features(batch)
+
+    def embed(self, batch, pooling=None):
+        return 2.0 * self.inner.embed(batch, pooling or self.pooling)
+
+
+def test_healthfm_model_is_an_encoder(model_dir):
+    enc = load_encoder(model_dir)
+    assert isinstance(enc, Encoder)
+    d = describe(enc)
+    assert d["modality"] == "dna" and d["dim"] == 128 and d["name"] == "tiny"
+    assert d["preprocessing"] == "dna.kmer" and d["model_hash"] == enc.model_hash
+    batch = {"ids": torch.tensor([[1, 5, 6, 7]]), "attention_mask": torch.ones(1, 4, dtype=bool)}
+    assert enc.forward_features(batch).shape == (1, 4, 128)
+    assert enc.embed(batch).shape == (1, 128)
+
+
+def test_load_encoder_errors(model_dir, tmp_path):
+    with pytest.raises(ModelError, match="not a 'ehr' one"):
+        load_encoder(model_dir, modality="ehr")
+    with pytest.raises(ConfigError, match="unknown encoder 'nosuch'"):
+        load_encoder("nosuch:" + str(tmp_path))
+
+
+def test_registered_loader_reaches_name_colon_dir(model_dir, monkeypatch):
+    monkeypatch.setitem(ENCODERS, "renamed", lambda path: Renamed(load_encoder(path)))
+    enc = load_encoder(f"renamed:{model_dir}")
+    assert isinstance(enc, Renamed) and enc.name == "other-encoder"
+    register_encoder("renamed", ENCODERS["renamed"])  # the public way does the same
+
+
+def test_stages_take_any_encoder(model_dir, tmp_path):
+    own = load_encoder(model_dir)
+    foreign = Renamed(load_encoder(model_dir))
+    a = embed(own, promoters(), tmp_path / "own.npy", {"label_column": "label"})
+    b = embed(foreign, promoters(), tmp_path / "foreign.npy", {"label_column": "label"})
+    # The foreign encoder's vectors are its own (twice the model's mean-pooled ones).
+    np.testing.assert_allclose(np.load(b), 2.0 * np.load(a), rtol=1e-5, atol=1e-6)
+    rows = evaluate(
+        foreign,
+        promoters(),
+        tmp_path / "ev",
+        {"label_column": "label"},
+        seeds=[0],
+        n_boot=20,
+        echo=False,
+    )
+    methods = {r.method for r in rows}
+    assert "other-encoder-mean+logreg" in methods and "kmer-counts+logreg" in methods
+    saved = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert {r["model_hash"] for r in saved if not r["is_baseline"]} == {"f" * 64}
