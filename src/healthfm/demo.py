@@ -34,6 +34,8 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
     steps = list(spec.description or ("pretraining", "evaluating against baselines"))
     say = _printer(steps)
 
+    # Warm-up over the first tenth of the steps unless the spec says otherwise.
+    train = {"warmup_steps": max(1, spec.train["steps"] // 10), "seed": 0, **spec.train}
     say()
     source = spec.pretrain_input(out) if callable(spec.pretrain_input) else spec.pretrain_input
     model_dir = pretrain(
@@ -42,7 +44,7 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
         out / "model",
         dict(spec.pretrain_options),
         preset=spec.preset,
-        train_config=TrainConfig(**spec.train),
+        train_config=TrainConfig(**train),
         run_dir=out / "model.run",
     )
     info = json.loads((model_dir / "training_info.json").read_text())

@@ -181,7 +181,8 @@ class DemoSpec:
     evaluate_input
         The bundled labelled input.
     train
-        :class:`~healthfm.train.trainer.TrainConfig` fields.
+        :class:`~healthfm.train.trainer.TrainConfig` fields (``warmup_steps`` defaults to a
+        tenth of ``steps``, ``seed`` to 0).
     pretrain_options, evaluate_options
         Reader options of the two inputs.
     preset
@@ -455,20 +456,27 @@ class Modality(ABC):
         """Rows of fine-tuned models' own predictions on the test rows (and their scores)."""
         from healthfm.evaluate.finetune import finetuned_rows
 
+        test_idx = rows.indices("test")
         found = finetuned_rows(
             folders,
             self,
             samples,
-            rows.indices("test"),
+            test_idx,
             rows.classes,
             rows.task,
             n_boot=n_boot,
             batch_size=batch_size,
             metrics=metrics,
+            source_for=lambda model: self.test_source(model, samples, test_idx),
             salt=salt,
             fractions=tuple(fractions),
         )
         return found, {}
+
+    def test_source(self, model: Any, samples: Samples, indices: np.ndarray) -> Any:
+        """Where a fine-tuned model reads the test rows from: None (the default) tokenizes
+        them into a temporary token store; data that are not tokens return a batch source."""
+        return None
 
     def extra_evaluations(self, context: dict[str, Any]) -> list:
         """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).

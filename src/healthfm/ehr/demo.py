@@ -38,11 +38,9 @@ def demo_spec(
             "steps": steps,
             "batch_size": 16,
             "lr": 2e-3,
-            "warmup_steps": max(1, steps // 10),
             "eval_every": max(1, steps // 2),
             "eval_batches": 8,
             "checkpoint_every": steps,
-            "seed": 0,
             "pack": True,  # timelines vary 10x in length: pack them instead of padding
         },
         evaluate_options={"labels": str(labels), "few_shot": ks},

@@ -1224,8 +1224,9 @@ def finetuned_rows(
         info = read_provenance(Path(path))
         method = finetuned_method(model, info, path, seen)
         _check_test_split(modality, samples, test_idx, Path(path), salt, fractions)
-        if source_for is not None:
-            scores = predict(model, source_for(model), batch_size=batch_size)
+        source = source_for(model) if source_for is not None else None
+        if source is not None:
+            scores = predict(model, source, batch_size=batch_size)
         else:
             modality.check_input(samples, model.tokenizer)
             with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:

@@ -384,38 +384,11 @@ class PathologyModality(Modality):
         rows.info["embeddings"] = (samples, emb)
         return emb
 
-    def finetuned_rows(
-        self,
-        folders: list,
-        samples: Samples,
-        rows: EvaluationRows,
-        metrics: list[str],
-        n_boot: int,
-        batch_size: int,
-        salt: str,
-        fractions: tuple[float, float, float],
-    ) -> tuple[list, dict[str, np.ndarray]]:
-        """Fine-tuned tile classifiers' own predictions on the test tiles."""
-        from healthfm.evaluate.finetune import finetuned_rows
-
-        test_idx = rows.indices("test")
-        found = finetuned_rows(
-            folders,
-            self,
-            samples,
-            test_idx,
-            rows.classes,
-            rows.task,
-            n_boot=n_boot,
-            batch_size=batch_size,
-            metrics=metrics,
-            source_for=lambda m: TileSource(
-                samples.payload, _model_tokenizer(m), test_idx, augment=False, cache=False
-            ),
-            salt=salt,
-            fractions=tuple(fractions),
+    def test_source(self, model: Any, samples: Samples, indices: np.ndarray) -> TileSource:
+        """Fine-tuned tile classifiers read the test tiles decoded, not augmented."""
+        return TileSource(
+            samples.payload, _model_tokenizer(model), indices, augment=False, cache=False
         )
-        return found, {}
 
     # ------------------------------------------------------------------ fine-tuning, demo
     def task_input(

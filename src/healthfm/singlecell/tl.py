@@ -23,7 +23,7 @@ import numpy as np
 from healthfm.errors import ConfigError
 from healthfm.model.heads import FoundationModel
 
-__all__ = ["embed", "embed_file", "fit"]
+__all__ = ["embed", "fit"]
 
 
 def _modality():
@@ -219,38 +219,3 @@ def embed(
     }
     adata.uns["healthfm"] = info
     return adata if copy else None
-
-
-def embed_file(
-    model: FoundationModel | str | Path,
-    input_path: str | Path,
-    out: str | Path,
-    options: dict[str, Any] | None = None,
-    pooling: str | None = None,
-    batch_size: int = 128,
-    bf16: bool = False,
-    key_added: str = "X_healthfm",
-) -> Path:
-    """``healthfm embed MODEL IN.h5ad --out OUT.h5ad``: the input with the embedding in obsm.
-
-    The AnnData is read whole, validated, embedded and written atomically (temporary file,
-    then rename), gzip-compressed.
-    """
-    from healthfm.singlecell.bundled import write_h5ad_atomic
-    from healthfm.singlecell.reader import open_h5ad
-
-    options = _modality().options(options)
-    adata = open_h5ad(input_path)
-    embed(
-        adata,
-        model,
-        key_added,
-        layer=options.layer,
-        gene_column=options.gene_column,
-        total_column=options.total_column,
-        normalized=options.normalized,
-        pooling=pooling,
-        batch_size=batch_size,
-        bf16=bf16,
-    )
-    return write_h5ad_atomic(adata, out)
