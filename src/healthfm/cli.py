@@ -242,6 +242,12 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
+    p.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp (full replicas) or fsdp (FSDP2 sharding) (default: ddp)",
+    )
     if "--few-shot" not in p._option_string_actions:  # EHR defines it for evaluate already
         p.add_argument(
             "--few-shot",
@@ -295,6 +301,7 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         resume=args.resume,
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
+        strategy=args.strategy,
     )
     from healthfm.train.distributed import shutdown
 
