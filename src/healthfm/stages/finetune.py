@@ -278,51 +278,8 @@ def finetune(
         final = trainer.export_model(lambda: _rebuild(base, data.spec, config, rebuilt))
         peft_model = rebuilt.get("peft", peft_model)
     test_metrics = _score(data, test_scores, n_boot, config.seed) if test_scores is not None else {}
-    wall = time.perf_counter() - t0
-    provenance = {
-        "finetune": {
-            "method": config.method,
-            "config": asdict(config),
-            "base_model": str(model_dir.resolve()),
-            "base_model_hash": base.model_hash,
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "best_val_loss": best_loss,
-            "history": history,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "n_train": len(data.splits["train"]),
-            "n_val": len(data.splits["val"]),
-            "n_test": len(data.splits["test"]),
-            "val_carved_from_train": data.val_from_train,
-            "few_shot": config.few_shot,
-            "rows": task_input.info,
-            "test_metrics": test_metrics,
-            "wall_seconds": wall,
-        },
-        "data_hash": samples.data_hash,
-        "source": str(samples.source),
-        "split_salt": salt,
-        "split_fractions": list(fractions),
-    }
-    out = Path(out)
-    if not dist_info.is_main:  # one writer; the others wait until the folder is there
-        D.barrier(dist_info)
-        return None
-    _write(final, peft_model, out, base, model_dir, data.spec, config, info, provenance)
-    if echo:
-        line = ", ".join(
-            f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-            for k, v in test_metrics.items()
-            if k in ("auroc", "balanced_accuracy", "r2", "rmse")
-        )
-        print(
-            f"wrote {out}: best epoch {best_epoch} of {len(history)}, val loss {best_loss:.4f}; "
-            f"test {line or '-'}; {wall:.1f} s"
-        )
-    D.barrier(dist_info)
-    return FinetuneResult(
-        out=out,
+    result = FinetuneResult(
+        out=Path(out),
         method=config.method,
         task=data.spec["task"],
         best_epoch=best_epoch,
@@ -330,12 +287,71 @@ def finetune(
         best_val_loss=best_loss,
         trainable_parameters=trainable,
         total_parameters=total,
-        wall_seconds=wall,
+        wall_seconds=time.perf_counter() - t0,
         history=history,
         test_metrics=test_metrics,
         test_indices=data.splits["test"],
         test_scores=test_scores,
     )
+    if not dist_info.is_main:  # one writer; the others wait until the folder is there
+        D.barrier(dist_info)
+        return None
+    provenance = _provenance(
+        result, config, model_dir, base, data, task_input.info, salt, fractions
+    )
+    _write(final, peft_model, result.out, base, model_dir, data.spec, config, info, provenance)
+    if echo:
+        line = ", ".join(
+            f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+            for k, v in test_metrics.items()
+            if k in ("auroc", "balanced_accuracy", "r2", "rmse")
+        )
+        print(
+            f"wrote {result.out}: best epoch {best_epoch} of {len(history)}, val loss "
+            f"{best_loss:.4f}; test {line or '-'}; {result.wall_seconds:.1f} s"
+        )
+    D.barrier(dist_info)
+    return result
+
+
+def _provenance(
+    result: FinetuneResult,
+    config: FinetuneConfig,
+    model_dir: Path,
+    base: FoundationModel,
+    data: TaskData,
+    rows: dict[str, Any],
+    salt: str,
+    fractions: tuple[float, float, float],
+) -> dict[str, Any]:
+    """What the output folder records of the run (``training_info.json`` / the adapter's
+    ``healthfm_adapter.json``)."""
+    return {
+        "finetune": {
+            "method": config.method,
+            "config": asdict(config),
+            "base_model": str(model_dir.resolve()),
+            "base_model_hash": base.model_hash,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "best_val_loss": result.best_val_loss,
+            "history": result.history,
+            "trainable_parameters": result.trainable_parameters,
+            "total_parameters": result.total_parameters,
+            "n_train": len(data.splits["train"]),
+            "n_val": len(data.splits["val"]),
+            "n_test": len(data.splits["test"]),
+            "val_carved_from_train": data.val_from_train,
+            "few_shot": config.few_shot,
+            "rows": rows,
+            "test_metrics": result.test_metrics,
+            "wall_seconds": result.wall_seconds,
+        },
+        "data_hash": data.samples.data_hash,
+        "source": str(data.samples.source),
+        "split_salt": salt,
+        "split_fractions": list(fractions),
+    }
 
 
 def _adapt(model: FoundationModel, config: FinetuneConfig) -> Any:
