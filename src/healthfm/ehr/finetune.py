@@ -260,10 +260,10 @@ def finetuned_ehr_rows(
     """
     from healthfm.ehr.evaluate import positive_scores
     from healthfm.evaluate.finetuned import finetuned_method, read_provenance
-    from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
     from healthfm.evaluate.metrics import classification_metrics, regression_metrics
     from healthfm.evaluate.probe import align_proba
     from healthfm.evaluate.results import rows_from_metrics
+    from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
 
     te = np.flatnonzero(split == "held_out")
     held = Labels(labels.source, labels.frame[te], labels.column)

@@ -10,7 +10,7 @@ the stages.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from healthfm.evaluate.finetuned import (
     evaluation_is_regression,
@@ -32,6 +32,9 @@ from healthfm.evaluate.task_head import (
     to_scores,
     with_task_head,
 )
+
+if TYPE_CHECKING:  # imported on first use by __getattr__
+    from healthfm.stages.finetune import FinetuneConfig, FinetuneResult, finetune
 
 __all__ = [
     "TASKS",
