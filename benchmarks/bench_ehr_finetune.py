@@ -26,7 +26,7 @@ import torch
 from healthfm.ehr import EhrModality
 from healthfm.ehr.finetune import label_windows
 from healthfm.ehr.reader import read_labels
-from healthfm.evaluate.finetune import _head_outputs, with_task_head
+from healthfm.evaluate.task_head import _head_outputs, with_task_head
 from healthfm.model import FoundationModel, ModelConfig
 
 DATA = Path(__file__).resolve().parent.parent / "src" / "healthfm" / "data" / "ehr"

@@ -43,7 +43,7 @@ def run_dataset(
     name: str, modality: str, input_path: Path, options: dict, out: Path, args
 ) -> list[dict]:
     from healthfm import pipeline
-    from healthfm.evaluate.finetune import FinetuneConfig, finetune
+    from healthfm.stages.finetune import FinetuneConfig, finetune
     from healthfm.train.trainer import TrainConfig
 
     base = out / f"{name}-base"

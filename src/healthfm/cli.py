@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from healthfm.errors import ConfigError, HealthFMError
-from healthfm.modality import get_modality, modality_names
+from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS
 
 
@@ -247,6 +247,12 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
+    p.add_argument(
+        "--strategy",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+        help="under torchrun: ddp (full replicas) or fsdp (FSDP2 sharding) (default: ddp)",
+    )
     _add_unless_defined(
         p,
         "--few-shot",
@@ -274,7 +280,7 @@ def _add_unless_defined(parser: argparse.ArgumentParser, *flags: str, **kwargs) 
 
 
 def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
-    from healthfm.evaluate.finetune import FinetuneConfig, finetune
+    from healthfm.stages.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(
         task=args.task,
@@ -309,6 +315,7 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         resume=args.resume,
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
+        strategy=args.strategy,
     )
     from healthfm.train.distributed import shutdown
 
@@ -356,7 +363,10 @@ def _model_modality(argv: list[str]) -> str | None:
 
 def run(argv: list[str]) -> int:
     """Run the CLI on ``argv``; return the exit code."""
-    from healthfm import pipeline
+    from healthfm.stages.embed import embed
+    from healthfm.stages.evaluate import evaluate
+    from healthfm.stages.pretrain import pretrain
+    from healthfm.stages.tokenize import tokenize
     from healthfm.train.trainer import TrainConfig
 
     model_modality = _model_modality(argv)
@@ -367,13 +377,13 @@ def run(argv: list[str]) -> int:
     on_data = args.command in ("tokenize", "pretrain")  # MODALITY INPUT; else MODEL INPUT
     opts = _options(args, args.modality if on_data else model_modality)
     if args.command == "tokenize":
-        store = pipeline.tokenize(
+        store = tokenize(
             args.modality,
             args.input,
             args.out,
             opts,
             args.model,
-            salt=args.split_salt or pipeline.DEFAULT_SALT,
+            salt=args.split_salt or DEFAULT_SALT,
         )
         print(f"wrote {store}")
     elif args.command == "pretrain":
@@ -394,7 +404,7 @@ def run(argv: list[str]) -> int:
             num_workers=args.num_workers,
             pack=args.pack,
         )
-        out = pipeline.pretrain(
+        out = pretrain(
             args.modality,
             args.input,
             args.out,
@@ -403,7 +413,7 @@ def run(argv: list[str]) -> int:
             train_config=config,
             resume=args.resume,
             run_dir=args.run_dir,
-            salt=args.split_salt or pipeline.DEFAULT_SALT,
+            salt=args.split_salt or DEFAULT_SALT,
             stop_at=args.stop_at,
             strategy=args.strategy,
         )
@@ -424,12 +434,12 @@ def run(argv: list[str]) -> int:
                 f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
             )
     elif args.command == "embed":
-        path = pipeline.embed(
+        path = embed(
             args.model, args.input, args.out, opts, args.pooling, args.batch_size, args.bf16
         )
         print(f"wrote {path}")
     elif args.command == "evaluate":
-        pipeline.evaluate(
+        evaluate(
             args.model,
             args.input,
             args.out,

@@ -388,7 +388,7 @@ class Modality(ABC):
         """The labelled rows a task is scored on: one per sample by default, split by
         :meth:`split`; a regression when the fine-tuned models are, or when the labels
         hold many distinct numbers (the rule ``finetune`` uses)."""
-        from healthfm.evaluate.finetune import evaluation_is_regression
+        from healthfm.evaluate.finetuned import evaluation_is_regression
 
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
         labels = require_labels(samples, np.where(split == "val", "train", split))
@@ -454,7 +454,7 @@ class Modality(ABC):
         fractions: tuple[float, float, float],
     ) -> tuple[list, dict[str, np.ndarray]]:
         """Rows of fine-tuned models' own predictions on the test rows (and their scores)."""
-        from healthfm.evaluate.finetune import finetuned_rows
+        from healthfm.evaluate.finetuned import finetuned_rows
 
         test_idx = rows.indices("test")
         found = finetuned_rows(

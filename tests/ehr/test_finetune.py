@@ -27,15 +27,10 @@ from healthfm.cli import main, run
 from healthfm.ehr.finetune import LabelWindows, label_windows
 from healthfm.ehr.reader import open_meds, read_labels
 from healthfm.errors import ConfigError
-from healthfm.evaluate.finetune import (
-    FinetuneConfig,
-    finetune,
-    pooled_rows,
-    predict,
-    with_task_head,
-)
+from healthfm.evaluate.task_head import pooled_rows, predict, with_task_head
 from healthfm.model.heads import pool
 from healthfm.stages.evaluate import evaluate
+from healthfm.stages.finetune import FinetuneConfig, finetune
 
 SPEC = {"task": "binary", "pooling": "last", "n_outputs": 1, "classes": [0, 1]}
 

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from healthfm import cli, pipeline
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.evaluate.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_REF, load_adapter
-from healthfm.evaluate.finetune import FinetuneConfig, finetune, load_finetuned, predict
+from healthfm.evaluate.task_head import load_finetuned, predict
 from healthfm.fsutil import sha256_file
 from healthfm.modality import assign_splits, get_modality
 from healthfm.model import FoundationModel, ModelConfig
 from healthfm.model.pretrained import load, save_pretrained
+from healthfm.stages.finetune import FinetuneConfig, finetune
 from healthfm.train.data import StoreSource
 
 SPLIT = {"split_salt": "healthfm", "split_fractions": [0.7, 0.1, 0.2]}
@@ -224,7 +225,7 @@ def test_regression_and_probe_initialised_head(tmp_path):
 
 
 def test_class_weights_balance_an_imbalanced_label(tmp_path):
-    from healthfm.evaluate.finetune import _task_data
+    from healthfm.evaluate.task_data import _task_data
 
     rng = np.random.default_rng(1)
     seqs = ["".join(s) for s in rng.choice(list("ACGT"), size=(400, 10))]
@@ -488,26 +489,65 @@ def test_resume_refuses_a_checkpoint_of_other_settings(work, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_two_torchrun_processes_match_one(work, tmp_path):
+def _torchrun(n: int, argv: list[str]) -> str:
     import subprocess
     import sys
 
     from train.launch import env
 
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={n}", "-m", "healthfm.cli", *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_two_torchrun_processes_match_one(work, tmp_path):
     base, data = work["root"] / "base", work["data"]
-    # Batches of 48 split over 2 processes; the gradient must be the one-process gradient.
+    # Batches of 48 split over 2 processes, replicated (DDP) or sharded (FSDP2): the
+    # gradient must be the one-process gradient.
     argv = ["finetune", str(base), str(data), "--epochs", "2", "--batch-size", "48"]
     argv += ["--lr", "3e-3", "--no-checkpoints", "--n-boot", "10", "--device", "cpu"]
     outs = {}
-    for n in (1, 2):
-        out = tmp_path / f"p{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += [f"--nproc-per-node={n}", "-m", "healthfm.cli", *argv, "--out", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        outs[n] = _weights(out)
-    for k in outs[1]:
-        torch.testing.assert_close(outs[2][k], outs[1][k], rtol=1e-4, atol=1e-5, msg=k)
+    for n, strategy in ((1, "ddp"), (2, "ddp"), (2, "fsdp")):
+        out = tmp_path / f"p{n}-{strategy}"
+        _torchrun(n, [*argv, "--strategy", strategy, "--out", str(out)])
+        outs[n, strategy] = _weights(out)
+    ref = outs[1, "ddp"]
+    for key in ((2, "ddp"), (2, "fsdp")):
+        assert outs[key].keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(outs[key][k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_lora_under_fsdp_stops_resumes_and_matches_one_process(work, tmp_path):
+    # LoRA sharded over 2 processes: checkpoints of the trained tensors only (gathered from
+    # the shards), a stop after epoch 1, a resume that scatters them back, and an adapter
+    # folder gathered on rank 0, equal to the one-process run's.
+    base, data = work["root"] / "base", work["data"]
+    cfg = FinetuneConfig(lora=True, lora_rank=4, epochs=2, lr=3e-3, batch_size=48)
+    ref = finetune(base, data, tmp_path / "ref", {}, cfg, n_boot=10, echo=False)
+    out, run_dir = tmp_path / "out", tmp_path / "run"
+    argv = ["finetune", str(base), str(data), "--lora", "--lora-rank", "4", "--epochs", "2"]
+    argv += ["--batch-size", "48", "--lr", "3e-3", "--n-boot", "10", "--device", "cpu"]
+    argv += ["--strategy", "fsdp", "--run-dir", str(run_dir), "--out", str(out)]
+    _torchrun(2, [*argv, "--stop-at-epoch", "1"])
+    assert not out.exists()
+    state = json.loads(
+        (run_dir / "checkpoints" / "step-00000001" / "trainer_state.json").read_text()
+    )
+    assert state["epoch"] == 1 and state["world_size"] == 2 and state["strategy"] == "fsdp"
+    assert state["weights"] == "trainable"
+    assert "resumed after epoch 1" in _torchrun(2, [*argv, "--resume"])
+    got, want = load_file(out / ADAPTER_WEIGHTS), load_file(tmp_path / "ref" / ADAPTER_WEIGHTS)
+    assert got.keys() == want.keys() and any("lora_B" in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    history = json.loads((out / BASE_REF).read_text())["finetune"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for h, r in zip(history, ref.history, strict=True):
+        assert h["val_loss"] == pytest.approx(r["val_loss"], rel=1e-4)
+        assert h["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
 
 
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(work, tmp_path):

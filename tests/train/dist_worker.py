@@ -3,7 +3,9 @@
 Usage: ``python dist_worker.py '<json settings>'``. Settings: ``store``, ``run_dir``,
 ``steps``, ``batch_size``, ``micro_batch_size``, ``strategy``, ``objective``,
 ``checkpoint_every``, ``resume``, ``stop_at``, ``report_threads`` (write the names of
-the threads left after shutdown to ``run_dir/threads-rank<r>.json``), and test hooks:
+the threads left after shutdown to ``run_dir/threads-rank<r>.json``), ``tiles`` (a tile
+folder: MAE pretraining of a tiny ViT on augmented tiles instead of a token store), and
+test hooks:
 
 - ``slow``: seconds to sleep per micro-batch, so a parent can kill the run mid-way;
 - ``crash_at``: on the first attempt under torchrun (``TORCHELASTIC_RESTART_COUNT`` 0),
@@ -23,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for helpers
 
+import numpy as np
 import torch
 
 import healthfm.train.checkpoint as ck
@@ -70,7 +73,61 @@ def main(settings: dict) -> None:
         report.write_text(json.dumps(sorted(names)))
 
 
+def tile_parts(folder: str):
+    """A tiny ViT for MAE, a :class:`TileSource` (augmented) over the first 16 tiles of
+    ``folder`` and one (not augmented) over the other 8: what pathology pretraining runs."""
+    from healthfm.model import FoundationModel, ModelConfig
+    from healthfm.pathology import MODALITY, TileSource
+    from healthfm.pathology.tokenizer import PatchTokenizer
+
+    tok = PatchTokenizer(32, 8)
+    tiles = MODALITY.read(folder, {}).payload
+    torch.manual_seed(0)
+    config = ModelConfig(
+        modality="pathology",
+        vocab_size=tok.vocab_size,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        d_ff=64,
+        max_len=tok.n_tokens,
+        objective="mae",
+        input_dim=tok.input_dim,
+    )
+    train = TileSource(tiles, tok, np.arange(16), augment=True)
+    val = TileSource(tiles, tok, np.arange(16, 24), augment=False)
+    return FoundationModel(config), train, val
+
+
 def train(settings: dict, info: D.DistInfo) -> None:
+    if settings.get("tiles"):
+        model, source, val = tile_parts(settings["tiles"])
+        config = TrainConfig(
+            steps=settings["steps"],
+            batch_size=settings["batch_size"],
+            micro_batch_size=settings.get("micro_batch_size"),
+            warmup_steps=1,
+            lr=3e-3,
+            mask_prob=0.75,
+            eval_every=settings.get("eval_every", 0),
+            eval_batches=3,
+            checkpoint_every=settings.get("checkpoint_every", 0),
+            log_every=1,
+            progress=False,
+        )
+        trainer = Trainer(
+            model,
+            source,
+            config,
+            settings["run_dir"],
+            val_store=val,
+            dist_info=info,
+            strategy=settings.get("strategy", "ddp"),
+        )
+        summary = trainer.fit(resume=settings.get("resume", False))
+        if info.is_main:
+            print("DONE", json.dumps(summary), flush=True)
+        return
     store = TokenStore(settings["store"])
     model = tiny_model(settings.get("objective", "masked"))
     source = HookedSource(

@@ -135,6 +135,30 @@ def test_fsdp_checkpoints_move_between_process_counts(dist_store, one_process, t
     )
 
 
+def test_mae_on_tiles_under_fsdp_matches_one_process(tmp_path):
+    # What pathology pretraining runs through the trainer: a TileSource (decoded tiles,
+    # augmented from the per-part generator) and the "mae" objective (its own batch
+    # preparation and loss), here sharded by FSDP2 over 2 processes.
+    from healthfm.datasets import data_path
+
+    tiles = str(data_path("pathology", "kather2016_samples"))
+    settings = {"tiles": tiles, "steps": 4, "batch_size": 8, "micro_batch_size": 4}
+    settings.update(eval_every=2, checkpoint_every=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(torchrun_cmd(1, {**settings, "run_dir": str(one)}), timeout=240)
+    run(torchrun_cmd(2, {**settings, "run_dir": str(two), "strategy": "fsdp"}), timeout=240)
+    ref, got = losses(one), losses(two)
+    assert len(ref) == len(got) == 4 and ref[-1] != ref[0]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
+    assert len(val_losses(one)) == 2
+    torch.testing.assert_close(
+        torch.tensor(val_losses(two)), torch.tensor(val_losses(one)), rtol=1e-5, atol=1e-6
+    )
+    state = load_checkpoint(checkpoint_dirs(two / "checkpoints")[-1])["state"]
+    assert state["strategy"] == "fsdp" and state["world_size"] == 2 and state["step"] == 4
+    _assert_close_weights(final_weights(two), final_weights(one))
+
+
 def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
     # The real entry point: `torchrun -m healthfm pretrain` on bundled data; rank 0
     # tokenizes while rank 1 waits, both train sharded, rank 0 alone writes the folder.

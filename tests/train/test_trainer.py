@@ -9,7 +9,7 @@ from healthfm.model.heads import IGNORE_INDEX
 from healthfm.tokenizer import MASK_ID
 from healthfm.tokens import write_store
 from healthfm.train.checkpoint import checkpoint_dirs
-from healthfm.train.data import EpochBatches, collate
+from healthfm.train.data import EpochBatches, TaskEpochs, collate
 from healthfm.train.objectives import masked_tokens, next_tokens
 from healthfm.train.trainer import TrainConfig, Trainer
 from helpers import make_chunk, tiny_model
@@ -134,6 +134,36 @@ def test_epoch_batches_cover_each_epoch_once():
     parts = np.concatenate([batches.part(2, i, 5) for i in range(5)])
     np.testing.assert_array_equal(parts, batches.part(2))
     assert not np.array_equal(batches.part(10), batches.part(0))  # new epoch, new order
+
+
+def test_task_epochs_keep_every_row_and_resume_anywhere():
+    rows = np.arange(100, 123)  # 23 rows, batches of 5: 5 steps per epoch, the last of 3
+    plan = TaskEpochs(rows, 5, seed=3, first_epoch=1)
+    assert plan.steps_per_epoch == 5 and len(plan.batch(4)) == 3
+    epoch = np.concatenate([plan.batch(p) for p in range(5)])
+    np.testing.assert_array_equal(epoch, rows[np.random.default_rng([3, 1]).permutation(23)])
+    assert not np.array_equal(plan.batch(5), plan.batch(0))  # new epoch, new order
+    # One stream: epoch e is the e-th permutation of one generator, whatever is asked first.
+    stream = TaskEpochs(np.arange(7), 7, seed=2, stream=True)
+    rng = np.random.default_rng(2)
+    expected = [rng.permutation(7) for _ in range(3)]
+    for e in (2, 0, 1, 2):
+        np.testing.assert_array_equal(stream.batch(e), expected[e])
+
+
+def test_parts_split_a_short_batch_and_keep_every_part_busy(store, tmp_path):
+    # A summed loss normalised by the whole batch, split into more parts (micro-steps ×
+    # processes) than the batch has rows: an empty part runs the first row with scale
+    # zero, so every rank would still take part in the gradient reduction.
+    plan = TaskEpochs(np.arange(5), 4, seed=0)  # the second batch holds one row
+    config = _config(steps=2, batch_size=4, micro_batch_size=1)
+    trainer = Trainer(tiny_model(), store, config, None, batches=plan, normaliser=len)
+    assert trainer.accumulation == 4
+    rows, parts = trainer._parts(0)
+    assert [scale for *_, scale in parts] == [1.0] * 4  # 4 parts / normaliser 4
+    rows, parts = trainer._parts(1)
+    assert len(rows) == 1 and [scale for *_, scale in parts] == [4.0, 0.0, 0.0, 0.0]
+    assert all(np.array_equal(idx, rows) for _, idx, _ in parts)
 
 
 def test_collate_pads_and_truncates(store):

@@ -268,7 +268,7 @@ class EhrModality(Modality):
         and boolean outcomes stay classes, as in EHRSHOT)."""
         from healthfm.ehr.evaluation import meds_split_names
         from healthfm.ehr.finetune import label_values, subject_positions
-        from healthfm.evaluate.finetune import evaluation_is_regression
+        from healthfm.evaluate.finetuned import evaluation_is_regression
 
         labels = self._labels(options, samples)
         values = label_values(labels)

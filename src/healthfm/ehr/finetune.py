@@ -54,7 +54,7 @@ class LabelWindows:
     in one context window) share one sequence, as long as the longest of them: the causal
     state at a row's last token depends only on that row's tokens, so one pass serves them
     all. The batch then also holds ``row_seq`` / ``row_pos`` (each row's sequence and last
-    position) for :func:`healthfm.evaluate.finetune.pooled_rows`, and :meth:`group_order`
+    position) for :func:`healthfm.evaluate.task_head.pooled_rows`, and :meth:`group_order`
     puts a subject's rows next to each other in the training order.
     """
 
@@ -259,16 +259,11 @@ def finetuned_ehr_rows(
         The rows, and each method's held-out probabilities.
     """
     from healthfm.ehr.evaluation import positive_scores
-    from healthfm.evaluate.finetune import (
-        finetuned_method,
-        load_finetuned,
-        predict,
-        read_provenance,
-        task_spec,
-    )
+    from healthfm.evaluate.finetuned import finetuned_method, read_provenance
     from healthfm.evaluate.metrics import classification_metrics, regression_metrics
     from healthfm.evaluate.probe import align_proba
     from healthfm.evaluate.results import rows_from_metrics
+    from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
 
     te = np.flatnonzero(split == "held_out")
     held = Labels(labels.source, labels.frame[te], labels.column)

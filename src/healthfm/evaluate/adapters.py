@@ -179,7 +179,7 @@ def load_adapter(
         If the base model's weights are not those the adapter was trained on, or the
         adapter weights do not fit it.
     """
-    from healthfm.evaluate.finetune import with_task_head
+    from healthfm.evaluate.task_head import with_task_head
     from healthfm.loader import load
 
     adapter_dir = Path(adapter_dir)

@@ -123,7 +123,7 @@ class FoundationModel(nn.Module):
         self.backbone = Transformer(config)
         head_cls, self._loss_fn = objective_parts(config.objective)
         self.head = head_cls(config)
-        # A fine-tuned model (healthfm.evaluate.finetune) carries a task head on the pooled
+        # A fine-tuned model (healthfm.stages.finetune) carries a task head on the pooled
         # output; config.extra["task_head"] records it, so strict loading rebuilds it.
         spec = config.extra.get("task_head")
         n_out = spec.get("n_outputs") if isinstance(spec, dict) else None

@@ -20,6 +20,7 @@ from torch import nn
 
 from healthfm.errors import DataError
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
+from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
 
 
 class GatedABMIL(nn.Module):
@@ -77,6 +78,39 @@ def pad_bags(bags: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(mask)
 
 
+class BagSource:
+    """A batch source over bags: padded instances (``x``), their ``mask`` and ``targets``."""
+
+    fingerprint = ""
+
+    def __init__(self, bags: list[np.ndarray], y: np.ndarray) -> None:
+        self.bags, self.y = bags, y
+
+    def __len__(self) -> int:
+        return len(self.bags)
+
+    def batch(
+        self, indices: np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        x, mask = pad_bags([self.bags[i] for i in indices])
+        return {"x": x, "mask": mask, "targets": torch.from_numpy(self.y[indices]).long()}
+
+
+class MILLoss(nn.Module):
+    """The trainer's loss module: class-weighted cross-entropy of the standardized bags."""
+
+    def __init__(self, model: GatedABMIL, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.weight = weight
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        x = (batch["x"] - self.model.feat_mean) / self.model.feat_std
+        logits, _ = self.model(x, batch["mask"])
+        targets = batch["targets"]
+        return F.cross_entropy(logits, targets, weight=self.weight), len(targets)
+
+
 def fit_abmil(
     bags: list[np.ndarray],
     y: np.ndarray,
@@ -91,10 +125,16 @@ def fit_abmil(
     """Train gated ABMIL on bags with labels ``y`` (class indices); deterministic in ``seed``.
 
     Features are standardized with the training instances' mean and std (stored in the
-    model), AdamW, class-balanced cross-entropy.
+    model), class-balanced cross-entropy; trained by the one training loop
+    (:class:`~healthfm.train.trainer.Trainer`, one process): AdamW at a constant rate,
+    ``epochs`` passes in batches of ``batch_size``, each epoch's order the next
+    permutation of one generator seeded by ``seed``.
     """
+    from healthfm.train.data import TaskEpochs
+    from healthfm.train.distributed import DistInfo
+    from healthfm.train.trainer import TrainConfig, Trainer
+
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     allx = np.concatenate(bags)
     mean, std = allx.mean(0), allx.std(0) + 1e-6
     model = GatedABMIL(bags[0].shape[1], n_classes, **kwargs)
@@ -104,19 +144,35 @@ def fit_abmil(
     weight = torch.tensor(
         np.where(counts > 0, len(y) / np.maximum(counts, 1) / n_classes, 0.0), dtype=torch.float32
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for _ in range(epochs):
-        order = rng.permutation(len(bags))
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            x, mask = pad_bags([bags[i] for i in idx])
-            x = (x - model.feat_mean) / model.feat_std
-            logits, _ = model(x, mask)
-            loss = F.cross_entropy(logits, torch.from_numpy(y[idx]).long(), weight=weight)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    plan = TaskEpochs(np.arange(len(bags)), batch_size, seed, stream=True)
+    config = TrainConfig(
+        steps=epochs * plan.steps_per_epoch,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.999),
+        fused=None,
+        schedule="constant",
+        warmup_steps=0,
+        grad_clip=0.0,
+        eval_every=0,
+        checkpoint_every=0,
+        seed=seed,
+        progress=False,
+    )
+    trainer = Trainer(
+        model,
+        BagSource(bags, y),
+        config,
+        None,
+        dist_info=DistInfo(),
+        loss=MILLoss(model, weight),
+        batches=plan,
+        groups=lambda m: [{"params": list(m.parameters()), "weight_decay": weight_decay}],
+        name="abmil",
+    )
+    trainer.fit()
     model.eval()
     return model
 
@@ -277,7 +333,7 @@ def evaluate_slides(
     if len(classes) < 2:
         raise DataError("slide labels hold a single class", file=labels_csv, column=label_column)
     if splits is None:
-        splits = stratified_split(y, ids, (0.7, 0.1, 0.2), salt="healthfm")
+        splits = stratified_split(y, ids, DEFAULT_FRACTIONS, salt=DEFAULT_SALT)
     test_idx = np.flatnonzero(splits == "test")
     pool_idx = np.flatnonzero(splits != "test")
     if len(test_idx) == 0 or len(pool_idx) < 2:

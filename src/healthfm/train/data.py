@@ -186,6 +186,13 @@ def collate_packed(
     return batch
 
 
+def seed_of(*parts: int) -> int:
+    """One 64-bit seed from integer parts (seed, stream, step, part ...)."""
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0]
+    )
+
+
 class EpochBatches:
     """Deterministic global batches of sample indices over epochs, resumable anywhere.
 
@@ -193,6 +200,10 @@ class EpochBatches:
     optimizer step) is cut into ``n_parts`` equal parts — one per (accumulation micro-step,
     process) pair — so processes read disjoint samples and the union of the parts is the
     same whatever the number of processes. Incomplete last batches are dropped.
+
+    This is the pretraining plan; :class:`TaskEpochs` is the one of labelled tasks. A plan
+    gives the trainer :meth:`batch` (the global batch of a position), ``steps_per_epoch``
+    and :meth:`source_seed` (the seed of a part's augmentation).
 
     Parameters
     ----------
@@ -204,6 +215,9 @@ class EpochBatches:
         Seed of the permutations.
     """
 
+    #: Every part of a global batch has the same size (the batch size must divide).
+    equal_parts = True
+
     def __init__(self, n_samples: int, batch_size: int, seed: int):
         self.n_samples = n_samples
         self.batch_size = batch_size
@@ -213,6 +227,11 @@ class EpochBatches:
             raise ValueError(f"{n_samples} samples are fewer than one batch of {batch_size}")
         self._cache: tuple[int, np.ndarray] | None = None
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Global batches per epoch."""
+        return self.batches_per_epoch
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (
@@ -221,14 +240,107 @@ class EpochBatches:
             )
         return self._cache[1]
 
+    def batch(self, position: int) -> np.ndarray:
+        """Indices of global batch number ``position``."""
+        epoch, within = divmod(position, self.batches_per_epoch)
+        start = within * self.batch_size
+        return self._permutation(epoch)[start : start + self.batch_size]
+
     def part(self, position: int, part: int = 0, n_parts: int = 1) -> np.ndarray:
         """Indices of part ``part`` of ``n_parts`` of global batch number ``position``."""
         if self.batch_size % n_parts:
             raise ValueError(f"batch size {self.batch_size} is not divisible into {n_parts} parts")
-        epoch, within = divmod(position, self.batches_per_epoch)
         size = self.batch_size // n_parts
-        start = within * self.batch_size + part * size
-        return self._permutation(epoch)[start : start + size]
+        return self.batch(position)[part * size : (part + 1) * size]
+
+    def source_seed(self, step: int, part: int) -> int:
+        """Seed of the augmentation of part ``part`` of step ``step``."""
+        return seed_of(self.seed, 3, step, part)
+
+
+class TaskEpochs:
+    """Epochs over labelled rows that keep every row: fine-tuning and the MIL head.
+
+    Epoch ``e`` (0-based) visits ``indices`` in the order drawn from
+    ``(seed, first_epoch + e)``, or, with ``stream``, in the ``e``-th permutation of one
+    generator seeded by ``seed``; ``group_order`` (a source's, e.g. one subject's EHR label
+    rows next to each other) then reorders it. Batches hold ``batch_size`` rows, the last
+    one of an epoch fewer; a global batch is cut into near-equal parts
+    (``np.array_split``), so a part can be empty when there are more parts than rows.
+
+    Parameters
+    ----------
+    indices
+        The rows to train on (e.g. the train split).
+    batch_size
+        Rows per global batch.
+    seed
+        Seed of the orders and of the augmentation.
+    first_epoch
+        Number of the first epoch in the seeds.
+    group_order
+        ``f(order) -> order`` applied to each epoch's order.
+    stream
+        Draw the epochs' permutations one after another from one generator.
+    """
+
+    equal_parts = False
+
+    def __init__(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        first_epoch: int = 0,
+        group_order=None,
+        stream: bool = False,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        if len(self.indices) == 0:
+            raise ValueError("no rows to train on")
+        self.batch_size = int(batch_size)
+        self.seed = seed
+        self.first_epoch = first_epoch
+        self.group_order = group_order
+        self.stream = stream
+        self.steps_per_epoch = -(-len(self.indices) // self.batch_size)
+        self._cache: tuple[int, np.ndarray] | None = None
+        self._drawn: tuple[int, np.ndarray, np.random.Generator] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.indices)
+        if not self.stream:
+            return np.random.default_rng([self.seed, self.first_epoch + epoch]).permutation(n)
+        if self._drawn is None or self._drawn[0] > epoch:
+            rng = np.random.default_rng(self.seed)
+            self._drawn = (0, rng.permutation(n), rng)
+        drawn, perm, rng = self._drawn
+        while drawn < epoch:
+            drawn, perm = drawn + 1, rng.permutation(n)
+        self._drawn = (drawn, perm, rng)
+        return perm
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of epoch ``epoch`` in training order."""
+        if self._cache is None or self._cache[0] != epoch:
+            order = self.indices[self._permutation(epoch)]
+            if self.group_order is not None:
+                order = self.group_order(order)
+            self._cache = (epoch, order)
+        return self._cache[1]
+
+    def batch(self, position: int) -> np.ndarray:
+        """Rows of global batch number ``position``."""
+        epoch, within = divmod(position, self.steps_per_epoch)
+        start = within * self.batch_size
+        return self.order(epoch)[start : start + self.batch_size]
+
+    def source_seed(self, step: int, part: int) -> int:
+        """Seed of the augmentation of part ``part`` of step ``step`` (tiles)."""
+        return int(np.random.SeedSequence([self.seed, step, part]).generate_state(1)[0])
 
 
 class BatchSource(Protocol):
@@ -343,3 +455,25 @@ def batch_loader(
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
     )
+
+
+class LabelledSource:
+    """A batch source whose batches also hold each row's target (``batch["targets"]``).
+
+    Wraps any :class:`BatchSource` (token store, EHR label windows, tiles); targets are in
+    row order, as the rows of the batch.
+    """
+
+    def __init__(self, source: BatchSource, targets: np.ndarray) -> None:
+        self.source = source
+        self.targets = torch.from_numpy(np.asarray(targets))
+        self.fingerprint = getattr(source, "fingerprint", "")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batch(
+        self, indices: np.ndarray, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        batch = self.source.batch(indices, generator)
+        return {**batch, "targets": self.targets[np.asarray(indices, dtype=np.int64)]}

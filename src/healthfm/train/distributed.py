@@ -78,21 +78,27 @@ def _is_fsdp(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_model(model: nn.Module, info: DistInfo, loss_method: str = "pretraining_loss") -> None:
-    """Apply FSDP2 in place: one unit per transformer block, then the root.
+def shard_model(
+    model: nn.Module, info: DistInfo, forward_methods: tuple[str, ...] = ("pretraining_loss",)
+) -> None:
+    """Apply FSDP2 in place: one unit per transformer block, the task head, then the root.
 
-    The root unit holds what is left (token embedding, final norm, head). The root's
-    all-gather is hooked on ``forward`` and on ``loss_method`` too, since training calls
-    the loss method, not ``forward``.
+    The root unit holds what is left (token embedding, final norm, pretraining head). Its
+    all-gather is hooked on ``forward`` and on ``forward_methods`` too, since training
+    calls those, not ``forward``: pretraining ``pretraining_loss``; fine-tuning
+    ``forward_batch``, after which it applies the task head, hence the head's own unit.
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     blocks = getattr(getattr(model, "backbone", None), "blocks", None)
     for block in blocks if blocks is not None else []:
         fully_shard(block)
+    if getattr(model, "task_head", None) is not None:
+        fully_shard(model.task_head)
     fully_shard(model)
-    if hasattr(model, loss_method):
-        register_fsdp_forward_method(model, loss_method)
+    for name in forward_methods:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
 
 
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Module:
@@ -102,7 +108,8 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
     ----------
     model
         The module whose ``forward`` computes the loss (the trainer passes a thin wrapper
-        around the :class:`~healthfm.model.heads.FoundationModel`).
+        around the :class:`~healthfm.model.heads.FoundationModel`, listing the inner
+        model's methods it calls in ``fsdp_methods``).
     info
         Process placement.
     strategy
@@ -116,7 +123,8 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str = "ddp") -> nn.Mo
     if strategy == "ddp":
         ids = [info.local_rank] if info.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    shard_model(getattr(model, "model", model), info)
+    methods = getattr(model, "fsdp_methods", ("pretraining_loss",))
+    shard_model(getattr(model, "model", model), info, methods)
     return model
 
 
@@ -196,16 +204,18 @@ def load_full_state(
     optimizer: torch.optim.Optimizer | None,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any] | None,
+    may_lack: tuple[str, ...] | list[str] = (),
 ) -> None:
     """Load full (unsharded) states into a plain, DDP or FSDP model and its optimizer.
 
     Every rank passes the full states; under FSDP each keeps its shard. Missing or
-    unexpected names are an error (``KeyError``), never a partial load.
+    unexpected names are an error (``KeyError``), never a partial load, except the names
+    in ``may_lack`` (frozen weights a checkpoint leaves out), which keep their values.
     """
     # Check everything before touching anything: a mismatch must not leave a half-load.
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # global shapes under FSDP
     missing, unexpected = (
-        sorted(set(shapes) - set(model_state)),
+        sorted(set(shapes) - set(model_state) - set(may_lack)),
         sorted(set(model_state) - set(shapes)),
     )
     if missing or unexpected:
@@ -231,11 +241,30 @@ def load_full_state(
                         f"optimizer state {name}.{slot} has shape {tuple(value.shape)}, "
                         f"the parameter {params[name]}"
                     )
-    _dcp().set_model_state_dict(model, model_state, options=_options(load=True))
+    options = _options(load=True)
+    if set(shapes) - set(model_state):
+        options = _dcp().StateDictOptions(full_state_dict=True, strict=False)
+    _dcp().set_model_state_dict(model, model_state, options=options)
     if optimizer is not None and optimizer_state is not None:
         _dcp().set_optimizer_state_dict(
             model, optimizer, optimizer_state, options=_options(load=True)
         )
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU (collective for a sharded DTensor: every rank calls it)."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return value.detach().cpu()
+
+
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A full tensor placed as ``param`` is: its shard under FSDP, else on its device."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(device=param.device, dtype=param.dtype)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
