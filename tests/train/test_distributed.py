@@ -208,6 +208,50 @@ def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
     ]
 
 
+def test_cli_pathology_pretraining_under_torchrun_with_fsdp(tmp_path):
+    # Pathology pretraining runs through the shared pretrain stage, so --strategy fsdp
+    # reaches it (it was silently dropped when pathology had its own pretrain command).
+    from importlib.resources import files
+
+    from healthfm.loader import load  # imports pathology, which registers "mae"
+
+    tiles = files("healthfm") / "data" / "pathology" / "kather2016_samples"
+    out = tmp_path / "vit"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "healthfm",
+        "pretrain",
+        "pathology",
+        str(tiles),
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--patch-size",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--strategy",
+        "fsdp",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+    ]
+    proc = run(cmd, timeout=180)
+    assert proc.stdout.count("wrote ") == 1
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["world_size"] == 2 and info["strategy"] == "fsdp" and info["objective"] == "mae"
+    assert load(out).config.objective == "mae"
+
+
 def test_shutdown_in_process_is_idempotent_and_survives_dead_proxies():
     # One in-process gloo group; a dead weakref.proxy among the live objects makes a
     # plain isinstance() over gc.get_objects() raise ReferenceError.
