@@ -352,12 +352,17 @@ def _model_modality(argv: list[str]) -> str | None:
     # embed/evaluate: the modality (and so its options) comes from MODEL/config.json.
     positional = [a for a in argv if not a.startswith("-")]
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
+        from healthfm.encoders import ENCODERS
         from healthfm.evaluate.adapters import is_adapter, read_adapter_info
         from healthfm.model.pretrained import read_config
 
-        if is_adapter(positional[1]):  # a LoRA adapter folder names its base's modality
-            return read_adapter_info(positional[1]).get("modality")
-        return read_config(positional[1]).modality
+        folder = positional[1]
+        name, _, rest = folder.partition(":")
+        if rest and name in ENCODERS and not Path(folder).exists():
+            folder = rest  # NAME:DIR of a registered encoder loader (healthfm:DIR)
+        if is_adapter(folder):  # a LoRA adapter folder names its base's modality
+            return read_adapter_info(folder).get("modality")
+        return read_config(folder).modality
     return None
 
 

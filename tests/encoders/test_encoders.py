@@ -99,3 +99,11 @@ def test_stages_take_any_encoder(model_dir, tmp_path):
     assert "other-encoder-mean+logreg" in methods and "kmer-counts+logreg" in methods
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert {r["model_hash"] for r in saved if not r["is_baseline"]} == {"f" * 64}
+
+
+def test_cli_takes_name_colon_dir(model_dir, tmp_path):
+    from healthfm.cli import main
+
+    out = tmp_path / "e.npy"
+    assert main(["embed", f"healthfm:{model_dir}", str(promoters()), "--out", str(out)]) == 0
+    assert np.load(out).shape == (106, 128)
