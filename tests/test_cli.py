@@ -28,6 +28,8 @@ def test_pretrain_writes_model_folder(model_dir):
     assert names == ["config.json", "model.safetensors", "tokenizer.json", "training_info.json"]
     info = json.loads((model_dir / "training_info.json").read_text())
     assert info["steps"] == 6 and info["n_train"] > 0 and len(info["data_hash"]) == 64
+    # The typed reader / tokenizer options the model was pretrained with.
+    assert info["options"]["k"] == 1 and info["options"]["sequence_column"] == "sequence"
     run_dir = model_dir.with_name("model.run")
     assert (run_dir / "train_log.jsonl").exists() and (run_dir / "checkpoints").is_dir()
 

@@ -160,6 +160,7 @@ def pretrain(
                 "n_train": len(splits["train"]),
                 "n_val": len(splits["val"]),
                 "train_config": json_safe(asdict(train_config)),
+                "options": json_safe(options.to_dict()),
                 "parameters": trained.num_parameters(),
                 "total_seconds": time.perf_counter() - t0,
                 "strategy": strategy,
