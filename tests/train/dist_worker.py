@@ -65,12 +65,22 @@ def main(settings: dict) -> None:
     train(settings, info)
     D.shutdown(info)  # the trainer and its DDP/FSDP module are out of scope here
     if settings.get("report_threads"):  # a file per rank: two ranks' stdout lines interleave
-        names = [
-            (Path("/proc/self/task") / t / "comm").read_text().strip()
-            for t in os.listdir("/proc/self/task")
-        ]
+        names = _thread_names()
+        # Gloo's transport loop exits just after its device is freed; give it 2 s (the
+        # interpreter would shut down much later), then report what is still alive.
+        deadline = time.monotonic() + 2.0
+        while any("gloo" in n for n in names) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            names = _thread_names()
         report = Path(settings["run_dir"]) / f"threads-rank{info.rank}.json"
         report.write_text(json.dumps(sorted(names)))
+
+
+def _thread_names() -> list[str]:
+    return [
+        (Path("/proc/self/task") / t / "comm").read_text().strip()
+        for t in os.listdir("/proc/self/task")
+    ]
 
 
 def tile_parts(folder: str):

@@ -321,6 +321,10 @@ def shutdown(info: DistInfo | None = None, barrier: bool = True) -> None:
     if (info is None or info.distributed) and dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
+        # Free what cycles still hold (a trainer's DDP reducer, generator frames) while the
+        # group is alive, so that destroying it drops the last reference and joins gloo's
+        # threads now rather than at some later collection.
+        gc.collect()
         dist.destroy_process_group()
         # FSDP2's device mesh keeps its process groups in a registry, and DTensor's
         # sharding caches keep the mesh alive; release the groups from every mesh.
