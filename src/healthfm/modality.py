@@ -234,6 +234,8 @@ class Modality(ABC):
     #: How the method name of a model's embedding reads in result rows:
     #: ``{preset}``, ``{pooling}`` and ``{probe}`` ("logreg" or "ridge") are filled in.
     embedding_method: ClassVar[str] = "{preset}-{pooling}+{probe}"
+    #: Whether many distinct numeric labels make a regression (not for class folders).
+    numeric_labels_regress: ClassVar[bool] = True
     #: The modality's typed options (reader, tokenizer, evaluation); its CLI flags.
     options_class: ClassVar[type[Options]] = Options
 
@@ -393,7 +395,7 @@ class Modality(ABC):
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
         labels = require_labels(samples, np.where(split == "val", "train", split))
         pool = np.flatnonzero(split != "test")
-        regression = evaluation_is_regression(
+        regression = self.numeric_labels_regress and evaluation_is_regression(
             labels[pool], finetuned, bool(samples.info.get("categorical_labels"))
         )
         if regression:
@@ -408,6 +410,7 @@ class Modality(ABC):
             regression=regression,
             split=split,
             data_hash=samples.data_hash,
+            info={"options": options},
         )
 
     def evaluation_protocol(self, options: Options) -> Any:

@@ -159,6 +159,18 @@ def test_mae_on_tiles_under_fsdp_matches_one_process(tmp_path):
     _assert_close_weights(final_weights(two), final_weights(one))
 
 
+def _torchrun_pretrain(modality: str, data, out, *args: str):
+    """``torchrun --nproc-per-node 2 -m healthfm pretrain MODALITY DATA`` under FSDP, batch 8,
+    checkpoints every 2 steps (held-out loss every 2 unless ``args`` say otherwise)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "-m", "healthfm", "pretrain", modality, str(data), "--out", str(out),
+        "--batch-size", "8", "--strategy", "fsdp", "--eval-every", "2", "--checkpoint-every", "2",
+        *args,
+    ]  # fmt: skip
+    return run(cmd, timeout=180)
+
+
 def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
     # The real entry point: `torchrun -m healthfm pretrain` on bundled data; rank 0
     # tokenizes while rank 1 waits, both train sharded, rank 0 alone writes the folder.
@@ -168,31 +180,7 @@ def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
 
     data = files("healthfm") / "data" / "dna" / "promoters.tsv"
     out = tmp_path / "model"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "healthfm",
-        "pretrain",
-        "dna",
-        str(data),
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--strategy",
-        "fsdp",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "2",
-    ]
-    proc = run(cmd, timeout=180)
+    proc = _torchrun_pretrain("dna", data, out, "--steps", "4")
     assert proc.stdout.count("wrote ") == 1  # one report, from rank 0
     info = json.loads((out / "training_info.json").read_text())
     assert info["world_size"] == 2 and info["strategy"] == "fsdp" and info["steps"] == 4
@@ -217,35 +205,9 @@ def test_cli_pathology_pretraining_under_torchrun_with_fsdp(tmp_path):
 
     tiles = files("healthfm") / "data" / "pathology" / "kather2016_samples"
     out = tmp_path / "vit"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "healthfm",
-        "pretrain",
-        "pathology",
-        str(tiles),
-        "--out",
-        str(out),
-        "--image-size",
-        "32",
-        "--patch-size",
-        "8",
-        "--steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--strategy",
-        "fsdp",
-        "--eval-every",
-        "2",
-        "--checkpoint-every",
-        "2",
-    ]
-    proc = run(cmd, timeout=180)
+    proc = _torchrun_pretrain(
+        "pathology", tiles, out, "--steps", "2", "--image-size", "32", "--patch-size", "8"
+    )
     assert proc.stdout.count("wrote ") == 1
     info = json.loads((out / "training_info.json").read_text())
     assert info["world_size"] == 2 and info["strategy"] == "fsdp" and info["objective"] == "mae"

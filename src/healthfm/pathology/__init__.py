@@ -95,6 +95,7 @@ class PathologyModality(Modality):
     objective = "mae"
     default_pooling = "mean"
     embedding_method = "{preset}-mae-{pooling}+{probe}"
+    numeric_labels_regress = False  # tile classes are folders, even when named 0..N
 
     # ------------------------------------------------------------------ reading
     def read(self, path: str | Path, options: PathologyOptions) -> Samples:
@@ -349,20 +350,11 @@ class PathologyModality(Modality):
         fractions: tuple[float, float, float],
         finetuned: list,
     ) -> EvaluationRows:
-        """One row per tile, classified (the set's official split when it has one)."""
-        split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
-        labels = require_labels(samples, np.where(split == "val", "train", split))
-        classes, y = np.unique(labels, return_inverse=True)
-        return EvaluationRows(
-            task=f"{Path(samples.source).name}:{samples.label_column}",
-            groups=samples.groups,
-            y=y,
-            classes=classes,
-            regression=False,
-            split=split,
-            data_hash=samples.data_hash,
-            info={"options": options},
-        )
+        """One row per tile, classified (the set's official split when it has one); the
+        task is named after the tile folder."""
+        rows = super().evaluation_rows(samples, options, salt, fractions, finetuned)
+        rows.task = f"{Path(samples.source).name}:{samples.label_column}"
+        return rows
 
     def evaluation_protocol(self, options: PathologyOptions) -> Any:
         """eva's protocol: five repeated probes, probe-val drawn per class, balanced
