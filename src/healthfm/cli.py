@@ -161,6 +161,12 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
 
+    p = sub.add_parser(
+        "models", help="the registered encoders: published models and healthfm's own folders"
+    )
+    p.add_argument("name", nargs="?", default=None, help="show one entry in full")
+    p.add_argument("--json", action="store_true", help="print the registry as JSON")
+
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
     for name in names:  # commands a modality adds of its own (Modality.add_commands)
@@ -352,14 +358,13 @@ def _model_modality(argv: list[str]) -> str | None:
     # embed/evaluate: the modality (and so its options) comes from MODEL/config.json.
     positional = [a for a in argv if not a.startswith("-")]
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
-        from healthfm.encoders import ENCODERS
+        from healthfm.encoders import get_entry, split_spec
         from healthfm.evaluate.adapters import is_adapter, read_adapter_info
         from healthfm.model.pretrained import read_config
 
-        folder = positional[1]
-        name, _, rest = folder.partition(":")
-        if rest and name in ENCODERS and not Path(folder).exists():
-            folder = rest  # NAME:DIR of a registered encoder loader (healthfm:DIR)
+        name, folder = split_spec(positional[1])
+        if get_entry(name).modality != "any":  # a published model: its entry says
+            return get_entry(name).modality
         if is_adapter(folder):  # a LoRA adapter folder names its base's modality
             return read_adapter_info(folder).get("modality")
         return read_config(folder).modality
@@ -465,9 +470,47 @@ def run(argv: list[str]) -> int:
         run_demo(args.modality, args.out, quick=args.quick)
     elif args.command == "info":
         _info(args.model)
+    elif args.command == "models":
+        _models(args.name, args.json)
     elif not any(get_modality(name).run_command(args) for name in modality_names()):
         raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
+
+
+def _models(name: str | None, as_json: bool) -> None:
+    from dataclasses import asdict
+
+    from healthfm.encoders import entries, get_entry
+
+    chosen = (
+        [get_entry(name)]
+        if name
+        else sorted(entries().values(), key=lambda e: (e.modality, e.name))
+    )
+    facts = [{k: v for k, v in asdict(e).items() if k != "loader"} for e in chosen]
+    if as_json or name:
+        print(json.dumps(facts if not name else facts[0], indent=2))
+        return
+    header = ("name", "modality", "dim", "pooling", "licence", "gated", "weights from")
+    table = [
+        (
+            f["name"],
+            f["modality"],
+            str(f["dim"] or "-"),
+            f["pooling"],
+            f["licence"],
+            "yes" if f["gated"] else "no",
+            f["source"],
+        )
+        for f in facts
+    ]
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header) - 1)]
+    for row in [header, *table]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    print(
+        f"\n{len(table)} encoders; `healthfm models NAME` shows one in full, "
+        "`NAME:DIR` loads one wherever a command takes a model."
+    )
 
 
 def _info(model_dir: str | None) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from healthfm.datasets import promoters
-from healthfm.encoders import ENCODERS, Encoder, describe, load_encoder, register_encoder
+from healthfm.encoders import Encoder, describe, entries, load_encoder, register_encoder
 from healthfm.errors import ConfigError, ModelError
 from healthfm.stages.embed import embed
 from healthfm.stages.evaluate import evaluate
@@ -73,10 +73,13 @@ def test_load_encoder_errors(model_dir, tmp_path):
 
 
 def test_registered_loader_reaches_name_colon_dir(model_dir, monkeypatch):
-    monkeypatch.setitem(ENCODERS, "renamed", lambda path: Renamed(load_encoder(path)))
+    from healthfm.encoders import registry
+
+    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
+    register_encoder("renamed", lambda path: Renamed(load_encoder(path)), modality="dna")
     enc = load_encoder(f"renamed:{model_dir}")
     assert isinstance(enc, Renamed) and enc.name == "other-encoder"
-    register_encoder("renamed", ENCODERS["renamed"])  # the public way does the same
+    assert entries()["renamed"].modality == "dna"
 
 
 def test_stages_take_any_encoder(model_dir, tmp_path):

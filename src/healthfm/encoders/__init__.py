@@ -2,12 +2,30 @@
 
 :class:`Encoder` is the contract between models and the stages (embed, evaluate,
 finetune). healthfm's own :class:`~healthfm.model.heads.FoundationModel` implements it;
-:func:`load_encoder` opens a healthfm model folder (or a LoRA adapter folder onto its
-base). Published models (Geneformer, scGPT, Nucleotide Transformer, Phikon, UNI ...) will
-register loaders for their authors' folder layouts in :data:`ENCODERS`, reached as
-``NAME:DIR``.
+published models (Geneformer, scGPT, Nucleotide Transformer, Phikon, UNI, CLMBR ...) are
+native re-implementations (:class:`~healthfm.encoders.published.PublishedEncoder`) that
+read their authors' folder layouts. :func:`load_encoder` opens a healthfm model folder,
+a LoRA adapter folder, or ``NAME:DIR`` of any entry of the registry
+(:func:`~healthfm.encoders.registry.entries`; ``healthfm models`` prints it).
 """
 
-from healthfm.encoders.base import ENCODERS, Encoder, describe, load_encoder, register_encoder
+from healthfm.encoders.base import (
+    Encoder,
+    describe,
+    load_encoder,
+    register_encoder,
+    split_spec,
+)
+from healthfm.encoders.registry import EncoderEntry, entries, get_entry, register_entry
 
-__all__ = ["ENCODERS", "Encoder", "describe", "load_encoder", "register_encoder"]
+__all__ = [
+    "Encoder",
+    "EncoderEntry",
+    "describe",
+    "entries",
+    "get_entry",
+    "load_encoder",
+    "register_encoder",
+    "register_entry",
+    "split_spec",
+]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from healthfm.encoders.registry import EncoderEntry, entries, get_entry, register_entry
 from healthfm.errors import ConfigError, ModelError
 
 
@@ -62,13 +63,22 @@ def describe(encoder: Encoder) -> dict[str, Any]:
     }
 
 
-#: name → loader(path) -> Encoder, for ``NAME:DIR`` model arguments.
-ENCODERS: dict[str, Callable[[Path], Encoder]] = {}
-
-
-def register_encoder(name: str, loader: Callable[[Path], Encoder]) -> None:
-    """Register a loader for ``NAME:DIR`` (a published model's folder layout)."""
-    ENCODERS[name] = loader
+def register_encoder(name: str, loader: Callable[[Path], Encoder], **facts: Any) -> None:
+    """Register a loader for ``NAME:DIR`` (a folder layout); ``facts`` fill the other
+    :class:`~healthfm.encoders.registry.EncoderEntry` fields for ``healthfm models``."""
+    defaults = {
+        "modality": "any",
+        "architecture": "",
+        "files": (),
+        "preprocessing": "",
+        "pooling": "",
+        "dim": None,
+        "licence": "",
+        "gated": False,
+        "source": "",
+        "citation": "",
+    }
+    register_entry(EncoderEntry(name=name, loader=loader, **{**defaults, **facts}))
 
 
 def _healthfm_folder(path: Path) -> Encoder:
@@ -81,7 +91,34 @@ def _healthfm_folder(path: Path) -> Encoder:
     return model
 
 
-register_encoder("healthfm", _healthfm_folder)
+register_encoder(
+    "healthfm",
+    _healthfm_folder,
+    architecture="healthfm transformer (any preset), or a LoRA adapter onto one",
+    files=("config.json", "model.safetensors", "tokenizer.json", "training_info.json"),
+    preprocessing="the tokenizer fitted at pretraining (tokenizer.json)",
+    pooling="the preset's (config.json)",
+    licence="yours",
+    source="healthfm pretrain / healthfm finetune",
+    citation="healthfm",
+)
+
+
+def split_spec(spec: str | Path) -> tuple[str, Path]:
+    """``NAME:DIR`` → (NAME, DIR) for a registered NAME; anything else is a healthfm folder.
+
+    A path that exists is always a folder (so ``C:/x`` or ``a:b`` folders still load).
+    """
+    text = str(spec)
+    name, _, rest = text.partition(":")
+    if rest and not Path(text).exists():
+        if name in entries():
+            return name, Path(rest)
+        if "/" not in name and len(name) > 1:
+            raise ConfigError(
+                f"unknown encoder {name!r} in {text!r}; known: {', '.join(sorted(entries()))}"
+            )
+    return "healthfm", Path(text)
 
 
 def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder:
@@ -98,16 +135,8 @@ def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder
     if isinstance(spec, Encoder):
         encoder = spec
     else:
-        text = str(spec)
-        name, _, rest = text.partition(":")
-        if rest and name in ENCODERS and not Path(text).exists():
-            encoder = ENCODERS[name](Path(rest))
-        elif rest and not Path(text).exists() and "/" not in name and len(name) > 1:
-            raise ConfigError(
-                f"unknown encoder {name!r} in {text!r}; known: {', '.join(sorted(ENCODERS))}"
-            )
-        else:
-            encoder = ENCODERS["healthfm"](Path(text))
+        name, path = split_spec(spec)
+        encoder = get_entry(name).loader(path)
     if modality is not None and encoder.modality != modality:
         raise ModelError(
             f"this is a {encoder.modality!r} model, not a {modality!r} one",

@@ -57,7 +57,11 @@ def embed_store(
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    truncate = truncate or getattr(getattr(model, "config", None), "truncate", "head")
+    truncate = (
+        truncate
+        or getattr(model, "truncate", None)  # a published encoder's
+        or getattr(getattr(model, "config", None), "truncate", "head")
+    )
     n = len(store)
     out = np.zeros((n, model.dim), dtype=np.float32)
     order = np.argsort(store.lengths, kind="stable")
