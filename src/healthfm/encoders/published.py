@@ -245,3 +245,23 @@ class PublishedEncoder(nn.Module):
 
         pooling = self.check_pooling(pooling)
         return pool(self.forward_features(batch), batch.get("attention_mask"), pooling)
+
+    def untrained(self, seed: int = 0) -> PublishedEncoder:
+        """The same architecture with fresh random weights (seeded): the control that says
+        what pretraining bought. Every submodule with ``reset_parameters`` is re-drawn;
+        subclasses with parameters of their own override :meth:`reset_own_parameters`."""
+        import copy
+
+        clone = copy.deepcopy(self)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in clone.modules():
+                if module is not clone and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            clone.reset_own_parameters()
+        clone.name = f"{self.name}-untrained"
+        clone.model_hash = None
+        return clone.eval()
+
+    def reset_own_parameters(self) -> None:
+        """Re-draw parameters held directly (CLS tokens, position tables); none here."""
