@@ -480,10 +480,16 @@ def run(argv: list[str]) -> int:
                 f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
             )
     elif args.command == "embed":
-        path = embed(
-            args.model, args.input, args.out, opts, args.pooling, args.batch_size, args.bf16
+        embed(
+            args.model,
+            args.input,
+            args.out,
+            opts,
+            args.pooling,
+            args.batch_size,
+            args.bf16,
+            echo=True,
         )
-        print(f"wrote {path}")
     elif args.command == "evaluate":
         models, data = _evaluate_paths(args.paths, args.models)
         evaluate(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from healthfm.encoders.base import Encoder
 from healthfm.errors import ConfigError
@@ -74,6 +76,7 @@ def embed_store(
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
     pack: bool = False,
     indices: np.ndarray | None = None,
+    progress: bool | None = None,
 ) -> np.ndarray:
     """Embed every sample of ``store`` (or of ``indices``) with ``model``.
 
@@ -105,6 +108,8 @@ def embed_store(
         Pack samples into rows of the model's context (needs ``model.supports_packing``).
     indices
         Embed only these samples, in this order (a part of a sharded run).
+    progress
+        A progress bar with samples/s and an ETA; None: only when stderr is a terminal.
 
     Returns
     -------
@@ -125,6 +130,12 @@ def embed_store(
     lengths = np.minimum(np.asarray(store.lengths)[chosen], model.max_len)
     out = np.zeros((len(chosen), model.dim), dtype=np.float32)
     pooling = pooling or model.pooling
+    bar = tqdm(
+        total=len(chosen),
+        unit="sample",
+        desc="embed",
+        disable=not (sys.stderr.isatty() if progress is None else progress),
+    )
     for local in token_budget_batches(lengths, batch_size, max_tokens):
         idx = chosen[local]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -143,6 +154,8 @@ def embed_store(
                 batch = {k: v.to(device) for k, v in batch.items()}
                 pooled = model.embed(batch, pooling)
         out[local] = pooled.float().cpu().numpy()
+        bar.update(len(local))
+    bar.close()
     return out
 
 
