@@ -110,23 +110,25 @@ def femr_config(vocab_size: int, release: str) -> dict:
     }
 
 
-def femr_state(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """FEMRModel's state dict: its key names and shapes, random values."""
+def femr_state(vocab_size: int, release: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """FEMRModel's state dict: its key names and shapes, random values (femr 0.2.0/0.2.1
+    name the RMSNorm parameters ``scale``, femr >= 0.2.2 ``weight``)."""
     g = torch.Generator().manual_seed(seed)
+    norm = "scale" if release == "0.2.0" else "weight"
 
     def rnd(*shape, scale=0.2):
         return torch.randn(*shape, generator=g) * scale
 
     state = {
         "transformer.embed.weight": rnd(vocab_size, HIDDEN, scale=1.0),
-        "transformer.in_norm.scale": 1 + rnd(HIDDEN, scale=0.1),
-        "transformer.out_norm.scale": 1 + rnd(HIDDEN, scale=0.1),
+        f"transformer.in_norm.{norm}": 1 + rnd(HIDDEN, scale=0.1),
+        f"transformer.out_norm.{norm}": 1 + rnd(HIDDEN, scale=0.1),
         "task_model.final_layer.weight": rnd(16, HIDDEN),
         "task_model.final_layer.bias": rnd(16),
     }
     for i in range(LAYERS):
         p = f"transformer.layers.{i}."
-        state[p + "norm.scale"] = 1 + rnd(HIDDEN, scale=0.1)
+        state[p + f"norm.{norm}"] = 1 + rnd(HIDDEN, scale=0.1)
         state[p + "input_proj.weight"] = rnd(3 * HIDDEN + INTER, HIDDEN)
         state[p + "input_proj.bias"] = rnd(3 * HIDDEN + INTER, scale=0.05)
         state[p + "output_proj.weight"] = rnd(HIDDEN, HIDDEN + INTER)
@@ -140,7 +142,9 @@ def write_femr_folder(folder: Path, release: str = "0.2.2", seed: int = 0) -> Pa
     dictionary = femr_dictionary()
     n = len(dictionary["vocab"])
     (folder / "config.json").write_text(json.dumps(femr_config(n, release), indent=2))
-    save_file(femr_state(n, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        femr_state(n, release, seed), str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     with (folder / "dictionary.msgpack").open("wb") as fh:
         msgpack.dump(dictionary, fh)
     return folder
@@ -218,9 +222,14 @@ def femr_forward(state: dict, tokens: list[int], ages: list[float], release: str
     """femr's FEMRTransformer.forward for one patient, dense (flash-attention's CPU
     fallback / xformers' ref_attention with the materialised local causal mask)."""
 
+    norm = "scale" if release == "0.2.0" else "weight"
+
     def rmsnorm(x, scale):
-        rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** (-1.0 / 2)
-        return scale * (x / (rms + 1e-8))
+        if release == "0.2.0":  # femr 0.2.0 rmsnorm.py (bzhangGo's RMSNorm)
+            rms = x.norm(2, dim=-1, keepdim=True) * x.shape[-1] ** (-1.0 / 2)
+            return scale * (x / (rms + 1e-8))
+        variance = x.pow(2).mean(-1, keepdim=True)  # femr >= 0.2.2 (Llama's RMSNorm)
+        return scale * (x * torch.rsqrt(variance + 1e-6))
 
     def rotate_every_two_v2(x):
         flat = x.reshape(-1, x.shape[-1])
@@ -240,10 +249,10 @@ def femr_forward(state: dict, tokens: list[int], ages: list[float], release: str
         allowed = (j <= i) & (j - i >= -WIDTH + 1)
     bias = torch.from_numpy(np.where(allowed, 0.0, -np.inf)).float()
     x = state["transformer.embed.weight"][torch.tensor(tokens)]
-    x = rmsnorm(x, state["transformer.in_norm.scale"])
+    x = rmsnorm(x, state[f"transformer.in_norm.{norm}"])
     for layer in range(LAYERS):
         p = f"transformer.layers.{layer}."
-        h = rmsnorm(x, state[p + "norm.scale"])
+        h = rmsnorm(x, state[p + f"norm.{norm}"])
         tr = h @ state[p + "input_proj.weight"].T + state[p + "input_proj.bias"]
         if release == "0.2.0":
             ff, qkv = tr[:, -INTER:], tr[:, :-INTER]
@@ -258,7 +267,7 @@ def femr_forward(state: dict, tokens: list[int], ages: list[float], release: str
         ff = torch.nn.functional.gelu(ff)
         out = torch.cat((attn, ff), -1) @ state[p + "output_proj.weight"].T
         x = x + out + state[p + "output_proj.bias"]
-    return rmsnorm(x, state["transformer.out_norm.scale"]).numpy()
+    return rmsnorm(x, state[f"transformer.out_norm.{norm}"]).numpy()
 
 
 # ---------------------------------------------------------------------- tests
@@ -317,19 +326,22 @@ def test_states_match_femr_transformer(tmp_path, release):
         np.testing.assert_allclose(ours[r, : len(tok)].numpy(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_releases_differ_on_the_same_weights(tmp_path):
-    # Same tensors, other femr release: the qkv / feed-forward split differs, so the states
-    # must too (the config decides, never a silent guess).
+def test_release_is_read_from_the_weights(tmp_path):
+    # Same random draws, other femr release: other norms and another qkv / feed-forward
+    # split, so other states; the norms' key names decide, never a silent guess.
     a = write_femr_folder(tmp_path / "a", release="0.2.0")
     b = write_femr_folder(tmp_path / "b", release="0.2.2")
-    assert (
-        femr_release(json.loads((a / "config.json").read_text())["transformer_config"]) == "0.2.0"
-    )
+    assert femr_release(load_file(str(a / "model.safetensors"))) == "0.2.0"
+    assert femr_release(load_file(str(b / "model.safetensors"))) == "0.2.2"
     batch = {"ids": torch.tensor([[1, 2, 3]]), "times": torch.tensor([[0.0, 10.0, 20.0]])}
     with torch.no_grad():
         sa = load_encoder(f"clmbr-t-base:{a}").forward_features(batch)
         sb = load_encoder(f"clmbr-t-base:{b}").forward_features(batch)
     assert not torch.allclose(sa, sb)
+    # A femr >= 0.2.2 config beside femr 0.2.0 weights: refused, not guessed.
+    shutil.copy(b / "config.json", a / "config.json")
+    with pytest.raises(ModelError, match="mixing two releases"):
+        load_encoder(f"clmbr-t-base:{a}")
 
 
 @pytest.fixture(scope="module")
@@ -476,9 +488,16 @@ def test_mis_shaped_tensor_is_a_model_error(ckpt, tmp_path):
     shutil.copytree(ckpt, bad)
     state = load_file(str(bad / "model.safetensors"))
     state["transformer.layers.1.output_proj.weight"] = torch.zeros(HIDDEN, HIDDEN)
+    state.pop("transformer.layers.0.norm.weight")
     save_file(state, str(bad / "model.safetensors"))
-    with pytest.raises(ModelError, match=r"mis-shaped: transformer.layers.1.output_proj.weight"):
+    with pytest.raises(ModelError, match=r"model\.safetensors") as err:
         load_encoder(f"clmbr-t-base:{bad}")
+    message = str(err.value)
+    assert "missing: transformer.layers.0.norm.weight" in message
+    assert (
+        "mis-shaped: transformer.layers.1.output_proj.weight (32, 32) (expected (32, 80))"
+        in message
+    )
 
 
 def test_corrupt_or_hierarchical_dictionary_is_a_model_error(ckpt, tmp_path):

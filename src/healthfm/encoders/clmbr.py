@@ -30,17 +30,19 @@ What this file re-implements, checked line by line against femr 0.2.0-0.2.4
   encoding (``fixed_pos_embedding``: inverse frequencies ``10000 ** -linspace(0, 2,
   head_dim // 2)``, GPT-J style pairs). Birth is the ``MEDS_BIRTH`` event (femr >= 0.2.2,
   ``pat_utils.get_patient_birthdate``), else the subject's first event (femr 0.2.0/0.2.1).
-* **Network** (``FEMRTransformer``): embedding → RMSNorm (``x / (rms(x) + 1e-8) * scale``)
-  → layers ``x + layer(x)`` → RMSNorm. A layer: RMSNorm, one ``input_proj`` giving q, k, v
+* **Network** (``FEMRTransformer``): embedding → RMSNorm → layers ``x + layer(x)`` →
+  RMSNorm. A layer: RMSNorm, one ``input_proj`` giving q, k, v
   and the feed-forward input, rotary on q and k, causal local attention, GELU (or SwiGLU),
   ``output_proj`` of ``[attention, feed-forward]``.
-* **Two releases of that layer** (same tensor shapes, different meaning): femr 0.2.0/0.2.1
-  put q, k, v first in ``input_proj``'s output and attend to the ``attention_width``
-  previous tokens and the token itself (flash-attention's ``window_size=(width, 0)``);
-  femr >= 0.2.2 put the feed-forward part first and attend to ``attention_width`` tokens
-  including the token itself (xformers' ``make_local_attention(width)``). Configs written
-  by femr >= 0.2.2 carry ``hidden_act``; those of 0.2.0/0.2.1 do not, which is how
-  :func:`femr_release` tells them apart.
+* **Two releases of the network**: femr 0.2.0/0.2.1 normalise with their own RMSNorm
+  (``x / (||x|| d^-1/2 + 1e-8) * scale``, parameters ``*.scale``), put q, k, v first in
+  ``input_proj``'s output and attend to the ``attention_width`` previous tokens and the
+  token itself (flash-attention's ``window_size=(width, 0)``); femr >= 0.2.2 use Llama's
+  RMSNorm (``weight * x / sqrt(mean(x²) + 1e-6)``, parameters ``*.weight``), put the
+  feed-forward part first and attend to ``attention_width`` tokens including the token
+  itself (xformers' ``make_local_attention(width)``). The norms' key names say which
+  release wrote a state dict (:func:`femr_release`); femr itself would load the other
+  release's weights with its norms left at 1 and q, k, v read from the wrong rows.
 * **Representations** (``compute_features`` with ``LabeledPatientTask``): the state of the
   last token at or before the prediction time (inclusive). healthfm computes it through
   its leakage-safe EHR path (:func:`healthfm.ehr.embed.embed_cutoffs`), from exactly the
@@ -410,7 +412,8 @@ def _clean_entry(entry: Any, index: int) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- network
 class RMSNorm(nn.Module):
-    """FEMR's RMSNorm (``femr/models/rmsnorm.py``): ``x / (||x|| d^-1/2 + 1e-8) * scale``."""
+    """femr 0.2.0/0.2.1's RMSNorm (``femr/models/rmsnorm.py``, parameter ``scale``):
+    ``x / (||x|| d^-1/2 + 1e-8) * scale``."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -423,6 +426,29 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rms = x.norm(2, dim=-1, keepdim=True) * self.dim ** (-0.5)
         return self.scale * (x / (rms + self.eps))
+
+
+class LlamaRMSNorm(nn.Module):
+    """femr >= 0.2.2's RMSNorm (Llama's, parameter ``weight``): ``weight * x /
+    sqrt(mean(x²) + 1e-6)``, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(dim: int, release: str) -> nn.Module:
+    """The RMSNorm of a femr release."""
+    return RMSNorm(dim) if release == "0.2.0" else LlamaRMSNorm(dim)
 
 
 def rotary(ages: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +511,7 @@ class FemrLayer(nn.Module):
         self.back = width if release == "0.2.0" else width - 1
         mult = 2 if self.act == "swiglu" else 1
         bias = bool(cfg["use_bias"])
-        self.norm = RMSNorm(self.hidden)
+        self.norm = make_norm(self.hidden, release)
         self.input_proj = nn.Linear(self.hidden, 3 * self.hidden + mult * self.inter, bias=bias)
         self.output_proj = nn.Linear(self.hidden + self.inter, self.hidden, bias=bias)
 
@@ -515,8 +541,8 @@ class FemrTransformer(nn.Module):
     def __init__(self, cfg: dict[str, Any], release: str) -> None:
         super().__init__()
         self.head_dim = int(cfg["hidden_size"]) // int(cfg["n_heads"])
-        self.in_norm = RMSNorm(int(cfg["hidden_size"]))
-        self.out_norm = RMSNorm(int(cfg["hidden_size"]))
+        self.in_norm = make_norm(int(cfg["hidden_size"]), release)
+        self.out_norm = make_norm(int(cfg["hidden_size"]), release)
         self.embed = nn.Embedding(int(cfg["vocab_size"]), int(cfg["hidden_size"]))
         self.layers = nn.ModuleList(FemrLayer(cfg, release) for _ in range(int(cfg["n_layers"])))
 
@@ -528,10 +554,18 @@ class FemrTransformer(nn.Module):
         return self.out_norm(x)
 
 
-def femr_release(transformer_config: dict[str, Any]) -> str:
-    """``"0.2.0"`` for configs written by femr 0.2.0/0.2.1 (no ``hidden_act``), else
-    ``"0.2.2"`` (femr >= 0.2.2): the two releases order ``input_proj`` differently."""
-    return "0.2.2" if "hidden_act" in transformer_config else "0.2.0"
+def femr_release(state: dict[str, torch.Tensor], path: Path | None = None) -> str:
+    """The femr release whose ``FEMRTransformer`` wrote ``state``, from its key names:
+    ``"0.2.0"`` (0.2.0/0.2.1: RMSNorm parameters ``*.scale``, q, k, v first in
+    ``input_proj``) or ``"0.2.2"`` (>= 0.2.2: ``*.weight``, feed-forward first)."""
+    if "transformer.in_norm.scale" in state:
+        return "0.2.0"
+    if "transformer.in_norm.weight" in state:
+        return "0.2.2"
+    raise ModelError(
+        "weights have no transformer.in_norm (scale or weight): not a FEMR model's state dict",
+        file=path,
+    )
 
 
 class ClmbrEncoder(PublishedEncoder):
@@ -620,7 +654,6 @@ def load_clmbr(path: str | Path) -> ClmbrEncoder:
             "hidden_size must be a multiple of n_heads and attention_width positive",
             file=config_path,
         )
-    release = femr_release(tc)
     dict_path = find_file(folder, [DICTIONARY_FILE], "CLMBR (FEMR) folder")
     tokenizer = ClmbrTokenizer.from_file(dict_path)
     if tokenizer.vocab_size > int(cfg["vocab_size"]):
@@ -630,9 +663,19 @@ def load_clmbr(path: str | Path) -> ClmbrEncoder:
             file=dict_path,
         )
     weights = find_file(folder, WEIGHT_FILES, "CLMBR (FEMR) folder")
+    state = read_state_dict(weights)
+    release = femr_release(state, weights)
+    if release == "0.2.0" and ("hidden_act" in tc or "use_bias" in tc):
+        # femr 0.2.0/0.2.1 wrote neither field; a later femr re-saving these weights
+        # would have renamed the norms. Guessing either way could silently mis-read them.
+        raise ModelError(
+            "config.json is femr >= 0.2.2's (hidden_act, use_bias) but the weights are "
+            "femr 0.2.0/0.2.1's (*.scale norms): a folder mixing two releases",
+            file=config_path,
+        )
     model_hash = folder_hash([config_path, weights, dict_path])
     encoder = ClmbrEncoder(cfg, release, tokenizer, folder, model_hash)
-    load_weights(encoder, read_state_dict(weights), weights, ignore=("task_model.",))
+    load_weights(encoder, state, weights, ignore=("task_model.",))
     return encoder.eval()
 
 
