@@ -474,14 +474,15 @@ def local_causal_attention(
 ) -> torch.Tensor:
     """Softmax attention of query ``i`` over keys ``i - back .. i`` that are ``valid``.
 
-    ``q, k, v``: (B, T, H, hd). Queries run in blocks of ``back + 1`` so memory is
-    O(T x back), not O(T²); every key a block can see is in its key range, so the result
-    equals the dense masked softmax.
+    ``q, k, v``: (B, T, H, hd). Queries run in blocks of at least ``back + 1`` (and 256,
+    so a narrow window does not mean many tiny products) against the keys they can see,
+    so memory is O(T x (block + back)), not O(T²), and the result equals the dense
+    masked softmax.
     """
     n, d = q.shape[1], q.shape[3]
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()
-    block = max(1, min(n, back + 1))
+    block = max(1, min(n, max(back + 1, 256)))
     out = torch.zeros_like(q)
     pos = torch.arange(n, device=q.device)
     for s in range(0, n, block):
