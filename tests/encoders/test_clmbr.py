@@ -521,3 +521,36 @@ def test_untrained_control_keeps_the_architecture(encoder):
     with torch.no_grad():
         assert control.forward_features(batch).shape == (1, 3, HIDDEN)
         assert not torch.allclose(control.embed(batch), encoder.embed(batch))
+
+
+def test_prediction_time_before_any_known_event_is_a_zero_row(encoder, caplog):
+    from healthfm.ehr.embed import embed_cutoffs, label_cutoffs
+
+    code = encoder.tokenizer.vocab[0]["code_string"]
+    t0 = datetime.datetime(2020, 1, 1)
+    t1 = t0 + datetime.timedelta(days=3)
+    df = pl.DataFrame(
+        {
+            "subject_id": [1, 1, 2, 2, 2],
+            "time": [t0, t1, t0, t0 + datetime.timedelta(minutes=5), t1],
+            "code": ["NOT/IN-DICTIONARY", code, code, code, code],
+            "numeric_value": [None] * 5,
+            "text_value": [None] * 5,
+        },
+        schema={
+            "subject_id": pl.Int64,
+            "time": pl.Datetime("us"),
+            "code": pl.String,
+            "numeric_value": pl.Float32,
+            "text_value": pl.String,
+        },
+    )
+    enc = encoder.tokenizer.encode_frame(df)
+    # Subject 1: the unknown code dropped; subject 2: the same-day repeat dropped.
+    assert enc.ids.tolist() == [0, 0, 0] and enc.offsets.tolist() == [0, 1, 3]
+    at = int((t0 + datetime.timedelta(hours=1) - datetime.datetime(1970, 1, 1)).total_seconds())
+    s_idx, cut = label_cutoffs(enc, np.array([1, 2]), np.array([at, at]) * 1_000_000)
+    with caplog.at_level("WARNING", logger="healthfm.ehr"):
+        out = embed_cutoffs(encoder, enc, s_idx, cut)
+    assert (out[0] == 0).all() and np.abs(out[1]).sum() > 0
+    assert "1 of 2 prediction times have no known event" in caplog.text
