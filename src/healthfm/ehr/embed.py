@@ -22,7 +22,9 @@ windows, same embeddings: the reference path of the tests and the benchmark).
 Compute: the one-pass rows (one per subject window) differ widely in length, so they are
 packed several to a sequence of the model's context, each a segment with block-diagonal
 causal attention and positions restarting at 0, instead of padded; the per-label rows
-are many and of similar lengths, so they run in length-sorted padded batches.
+are many and of similar lengths, so they run in length-sorted padded batches. Other
+causal encoders (published models, whose ``forward_features`` know no packing) take the
+same windows in padded batches.
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ def embed_cutoffs(
     Parameters
     ----------
     model
-        A causal model (its attention must not look ahead).
+        A causal model (its attention must not look ahead): a healthfm model, or any
+        :class:`~healthfm.encoders.Encoder` that declares ``causal = True`` (a published
+        model such as CLMBR; forwarded through ``forward_features`` in padded batches).
     enc, s_idx, cut
         Tokens and :func:`label_cutoffs` of the labels.
     pooling
@@ -399,6 +403,10 @@ def featurize_labels(
     per_label: bool = False,
 ) -> LabelFeatures:
     """Tokenize the labelled subjects batch by batch; embed (if a model is given) and count.
+
+    ``tokenizer`` is any tokenizer with ``encode_frame`` (a MEDS frame to an
+    :class:`EncodedShard`) and ``vocab_size``; one with a ``check_dataset(ds)`` method (a
+    published model's vocabulary) may refuse the data first.
 
     Returns features in the order of ``labels.frame``.
     """
