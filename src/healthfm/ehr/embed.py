@@ -22,11 +22,14 @@ windows, same embeddings: the reference path of the tests and the benchmark).
 Compute: the one-pass rows (one per subject window) differ widely in length, so they are
 packed several to a sequence of the model's context, each a segment with block-diagonal
 causal attention and positions restarting at 0, instead of padded; the per-label rows
-are many and of similar lengths, so they run in length-sorted padded batches.
+are many and of similar lengths, so they run in length-sorted padded batches. Other
+causal encoders (published models, whose ``forward_features`` know no packing) take the
+same windows in padded batches.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -40,6 +43,8 @@ from healthfm.ehr.tokenizer import STATIC_TIME, EncodedShard, MedsTokenizer
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.model.heads import FoundationModel
 from healthfm.tokenizer import PAD_ID
+
+log = logging.getLogger("healthfm.ehr")
 
 
 def label_cutoffs(
@@ -136,7 +141,9 @@ def embed_cutoffs(
     Parameters
     ----------
     model
-        A causal model (its attention must not look ahead).
+        A causal model (its attention must not look ahead): a healthfm model, or any
+        :class:`~healthfm.encoders.Encoder` that declares ``causal = True`` (a published
+        model such as CLMBR; forwarded through ``forward_features`` in padded batches).
     enc, s_idx, cut
         Tokens and :func:`label_cutoffs` of the labels.
     pooling
@@ -154,7 +161,8 @@ def embed_cutoffs(
     numpy.ndarray
         float32 (n_labels, d_model), in label order.
     """
-    if not model.config.causal:
+    own = isinstance(model, FoundationModel)
+    if not (model.config.causal if own else getattr(model, "causal", False)):
         raise ModelError(
             "prediction-time embeddings need a causal model (states must not see later tokens)",
             column="objective",
@@ -163,10 +171,37 @@ def embed_cutoffs(
         raise ConfigError(
             f"pooling must be 'last' or 'mean' for prediction-time embeddings, not {pooling!r}"
         )
+    if not own:
+        return _embed_encoder(model, enc, s_idx, cut, pooling, batch_size, per_label)
     rows = _plan_rows(enc, s_idx, cut, model.config.max_len, per_label)
     if per_label:
         return _embed_padded(model, enc, rows, len(cut), pooling, batch_size)
     return _embed_packed(model, enc, rows, len(cut), pooling, batch_size)
+
+
+def _embed_encoder(
+    model, enc: EncodedShard, s_idx, cut, pooling: str, batch_size: int, per_label: bool
+) -> np.ndarray:
+    """Any other causal :class:`~healthfm.encoders.Encoder` (a published model): the same
+    windows, forwarded through its ``forward_features`` in padded batches (``ids``,
+    ``attention_mask`` and, when its tokenizer fills them, ``times``).
+
+    A tokenizer without a start token (FEMR's) can leave a label with no token at or
+    before its prediction time: that row gets a zero vector (FEMR itself refuses such
+    labels), and the count is logged.
+    """
+    out = np.zeros((len(cut), model.dim), dtype=np.float32)
+    has = cut - enc.offsets[s_idx] >= 1
+    if not has.all():
+        log.warning(
+            "%d of %d prediction times have no known event at or before them: zero vectors",
+            int((~has).sum()),
+            len(cut),
+        )
+    if has.any():
+        rows = _plan_rows(enc, s_idx[has], cut[has], model.max_len, per_label)
+        out[has] = _embed_padded(model, enc, rows, int(has.sum()), pooling, batch_size)
+    return out
 
 
 def _embed_padded(
@@ -183,14 +218,15 @@ def _embed_padded(
     sorted, so padding wastes little.
     """
     device = next(model.parameters()).device
-    out = np.zeros((n_labels, model.config.d_model), dtype=np.float32)
+    own = isinstance(model, FoundationModel)
+    out = np.zeros((n_labels, model.dim), dtype=np.float32)
     order = np.argsort(rows.lengths, kind="stable")
     rank_of_row = np.empty(len(order), dtype=np.int64)
     rank_of_row[order] = np.arange(len(order))
     label_rank = rank_of_row[rows.label_row]
     by_rank = np.argsort(label_rank, kind="stable")
     sorted_rank = label_rank[by_rank]
-    use_times = model.config.use_times
+    use_times = model.config.use_times if own else "times" in model.tokenizer.fields
     for b in range(0, len(order), batch_size):
         batch_rows = order[b : b + batch_size]
         lengths = rows.lengths[batch_rows]
@@ -205,7 +241,14 @@ def _embed_padded(
             t = np.full((len(batch_rows), width), np.nan)
             t[mask] = enc.ages[positions]
             times = torch.from_numpy(t).to(device)
-        hidden = model(torch.from_numpy(ids).to(device), None, None, times)
+        if own:
+            hidden = model(torch.from_numpy(ids).to(device), None, None, times)
+        else:
+            batch = {"ids": torch.from_numpy(ids).to(device)}
+            batch["attention_mask"] = torch.from_numpy(mask).to(device)
+            if times is not None:
+                batch["times"] = times
+            hidden = model.forward_features(batch)
         if pooling == "mean":
             hidden = (
                 hidden.float().cumsum(1)
@@ -361,13 +404,17 @@ def featurize_labels(
 ) -> LabelFeatures:
     """Tokenize the labelled subjects batch by batch; embed (if a model is given) and count.
 
+    ``tokenizer`` is any tokenizer with ``encode_frame`` (a MEDS frame to an
+    :class:`EncodedShard`) and ``vocab_size``; one with a ``check_dataset(ds)`` method (a
+    published model's vocabulary) may refuse the data first.
+
     Returns features in the order of ``labels.frame``.
     """
     t0 = time.perf_counter()
     subjects = labels.subject_ids
     times_us = labels.times_us
     n = len(subjects)
-    emb = np.zeros((n, model.config.d_model), dtype=np.float32) if model is not None else None
+    emb = np.zeros((n, model.dim), dtype=np.float32) if model is not None else None
     counts = []
     where = []
     age = np.full(n, np.nan)
@@ -375,6 +422,9 @@ def featurize_labels(
     seconds_embed = 0.0
     if model is not None:
         model.eval()
+    check = getattr(tokenizer, "check_dataset", None)
+    if check is not None:  # a published model's vocabulary: refuse data it cannot read
+        check(ds)
     for _, df in iter_batches(ds, np.unique(subjects)):
         enc = tokenizer.encode_frame(df)
         idx = np.flatnonzero(np.isin(subjects, enc.subject_ids))
