@@ -183,9 +183,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="fine-tune a model for a labelled task (full, or LoRA adapters)",
     )
-    p.add_argument(
-        "model", help="pretrained model folder, or NAME:DIR of a registered encoder"
-    )
+    p.add_argument("model", help="pretrained model folder, or NAME:DIR of a registered encoder")
     p.add_argument("input", help="labelled input file or folder (labels as for evaluate)")
     p.add_argument(
         "--out", required=True, help="model folder to write (adapter folder with --lora)"

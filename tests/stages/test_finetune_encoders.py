@@ -341,3 +341,15 @@ def test_cli_finetunes_name_colon_dir(work, tmp_path, capsys):
     assert cli.main([*argv, "--epochs", "1", "--n-boot", "10", "--no-checkpoints"]) == 0
     again = load_encoder(tmp_path / "again")
     assert again.base_model_hash == sha256_file(work["full"].out / "model.safetensors")
+
+
+def test_an_encoder_without_model_hash_is_refused(work, tmp_path):
+    def unhashed(path):
+        encoder = load_tiny(path)
+        encoder.model_hash = None
+        return encoder
+
+    register_encoder("tinydna-unhashed", unhashed, modality="dna")
+    with pytest.raises(ModelError, match="no model_hash"):
+        finetune(f"tinydna-unhashed:{work['base']}", promoters(), tmp_path / "x", {}, FULL)
+    assert not (tmp_path / "x").exists()

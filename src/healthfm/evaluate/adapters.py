@@ -194,7 +194,7 @@ def load_adapter(
     adapter_dir = Path(adapter_dir)
     ref = read_adapter_info(adapter_dir)
     base = load_base(adapter_dir, ref["base_model"], adapter_dir / BASE_REF, base_dir)
-    model = with_task_head(base, ref["task_head"])
+    model = with_task_head(base, ref["task_head"], copy_encoder=False)
     peft = _peft()
     try:
         config = peft.LoraConfig.from_pretrained(str(adapter_dir))

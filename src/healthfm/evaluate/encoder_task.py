@@ -146,13 +146,18 @@ def bare_encoder(encoder: Any) -> Any:
     return encoder.encoder if isinstance(encoder, EncoderTaskModel) else encoder
 
 
-def encoder_with_head(base: Any, spec: dict[str, Any]) -> EncoderTaskModel:
-    """A task model on a copy of ``base``'s encoder (the base stays as it is) with a fresh
-    head; the tokenizer is shared, not copied."""
+def encoder_with_head(
+    base: Any, spec: dict[str, Any], copy_encoder: bool = True
+) -> EncoderTaskModel:
+    """A task model on ``base``'s encoder with a fresh head: on a copy (the base stays as
+    it is; the tokenizer is shared, not copied), or, for a base loaded only to carry saved
+    weights (``copy_encoder=False``), on the encoder itself."""
     encoder = bare_encoder(base)
-    tokenizer = getattr(encoder, "tokenizer", None)
-    memo = {id(tokenizer): tokenizer} if tokenizer is not None else {}
-    model = EncoderTaskModel(copy.deepcopy(encoder, memo), spec)
+    if copy_encoder:
+        tokenizer = getattr(encoder, "tokenizer", None)
+        memo = {id(tokenizer): tokenizer} if tokenizer is not None else {}
+        encoder = copy.deepcopy(encoder, memo)
+    model = EncoderTaskModel(encoder, spec)
     # Trainable as a freshly built FoundationModel is (a loader may have frozen the base).
     model.requires_grad_(True)
     model.folder = getattr(base, "folder", None)
@@ -409,7 +414,7 @@ def load_finetuned_encoder(
     path = Path(path)
     ref = read_finetuned_info(path)
     base = load_base(path, ref["base_model"], path / FINETUNED_REF, base_dir)
-    model = encoder_with_head(base, ref["task_head"])
+    model = encoder_with_head(base, ref["task_head"], copy_encoder=False)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelError("model.safetensors is missing", file=weights)

@@ -35,18 +35,20 @@ def task_spec(model: Any) -> dict[str, Any] | None:
     return getattr(model, "head_spec", None)
 
 
-def with_task_head(base: Any, spec: dict[str, Any]) -> Any:
+def with_task_head(base: Any, spec: dict[str, Any], copy_encoder: bool = True) -> Any:
     """A copy of ``base`` that carries a fresh task head of ``spec``.
 
     A :class:`FoundationModel`: its config records ``spec``; every backbone and
     pretraining-head weight is copied. Any other encoder: an
     :class:`~healthfm.evaluate.encoder_task.EncoderTaskModel` on a copy of it. A task head
-    the base already had (fine-tuning a fine-tuned model) is replaced.
+    the base already had (fine-tuning a fine-tuned model) is replaced. ``copy_encoder``
+    False puts the head on the other encoder itself (a base loaded only to carry saved
+    weights).
     """
     if not isinstance(base, FoundationModel):
         from healthfm.evaluate.encoder_task import encoder_with_head
 
-        return encoder_with_head(base, spec)
+        return encoder_with_head(base, spec, copy_encoder)
     config = replace(base.config, extra={**base.config.extra, "task_head": spec})
     model = FoundationModel(config)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("task_head.")}

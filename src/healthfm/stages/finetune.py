@@ -256,6 +256,12 @@ def finetune(
     echo = echo and dist_info.is_main
     if base.tokenizer is None:
         raise ModelError("model folder has no tokenizer.json", file=model_dir)
+    if base.model_hash is None:  # the written folders check their base by it
+        raise ModelError(
+            f"the encoder {base.name!r} has no model_hash (its loader sets none), so a "
+            "fine-tuned folder could not check its base",
+            file=model_dir,
+        )
     _validate(config, _depth(base), base.name)
     modality = get_modality(base.modality)
     options = modality.options(options)
