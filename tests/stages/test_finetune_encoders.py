@@ -256,7 +256,16 @@ def test_evaluate_scores_finetuned_encoders_on_the_same_rows(work, tmp_path):
         assert row.value == pytest.approx(result.test_metrics["auroc"]["value"], abs=1e-9)
     assert ("tinydna-mean+logreg", "auroc") in by_method
     # The fine-tuned folder evaluated as the model adds its own predictions.
-    own = evaluate(full.out, promoters(), tmp_path / "own", {}, seeds=[0], n_boot=20, echo=False)
+    own = evaluate(
+        full.out,
+        promoters(),
+        tmp_path / "own",
+        {},
+        seeds=[0],
+        n_boot=20,
+        echo=False,
+        include_baselines=False,
+    )
     assert {"tinydna-finetune-full", "tinydna-mean+logreg"} <= {r.method for r in own}
 
 
