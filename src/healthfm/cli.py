@@ -196,7 +196,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="fine-tune a model for a labelled task (full, or LoRA adapters)",
     )
-    p.add_argument("model", help="pretrained model folder")
+    p.add_argument("model", help="pretrained model folder, or NAME:DIR of a registered encoder")
     p.add_argument("input", help="labelled input file or folder (labels as for evaluate)")
     p.add_argument(
         "--out", required=True, help="model folder to write (adapter folder with --lora)"
@@ -396,6 +396,7 @@ def _model_modality(argv: list[str]) -> str | None:
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
         from healthfm.encoders import get_entry, split_spec
         from healthfm.evaluate.adapters import is_adapter, read_adapter_info
+        from healthfm.evaluate.encoder_task import is_finetuned_encoder, read_finetuned_info
         from healthfm.model.pretrained import read_config
 
         name, folder = split_spec(positional[1])
@@ -403,6 +404,8 @@ def _model_modality(argv: list[str]) -> str | None:
             return get_entry(name).modality
         if is_adapter(folder):  # a LoRA adapter folder names its base's modality
             return read_adapter_info(folder).get("modality")
+        if is_finetuned_encoder(folder):  # so does a fine-tuned published encoder's
+            return read_finetuned_info(folder).get("modality")
         return read_config(folder).modality
     return None
 

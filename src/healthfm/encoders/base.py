@@ -83,9 +83,15 @@ def register_encoder(name: str, loader: Callable[[Path], Encoder], **facts: Any)
 
 def _healthfm_folder(path: Path) -> Encoder:
     from healthfm.evaluate.adapters import is_adapter, load_adapter
+    from healthfm.evaluate.encoder_task import is_finetuned_encoder, load_finetuned_encoder
     from healthfm.loader import load
 
-    model = load_adapter(path) if is_adapter(path) else load(path)
+    if is_adapter(path):
+        model = load_adapter(path)
+    elif is_finetuned_encoder(path):  # a fine-tuned published encoder, on its base folder
+        model = load_finetuned_encoder(path)
+    else:
+        model = load(path)
     if model.tokenizer is None:
         raise ModelError("model folder has no tokenizer.json", file=path)
     return model

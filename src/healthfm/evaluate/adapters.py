@@ -8,6 +8,13 @@ to the adapter) and the SHA-256 of its ``model.safetensors``, the task-head spec
 training provenance. Loading an adapter onto any other base model is a
 :class:`~healthfm.errors.ModelError`.
 
+The base may be any registered encoder (``healthfm finetune NAME:DIR --lora``): the
+reference then names it (``encoder``, ``spec`` ``NAME:DIR``; its ``model_hash`` is the
+encoder's), the adapted modules are found by the rule of
+:mod:`healthfm.evaluate.encoder_task` (:func:`~healthfm.evaluate.encoder_task.lora_targets`)
+and recorded in ``adapter_config.json`` as peft does, and loading rebuilds the base through
+:func:`~healthfm.encoders.load_encoder`.
+
 ``peft`` (and through it ``transformers``) is imported lazily: only LoRA pays its import
 time.
 """
@@ -15,7 +22,6 @@ time.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +58,19 @@ def _peft():
 
 
 def add_lora(
-    model: FoundationModel,
+    model: Any,
     rank: int,
     alpha: float,
     dropout: float = 0.0,
     first_layer: int = 0,
 ) -> Any:
-    """Wrap ``model`` (with its ``task_head``) in a ``peft`` LoRA model.
+    """Wrap a task model (with its ``task_head``) in a ``peft`` LoRA model.
 
     Only the LoRA matrices and the task head are trainable; every base weight is frozen
     and left bit-identical (LoRA ``B`` starts at zero, so the wrapped model first computes
-    exactly what the base does).
+    exactly what the base does). A :class:`FoundationModel` adapts its blocks' four
+    projections (:func:`lora_pattern`); a task model on another encoder the modules
+    :func:`~healthfm.evaluate.encoder_task.lora_targets` finds.
 
     Returns
     -------
@@ -72,46 +80,50 @@ def add_lora(
     """
     if rank < 1:
         raise ConfigError(f"--lora-rank must be at least 1, not {rank}", column="lora_rank")
-    if first_layer >= model.config.n_layers:
+    if isinstance(model, FoundationModel):
+        n_layers = model.config.n_layers
+    else:
+        from healthfm.evaluate.encoder_task import encoder_blocks, lora_targets
+
+        n_layers = len(encoder_blocks(model.encoder) or ()) if first_layer else None
+    if n_layers is not None and first_layer >= n_layers:
         raise ConfigError(
-            f"--freeze-layers {first_layer} leaves no block for LoRA (depth {model.config.n_layers})",
+            f"--freeze-layers {first_layer} leaves no block for LoRA (depth {n_layers})",
             column="freeze_layers",
         )
+    targets = (
+        lora_pattern(n_layers, first_layer)
+        if isinstance(model, FoundationModel)
+        else lora_targets(model, first_layer)
+    )
     peft = _peft()
     config = peft.LoraConfig(
         r=int(rank),
         lora_alpha=float(alpha),
         lora_dropout=float(dropout),
-        target_modules=lora_pattern(model.config.n_layers, first_layer),
+        target_modules=targets,
         modules_to_save=["task_head"],
         bias="none",
     )
     return peft.get_peft_model(model, config)
 
 
-def _relative(path: Path, start: Path) -> str | None:
-    try:
-        return os.path.relpath(path, start)
-    except ValueError:  # another drive (Windows)
-        return None
-
-
 def save_adapter(
-    peft_model: Any, out: Path, base_dir: Path, base_hash: str, info: dict[str, Any]
+    peft_model: Any, out: Path, base_dir: str | Path, base_hash: str, info: dict[str, Any]
 ) -> None:
-    """Write the adapter folder's files into ``out`` (the caller makes it atomic)."""
+    """Write the adapter folder's files into ``out`` (the caller makes it atomic).
+
+    ``base_dir`` is the base model folder or ``NAME:DIR`` of a registered encoder; the
+    reference is written relative to ``out``'s parent, which is where the finished
+    folder lies (the caller's atomic rename keeps the parent).
+    """
+    from healthfm.evaluate.encoder_task import base_reference
+
     peft_model.save_pretrained(str(out))
     readme = out / "README.md"  # peft's model-card template; our provenance is the JSON
     if readme.exists():
         readme.unlink()
-    ref = {
-        "base_model": {
-            "path": str(base_dir.resolve()),
-            "relative_path": _relative(base_dir.resolve(), out.parent.resolve()),
-            "model_hash": base_hash,
-        },
-        **info,
-    }
+    ref = {"base_model": base_reference(base_dir, base_hash, out), **info}
     (out / BASE_REF).write_text(json.dumps(ref, indent=2, default=str) + "\n")
 
 
@@ -143,20 +155,17 @@ def read_adapter_info(path: str | Path) -> dict[str, Any]:
 def resolve_base(adapter_dir: Path, ref: dict[str, Any]) -> Path:
     """The recorded base folder: relative to the adapter's parent first (moved together),
     then the absolute path."""
-    base = ref["base_model"]
-    if base.get("relative_path"):
-        candidate = (adapter_dir.resolve().parent / base["relative_path"]).resolve()
-        if (candidate / "config.json").is_file():
-            return candidate
-    return Path(base["path"])
+    from healthfm.evaluate.encoder_task import resolve_base_folder
+
+    return resolve_base_folder(adapter_dir, ref["base_model"])
 
 
 def load_adapter(
     adapter_dir: str | Path,
     base_dir: str | Path | None = None,
     merge: bool = False,
-) -> FoundationModel:
-    """Load a LoRA adapter onto its base model.
+) -> Any:
+    """Load a LoRA adapter onto its base model (a healthfm folder or any registered encoder).
 
     Parameters
     ----------
@@ -169,32 +178,23 @@ def load_adapter(
 
     Returns
     -------
-    FoundationModel
+    FoundationModel or EncoderTaskModel
         In eval mode, with ``task_head``, ``.tokenizer``, ``.folder`` (the adapter) and
         ``.model_hash`` (of the adapter weights). Unmerged, its projections are LoRA layers.
 
     Raises
     ------
     ModelError
-        If the base model's weights are not those the adapter was trained on, or the
-        adapter weights do not fit it.
+        If the base folder is missing, or its weights are not those the adapter was
+        trained on, or the adapter weights do not fit it.
     """
+    from healthfm.evaluate.encoder_task import load_base
     from healthfm.evaluate.task_head import with_task_head
-    from healthfm.loader import load
 
     adapter_dir = Path(adapter_dir)
     ref = read_adapter_info(adapter_dir)
-    base_dir = Path(base_dir) if base_dir is not None else resolve_base(adapter_dir, ref)
-    base = load(base_dir)
-    expected = ref["base_model"]["model_hash"]
-    if base.model_hash != expected:
-        raise ModelError(
-            f"this adapter was trained on base model {expected[:12]}…, but {base_dir} holds "
-            f"{base.model_hash[:12]}…; load it onto the model it was fine-tuned from",
-            file=adapter_dir / BASE_REF,
-            column="base_model.model_hash",
-        )
-    model = with_task_head(base, ref["task_head"])
+    base = load_base(adapter_dir, ref["base_model"], adapter_dir / BASE_REF, base_dir)
+    model = with_task_head(base, ref["task_head"], copy_encoder=False)
     peft = _peft()
     try:
         config = peft.LoraConfig.from_pretrained(str(adapter_dir))

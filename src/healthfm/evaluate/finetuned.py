@@ -22,7 +22,6 @@ from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
 from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
 from healthfm.modality import Modality, Samples
-from healthfm.model.heads import FoundationModel
 from healthfm.train.data import StoreSource
 
 
@@ -85,8 +84,8 @@ def finetuned_rows(
             modality.check_input(samples, model.tokenizer)
             with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
                 store = modality.tokenize(model.tokenizer, samples, Path(tmp) / "store", test_idx)
-                truncate = getattr(modality, "truncate", "head")
-                source = StoreSource(store, model.config.max_len, truncate)
+                truncate = getattr(model, "truncate", None) or getattr(modality, "truncate", "head")
+                source = StoreSource(store, model.max_len, truncate)
                 scores = predict(model, source, batch_size=batch_size)
         seed = int(info.get("config", {}).get("seed", 0))
         groups = np.asarray(samples.groups)[test_idx].astype(str)
@@ -162,12 +161,10 @@ def _check_test_split(
         )
 
 
-def finetuned_method(
-    model: FoundationModel, info: dict[str, Any], path: str | Path, seen: set[str]
-) -> str:
+def finetuned_method(model: Any, info: dict[str, Any], path: str | Path, seen: set[str]) -> str:
     """Result-row method name of a fine-tuned model: ``<preset>-finetune-<method>``, plus
     ``-k<k>`` for a few-shot one and ``@<folder>`` when the name is taken; added to ``seen``."""
-    method = f"{model.config.preset or 'model'}-finetune-{info.get('method', 'full')}"
+    method = f"{model.name}-finetune-{info.get('method', 'full')}"
     if info.get("few_shot"):
         method += f"-k{info['few_shot']}"
     if method in seen:
@@ -180,14 +177,17 @@ def finetuned_spec(path: str | Path) -> dict[str, Any]:
     """The task-head spec (``task``, ``classes`` ...) of a fine-tuned model or LoRA adapter
     folder, read from its metadata without loading weights."""
     from healthfm.evaluate.adapters import BASE_REF, is_adapter
+    from healthfm.evaluate.encoder_task import FINETUNED_REF, is_finetuned_encoder
 
     path = Path(path)
-    meta = path / (BASE_REF if is_adapter(path) else "config.json")
+    # Adapters and fine-tuned encoders keep the spec at the top of their reference file.
+    own_ref = is_adapter(path) or is_finetuned_encoder(path)
+    meta = path / (BASE_REF if is_adapter(path) else FINETUNED_REF if own_ref else "config.json")
     try:
         data = json.loads(meta.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the fine-tuned model's metadata: {exc}", file=meta) from exc
-    spec = data.get("task_head") if is_adapter(path) else (data.get("extra") or {}).get("task_head")
+    spec = data.get("task_head") if own_ref else (data.get("extra") or {}).get("task_head")
     if not spec or "task" not in spec:
         raise ModelError("not a fine-tuned model: no task_head", file=meta)
     return spec

@@ -21,7 +21,6 @@ from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.task_head import TASKS
 from healthfm.modality import Modality, Samples, TaskInput, labels_as_targets, require_labels
-from healthfm.model.heads import FoundationModel
 from healthfm.train.data import StoreSource
 
 _MISSING = {"", "nan", "NaN", "NA", "None", "null"}
@@ -47,13 +46,13 @@ _TaskData = TaskData  # the former private name
 def shared_task_input(
     modality: Modality,
     samples: Samples,
-    model: FoundationModel,
+    model: Any,
     salt: str,
     fractions,
     stack: contextlib.ExitStack,
 ) -> TaskInput:
     """One row per sample: the modality's split, per-sample labels, a temporary token store
-    (removed when ``stack`` closes)."""
+    (removed when ``stack`` closes), read as ``model`` (any Encoder) reads its inputs."""
     if samples.labels is None and type(modality).evaluation_rows is not Modality.evaluation_rows:
         # Labels that are not per sample come through the modality's own evaluation rows;
         # without a task_input part, fine-tuning cannot pair them with samples.
@@ -68,7 +67,9 @@ def shared_task_input(
     split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="healthfm-finetune-")))
     store = modality.tokenize(model.tokenizer, samples, tmp / "store")
-    source = StoreSource(store, model.config.max_len, getattr(modality, "truncate", "head"))
+    # The end a too-long sample is cut at: a published encoder's own, else the modality's.
+    truncate = getattr(model, "truncate", None) or getattr(modality, "truncate", "head")
+    source = StoreSource(store, model.max_len, truncate)
     return TaskInput(samples, split_names, source)
 
 

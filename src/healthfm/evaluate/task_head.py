@@ -5,6 +5,10 @@ A task head is one linear layer on the backbone's pooled output: ``classificatio
 ``pos_weight``-balanced BCE) or ``regression`` (one output, MSE on the standardized
 target). Its spec (task, classes, pooling, target scaling, ``n_outputs``) is recorded in
 ``config.extra["task_head"]``, so :func:`healthfm.load` rebuilds the model strictly.
+
+Any other encoder (a published model) gets its head through
+:class:`~healthfm.evaluate.encoder_task.EncoderTaskModel`, on ``encoder.embed``; the
+functions here take either (the "task model").
 """
 
 from __future__ import annotations
@@ -23,17 +27,28 @@ from healthfm.model.heads import FoundationModel, pool
 TASKS = ("classification", "binary", "regression")
 
 
-def task_spec(model: FoundationModel) -> dict[str, Any] | None:
-    """The task-head spec of a fine-tuned model (``config.extra["task_head"]``), or None."""
-    return model.config.extra.get("task_head")
+def task_spec(model: Any) -> dict[str, Any] | None:
+    """The task-head spec of a fine-tuned model (``config.extra["task_head"]``, or an
+    :class:`~healthfm.evaluate.encoder_task.EncoderTaskModel`'s ``head_spec``), or None."""
+    if isinstance(model, FoundationModel):
+        return model.config.extra.get("task_head")
+    return getattr(model, "head_spec", None)
 
 
-def with_task_head(base: FoundationModel, spec: dict[str, Any]) -> FoundationModel:
-    """A copy of ``base`` whose config records ``spec`` and that carries a fresh task head.
+def with_task_head(base: Any, spec: dict[str, Any], copy_encoder: bool = True) -> Any:
+    """A copy of ``base`` that carries a fresh task head of ``spec``.
 
-    Every backbone and pretraining-head weight is copied; a task head the base already had
-    (fine-tuning a fine-tuned model) is replaced.
+    A :class:`FoundationModel`: its config records ``spec``; every backbone and
+    pretraining-head weight is copied. Any other encoder: an
+    :class:`~healthfm.evaluate.encoder_task.EncoderTaskModel` on a copy of it. A task head
+    the base already had (fine-tuning a fine-tuned model) is replaced. ``copy_encoder``
+    False puts the head on the other encoder itself (a base loaded only to carry saved
+    weights).
     """
+    if not isinstance(base, FoundationModel):
+        from healthfm.evaluate.encoder_task import encoder_with_head
+
+        return encoder_with_head(base, spec, copy_encoder)
     config = replace(base.config, extra={**base.config.extra, "task_head": spec})
     model = FoundationModel(config)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("task_head.")}
@@ -52,12 +67,16 @@ def with_task_head(base: FoundationModel, spec: dict[str, Any]) -> FoundationMod
 
 def load_finetuned(
     path: str | Path, base_dir: str | Path | None = None, merge: bool = False
-) -> FoundationModel:
-    """Load a fine-tuned model folder, or a LoRA adapter folder onto its base model."""
+) -> Any:
+    """Load a fine-tuned model folder (healthfm's, or a fine-tuned encoder's), or a LoRA
+    adapter folder onto its base model."""
     from healthfm.evaluate.adapters import is_adapter, load_adapter
+    from healthfm.evaluate.encoder_task import is_finetuned_encoder, load_finetuned_encoder
 
     if is_adapter(path):
         return load_adapter(path, base_dir, merge=merge)
+    if is_finetuned_encoder(path):
+        return load_finetuned_encoder(path, base_dir)
     from healthfm.loader import load
 
     model = load(path)
@@ -72,17 +91,17 @@ def load_finetuned(
 # ---------------------------------------------------------------------------- outputs
 
 
-def pooled_rows(
-    model: FoundationModel, batch: dict[str, torch.Tensor], pooling: str
-) -> torch.Tensor:
+def pooled_rows(model: Any, batch: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
     """One pooled vector per row of a batch.
 
-    A batch from a source whose rows share sequences (``row_seq``, ``row_pos``: the
+    A task model on another encoder pools as that encoder does (``encoder.embed``). A batch from a source whose rows share sequences (``row_seq``, ``row_pos``: the
     sequence and last position of each row, as EHR label rows of one subject share one
     causal pass) reads each row at its own end: ``last`` the state there, ``mean`` the mean
     of the states up to it, ``cls`` the first state; otherwise rows are the batch's
     sequences, pooled over their attention mask.
     """
+    if "row_seq" not in batch and not isinstance(model, FoundationModel):
+        return model(batch, pooling)
     hidden = model.forward_batch(batch)
     if "row_seq" not in batch:
         return pool(hidden, batch.get("attention_mask"), pooling)
@@ -97,9 +116,7 @@ def pooled_rows(
     raise ConfigError(f"unknown pooling {pooling!r}", column="pooling")
 
 
-def head_outputs(
-    model: FoundationModel, batch: dict[str, torch.Tensor], pooling: str
-) -> torch.Tensor:
+def head_outputs(model: Any, batch: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
     """The task head's raw outputs (logits, or the standardized value) per row."""
     return model.task_head(pooled_rows(model, batch, pooling))
 
@@ -121,7 +138,7 @@ def to_scores(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 @torch.no_grad()
 def per_row(
-    model: FoundationModel,
+    model: Any,
     source: Any,
     indices: np.ndarray,
     compute,
@@ -147,7 +164,7 @@ def per_row(
 
 
 def raw_outputs(
-    model: FoundationModel,
+    model: Any,
     source: Any,
     indices: np.ndarray,
     pooling: str,
@@ -167,7 +184,7 @@ def raw_outputs(
 
 
 def predict(
-    model: FoundationModel,
+    model: Any,
     source: Any,
     indices: np.ndarray | None = None,
     batch_size: int = 128,
@@ -248,7 +265,7 @@ class TaskLoss(torch.nn.Module):
 
     def __init__(
         self,
-        model: FoundationModel,
+        model: Any,
         spec: dict[str, Any],
         class_weights: np.ndarray | None,
         device: torch.device,
@@ -268,7 +285,7 @@ class TaskLoss(torch.nn.Module):
 
 @torch.no_grad()
 def init_head(
-    model: FoundationModel,
+    model: Any,
     source: Any,
     data: Any,
     head_init: str,
@@ -297,7 +314,7 @@ def init_head(
         source,
         fit_idx,
         lambda batch: pooled_rows(model, batch, spec["pooling"]),
-        model.config.d_model,
+        model.dim,
     )
     X, y = pooled.astype(np.float64), data.targets[fit_idx]
     n_train = len(data.splits["train"])

@@ -1,6 +1,7 @@
-"""The fine-tuning stage: a pretrained model folder + labelled input → a fine-tuned model.
+"""The fine-tuning stage: a pretrained model + labelled input → a fine-tuned model.
 
-Read top to bottom, :func:`finetune` loads the base model, reads the input and builds the
+The base is a healthfm model folder or ``NAME:DIR`` of any registered encoder (a published
+model). Read top to bottom, :func:`finetune` loads the base model, reads the input and builds the
 task's rows and splits (:mod:`healthfm.evaluate.task_data`), puts a task head on the base
 (:mod:`healthfm.evaluate.task_head`; LoRA adapters through :mod:`healthfm.evaluate.adapters`),
 trains it with the one training loop (:class:`healthfm.train.trainer.Trainer`: epochs,
@@ -13,6 +14,14 @@ DDP or FSDP under torchrun), scores the test split and writes the result:
   :func:`healthfm.load` rebuilds it strictly and ``embed`` / ``evaluate`` accept it;
 * ``--lora``: a standard ``peft`` adapter folder plus a reference to the base model
   (:mod:`healthfm.evaluate.adapters`).
+
+Another encoder gets its head through
+:class:`~healthfm.evaluate.encoder_task.EncoderTaskModel` (on ``encoder.embed``); its full
+fine-tuning writes the encoder's weights, the head and a reference to the base folder
+(architecture and dictionaries), checked by hash on load
+(:func:`~healthfm.evaluate.encoder_task.save_finetuned_encoder`); its LoRA adapter names
+the base as ``NAME:DIR``. ``--freeze-layers`` and the LoRA targets follow the layer rule of
+:mod:`healthfm.evaluate.encoder_task`.
 """
 
 from __future__ import annotations
@@ -28,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from healthfm.encoders import split_spec
 from healthfm.errors import ConfigError, ModelError
+from healthfm.evaluate.encoder_task import (
+    bare_encoder,
+    base_reference,
+    encoder_blocks,
+    freeze_encoder_layers,
+    open_base,
+    save_finetuned_encoder,
+)
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.task_data import TaskData, shared_task_input, task_data
 from healthfm.evaluate.task_head import (
@@ -42,7 +60,6 @@ from healthfm.evaluate.task_head import (
     with_task_head,
 )
 from healthfm.fsutil import atomic_dir
-from healthfm.loader import load
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, get_modality
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
@@ -173,7 +190,8 @@ def finetune(
     Parameters
     ----------
     model_dir
-        The pretrained (or previously fine-tuned) model folder.
+        The pretrained (or previously fine-tuned) model folder, or ``NAME:DIR`` of a
+        registered encoder (``healthfm models``).
     input_path
         Labelled input, read by the model's modality with ``options`` (label column ...).
     out
@@ -215,7 +233,8 @@ def finetune(
     Raises
     ------
     ConfigError
-        Bad settings (``--freeze-layers`` beyond the depth, unknown task ...).
+        Bad settings (``--freeze-layers`` beyond the depth or on an encoder that exposes no
+        blocks, unknown task ...).
     DataError
         No labels, one class, labels missing, an empty train split.
     ModelError
@@ -229,19 +248,27 @@ def finetune(
         )
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
-    model_dir = Path(model_dir)
-    base = load(model_dir, modality=modality_name)
+    # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
+    base_spec = str(model_dir)
+    base_name, model_dir = split_spec(base_spec)
+    base = open_base(base_name, model_dir, modality_name)
     dist_info = D.init_distributed(device)
     echo = echo and dist_info.is_main
     if base.tokenizer is None:
         raise ModelError("model folder has no tokenizer.json", file=model_dir)
-    _validate(config, base.config.n_layers)
-    modality = get_modality(base.config.modality)
+    if base.model_hash is None:  # the written folders check their base by it
+        raise ModelError(
+            f"the encoder {base.name!r} has no model_hash (its loader sets none), so a "
+            "fine-tuned folder could not check its base",
+            file=model_dir,
+        )
+    _validate(config, _depth(base), base.name)
+    modality = get_modality(base.modality)
     options = modality.options(options)
     info = _training_info(model_dir)
     salt = salt or info.get("split_salt", DEFAULT_SALT)
     fractions = tuple(fractions or info.get("split_fractions", DEFAULT_FRACTIONS))
-    pooling = config.pooling or base.config.pooling
+    pooling = _pooling(base, config)
     samples = modality.read(input_path, options)
     with contextlib.ExitStack() as stack:
         # The rows, their split and targets: the modality's own rows, or one per sample.
@@ -298,9 +325,9 @@ def finetune(
         D.barrier(dist_info)
         return None
     provenance = _provenance(
-        result, config, model_dir, base, data, task_input.info, salt, fractions
+        result, config, base_spec, base, data, task_input.info, salt, fractions
     )
-    _write(final, peft_model, result.out, base, model_dir, data.spec, config, info, provenance)
+    _write(final, peft_model, result.out, base, base_spec, data.spec, config, info, provenance)
     if echo:
         line = ", ".join(
             f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
@@ -315,11 +342,27 @@ def finetune(
     return result
 
 
+def _depth(base: Any) -> int | None:
+    """Blocks of the base (None: an encoder that exposes none)."""
+    if isinstance(base, FoundationModel):
+        return base.config.n_layers
+    blocks = encoder_blocks(bare_encoder(base))
+    return len(blocks) if blocks else None
+
+
+def _pooling(base: Any, config: FinetuneConfig) -> str:
+    """The head's pooling: ``--pooling`` or the base's; one a published encoder does not
+    offer is a ConfigError now, not after the data are read."""
+    pooling = config.pooling or base.pooling
+    check = getattr(bare_encoder(base), "check_pooling", None)
+    return check(pooling) if check is not None else pooling
+
+
 def _provenance(
     result: FinetuneResult,
     config: FinetuneConfig,
-    model_dir: Path,
-    base: FoundationModel,
+    base_spec: str,
+    base: Any,
     data: TaskData,
     rows: dict[str, Any],
     salt: str,
@@ -331,7 +374,7 @@ def _provenance(
         "finetune": {
             "method": config.method,
             "config": asdict(config),
-            "base_model": str(model_dir.resolve()),
+            "base_model": base_reference(base_spec, base.model_hash, result.out)["spec"],
             "base_model_hash": base.model_hash,
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
@@ -355,17 +398,20 @@ def _provenance(
     }
 
 
-def _adapt(model: FoundationModel, config: FinetuneConfig) -> Any:
+def _adapt(model: Any, config: FinetuneConfig) -> Any:
     """Freeze what is not trained; with LoRA, wrap the model in peft (returned; else None)."""
-    # The pretraining head is unused by the task loss: never train it.
-    for p in model.head.parameters():
-        p.requires_grad_(False)
-    if config.freeze_layers > 0:
-        for p in model.backbone.embed.parameters():
+    if isinstance(model, FoundationModel):
+        # The pretraining head is unused by the task loss: never train it.
+        for p in model.head.parameters():
             p.requires_grad_(False)
-        for block in model.backbone.blocks[: config.freeze_layers]:
-            for p in block.parameters():
+        if config.freeze_layers > 0:
+            for p in model.backbone.embed.parameters():
                 p.requires_grad_(False)
+            for block in model.backbone.blocks[: config.freeze_layers]:
+                for p in block.parameters():
+                    p.requires_grad_(False)
+    else:  # another encoder: its input embedder and first blocks (encoder_task's rule)
+        freeze_encoder_layers(model.encoder, config.freeze_layers)
     if not config.lora:
         return None
     from healthfm.evaluate.adapters import add_lora
@@ -379,9 +425,7 @@ def _adapt(model: FoundationModel, config: FinetuneConfig) -> Any:
     )
 
 
-def _rebuild(
-    base: FoundationModel, spec: dict[str, Any], config: FinetuneConfig, out: dict[str, Any]
-) -> FoundationModel:
+def _rebuild(base: Any, spec: dict[str, Any], config: FinetuneConfig, out: dict[str, Any]) -> Any:
     """A fresh task model of the same layout (weights to be loaded), its peft wrapper in
     ``out["peft"]``: what a sharded run's gathered weights are put into."""
     model = with_task_head(base, spec)
@@ -390,7 +434,7 @@ def _rebuild(
 
 
 def _trainer(
-    model: FoundationModel,
+    model: Any,
     source: Any,
     data: TaskData,
     config: FinetuneConfig,
@@ -493,17 +537,19 @@ def _train(trainer: Trainer, resume: bool, stop_at_epoch: int | None, echo: bool
 
 
 def _write(
-    final: FoundationModel,
+    final: Any,
     peft_model: Any,
     out: Path,
-    base: FoundationModel,
-    model_dir: Path,
+    base: Any,
+    base_spec: str,
     spec: dict[str, Any],
     config: FinetuneConfig,
     info: dict[str, Any],
     provenance: dict[str, Any],
 ) -> None:
-    """Write the adapter folder (LoRA) or the model folder (full, or LoRA merged), atomically."""
+    """Write the adapter folder (LoRA) or the model folder (full, or LoRA merged), atomically:
+    a healthfm model folder for a healthfm base, a fine-tuned encoder's folder (weights,
+    head, base reference) for any other."""
     final.to("cpu")
     if peft_model is not None and not config.merge:
         from healthfm.evaluate.adapters import save_adapter
@@ -512,32 +558,38 @@ def _write(
             save_adapter(
                 peft_model,
                 tmp_out,
-                model_dir,
+                base_spec,
                 base.model_hash,
-                {"task_head": spec, "modality": base.config.modality, **provenance},
+                {"task_head": spec, "modality": base.modality, **provenance},
             )
         return
     if peft_model is not None:
         final = peft_model.merge_and_unload()
     for p in final.parameters():
         p.requires_grad_(False)
-    save_pretrained(
-        final,
-        out,
-        base.tokenizer,
-        info={**{k: v for k, v in info.items() if k not in provenance}, **provenance},
-    )
+    info = {**{k: v for k, v in info.items() if k not in provenance}, **provenance}
+    if isinstance(final, FoundationModel):
+        save_pretrained(final, out, base.tokenizer, info=info)
+    else:
+        save_finetuned_encoder(final, out, base_reference(base_spec, base.model_hash, out), info)
 
 
-def _validate(config: FinetuneConfig, n_layers: int) -> None:
+def _validate(config: FinetuneConfig, n_layers: int | None, encoder_name: str) -> None:
     if config.task is not None and config.task not in TASKS:
         raise ConfigError(f"--task must be one of {TASKS}, not {config.task!r}", column="task")
-    if not 0 <= config.freeze_layers <= n_layers:
+    if n_layers is None:  # an encoder without blocks: whole, or LoRA on its layer lists
+        if config.freeze_layers != 0:
+            raise ConfigError(
+                f"--freeze-layers needs the encoder's blocks, and {encoder_name!r} exposes none "
+                "(neither `blocks` nor `layer_groups()`); fine-tune it whole, or with --lora",
+                column="freeze_layers",
+            )
+    elif not 0 <= config.freeze_layers <= n_layers:
         raise ConfigError(
             f"--freeze-layers {config.freeze_layers} is outside 0..{n_layers} (the model has {n_layers} blocks)",
             column="freeze_layers",
         )
-    if config.lora and config.freeze_layers >= n_layers:
+    elif config.lora and config.freeze_layers >= n_layers:
         raise ConfigError(
             f"--freeze-layers {config.freeze_layers} leaves no block for LoRA (depth {n_layers})",
             column="freeze_layers",
