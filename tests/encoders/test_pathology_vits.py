@@ -17,8 +17,14 @@ from safetensors.torch import load_file, save_file
 from healthfm.cli import main
 from healthfm.datasets import data_path
 from healthfm.encoders import describe, entries, load_encoder
-from healthfm.encoders.pathology_vits import HOPTIMUS_MEAN, HOPTIMUS_STD, PathologyViT
-from healthfm.errors import ModelError
+from healthfm.encoders.pathology_vits import (
+    HOPTIMUS_MEAN,
+    HOPTIMUS_STD,
+    SPECS,
+    PathologyViT,
+    timm_reference,
+)
+from healthfm.errors import ConfigError, ModelError
 from healthfm.evaluate.embed import load_embeddings
 from healthfm.pathology.source import TileSource, embed_tiles
 from healthfm.pathology.tilesets import read_tile_set
@@ -378,6 +384,25 @@ def test_cli_embeds_a_slide_into_trident_hdf5(folders, tmp_path):
         assert feats.shape == (h5["coords"].shape[0], 2 * DIM)
         assert h5["features"].attrs["pooling"] == "cls+mean"
     assert np.isfinite(feats).all() and feats.std(0).mean() > 0
+
+
+@pytest.mark.parametrize("name", ["uni", "uni2-h", "h-optimus-0", "virchow2"])
+def test_timm_back_end_where_it_imports(name, folders, tiles):
+    """timm's own VisionTransformer on the same folder; without timm, a one-line error."""
+    try:
+        import timm  # noqa: F401
+    except Exception:
+        with pytest.raises(ConfigError, match=r"healthfm\[timm\]"):
+            timm_reference(folders[name][0], SPECS[name])
+        return
+    enc = _load(name, folders)
+    ref = timm_reference(folders[name][0], SPECS[name])
+    batch = enc.tokenizer.encode_tiles(tiles.load(np.arange(4), 224))
+    pixels = unpatchify(batch["inputs"][:, 1:], enc.tokenizer.patch_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            enc.forward_features(batch), ref.forward_features(pixels), atol=1e-5, rtol=0
+        )
 
 
 # ------------------------------------------------------------------------------ errors
