@@ -346,6 +346,58 @@ def test_embeds_bundled_tiles_deterministically(name, folders, tiles):
     assert d["modality"] == "pathology" and len(d["model_hash"]) == 64
 
 
+def test_preprocessor_config_resize_crop_and_normalisation(folders, tiles, tmp_path):
+    """A transformers folder's preprocessor_config.json says how tiles are prepared:
+    DINOv2's BitImageProcessor resizes to 256 and center-crops 224."""
+    import shutil
+
+    folder = tmp_path / "phikon-v2"
+    shutil.copytree(folders["phikon-v2"][0], folder)
+    mean, std = [0.5, 0.6, 0.7], [0.2, 0.25, 0.3]
+    processor = {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": 256},
+        "do_center_crop": True,
+        "crop_size": {"height": 224, "width": 224},
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    enc = load_encoder(f"phikon-v2:{folder}")
+    tok = enc.tokenizer
+    assert type(tok).__name__ == "CroppedPatchTokenizer"
+    assert (tok.image_size, tok.crop_size, tok.n_tokens) == (256, 224, 197)
+    assert tok.mean == tuple(mean) and tok.std == tuple(std)
+    source = TileSource(tiles, tok, augment=False, cache=False)
+    batch = source.batch(np.arange(3))
+    assert batch["inputs"].shape == (3, 197, 16 * 16 * 3)
+    # The patches are the normalised centre 224 of the 256-px tile.
+    images = tok.to_float(tiles.load(np.arange(3), 256))[..., 16:240, 16:240]
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(unpatchify(batch["inputs"][:, 1:], 16), (images - m) / s)
+    assert embed_tiles(enc, source, batch_size=8).shape == (24, DIM)
+    # A ViTImageProcessor (Phikon's) resizes straight to 224: no crop.
+    processor.update(size={"height": 224, "width": 224}, do_center_crop=False)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    tok = load_encoder(f"phikon-v2:{folder}").tokenizer
+    assert type(tok).__name__ == "PatchTokenizer" and tok.image_size == 224
+    processor.update(size={"height": 224, "width": 200})
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    with pytest.raises(ModelError, match="not a square size"):
+        load_encoder(f"phikon-v2:{folder}")
+
+
+def test_bf16_embedding_follows_fp32(folders, tiles):
+    enc = _load("h-optimus-0", folders)
+    source = TileSource(tiles, enc.tokenizer, augment=False, cache=False)
+    full = embed_tiles(enc, source, batch_size=12)
+    half = embed_tiles(enc, source, batch_size=12, bf16=True)
+    cos = (full * half).sum(1) / np.linalg.norm(full, axis=1) / np.linalg.norm(half, axis=1)
+    assert cos.min() > 0.98
+
+
 def test_poolings_and_untrained_control(folders, tiles):
     enc = _load("virchow2", folders)
     batch = enc.tokenizer.encode_tiles(tiles.load(np.arange(3), 224))

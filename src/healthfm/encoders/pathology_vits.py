@@ -453,6 +453,8 @@ class PathologySpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     image_size: int = 224
+    #: Center crop after the resize (a preprocessor_config.json's crop_size); None: none.
+    crop_size: int | None = None
     pooling: str = "cls"
     poolings: tuple[str, ...] = ("cls", "mean")
     #: timm layout: the authors' create_model/VisionTransformer arguments (config.json's
@@ -482,10 +484,16 @@ class PathologyViT(PublishedEncoder):
     def __init__(
         self, spec: PathologySpec, vit: VisionTransformer, folder: Path, model_hash: str | None
     ) -> None:
-        from healthfm.pathology.tokenizer import PatchTokenizer
+        # Imported here: listing the registry must not import the pathology modality.
+        from healthfm.pathology.tokenizer import CroppedPatchTokenizer, PatchTokenizer
 
         cfg = vit.cfg
-        tokenizer = PatchTokenizer(spec.image_size, cfg.patch_size, spec.mean, spec.std)
+        if spec.crop_size and spec.crop_size != spec.image_size:
+            tokenizer: PatchTokenizer = CroppedPatchTokenizer(
+                spec.image_size, spec.crop_size, cfg.patch_size, spec.mean, spec.std
+            )
+        else:
+            tokenizer = PatchTokenizer(spec.image_size, cfg.patch_size, spec.mean, spec.std)
         dim = cfg.dim * (2 if spec.pooling == "cls+mean" else 1)
         super().__init__(
             spec.name,
@@ -627,27 +635,52 @@ def _timm_folder_config(folder: Path, spec: PathologySpec) -> tuple[ViTConfig, l
     return cfg, files
 
 
-def _published_mean_std(folder: Path, spec: PathologySpec) -> PathologySpec:
-    """The folder's stated normalisation, where it states one (a timm ``pretrained_cfg``
-    or a transformers ``preprocessor_config.json``); the entry's otherwise."""
+def _side(value: Any, what: str, path: Path) -> int:
+    """One square side of an image processor's ``size``/``crop_size`` entry."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if "height" in value and value.get("height") == value.get("width"):
+            return int(value["height"])
+    raise ModelError(f"{what} {value!r} is not a square size", file=path, column=what)
+
+
+def _published_preprocessing(folder: Path, spec: PathologySpec) -> PathologySpec:
+    """The folder's stated preprocessing, where it states one: a timm ``pretrained_cfg``'s
+    mean/std, or a transformers ``preprocessor_config.json``'s mean/std, resize
+    (``size``) and center crop (``crop_size``); the entry's (the authors') otherwise."""
     mean = std = None
     cfg = folder / "config.json"
     pre = folder / "preprocessor_config.json"
+    where = cfg
     if spec.layout == "timm" and cfg.is_file():
         pretrained = read_json(cfg).get("pretrained_cfg") or {}
         mean, std = pretrained.get("mean"), pretrained.get("std")
     elif spec.layout != "timm" and pre.is_file():
+        where = pre
         processor = read_json(pre)
-        if isinstance(processor, dict) and processor.get("do_normalize", True):
+        if not isinstance(processor, dict):
+            raise ModelError("not a JSON object", file=pre)
+        if processor.get("do_normalize", True):
             mean, std = processor.get("image_mean"), processor.get("image_std")
+        if processor.get("do_resize", True) and processor.get("size") is not None:
+            resize = _side(processor["size"], "size", pre)
+            crop = None
+            if processor.get("do_center_crop") and processor.get("crop_size") is not None:
+                crop = _side(processor["crop_size"], "crop_size", pre)
+            if crop is not None and crop > resize:
+                raise ModelError(f"crop_size {crop} exceeds size {resize}", file=pre)
+            spec = replace(spec, image_size=resize, crop_size=crop)
     if mean is None or std is None:
         return spec
     try:
         mean_t, std_t = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     except (TypeError, ValueError) as exc:
-        raise ModelError(f"mean/std are not numbers ({exc})", file=cfg) from exc
+        raise ModelError(f"mean/std are not numbers ({exc})", file=where) from exc
     if len(mean_t) != 3 or len(std_t) != 3:
-        raise ModelError("mean/std must have 3 channels", file=cfg)
+        raise ModelError("mean/std must have 3 channels", file=where)
     return replace(spec, mean=mean_t, std=std_t)
 
 
@@ -681,11 +714,11 @@ def load_pathology_vit(folder: str | Path, spec: PathologySpec) -> PathologyViT:
         # Classifier heads of a fine-tuned checkpoint are not part of the encoder.
         state = read_state_dict(weights)
         files.append(weights)
-    spec = _published_mean_std(folder, spec)
-    if spec.image_size % cfg.patch_size:
+    spec = _published_preprocessing(folder, spec)
+    side = spec.crop_size or spec.image_size
+    if side % cfg.patch_size:
         raise ModelError(
-            f"image size {spec.image_size} is not a multiple of patch size {cfg.patch_size}",
-            file=folder,
+            f"input size {side} is not a multiple of patch size {cfg.patch_size}", file=folder
         )
     vit = VisionTransformer(cfg)
     ignore = ("head.", "fc_norm.", "norm_pre.") if spec.layout == "timm" else ()
