@@ -389,6 +389,21 @@ def test_preprocessor_config_resize_crop_and_normalisation(folders, tiles, tmp_p
         load_encoder(f"phikon-v2:{folder}")
 
 
+def test_h_optimus_checkpoint_pth(folders, tiles, tmp_path):
+    """Bioptimus also distribute a bare ``checkpoint.pth`` (the same timm state dict)."""
+    src = folders["h-optimus-0"][0]
+    folder = tmp_path / "hopt"
+    folder.mkdir()
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    torch.save(load_file(str(src / "model.safetensors")), folder / "checkpoint.pth")
+    batch = _load("h-optimus-0", folders).tokenizer.encode_tiles(tiles.load(np.arange(2), 224))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_encoder(f"h-optimus-0:{folder}").embed(batch),
+            _load("h-optimus-0", folders).embed(batch),
+        )
+
+
 def test_bf16_embedding_follows_fp32(folders, tiles):
     enc = _load("h-optimus-0", folders)
     source = TileSource(tiles, enc.tokenizer, augment=False, cache=False)
