@@ -502,6 +502,21 @@ def test_folder_of_another_model_is_refused(entry, folder, message, folders):
         load_encoder(f"{entry}:{folders[folder][0]}")
 
 
+def test_unsupported_timm_arguments_are_named(folders, tmp_path):
+    import shutil
+
+    folder = tmp_path / "uni"
+    shutil.copytree(folders["uni"][0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"].update(drop_path_rate=0.1, pre_norm=False)  # harmless at inference
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_encoder(f"uni:{folder}").dim == DIM
+    config["model_args"]["qk_norm"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"not supported by the native ViT: \['qk_norm'\]"):
+        load_encoder(f"uni:{folder}")
+
+
 def test_missing_folder_and_weights(folders, tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         load_encoder(f"uni:{tmp_path / 'nowhere'}")

@@ -391,6 +391,29 @@ _TIMM_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
+_TIMM_INFERENCE_FREE = {
+    "drop_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "weight_init",
+    "fix_init",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+}
+_TIMM_DEFAULTS = {
+    "pre_norm": False,
+    "final_norm": True,
+    "fc_norm": None,
+    "qk_norm": False,
+    "proj_bias": True,
+    "pos_embed": "learn",
+    "dynamic_img_pad": False,
+}
+
+
 def timm_config(args: Mapping[str, Any]) -> ViTConfig:
     """:class:`ViTConfig` of timm ``VisionTransformer`` keyword arguments.
 
@@ -417,6 +440,10 @@ def timm_config(args: Mapping[str, Any]) -> ViTConfig:
         "qkv_bias",
         "in_chans",
     }
+    # Dropout and initialisation settings do not change inference; structural switches
+    # are accepted at timm's defaults (the published models use no other).
+    unknown -= _TIMM_INFERENCE_FREE
+    unknown -= {k for k, default in _TIMM_DEFAULTS.items() if args.get(k, default) == default}
     if unknown:
         raise ConfigError(f"timm arguments not supported by the native ViT: {sorted(unknown)}")
     if not args.get("qkv_bias", True) or int(args.get("in_chans", 3)) != 3:
