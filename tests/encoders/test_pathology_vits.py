@@ -418,13 +418,21 @@ def test_poolings_and_untrained_control(folders, tiles):
     batch = enc.tokenizer.encode_tiles(tiles.load(np.arange(3), 224))
     with torch.no_grad():
         both = enc.embed(batch)
-        cls, mean = enc.embed(batch, "cls"), enc.embed(batch, "mean")
-        torch.testing.assert_close(both, torch.cat([cls, mean], -1))
+        tokens = enc.forward_features(batch)  # CLS, 4 registers, 256 patches
+        assert tokens.shape == (3, 1 + 4 + 256, DIM)
+        torch.testing.assert_close(both, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], -1))
+        uni = _load("uni", folders)
+        uni_batch = uni.tokenizer.encode_tiles(tiles.load(np.arange(3), 224))
+        torch.testing.assert_close(
+            uni.embed(uni_batch, "mean"), uni.forward_features(uni_batch)[:, 1:].mean(1)
+        )
         fresh = enc.untrained(0)
         assert fresh.dim == enc.dim and (fresh.embed(batch) - both).abs().max() > 1e-3
         torch.testing.assert_close(fresh.embed(batch), enc.untrained(0).embed(batch))
-    with pytest.raises(Exception, match="pools by"):
-        _load("uni", folders).embed(batch, "last")
+    with pytest.raises(ConfigError, match="pools by"):
+        uni.embed(uni_batch, "last")
+    with pytest.raises(ConfigError, match=r"pools by cls\+mean"):
+        enc.embed(batch, "cls")
 
 
 def test_cli_embed_tiles_and_evaluate(folders, tmp_path):

@@ -838,7 +838,8 @@ SPECS: dict[str, PathologySpec] = {
         "virchow2",
         "timm",
         pooling="cls+mean",
-        poolings=("cls+mean", "cls", "mean"),
+        # One output width per encoder: the CLS-only vector is the first 1280 columns.
+        poolings=("cls+mean",),
         architecture="vit_huge_patch14_224",
         timm_args=(
             ("img_size", 224),
