@@ -869,10 +869,11 @@ register_entry(
         modality="pathology",
         architecture="ViT-B/16 (transformers ViTModel, iBOT), 224 px, 12 layers, 768 wide",
         files=("config.json", "model.safetensors|pytorch_model.bin"),
-        preprocessing=f"{_TILE} ImageNet mean/std",
+        preprocessing=f"{_TILE} ImageNet mean/std; a preprocessor_config.json's size, "
+        "crop and mean/std when the folder has one",
         pooling="cls (last_hidden_state[:, 0])",
         dim=768,
-        licence="Owkin non-commercial licence",
+        licence="Owkin non-commercial licence (non-profit research only)",
         gated=False,
         source=_HF_NOTE + "owkin/phikon",
         citation="Filiot et al. 2023, Scaling self-supervised learning for histopathology "
@@ -887,10 +888,11 @@ register_entry(
         architecture="ViT-L/16 (transformers Dinov2Model, layer scale), 224 px, 24 layers, "
         "1024 wide",
         files=("config.json", "model.safetensors|pytorch_model.bin"),
-        preprocessing=f"{_TILE} ImageNet mean/std (preprocessor_config.json's when present)",
+        preprocessing=f"{_TILE} ImageNet mean/std; a preprocessor_config.json's size, "
+        "crop and mean/std when the folder has one",
         pooling="cls (last_hidden_state[:, 0])",
         dim=1024,
-        licence="Owkin non-commercial licence",
+        licence="Owkin non-commercial licence (non-profit research only)",
         gated=False,
         source=_HF_NOTE + "owkin/phikon-v2",
         citation="Filiot et al. 2024, Phikon-v2, a large and public feature extractor for "
