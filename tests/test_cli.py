@@ -61,6 +61,8 @@ def test_embed_parquet_and_npy(model_dir, tmp_path, capsys):
     )
     keys, emb = load_embeddings(tmp_path / "e.parquet")
     assert len(keys) == 106 and emb.shape == (106, 128) and np.isfinite(emb).all()
+    final = capsys.readouterr().out.strip().splitlines()[-1]
+    assert final.startswith("embedded 106 rows with tiny in ") and final.endswith("e.parquet")
     assert (
         main(
             [

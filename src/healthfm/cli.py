@@ -140,8 +140,21 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs"
     )
-    p.add_argument("model", help="model folder")
-    p.add_argument("input", help="labelled input file or folder")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="[MODEL] INPUT",
+        help="model (folder, adapter folder or NAME:DIR; or give --model) and labelled input",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        default=None,
+        metavar="MODEL",
+        help="a model to evaluate (repeat it: every model is probed on the same rows and "
+        "splits, next to the same baselines)",
+    )
     p.add_argument("--out", required=True, help="folder for results.json")
     p.add_argument(
         "--seeds",
@@ -354,9 +367,32 @@ def _options(args: argparse.Namespace, modality: str | None) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+def _evaluate_paths(paths: list[str], models: list[str] | None) -> tuple[list[str], str]:
+    # `evaluate MODEL INPUT`, or `evaluate --model A [--model B ...] INPUT`.
+    if models:
+        if len(paths) != 1:
+            raise ConfigError(f"with --model, give only the input (got {' '.join(paths)})")
+        return models, paths[0]
+    if len(paths) != 2:
+        raise ConfigError("evaluate takes MODEL INPUT (or --model MODEL ... INPUT)")
+    return [paths[0]], paths[1]
+
+
+def _first_model_flag(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--model="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _model_modality(argv: list[str]) -> str | None:
     # embed/evaluate: the modality (and so its options) comes from MODEL/config.json.
     positional = [a for a in argv if not a.startswith("-")]
+    flagged = _first_model_flag(argv) if argv[:1] == ["evaluate"] else None
+    if flagged is not None:
+        positional = ["evaluate", flagged]
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
         from healthfm.encoders import get_entry, split_spec
         from healthfm.evaluate.adapters import is_adapter, read_adapter_info
@@ -444,14 +480,21 @@ def run(argv: list[str]) -> int:
                 f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
             )
     elif args.command == "embed":
-        path = embed(
-            args.model, args.input, args.out, opts, args.pooling, args.batch_size, args.bf16
-        )
-        print(f"wrote {path}")
-    elif args.command == "evaluate":
-        evaluate(
+        embed(
             args.model,
             args.input,
+            args.out,
+            opts,
+            args.pooling,
+            args.batch_size,
+            args.bf16,
+            echo=True,
+        )
+    elif args.command == "evaluate":
+        models, data = _evaluate_paths(args.paths, args.models)
+        evaluate(
+            models,
+            data,
             args.out,
             opts,
             seeds=args.seeds,
@@ -506,7 +549,7 @@ def _models(name: str | None, as_json: bool) -> None:
     ]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header) - 1)]
     for row in [header, *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     print(
         f"\n{len(table)} encoders; `healthfm models NAME` shows one in full, "
         "`NAME:DIR` loads one wherever a command takes a model."

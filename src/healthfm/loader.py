@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from healthfm.modality import get_modality, modality_names
-from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import load as load_registered
 from healthfm.model.pretrained import read_config
 

@@ -110,3 +110,84 @@ def test_cli_takes_name_colon_dir(model_dir, tmp_path):
     out = tmp_path / "e.npy"
     assert main(["embed", f"healthfm:{model_dir}", str(promoters()), "--out", str(out)]) == 0
     assert np.load(out).shape == (106, 128)
+
+
+def test_evaluate_several_models_on_the_same_rows(model_dir, tmp_path):
+    """Two models and the baselines in one results.json, on the same test rows."""
+    other = pretrain(
+        "dna",
+        promoters(),
+        tmp_path / "other",
+        train_config=TrainConfig(
+            steps=4, batch_size=16, warmup_steps=1, eval_every=2, checkpoint_every=2, seed=1
+        ),
+    )
+    rows = evaluate(
+        [model_dir, f"healthfm:{other}"],
+        promoters(),
+        tmp_path / "ev",
+        {"label_column": "label"},
+        seeds=[0],
+        n_boot=20,
+        echo=False,
+    )
+    methods = {r.method for r in rows if not r.is_baseline and r.metric == "macro_f1"}
+    # Both are the "tiny" preset: the second is told apart by its folder.
+    assert methods == {"tiny-mean+logreg", "tiny@other-mean+logreg"}, methods
+    hashes = {r.method: r.model_hash for r in rows if not r.is_baseline}
+    assert hashes["tiny-mean+logreg"] == load_encoder(model_dir).model_hash
+    assert hashes["tiny@other-mean+logreg"] == load_encoder(other).model_hash
+    assert len({r.n_test for r in rows if r.metric == "macro_f1"}) == 1  # same test rows
+    assert any(r.is_baseline for r in rows)
+
+
+def test_several_models_with_different_splits_are_refused(model_dir, tmp_path):
+    other = pretrain("dna", promoters(), tmp_path / "other", train_config=FAST, salt="elsewhere")
+    with pytest.raises(ConfigError, match="different splits"):
+        evaluate([model_dir, other], promoters(), tmp_path / "ev", {"label_column": "label"})
+    with pytest.raises(ConfigError, match="different modalities"):
+        evaluate([model_dir, Modal("ehr")], promoters(), tmp_path / "ev2")
+
+
+class Modal(Renamed):
+    def __init__(self, modality: str) -> None:
+        self.name, self.modality, self.dim, self.pooling = "x", modality, 4, "mean"
+        self.max_len, self.tokenizer, self.model_hash = 8, None, None
+
+
+def test_cli_evaluate_takes_repeated_model_flags(model_dir, tmp_path, capsys):
+    from healthfm.cli import run
+
+    out = tmp_path / "ev"
+    argv = ["evaluate", str(promoters()), "--model", str(model_dir), "--model"]
+    argv += [f"healthfm:{model_dir}", "--out", str(out), "--seeds", "0", "--n-boot", "10"]
+    assert run([*argv, "--label-column", "label"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert {"tiny-mean+logreg", "tiny@model-mean+logreg"} <= {r["method"] for r in rows}
+    with pytest.raises(ConfigError, match="give only the input"):
+        run(
+            [
+                "evaluate",
+                str(model_dir),
+                str(promoters()),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(out),
+            ]
+        )
+
+
+def test_models_table_and_load_by_name(model_dir, capsys):
+    import healthfm
+    from healthfm.cli import run
+
+    assert run(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "healthfm" in table and "licence" in table
+    assert run(["models", "healthfm", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "healthfm"
+    enc = healthfm.load("healthfm", path=model_dir)
+    assert enc.model_hash == load_encoder(model_dir).model_hash
+    with pytest.raises(ConfigError, match="unknown encoder 'nosuch'"):
+        healthfm.load("nosuch", path=model_dir)

@@ -2,18 +2,66 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from healthfm.encoders.base import Encoder
 from healthfm.errors import ConfigError
 from healthfm.fsutil import atomic_write_bytes
 from healthfm.tokens import TokenStore
-from healthfm.train.data import collate
+from healthfm.train.data import collate, collate_packed
+
+#: Tokens per forward pass (samples × padded length) when batching by a token budget.
+DEFAULT_MAX_TOKENS = 32768
+
+
+def token_budget_batches(
+    lengths: np.ndarray, batch_size: int, max_tokens: int | None
+) -> list[np.ndarray]:
+    """Batches of sample indices, shortest first, each within ``batch_size`` samples and
+    ``max_tokens`` padded tokens (a batch's longest sample × its size).
+
+    Sorting by length leaves almost no padding; the budget lets short samples run in large
+    batches and long ones in small, so each forward pass does similar work.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    batches, start, n = [], 0, len(order)
+    while start < n:
+        stop = min(n, start + max(1, batch_size))
+        if max_tokens:
+            # Sorted ascending: the batch's longest is its last; shrink until it fits.
+            longest = np.maximum(lengths[order[start:stop]], 1)
+            fits = np.flatnonzero(longest * np.arange(1, len(longest) + 1) <= max_tokens)
+            stop = start + (int(fits[-1]) + 1 if len(fits) else 1)
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def _pool_packed(
+    hidden: torch.Tensor, batch: dict[str, torch.Tensor], n: int, method: str
+) -> torch.Tensor:
+    # Per-sample pooling of packed rows: each token knows its sample (sample_ids) and its
+    # position within it, so mean / first / last token are scatters over real tokens.
+    owner = batch["sample_ids"]
+    real = owner >= 0
+    states, who = hidden[real].float(), owner[real]
+    counts = torch.bincount(who, minlength=n)
+    if method == "mean":
+        out = torch.zeros(n, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        return out.index_add_(0, who, states) / counts.clamp(min=1)[:, None]
+    pos = batch["positions"][real]
+    pick = pos == 0 if method == "cls" else pos == counts[who] - 1
+    out = torch.empty(n, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    out[who[pick]] = states[pick]
+    return out
 
 
 @torch.inference_mode()
@@ -25,11 +73,17 @@ def embed_store(
     bf16: bool = False,
     truncate: str | None = None,
     device: str | torch.device | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    pack: bool = False,
+    indices: np.ndarray | None = None,
+    progress: bool | None = None,
 ) -> np.ndarray:
-    """Embed every sample of ``store`` with ``model``.
+    """Embed every sample of ``store`` (or of ``indices``) with ``model``.
 
-    Samples are processed in order of length so that batches carry little padding, then
-    put back in store order.
+    Samples run shortest first in batches within a token budget (little padding), then
+    are put back in store order. With ``pack`` (healthfm's own models: they attend
+    block-diagonally within a row), samples are packed several to a row instead, so no
+    compute is spent on padding at all.
 
     Parameters
     ----------
@@ -40,7 +94,7 @@ def embed_store(
     pooling
         "mean", "cls" or "last"; the model's default when None.
     batch_size
-        Samples per forward pass.
+        At most this many samples per forward pass.
     bf16
         Run under bf16 autocast (outputs are returned as float32).
     truncate
@@ -48,11 +102,19 @@ def embed_store(
         trained on (its config's ``truncate``) when None.
     device
         Where to run; the model's current device when None.
+    max_tokens
+        Token budget per forward pass (None: ``batch_size`` samples whatever their length).
+    pack
+        Pack samples into rows of the model's context (needs ``model.supports_packing``).
+    indices
+        Embed only these samples, in this order (a part of a sharded run).
+    progress
+        A progress bar with samples/s and an ETA; None: only when stderr is a terminal.
 
     Returns
     -------
     numpy.ndarray
-        float32 array (n_samples, d_model).
+        float32 array (n_samples or len(indices), dim).
     """
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -62,15 +124,38 @@ def embed_store(
         or getattr(model, "truncate", None)  # a published encoder's
         or getattr(getattr(model, "config", None), "truncate", "head")
     )
-    n = len(store)
-    out = np.zeros((n, model.dim), dtype=np.float32)
-    order = np.argsort(store.lengths, kind="stable")
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        batch = {k: v.to(device) for k, v in collate(store, idx, model.max_len, truncate).items()}
+    if pack and not getattr(model, "supports_packing", False):
+        raise ConfigError(f"{model.name} cannot attend within packed rows: embed without --pack")
+    chosen = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
+    lengths = np.minimum(np.asarray(store.lengths)[chosen], model.max_len)
+    out = np.zeros((len(chosen), model.dim), dtype=np.float32)
+    pooling = pooling or model.pooling
+    bar = tqdm(
+        total=len(chosen),
+        unit="sample",
+        desc="embed",
+        disable=not (sys.stderr.isatty() if progress is None else progress),
+    )
+    for local in token_budget_batches(lengths, batch_size, max_tokens):
+        idx = chosen[local]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pooled = model.embed(batch, pooling)
-        out[idx] = pooled.float().cpu().numpy()
+            if pack:
+                # Rows as wide as this batch's longest sample (rounded up to a power of
+                # two): attention in a row costs its width squared.
+                width = min(
+                    model.max_len, 1 << int(max(int(lengths[local].max()), 1) - 1).bit_length()
+                )
+                batch = collate_packed(store, idx, width, truncate, with_samples=True)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden = model.forward_features(batch)
+                pooled = _pool_packed(hidden, batch, len(idx), pooling)
+            else:
+                batch = collate(store, idx, model.max_len, truncate)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                pooled = model.embed(batch, pooling)
+        out[local] = pooled.float().cpu().numpy()
+        bar.update(len(local))
+    bar.close()
     return out
 
 

@@ -144,6 +144,9 @@ class FoundationModel(nn.Module):
         """Hidden states (B, T, D)."""
         return self.backbone(ids, attention_mask, values, times, inputs)
 
+    #: Several samples can share a row (block-diagonal attention, per-segment positions).
+    supports_packing = True
+
     @property
     def name(self) -> str:
         """The size preset (what result rows call the model)."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from healthfm.errors import ConfigError
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
 
 
@@ -34,6 +35,29 @@ def split_of_model(
     salt = salt or info.get("split_salt") or DEFAULT_SALT
     fractions = tuple(fractions or info.get("split_fractions") or DEFAULT_FRACTIONS)
     return salt, fractions
+
+
+def split_of_models(
+    models: list, salt: str | None, fractions
+) -> tuple[str, tuple[float, float, float]]:
+    """The split for several models: the one their pretraining recorded (so the test rows
+    were held out from every one of them); two different recorded splits without an
+    explicit ``salt`` are a ``ConfigError``. Published models record none."""
+    recorded = {
+        split_of_model(m, None, None)
+        for m in models
+        if training_info(m).get("split_salt") is not None
+    }
+    if salt is None and len(recorded) > 1:
+        raise ConfigError(
+            "the models were pretrained on different splits "
+            f"({'; '.join(f'salt {s!r} {f}' for s, f in sorted(recorded))}); no test split is "
+            "held out from all of them: pass --split-salt to choose one knowingly"
+        )
+    if salt is None and recorded:
+        salt, recorded_fractions = next(iter(recorded))
+        fractions = fractions or recorded_fractions
+    return split_of_model(None, salt, fractions)
 
 
 def finetuned_folders(finetuned, model_dir: Any, model: Any) -> list:

@@ -7,6 +7,7 @@ format (parquet or ``.npy``, ``.h5ad`` with ``obsm``, MEDS label rows, Trident H
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ def embed(
     batch_size: int = 128,
     bf16: bool = False,
     modality_name: str | None = None,
+    echo: bool = False,
 ) -> Path:
     """Embed every sample of an input with an encoder and write the embeddings.
 
@@ -40,6 +42,8 @@ def embed(
         Pooling (the encoder's by default), inference batch size, bf16 autocast.
     modality_name
         The modality the caller expects (checked against the encoder).
+    echo
+        Print a final line: how many vectors, how fast, where.
 
     Returns
     -------
@@ -50,7 +54,15 @@ def embed(
     modality = get_modality(encoder.modality)
     options = modality.options(options)
     attrs = {**describe(encoder), "pooling": pooling or encoder.pooling}
+    t0, count = time.perf_counter(), 0
     for samples, target in modality.embedding_inputs(input_path, options, Path(out), encoder):
         embeddings = modality.embed_samples(encoder, samples, options, pooling, batch_size, bf16)
         modality.write_embeddings(target, samples, embeddings, attrs, options)
+        count += len(embeddings)
+    if echo:
+        seconds = time.perf_counter() - t0
+        print(
+            f"embedded {count:,} rows with {encoder.name} in {seconds:.1f} s "
+            f"({count / max(seconds, 1e-9):,.1f}/s, read and tokenize included): {out}"
+        )
     return Path(out)

@@ -25,11 +25,11 @@ from healthfm.modality import (
     get_modality,
     split_indices,
 )
-from healthfm.stages.common import finetuned_folders, split_of_model
+from healthfm.stages.common import finetuned_folders, split_of_models
 
 
 def evaluate(
-    model_dir: str | Path | Encoder | None,
+    model_dir: str | Path | Encoder | list | tuple | None,
     input_path: str | Path,
     out_dir: str | Path,
     options: dict[str, Any] | None = None,
@@ -51,8 +51,9 @@ def evaluate(
     ----------
     model_dir
         A model folder, a LoRA adapter folder, ``NAME:DIR`` of a registered encoder, a
-        loaded :class:`~healthfm.encoders.Encoder`, or None (baselines only; then
-        ``modality_name`` is needed).
+        loaded :class:`~healthfm.encoders.Encoder`, a list of these (every model is probed
+        on the same rows and splits, next to the same baselines), or None (baselines
+        only; then ``modality_name`` is needed).
     input_path
         Labelled input, read by the modality with ``options``.
     out_dir
@@ -81,14 +82,21 @@ def evaluate(
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    encoder = load_encoder(model_dir, modality_name) if model_dir is not None else None
-    if encoder is None and modality_name is None:
+    specs = list(model_dir) if isinstance(model_dir, list | tuple) else [model_dir]
+    specs = [m for m in specs if m is not None]
+    encoders = [load_encoder(m, modality_name) for m in specs]
+    if not encoders and modality_name is None:
         raise ConfigError("evaluate needs a model folder or a modality")
-    modality: Modality = get_modality(encoder.modality if encoder else modality_name)
+    kinds = sorted({e.modality for e in encoders})
+    if len(kinds) > 1:
+        raise ConfigError(f"the models take different modalities ({', '.join(kinds)})")
+    modality: Modality = get_modality(kinds[0] if encoders else modality_name)
     options = modality.options(options)
-    salt, fractions = split_of_model(model_dir, salt, fractions)
-    ft_dirs = finetuned_folders(finetuned, model_dir, encoder)
-    if encoder is None and not include_baselines and not ft_dirs:
+    salt, fractions = split_of_models(encoders, salt, fractions)
+    ft_dirs = list(finetuned)
+    for spec, encoder in zip(specs, encoders, strict=True):
+        ft_dirs += finetuned_folders((), spec, encoder)
+    if not encoders and not include_baselines and not ft_dirs:
         raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
 
     # The rows the task is scored on, their split and targets.
@@ -101,23 +109,25 @@ def evaluate(
 
     # Features of every row: the model's embedding, then the baselines'.
     features: dict[str, Features] = {}
-    if encoder is not None:
+    hashes: dict[str, str | None] = {}  # a model's method name (before "+") → its hash
+    for spec, encoder in zip(specs, encoders, strict=True):
         t = time.perf_counter()
         emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
         used = pooling or encoder.pooling
-        name = modality.embedding_method.format(
-            preset=encoder.name, pooling=used, probe="ridge" if rows.regression else "logreg"
-        )
+        name = _method_name(modality, encoder, spec, used, rows.regression, features)
         features[name] = Features(
             emb, baseline=False, extra={"pooling": used}, seconds=time.perf_counter() - t
         )
+        hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
     if include_baselines:
         for name, feats in modality.baseline_features(samples, rows).items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
 
     # The protocol, fine-tuned models' own predictions, the modality's extra evaluations.
-    model_hash = getattr(encoder, "model_hash", None)
+    # One model: every row carries its hash (as before); several: each model's rows get
+    # their own below, baselines none.
+    model_hash = getattr(encoders[0], "model_hash", None) if len(encoders) == 1 else None
     result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name)
     if ft_dirs:
         ft_rows, ft_scores = modality.finetuned_rows(
@@ -147,6 +157,10 @@ def evaluate(
             }
         )
 
+    for row in result.rows:
+        if not row.is_baseline and row.method.split("+")[0] in hashes:
+            row.model_hash = hashes[row.method.split("+")[0]]
+
     # Outputs.
     write_results(out_dir / "results.json", result.rows)
     written = protocol.write_outputs(
@@ -160,6 +174,30 @@ def evaluate(
         extra = "".join(f", {p}" for p in written)
         print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
     return result.rows
+
+
+def _method_name(
+    modality: Modality,
+    encoder: Encoder,
+    spec: Any,
+    pooling: str,
+    regression: bool,
+    taken: dict[str, Any],
+) -> str:
+    # "tiny-mean+logreg"; two models of the same name are told apart by their folders.
+    probe = "ridge" if regression else "logreg"
+    name = modality.embedding_method.format(preset=encoder.name, pooling=pooling, probe=probe)
+    if name in taken:
+        folder = getattr(encoder, "folder", None) or Path(str(spec).partition(":")[2] or spec)
+        preset = f"{encoder.name}@{Path(folder).name}"
+        name = modality.embedding_method.format(preset=preset, pooling=pooling, probe=probe)
+        n = 2
+        while name in taken:
+            name = modality.embedding_method.format(
+                preset=f"{preset}#{n}", pooling=pooling, probe=probe
+            )
+            n += 1
+    return name
 
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_SALT", "evaluate"]

@@ -127,6 +127,7 @@ def collate_packed(
     indices: np.ndarray,
     max_len: int | None = None,
     truncate: str = "head",
+    with_samples: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Pack samples ``indices`` into rows of at most ``max_len`` tokens.
 
@@ -140,7 +141,9 @@ def collate_packed(
     -------
     dict
         As :func:`collate`, plus ``segment_ids`` (int64, 1.. per row, 0 at pads) and
-        ``positions`` (int64, restarting at 0 for each segment).
+        ``positions`` (int64, restarting at 0 for each segment); with ``with_samples``
+        also ``sample_ids`` (int64, the position in ``indices`` of each token's sample,
+        -1 at pads), which embedding pools by.
     """
     indices = np.asarray(indices, dtype=np.int64)
     starts, lengths = _bounds(store, indices, max_len, truncate)
@@ -175,6 +178,10 @@ def collate_packed(
         "segment_ids": torch.from_numpy(segments),
         "positions": torch.from_numpy(positions),
     }
+    if with_samples:
+        owner = np.full((n_rows, width), -1, dtype=np.int64)
+        owner[r, c] = sample
+        batch["sample_ids"] = torch.from_numpy(owner)
     if "values" in maps:
         values = np.full((n_rows, width), np.nan, dtype=np.float32)
         values[r, c] = maps["values"][src]
