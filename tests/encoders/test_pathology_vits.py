@@ -449,6 +449,18 @@ def test_cli_embed_tiles_and_evaluate(folders, tmp_path):
     assert len({r["n_test"] for r in rows}) == 1  # same test tiles as the baselines
 
 
+def test_cli_evaluates_several_published_models_side_by_side(folders, tmp_path):
+    res = tmp_path / "side"
+    argv = ["evaluate", "--model", f"phikon:{folders['phikon'][0]}"]
+    argv += ["--model", f"virchow2:{folders['virchow2'][0]}", str(KATHER), "--out", str(res)]
+    assert main([*argv, "--seeds", "0", "--n-boot", "20"]) == 0
+    rows = json.loads((res / "results.json").read_text())
+    methods = {r["method"] for r in rows if not r["is_baseline"]}
+    assert any(m.startswith("phikon-") for m in methods)
+    assert any(m.startswith("virchow2-") for m in methods)
+    assert len({r["n_test"] for r in rows}) == 1  # the same test tiles for every model
+
+
 def test_cli_embeds_a_slide_into_trident_hdf5(folders, tmp_path):
     svs = data_path("pathology", "CMU-1-Small-Region.svs")
     out = tmp_path / "feats"
