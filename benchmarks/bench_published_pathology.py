@@ -132,7 +132,7 @@ def run(name: str, tiles: int, batch: int, rounds: int, device: str) -> list[str
         o, t = statistics.median(t_ours), statistics.median(t_theirs)
         lines.append(
             f"{name:6s} {'bf16' if bf16 else 'fp32':5s} params {n_ours / 1e6:7.1f}M / "
-            f"{n_theirs / 1e6:7.1f}M  ours {o:8.2f} tiles/s  transformers {t:8.2f} tiles/s  "
+            f"{n_theirs / 1e6:7.1f}M  ours {o:8.3f} tiles/s  transformers {t:8.3f} tiles/s  "
             f"ratio {o / t:5.2f}"
         )
         print(lines[-1], flush=True)
