@@ -127,6 +127,58 @@ class PatchTokenizer(Tokenizer):
         return self.encode_images(self.to_float(tiles))
 
 
+@register_tokenizer
+class CroppedPatchTokenizer(PatchTokenizer):
+    """Tiles resized to ``image_size``, center-cropped to ``crop_size``, then cut into
+    patches: a transformers image processor's ``size`` + ``crop_size`` (DINOv2's
+    ``BitImageProcessor`` resizes to 256 and crops 224).
+
+    ``image_size`` is the size tiles are decoded at (what the tile source reads);
+    patches, tokens and the grid are those of the crop.
+    """
+
+    type: ClassVar[str] = "pathology.patches_cropped"
+
+    def __init__(
+        self,
+        image_size: int,
+        crop_size: int,
+        patch_size: int,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        if not 0 < crop_size <= image_size:
+            raise ConfigError(f"crop {crop_size} must be within the resized tile {image_size}")
+        super().__init__(crop_size, patch_size, mean, std)
+        self.crop_size = int(crop_size)
+        self.image_size = int(image_size)
+
+    @property
+    def grid(self) -> int:
+        return self.crop_size // self.patch_size
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "crop_size": self.crop_size}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> CroppedPatchTokenizer:
+        return cls(
+            config["image_size"],
+            config["crop_size"],
+            config["patch_size"],
+            tuple(config["mean"]),
+            tuple(config["std"]),
+        )
+
+    def encode_images(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Center-crop (offset ``round((size - crop) / 2)``, torchvision's), then
+        normalise and patch."""
+        h, w = images.shape[-2:]
+        top, left = round((h - self.crop_size) / 2), round((w - self.crop_size) / 2)
+        crop = images[..., top : top + self.crop_size, left : left + self.crop_size]
+        return super().encode_images(crop.contiguous())
+
+
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """``(B, C, S, S)`` → ``(B, (S/p)², p·p·C)`` in raster order (row-major patches)."""
     b, c, h, w = images.shape
