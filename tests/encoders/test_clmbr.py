@@ -450,7 +450,7 @@ def test_cli_embed_and_evaluate(ckpt, tmp_path):
     )
     assert rc == 0
     methods = {r["method"] for r in json.loads((ev / "results.json").read_text())}
-    assert "clmbr-t-base-causal-last+logreg" in methods and "counts+gbm" in methods
+    assert "clmbr-t-base-last+logreg" in methods and "counts+gbm" in methods
 
 
 def test_coverage_is_reported_and_near_zero_is_refused(encoder, tmp_path):

@@ -186,16 +186,19 @@ def _method_name(
 ) -> str:
     # "tiny-mean+logreg"; two models of the same name are told apart by their folders.
     probe = "ridge" if regression else "logreg"
-    name = modality.embedding_method.format(preset=encoder.name, pooling=pooling, probe=probe)
+    # The modality's template names healthfm's own pretraining ("tiny-mae-cls+logreg"); a
+    # published model is named by its entry alone ("phikon-cls+logreg").
+    template = (
+        modality.embedding_method if hasattr(encoder, "config") else Modality.embedding_method
+    )
+    name = template.format(preset=encoder.name, pooling=pooling, probe=probe)
     if name in taken:
         folder = getattr(encoder, "folder", None) or Path(str(spec).partition(":")[2] or spec)
         preset = f"{encoder.name}@{Path(folder).name}"
-        name = modality.embedding_method.format(preset=preset, pooling=pooling, probe=probe)
+        name = template.format(preset=preset, pooling=pooling, probe=probe)
         n = 2
         while name in taken:
-            name = modality.embedding_method.format(
-                preset=f"{preset}#{n}", pooling=pooling, probe=probe
-            )
+            name = template.format(preset=f"{preset}#{n}", pooling=pooling, probe=probe)
             n += 1
     return name
 
