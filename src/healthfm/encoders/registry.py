@@ -17,7 +17,10 @@ from typing import Any
 from healthfm.errors import ConfigError
 
 #: Modules that declare published encoders; importing one registers its entries.
-PUBLISHED_MODULES: tuple[str, ...] = ()
+PUBLISHED_MODULES: tuple[str, ...] = (
+    "healthfm.encoders.geneformer",
+    "healthfm.encoders.scgpt",
+)
 
 
 @dataclass(frozen=True)

@@ -401,10 +401,41 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.where(t >= 0.5, b - diff * (1 - t), out)
 
 
+def sum_duplicates(
+    rows: np.ndarray, vocab: np.ndarray, counts: np.ndarray, n_vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum the counts of entries that share a row and a vocabulary gene.
+
+    Several data columns can map to one gene of a model (two symbols of one Ensembl id,
+    an alias collapsed by a model's mapping dictionary); their counts are added, as
+    Geneformer's tokenizer does (``sum_ensembl_ids``). The result is ordered by row, then
+    by vocabulary index.
+
+    Parameters
+    ----------
+    rows, vocab, counts
+        Row, vocabulary index and count of each entry (rows non-decreasing).
+    n_vocab
+        Bound of ``vocab``.
+    """
+    key = rows.astype(np.int64) * np.int64(n_vocab) + vocab.astype(np.int64)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+    return uniq // n_vocab, uniq % n_vocab, summed
+
+
 def quantile_bins(
-    values_desc: np.ndarray, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray, n_bins: int
+    values_desc: np.ndarray,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    starts: np.ndarray,
+    n_bins: int,
+    side: str = "right",
 ) -> np.ndarray:
     """Per-row ``np.digitize(x, np.quantile(row, np.linspace(0, 1, n_bins - 1)))``.
+
+    ``side="left"`` counts the edges strictly below each value instead
+    (``np.digitize(..., right=True)``), the other end of scGPT's random tie-breaking.
 
     Parameters
     ----------
@@ -442,7 +473,7 @@ def quantile_bins(
     offset = np.arange(n_rows, dtype=np.float64)[:, None] * span
     flat_edges = (edges + offset).reshape(-1)
     x = v + offset[rows, 0]
-    idx = np.searchsorted(flat_edges, x, side="right")
+    idx = np.searchsorted(flat_edges, x, side=side)
     return idx - rows * (n_bins - 1)
 
 
