@@ -281,7 +281,9 @@ class GeneformerTokenizer(CellTokenizer):
         by_symbol = by_symbol.where(by_symbol.notna(), upper.map(self._name_ids_upper))
         if self._mapping is not None:
             mapping = self._mapping
-            by_symbol = by_symbol.map(lambda e: mapping.get(e.upper()) if isinstance(e, str) else None)
+            by_symbol = by_symbol.map(
+                lambda e: mapping.get(e.upper()) if isinstance(e, str) else None
+            )
         ensembl = ensembl.where(ensembl.map(self._position).notna(), by_symbol)
         col_map = ensembl.map(self._position).fillna(-1).to_numpy(dtype=np.int64)
         self._map_cache = (key, col_map)

@@ -213,7 +213,9 @@ class ScGPTTokenizer(CellTokenizer):
             max_length=config["max_length"],
         )
         if tok.sha256 != config.get("sha256", tok.sha256):
-            raise ModelError("vocab.json changed since this tokenizer was saved", file=tok.files["vocab"])
+            raise ModelError(
+                "vocab.json changed since this tokenizer was saved", file=tok.files["vocab"]
+            )
         return tok
 
     @property
@@ -293,12 +295,14 @@ class ScGPTTokenizer(CellTokenizer):
         if not tied.any():
             return left.astype(np.float32)
         # A cell's seed: a digest of its (gene, count) pairs; the gene picks the draw.
-        content = _mix(vocab.astype(np.uint64) * np.uint64(1_000_003) + values_desc.astype(np.uint64))
+        content = _mix(
+            vocab.astype(np.uint64) * np.uint64(1_000_003) + values_desc.astype(np.uint64)
+        )
         seed = np.zeros(len(counts), dtype=np.uint64)
         np.add.at(seed, rows, content)
-        u = (_mix(seed[rows] ^ vocab.astype(np.uint64)) >> np.uint64(11)).astype(np.float64) / float(
-            1 << 53
-        )
+        u = (_mix(seed[rows] ^ vocab.astype(np.uint64)) >> np.uint64(11)).astype(
+            np.float64
+        ) / float(1 << 53)
         drawn = np.ceil(u * (right - left) + left)
         return np.where(tied, drawn, left).astype(np.float32)
 
@@ -465,7 +469,11 @@ def load_scgpt(path: str | Path) -> ScGPTEncoder:
         (``input_emb_style`` other than "continuous", batch labels), weights that do not fit.
     """
     folder = Path(path)
-    if folder.is_dir() and not (folder / "args.json").is_file() and (folder / "config.json").is_file():
+    if (
+        folder.is_dir()
+        and not (folder / "args.json").is_file()
+        and (folder / "config.json").is_file()
+    ):
         raise ModelError(
             "this folder has a config.json and no args.json: a Hugging Face model such as "
             f"Geneformer, not an scGPT checkpoint (load it as geneformer:{folder})",
@@ -482,7 +490,9 @@ def load_scgpt(path: str | Path) -> ScGPTEncoder:
         raise ModelError("embsize is not a multiple of nheads", file=args_file)
     style = args.get("input_emb_style", "continuous")
     if style != "continuous":
-        raise ModelError(f"input_emb_style {style!r} is not supported (only continuous)", file=args_file)
+        raise ModelError(
+            f"input_emb_style {style!r} is not supported (only continuous)", file=args_file
+        )
     vocab_file = find_file(folder, ["vocab.json"], "scGPT vocabulary")
     weights = find_file(folder, ["best_model.pt", "model.safetensors"], "scGPT weights")
     tokenizer = ScGPTTokenizer.from_folder_files(vocab_file, args)

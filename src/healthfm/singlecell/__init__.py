@@ -206,7 +206,7 @@ class SingleCellModality(Modality):
             n_model_genes=len(tokenizer.genes),
             n_data_genes=len(genes),
             # Model genes present (several data identifiers may map to one model gene).
-            n_shared=int(len(np.unique(col_map[shared]))),
+            n_shared=len(np.unique(col_map[shared])),
             count_fraction=float(col_sums[shared].sum() / total) if total > 0 else 0.0,
             cells_without_model_gene=no_gene,
             example_missing=[str(g) for g in top_missing],
@@ -222,7 +222,7 @@ class SingleCellModality(Modality):
         if not getattr(tokenizer, "auto_gene_column", False) or not candidates:
             return
         scores = {
-            name: int(len(np.unique(m[m >= 0])))
+            name: len(np.unique(m[m >= 0]))
             for name, genes in candidates.items()
             for m in [tokenizer.column_map(genes)]
         }

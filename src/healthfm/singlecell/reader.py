@@ -206,7 +206,11 @@ def _text_columns(var: pd.DataFrame) -> dict[str, np.ndarray]:
     out = {}
     for name in var.columns:
         col = var[name]
-        if isinstance(col.dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(col.dtype) or col.dtype == object:
+        if (
+            isinstance(col.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(col.dtype)
+            or col.dtype == object
+        ):
             out[str(name)] = col.astype(object).where(col.notna(), "").astype(str).to_numpy()
     return out
 
