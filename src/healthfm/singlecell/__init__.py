@@ -219,7 +219,11 @@ class SingleCellModality(Modality):
         user named one; say which was taken."""
         matrix = self._matrix(samples)
         candidates = matrix.extra.get("var_columns")
-        if not getattr(tokenizer, "auto_gene_column", False) or not candidates:
+        if not candidates:
+            return
+        if samples.info.pop("gene_column_auto", False):  # an earlier model's choice
+            matrix.genes, samples.info["gene_column"] = candidates["var_names"], None
+        if not getattr(tokenizer, "auto_gene_column", False):
             return
         scores = {
             name: len(np.unique(m[m >= 0]))
@@ -228,22 +232,28 @@ class SingleCellModality(Modality):
         }
         best = max(scores, key=lambda name: (scores[name], name == "var_names"))
         samples.info["gene_column_scores"] = scores
+        # Chosen per tokenizer: the same samples may be checked against another model next.
+        samples.info["gene_column_auto"] = True
         if best != "var_names" and scores[best] > scores["var_names"]:
             matrix.genes = candidates[best]
             samples.info["gene_column"] = best
+        else:
+            matrix.genes = candidates["var_names"]
+            samples.info["gene_column"] = None
         chosen = samples.info.get("gene_column") or "var_names"
-        log.info(
-            "%s: gene identifiers from %s (%s)",
+        log.log(
+            logging.WARNING if chosen != "var_names" else logging.INFO,
+            "%s: gene identifiers taken from %s (model genes matched: %s; --gene-column overrides)",
             samples.source,
             f"var/{chosen}" if chosen != "var_names" else "var_names",
-            ", ".join(f"{k}: {v:,} model genes" for k, v in scores.items()),
+            ", ".join(f"{k} {v:,}" for k, v in scores.items()),
         )
 
     def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
         """Report vocabulary coverage; raise if the data share no gene with the model
         (or, for a published model, carry under its ``min_count_fraction`` of the counts)."""
         tok = self._tokenizer(tokenizer)
-        if samples.info.get("gene_column") is None:
+        if samples.info.get("gene_column") is None or samples.info.get("gene_column_auto"):
             self._choose_gene_column(samples, tok)
         cov = self.coverage(samples, tokenizer)
         samples.info["coverage"] = {
