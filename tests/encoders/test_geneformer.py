@@ -209,6 +209,9 @@ def _files(repo, version):
 def test_tokens_are_the_authors_rank_value_encoding(repo, v1, v2, cells, tmp_path, version):
     enc = v1 if version == "V1" else v2
     assert enc.tokenizer.version == version and enc.name == f"geneformer-{version.lower()}"
+    from healthfm.tokenizer import tokenizer_from_dict
+
+    assert tokenizer_from_dict(enc.tokenizer.to_dict()).hash == enc.tokenizer.hash
     store = _store(enc, cells, tmp_path)
     adata = ad.read_h5ad(pbmc68k())
     # A short context so that truncation is exercised too.

@@ -135,6 +135,9 @@ def test_tokens_follow_the_authors_embed_data_and_binning(model, folders, store)
     digitize(right=True) and digitize(...)."""
     tok, vocab = model.tokenizer, folders["vocab"]
     assert tok.vocab["<eoc>"] == len(vocab) and tok.vocab_size == len(vocab) + 1
+    from healthfm.tokenizer import tokenizer_from_dict
+
+    assert tokenizer_from_dict(tok.to_dict()).hash == tok.hash  # rebuilt from its config
     adata = ad.read_h5ad(pbmc68k())
     ids_in_vocab = np.array([vocab.get(g, -1) for g in adata.var_names])
     x = adata.X.toarray().astype(np.float32)
