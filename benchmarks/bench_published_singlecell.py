@@ -181,7 +181,7 @@ def main() -> None:
             per_layer = ratio * ours_layers / ref_layers
             print(
                 f"{name:14s} seq {seq:5d} {'bf16' if bf16 else 'fp32'}: "
-                f"ours {args.batch / t['ours']:8.1f} cells/s, reference {args.batch / t['reference']:8.1f} "
+                f"ours {args.batch / t['ours']:8.3g} cells/s, reference {args.batch / t['reference']:8.3g} "
                 f"cells/s, speed-up {ratio:5.2f}x"
                 + (f" ({per_layer:.2f}x per layer run)" if ours_layers != ref_layers else "")
             )
