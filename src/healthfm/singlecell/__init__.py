@@ -186,9 +186,13 @@ class SingleCellModality(Modality):
         """How well the tokenizer's genes cover the data (genes and counts)."""
         tokenizer = self._tokenizer(tokenizer)
         matrix = self._matrix(samples)
-        col_map = tokenizer.column_map(matrix.genes)
+        return self._coverage(matrix, matrix.genes, tokenizer)
+
+    @staticmethod
+    def _coverage(matrix: CountMatrix, genes: np.ndarray, tokenizer: CellTokenizer) -> Coverage:
+        col_map = tokenizer.column_map(genes)
         shared = col_map >= 0
-        col_sums = np.zeros(len(matrix.genes))
+        col_sums = np.zeros(len(genes))
         no_gene = 0
         for _, block in matrix.blocks():
             col_sums += np.asarray(block.sum(axis=0), dtype=np.float64).reshape(-1)
@@ -196,19 +200,61 @@ class SingleCellModality(Modality):
                 np.sum(np.asarray(block[:, np.flatnonzero(shared)].sum(axis=1)).reshape(-1) <= 0)
             )
         total = col_sums.sum()
-        missing = matrix.genes[~shared]
+        missing = genes[~shared]
         top_missing = missing[np.argsort(-col_sums[~shared], kind="stable")[:5]].tolist()
         return Coverage(
             n_model_genes=len(tokenizer.genes),
-            n_data_genes=len(matrix.genes),
-            n_shared=int(shared.sum()),
+            n_data_genes=len(genes),
+            # Model genes present (several data identifiers may map to one model gene).
+            n_shared=len(np.unique(col_map[shared])),
             count_fraction=float(col_sums[shared].sum() / total) if total > 0 else 0.0,
             cells_without_model_gene=no_gene,
             example_missing=[str(g) for g in top_missing],
+            n_data_shared=int(shared.sum()),
+        )
+
+    def _choose_gene_column(self, samples: Samples, tokenizer: CellTokenizer) -> None:
+        """For a tokenizer that maps its own identifiers (a published model's), take the
+        ``var`` column (or ``var_names``) that covers most of the model's genes, unless the
+        user named one; say which was taken."""
+        matrix = self._matrix(samples)
+        candidates = matrix.extra.get("var_columns")
+        if not candidates:
+            return
+        if samples.info.pop("gene_column_auto", False):  # an earlier model's choice
+            matrix.genes, samples.info["gene_column"] = candidates["var_names"], None
+        if not getattr(tokenizer, "auto_gene_column", False):
+            return
+        scores = {
+            name: len(np.unique(m[m >= 0]))
+            for name, genes in candidates.items()
+            for m in [tokenizer.column_map(genes)]
+        }
+        best = max(scores, key=lambda name: (scores[name], name == "var_names"))
+        samples.info["gene_column_scores"] = scores
+        # Chosen per tokenizer: the same samples may be checked against another model next.
+        samples.info["gene_column_auto"] = True
+        if best != "var_names" and scores[best] > scores["var_names"]:
+            matrix.genes = candidates[best]
+            samples.info["gene_column"] = best
+        else:
+            matrix.genes = candidates["var_names"]
+            samples.info["gene_column"] = None
+        chosen = samples.info.get("gene_column") or "var_names"
+        log.log(
+            logging.WARNING if chosen != "var_names" else logging.INFO,
+            "%s: gene identifiers taken from %s (model genes matched: %s; --gene-column overrides)",
+            samples.source,
+            f"var/{chosen}" if chosen != "var_names" else "var_names",
+            ", ".join(f"{k} {v:,}" for k, v in scores.items()),
         )
 
     def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
-        """Report vocabulary coverage; raise if the data share no gene with the model."""
+        """Report vocabulary coverage; raise if the data share no gene with the model
+        (or, for a published model, carry under its ``min_count_fraction`` of the counts)."""
+        tok = self._tokenizer(tokenizer)
+        if samples.info.get("gene_column") is None or samples.info.get("gene_column_auto"):
+            self._choose_gene_column(samples, tok)
         cov = self.coverage(samples, tokenizer)
         samples.info["coverage"] = {
             "n_model_genes": cov.n_model_genes,
@@ -219,16 +265,39 @@ class SingleCellModality(Modality):
         }
         field = samples.info.get("gene_column")
         column = f"var/{field}" if field else "var_names"
-        if cov.n_shared == 0:
+        min_fraction = float(getattr(tok, "min_count_fraction", 0.0))
+        if cov.n_shared == 0 or cov.count_fraction < min_fraction:
             example = self._matrix(samples).genes[0]
+            scores = samples.info.get("gene_column_scores") or {}
+            tried = (
+                " (model genes matched per column: "
+                + ", ".join(f"{k}: {v:,}" for k, v in scores.items())
+                + ")"
+                if scores
+                else ""
+            )
+            what = (
+                "none of the data's"
+                if cov.n_shared == 0
+                else f"only {cov.n_shared:,} ({100 * cov.count_fraction:.2f}% of the counts) of the data's"
+            )
             raise DataError(
-                f"none of the data's {cov.n_data_genes:,} genes is in the model's vocabulary of "
+                f"{what} {cov.n_data_genes:,} genes are in the model's vocabulary of "
                 f"{cov.n_model_genes:,} (e.g. data gene {example!r}, model gene "
-                f"{self._tokenizer(tokenizer).genes[0]!r}); use --gene-column to pick the identifiers "
-                "the model was trained with (symbols vs Ensembl ids)",
+                f"{tok.genes[0]!r}){tried}; use --gene-column to pick the var column with the "
+                "identifiers the model was trained with (symbols vs Ensembl ids)",
                 file=samples.source,
                 column=column,
                 row=str(example),
+            )
+        wanted = getattr(tok, "total_column", None)
+        if wanted and samples.info.get("total_column") is None and min_fraction > 0:
+            log.warning(
+                "%s: the model normalises by obs[%r] (total counts over all genes); this run "
+                "uses the row sums of the matrix (pass --total-column %s if obs has it)",
+                samples.source,
+                wanted,
+                wanted,
             )
         # Shown by default (warning) whenever the vocabulary and the data differ.
         incomplete = cov.n_shared < cov.n_model_genes or cov.n_shared < cov.n_data_genes

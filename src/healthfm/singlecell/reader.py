@@ -201,6 +201,20 @@ def _gene_ids(adata, gene_column: str | None, source: Path | str) -> np.ndarray:
     return genes
 
 
+def _text_columns(var: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The string / categorical columns of ``var`` as str arrays (missing → "")."""
+    out = {}
+    for name in var.columns:
+        col = var[name]
+        if (
+            isinstance(col.dtype, pd.CategoricalDtype)
+            or pd.api.types.is_string_dtype(col.dtype)
+            or col.dtype == object
+        ):
+            out[str(name)] = col.astype(object).where(col.notna(), "").astype(str).to_numpy()
+    return out
+
+
 def _obs_column(adata, column: str, source: Path | str, what: str) -> Any:
     if column not in adata.obs.columns:
         raise DataError(
@@ -396,6 +410,10 @@ def samples_from_anndata(
         totals = sums
     matrix.totals = totals
     matrix.extra["n_expressed"] = expressed
+    if gene_column is None:
+        # Candidate gene identifiers for a tokenizer that picks its own column (published
+        # models: symbols or Ensembl ids); the chosen one is reported.
+        matrix.extra["var_columns"] = {"var_names": genes, **_text_columns(adata.var)}
     labels = None
     categorical_labels = False
     if label_column is not None:
@@ -477,6 +495,9 @@ class Coverage:
     count_fraction: float
     cells_without_model_gene: int
     example_missing: list[str]
+    #: Data genes mapped onto a model gene (more than ``n_shared`` when several data
+    #: identifiers map to one model gene); None: ``n_shared``.
+    n_data_shared: int | None = None
 
     @property
     def model_fraction(self) -> float:
@@ -489,7 +510,8 @@ class Coverage:
             f"gene vocabulary coverage: {self.n_shared:,} of the model's {self.n_model_genes:,} genes "
             f"({100 * self.model_fraction:.1f}%) are in the data; they carry "
             f"{100 * self.count_fraction:.1f}% of the data's counts; "
-            f"{self.n_data_genes - self.n_shared:,} of the data's {self.n_data_genes:,} genes are not "
+            f"{self.n_data_genes - (self.n_shared if self.n_data_shared is None else self.n_data_shared):,}"
+            f" of the data's {self.n_data_genes:,} genes are not "
             "in the model's vocabulary and are ignored"
         )
         if self.example_missing:

@@ -39,6 +39,10 @@ def _load(model: FoundationModel | str | Path) -> FoundationModel:
         if model.modality != "singlecell":
             raise ConfigError(f"a {model.modality!r} model cannot embed cells")
         return model
+    from healthfm.encoders import load_encoder, split_spec
+
+    if split_spec(model)[0] != "healthfm":  # NAME:DIR of a published model (geneformer:DIR)
+        return load_encoder(model, modality="singlecell")
     from healthfm.model.pretrained import load
 
     return load(model, modality="singlecell")
@@ -211,7 +215,7 @@ def embed(
         "d_model": int(model.dim),
         "max_length": int(tokenizer.max_length),
         "layer": layer or "X",
-        "gene_column": gene_column or "var_names",
+        "gene_column": samples.info.get("gene_column") or "var_names",
         "total_column": total_column or "row sums",
         **{k: v for k, v in samples.info.get("coverage", {}).items()},
         "seconds": float(seconds),

@@ -401,10 +401,41 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.where(t >= 0.5, b - diff * (1 - t), out)
 
 
+def sum_duplicates(
+    rows: np.ndarray, vocab: np.ndarray, counts: np.ndarray, n_vocab: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sum the counts of entries that share a row and a vocabulary gene.
+
+    Several data columns can map to one gene of a model (two symbols of one Ensembl id,
+    an alias collapsed by a model's mapping dictionary); their counts are added, as
+    Geneformer's tokenizer does (``sum_ensembl_ids``). The result is ordered by row, then
+    by vocabulary index.
+
+    Parameters
+    ----------
+    rows, vocab, counts
+        Row, vocabulary index and count of each entry (rows non-decreasing).
+    n_vocab
+        Bound of ``vocab``.
+    """
+    key = rows.astype(np.int64) * np.int64(n_vocab) + vocab.astype(np.int64)
+    uniq, inverse = np.unique(key, return_inverse=True)
+    summed = np.bincount(inverse.reshape(-1), weights=counts, minlength=len(uniq))
+    return uniq // n_vocab, uniq % n_vocab, summed
+
+
 def quantile_bins(
-    values_desc: np.ndarray, rows: np.ndarray, counts: np.ndarray, starts: np.ndarray, n_bins: int
+    values_desc: np.ndarray,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    starts: np.ndarray,
+    n_bins: int,
+    side: str = "right",
 ) -> np.ndarray:
     """Per-row ``np.digitize(x, np.quantile(row, np.linspace(0, 1, n_bins - 1)))``.
+
+    ``side="left"`` counts the edges strictly below each value instead
+    (``np.digitize(..., right=True)``), the other end of scGPT's random tie-breaking.
 
     Parameters
     ----------
@@ -436,14 +467,23 @@ def quantile_bins(
     a = np.where(safe, v[np.clip(end - lo, 0, len(v) - 1)], 0.0)
     b = np.where(safe, v[np.clip(end - hi, 0, len(v) - 1)], 0.0)
     edges = _lerp(a, b, t)
-    # Count the edges <= x within each row with one searchsorted: shift each row's edges and
-    # values by a row offset larger than any value range (log1p of <= 1e4 counts is < 10).
-    span = float(max(np.max(v), np.max(edges)) + 1.0)
-    offset = np.arange(n_rows, dtype=np.float64)[:, None] * span
-    flat_edges = (edges + offset).reshape(-1)
-    x = v + offset[rows, 0]
-    idx = np.searchsorted(flat_edges, x, side="right")
-    return idx - rows * (n_bins - 1)
+    # Count each row's edges <= x (or < x) with one exact sort of values and edges together
+    # (keyed by row, then value; at equal values the edge sorts first for "right", last for
+    # "left"). Shifting rows apart by offsets and one searchsorted would round an edge
+    # within 1e-15 of a value onto it, and numpy's edges do fall that close (the virtual
+    # index q * (n - 1) is inexact).
+    n_edges = n_bins - 1
+    all_rows = np.concatenate([rows, np.repeat(np.arange(n_rows), n_edges)])
+    all_vals = np.concatenate([v, edges.reshape(-1)])
+    is_edge = np.concatenate([np.zeros(len(v), dtype=np.int8), np.ones(edges.size, dtype=np.int8)])
+    tiebreak = is_edge if side == "left" else 1 - is_edge
+    order = np.lexsort((tiebreak, all_vals, all_rows))
+    edge_sorted = is_edge[order]
+    before = np.cumsum(edge_sorted) - edge_sorted  # edges sorted before each position
+    values_at = edge_sorted == 0
+    out = np.empty(len(v), dtype=np.int64)
+    out[order[values_at]] = before[values_at] - n_edges * all_rows[order[values_at]]
+    return out
 
 
 def nonzero_medians(
