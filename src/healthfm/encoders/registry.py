@@ -18,12 +18,10 @@ from healthfm.errors import ConfigError
 
 #: Modules that declare published encoders; importing one registers its entries.
 PUBLISHED_MODULES: tuple[str, ...] = (
-PUBLISHED_MODULES: tuple[str, ...] = (
     "healthfm.encoders.clmbr",
     "healthfm.encoders.geneformer",
     "healthfm.encoders.pathology_vits",
     "healthfm.encoders.scgpt",
-)
 )
 
 
