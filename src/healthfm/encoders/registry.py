@@ -17,7 +17,7 @@ from typing import Any
 from healthfm.errors import ConfigError
 
 #: Modules that declare published encoders; importing one registers its entries.
-PUBLISHED_MODULES: tuple[str, ...] = ()
+PUBLISHED_MODULES: tuple[str, ...] = ("healthfm.encoders.nucleotide_transformer",)
 
 
 @dataclass(frozen=True)
