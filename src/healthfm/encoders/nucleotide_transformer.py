@@ -125,6 +125,13 @@ class NucleotideTransformerTokenizer(Tokenizer):
                 raise ModelError(
                     f"vocab.txt has no {name!r} token; not a Nucleotide Transformer vocabulary"
                 )
+        # An NT vocabulary holds only <special> tokens, A/C/G/T strings and N.
+        for line, tok in enumerate(self.vocab):
+            if not (tok == "N" or (tok and set(tok) <= set(_BASES)) or tok.startswith("<")):
+                raise ModelError(
+                    f"vocab.txt line {line + 1} holds {tok!r}; not a Nucleotide Transformer "
+                    "vocabulary (special tokens, A/C/G/T k-mers and N only)"
+                )
         kmers = [t for t in self.vocab if t and set(t) <= set(_BASES)]
         self.k = max(len(t) for t in kmers)
         codes = np.full(4**self.k, -1, dtype=np.int64)
