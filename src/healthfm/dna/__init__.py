@@ -170,7 +170,8 @@ class DnaModality(Modality):
         # Embedding takes any DNA tokenizer with encode(sequences, keys) -> TokenChunk.
         if getattr(tokenizer, "modality", None) != "dna" or not hasattr(tokenizer, "encode"):
             raise ConfigError(
-                f"the DNA modality needs a DNA tokenizer, got {type(tokenizer).__name__} "
+                "the DNA modality needs a DNA tokenizer (dna.kmer, or a published DNA "
+                f"model's), got {type(tokenizer).__name__} "
                 f"({getattr(tokenizer, 'type', '?')})"
             )
         return tokenizer
