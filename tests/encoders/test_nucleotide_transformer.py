@@ -109,7 +109,7 @@ def test_token_ids_equal_the_authors_tokenizers(version, v1, v2):
     esm = transformers.EsmTokenizer(vocab_file=str(folder / "vocab.txt"), eos_token=None)
     iupac = _sequences(300, 1)  # with R/Y: EsmTokenizer makes each run of them one <unk>
     acgtn = _sequences(300, 2, "ACGT" * 4 + "N")
-    fixed = ["", "A", "AAAAAA", "AAAAAAT", "TAAAAAA", "NNNAAAAAAA", "ACGTRYRYACGTACGTAC"]
+    fixed = ["", "A", "AAAAAA", "AAAAAAT", "TAAAAAA", "NNNAAAAAAA", "NNNN", "ACGTRYRYACGTACGTAC"]
     seqs = iupac + acgtn + fixed
     chunk = encoder.tokenizer.encode(seqs)
     ours = [
@@ -123,6 +123,12 @@ def test_token_ids_equal_the_authors_tokenizers(version, v1, v2):
     # The ids a published notebook shows for v2 (AAAAAA = 6, TAAAAA = 1030, A = 4102).
     if version == "v2":
         assert ours[len(iupac) + len(acgtn) + 4] == [3, 1030, 4102]
+    # Inputs without a single base run, and none at all.
+    for edge in (["NNNN", "RYR", ""], [""], []):
+        got = encoder.tokenizer.encode(edge)
+        assert [
+            got.ids[a:b].tolist() for a, b in zip(got.offsets[:-1], got.offsets[1:], strict=True)
+        ] == [esm(s)["input_ids"] for s in edge]
     # Lower case (soft-masked) and U are read as upper-case DNA.
     again = encoder.tokenizer.encode(["acguNacgtacgtaa", "ACGTNACGTACGTAA"])
     assert again.ids[: again.offsets[1]].tolist() == again.ids[again.offsets[1] :].tolist()

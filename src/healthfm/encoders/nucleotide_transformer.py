@@ -215,7 +215,7 @@ class NucleotideTransformerTokenizer(Tokenizer):
         first = np.zeros(n, dtype=bool)  # first position of a sample
         first[starts[lengths > 0]] = True
         cls = _CLASS_LUT[buf]
-        prev = np.empty_like(cls)
+        prev = np.full_like(cls, 255)  # the class before each position (none before 0)
         prev[1:] = cls[:-1]
         # A run (of bases, or of other characters) starts where the class changes or a
         # sample starts; N never forms runs (each N is its own token).
@@ -223,21 +223,21 @@ class NucleotideTransformerTokenizer(Tokenizer):
         is_base = cls == _BASE
         base_start = run_start & is_base
         pos = np.arange(n)
-        # Offset of each base inside its run and the run's length.
+        # Each base run ends at the first non-base or sample start after its beginning.
         run_id = np.cumsum(base_start) - 1
         run_begin = pos[base_start]
-        run_end = np.append(run_begin[1:], n)
-        # A run ends early where it meets a non-base or the next sample.
         breaks = pos[~is_base | first]
-        if len(run_begin):
-            nxt = np.searchsorted(breaks, run_begin, side="right")
-            stop = np.where(nxt < len(breaks), breaks[np.minimum(nxt, len(breaks) - 1)], n)
-            run_end = np.minimum(run_end, stop)
-        within = pos - run_begin[np.maximum(run_id, 0)] if len(run_begin) else pos
-        full = ((run_end - run_begin) // self.k) * self.k  # bases covered by k-mers
+        nxt = np.searchsorted(breaks, run_begin, side="right")
+        run_end = np.where(nxt < len(breaks), breaks[np.minimum(nxt, len(breaks) - 1)], n)
         k = self.k
-        is_kmer_start = is_base & (within < full[np.maximum(run_id, 0)]) & (within % k == 0)
-        is_single = is_base & (within >= full[np.maximum(run_id, 0)]) if len(run_begin) else is_base
+        if len(run_begin):
+            at = np.maximum(run_id, 0)  # each position's run (meaningful at bases only)
+            within = pos - run_begin[at]
+            limit = ((run_end - run_begin) // k * k)[at]  # bases of the run in k-mers
+        else:
+            within = limit = np.zeros(n, dtype=np.int64)
+        is_kmer_start = is_base & (within < limit) & (within % k == 0)
+        is_single = is_base & (within >= limit)
         is_other_start = run_start & (cls == _OTHER)
         emit = is_kmer_start | is_single | (cls == _N) | is_other_start
         where = np.flatnonzero(emit)
@@ -576,6 +576,8 @@ class NucleotideTransformer(PublishedEncoder):
 
     def forward_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Last-layer token states ``(B, T, dim)`` after ``emb_layer_norm_after``."""
+        if "segment_ids" in batch:
+            raise ConfigError(f"{self.name} embeds one sample per row, not packed batches")
         ids = batch["ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -596,7 +598,8 @@ def _max_length(folder: Path, config: NTConfig) -> int:
     limit = config.max_tokens
     path = folder / "tokenizer_config.json"
     if path.is_file():
-        stated = read_json(path).get("model_max_length")
+        settings = read_json(path)
+        stated = settings.get("model_max_length") if isinstance(settings, dict) else None
         # transformers writes a huge sentinel when no length is known.
         if isinstance(stated, int) and 0 < stated < 1_000_000:
             limit = min(limit, stated)
