@@ -127,16 +127,20 @@ class DnaModality(Modality):
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
     ) -> Iterator[TokenChunk]:
-        """Tokenize the chosen samples in chunks of at most 65,536, in order."""
-        tokenizer = self._kmer(tokenizer)
+        """Tokenize the chosen samples in chunks of at most 65,536, in order (with the
+        k-mer tokenizer or any other DNA tokenizer, e.g. a published model's)."""
+        tokenizer = self._dna(tokenizer)
         indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
         for lo in range(0, len(indices), CHUNK_SIZE):
             idx = indices[lo : lo + CHUNK_SIZE]
             yield tokenizer.encode(samples.payload[idx], keys=samples.keys[idx].tolist())
 
     def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
-        """The vocabulary covers every valid sequence; only the tokenizer type is checked."""
-        self._kmer(tokenizer)
+        """The k-mer vocabulary covers every valid sequence, so only its type is checked; a
+        published model's tokenizer checks its own coverage (``check_sequences``)."""
+        check = getattr(self._dna(tokenizer), "check_sequences", None)
+        if check is not None:
+            check(samples.payload, source=samples.source)
 
     def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
         """Reverse-complement each row with probability 0.5, if the tokenizer says so."""
@@ -160,6 +164,17 @@ class DnaModality(Modality):
         from healthfm.dna.demo import demo_spec
 
         return demo_spec(quick)
+
+    @staticmethod
+    def _dna(tokenizer: Tokenizer) -> Tokenizer:
+        # Embedding takes any DNA tokenizer with encode(sequences, keys) -> TokenChunk.
+        if getattr(tokenizer, "modality", None) != "dna" or not hasattr(tokenizer, "encode"):
+            raise ConfigError(
+                "the DNA modality needs a DNA tokenizer (dna.kmer, or a published DNA "
+                f"model's), got {type(tokenizer).__name__} "
+                f"({getattr(tokenizer, 'type', '?')})"
+            )
+        return tokenizer
 
     @staticmethod
     def _kmer(tokenizer: Tokenizer) -> KmerTokenizer:

@@ -20,6 +20,7 @@ from healthfm.errors import ConfigError
 PUBLISHED_MODULES: tuple[str, ...] = (
     "healthfm.encoders.clmbr",
     "healthfm.encoders.geneformer",
+    "healthfm.encoders.nucleotide_transformer",
     "healthfm.encoders.pathology_vits",
     "healthfm.encoders.scgpt",
 )
