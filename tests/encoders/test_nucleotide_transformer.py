@@ -357,3 +357,34 @@ def test_wrong_folders_are_refused(tmp_path, v1, v2):
     (noweights / "model.safetensors").unlink()
     with pytest.raises(ModelError, match=r"none of model\.safetensors, pytorch_model\.bin"):
         load_encoder(f"nucleotide-transformer:{noweights}")
+
+
+def test_full_finetune_of_nt_reloads_and_runs_beside_its_base(tmp_path):
+    """`finetune nucleotide-transformer:DIR` (full): the written folder loads as an encoder
+    and is evaluated side by side with its base on the same rows."""
+    from healthfm.stages.evaluate import evaluate
+    from healthfm.stages.finetune import FinetuneConfig, finetune
+
+    spec = f"nucleotide-transformer:{write_folder(tmp_path / 'nt', 'v2')}"
+    result = finetune(
+        spec,
+        promoters(),
+        tmp_path / "ft",
+        {"label_column": "label"},
+        FinetuneConfig(epochs=1, batch_size=16),
+        n_boot=10,
+        echo=False,
+    )
+    assert result.method == "full"
+    rows = evaluate(
+        [spec, tmp_path / "ft"],
+        promoters(),
+        tmp_path / "ev",
+        {"label_column": "label"},
+        seeds=[0],
+        n_boot=10,
+        echo=False,
+    )
+    methods = {r.method for r in rows}
+    assert any(m.endswith("finetune-full") for m in methods)  # the tuned model's own head
+    assert len({m for m in methods if m.endswith("-mean+logreg")}) == 2  # base and tuned

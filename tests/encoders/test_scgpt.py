@@ -287,3 +287,41 @@ def test_errors(folders, model, tmp_path):
     e = entries()["scgpt"]
     assert e.modality == "singlecell" and e.licence.startswith("MIT") and not e.gated
     assert "bowang-lab/scGPT" in e.source and "Nature Methods" in e.citation
+
+
+def test_lora_finetune_of_scgpt_reloads_and_scores(folders, tmp_path):
+    """`finetune scgpt:DIR --lora` on real cells: adapters on the encoder's blocks, reloaded
+    through load_encoder, scored by evaluate --finetuned on the same test rows."""
+    from healthfm.stages.evaluate import evaluate
+    from healthfm.stages.finetune import FinetuneConfig, finetune
+
+    cells = tmp_path / "cells.h5ad"
+    adata = ad.read_h5ad(pbmc68k())[:240].copy()
+    adata.write_h5ad(cells)
+    spec = f"scgpt:{folders['flash']}"
+    config = FinetuneConfig(lora=True, lora_rank=2, epochs=1, batch_size=32)
+    result = finetune(
+        spec,
+        cells,
+        tmp_path / "lora",
+        {"label_column": "bulk_labels"},
+        config,
+        n_boot=10,
+        echo=False,
+    )
+    assert result.method == "lora" and result.trainable_parameters < result.total_parameters
+    tuned = load_encoder(tmp_path / "lora")
+    assert tuned.modality == "singlecell"
+    rows = evaluate(
+        None,
+        cells,
+        tmp_path / "ev",
+        {"label_column": "bulk_labels"},
+        modality_name="singlecell",
+        seeds=[0],
+        n_boot=10,
+        echo=False,
+        include_baselines=False,
+        finetuned=[tmp_path / "lora"],
+    )
+    assert any("finetune-lora" in r.method for r in rows)
