@@ -81,7 +81,8 @@ def evaluate(
     Returns
     -------
     list of ResultRow
-        Also written to ``out_dir/results.json``.
+        The methods' rows; ``out_dir/results.json`` holds them and the paired
+        differences (``row_type: "delta"``, :mod:`healthfm.evaluate.paired`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -182,7 +183,7 @@ def evaluate(
         print(comparison.text())
         extra = "".join(f", {p}" for p in written)
         print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
-    return result.rows + comparison.rows
+    return result.rows
 
 
 def _method_name(
