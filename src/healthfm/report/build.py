@@ -146,7 +146,7 @@ def results_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "value": _fmt(s["mean"]),
             "ci": f"[{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}]",
             "best": is_best,
-            "std": _fmt(s["std"]) if s["n_seeds"] > 1 else None,
+            "std": _fmt(s["std"]) if s["n_seeds"] > 1 and s["std"] > 0 else None,
         }
     n_seeds = max((s["n_seeds"] for s in summary), default=0)
     n_test = summary[0]["n_test"] if summary else 0
