@@ -489,7 +489,9 @@ def build_context(paths: list[str | Path]) -> dict[str, Any]:
     seen = set()
     for run in runs:
         prov = (run.meta or {}).get("provenance") or {}
-        model_dirs = prov.get("model_dirs") or []
+        model_dirs = prov.get("model_dirs") or (
+            [prov["model_dir"]] if prov.get("model_dir") else []
+        )
         for model_dir in model_dirs:
             if model_dir not in seen:
                 seen.add(model_dir)

@@ -108,6 +108,16 @@ def _model_path(spec: Any) -> str | None:
     return str(folder) if folder else getattr(spec, "name", type(spec).__name__)
 
 
+def command_line() -> str:
+    """This process's command line, as the user typed it (``healthfm ...`` for the CLI)."""
+    import shlex
+
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name in ("__main__.py", "healthfm"):
+        return shlex.join(["healthfm", *argv[1:]])
+    return shlex.join(argv)
+
+
 def provenance(model_dir: Any, seeds: list[int], n_boot: int, **more: Any) -> dict[str, Any]:
     """Version, command line, model folders, seeds, date and machine of a run.
 
@@ -119,7 +129,7 @@ def provenance(model_dir: Any, seeds: list[int], n_boot: int, **more: Any) -> di
     models = [m for m in (_model_path(s) for s in specs) if m]
     return {
         "healthfm_version": __version__,
-        "command": " ".join(sys.argv),
+        "command": command_line(),
         "cwd": os.getcwd(),
         "model_dirs": models,
         "seeds": [int(s) for s in seeds],
