@@ -166,6 +166,15 @@ def test_evaluate_writes_delta_rows_inputs_and_the_report(run_dir, capsys):
     assert [r["metric"] for r in primary] == ["auroc"]  # a binary task
     assert primary[0]["verdict"] in ("model better", "no difference shown", "baseline better")
     assert primary[0]["seeds_model"] == [0, 1] and primary[0]["n_boot"] == 100
+    # Every difference is the seed-averaged method rows' values, subtracted.
+    scores = [r for r in rows if r.get("row_type") != "delta"]
+    for d in deltas:
+        mean = {
+            m: sum(r["value"] for r in scores if r["method"] == m and r["metric"] == d["metric"])
+            / 2
+            for m in (d["model"], d["reference"])
+        }
+        assert d["value"] == pytest.approx(mean[d["model"]] - mean[d["reference"]], abs=1e-12)
     for name in ("report.html", "report_inputs.json", "report_inputs.npz"):
         assert (run_dir / name).is_file()
     meta = json.loads((run_dir / "report_inputs.json").read_text())
