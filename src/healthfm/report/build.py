@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.errors import DataError
+from healthfm.evaluate.paired import VERDICT_WORDS
 from healthfm.evaluate.results import LOWER_IS_BETTER, is_delta, summarize
 from healthfm.fsutil import atomic_write_text
 from healthfm.report import plots
@@ -171,12 +172,14 @@ def delta_table(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ):
         sign = -1 if d["metric"] in LOWER_IS_BETTER else 1
         lo, hi = d["ci_low"], d["ci_high"]
-        shown = "no difference shown"
+        better, shown, worse = VERDICT_WORDS.get(
+            d.get("reference_kind", ""), ("model better", "no difference shown", "reference better")
+        )
         if np.isfinite(lo) and np.isfinite(hi):
             if sign * lo > 0 and sign * hi > 0:
-                shown = "model better"
+                shown = better
             elif sign * lo < 0 and sign * hi < 0:
-                shown = "reference better"
+                shown = worse
         out.append(
             {
                 "model": d.get("model", d["method"]),
