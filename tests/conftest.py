@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from healthfm.tokens import write_store
 from helpers import make_chunk
+
+# Report maps by PCA: UMAP's first fit in a process compiles numba code (~20 CPU-seconds),
+# which every evaluate of the suite would pay (healthfm.report.inputs.map_method).
+os.environ.setdefault("HEALTHFM_REPORT_MAP", "pca")
 
 torch.set_num_threads(1)
 

@@ -99,7 +99,11 @@ def test_evaluate_writes_results_next_to_baselines(model_dir, tmp_path, capsys):
         ]
     )
     assert code == 0
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = [
+        r
+        for r in json.loads((tmp_path / "results.json").read_text())
+        if r.get("row_type") != "delta"
+    ]  # method rows
     methods = {(r["method"], r["is_baseline"]) for r in rows}
     assert ("kmer-counts+logreg", True) in methods and ("one-hot+logreg", True) in methods
     assert any(not b for _, b in methods)
@@ -129,7 +133,11 @@ def test_evaluate_numeric_labels_is_a_ridge_regression(model_dir, tmp_path, caps
     table = _composition_table(tmp_path / "gc.tsv")
     argv = ["evaluate", str(model_dir), str(table), "--label-column", "gc_score"]
     assert main([*argv, "--out", str(tmp_path / "r"), "--seeds", "0", "--n-boot", "50"]) == 0
-    rows = json.loads((tmp_path / "r" / "results.json").read_text())
+    rows = [
+        r
+        for r in json.loads((tmp_path / "r" / "results.json").read_text())
+        if r.get("row_type") != "delta"
+    ]  # method rows
     assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
     assert {r["method"] for r in rows} == {"tiny-mean+ridge", "kmer-counts+ridge", "one-hot+ridge"}
     r2 = {r["method"]: r["value"] for r in rows if r["metric"] == "r2"}

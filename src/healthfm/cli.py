@@ -174,6 +174,10 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
 
+    p = sub.add_parser("report", help="one self-contained HTML report of run folders")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="evaluate / demo output folders")
+    p.add_argument("--out", default="report.html", help="the HTML file (default: report.html)")
+
     p = sub.add_parser(
         "models", help="the registered encoders: published models and healthfm's own folders"
     )
@@ -514,6 +518,10 @@ def run(argv: list[str]) -> int:
         from healthfm.demo import run_demo
 
         run_demo(args.modality, args.out, quick=args.quick)
+    elif args.command == "report":
+        from healthfm.report.build import report_command
+
+        report_command(args.runs, args.out)
     elif args.command == "info":
         _info(args.model)
     elif args.command == "models":

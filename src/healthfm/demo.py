@@ -73,6 +73,11 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
     if spec.after is not None:
         say()
         rows += spec.after(out, model_dir)
+    # One page for the whole demo (every evaluation it ran), and its verdicts once more.
+    from healthfm.report.build import report_command
+
+    print("verdicts:")
+    report_command([out], out / "report.html")
     print(
         f"demo finished in {time.perf_counter() - t0:.0f} s; model in {model_dir}, outputs in {out}"
     )

@@ -103,7 +103,9 @@ def test_evaluate_writes_results_predictions_and_plot(model_dir, syn_meds, tmp_p
     assert rc == 0
     text = capsys.readouterr().out
     assert "counts+gbm" in text and "AUROC by k" in text
-    rows = json.loads((out / "results.json").read_text())
+    rows = [
+        r for r in json.loads((out / "results.json").read_text()) if r.get("row_type") != "delta"
+    ]  # method rows
     methods = {r["method"] for r in rows}
     assert methods == {"tiny-causal-last+logreg", "counts+logreg", "counts+gbm"}
     assert {r["k"] for r in rows} == {2, "all"} and {r["metric"] for r in rows} == {
@@ -211,7 +213,9 @@ def test_regression_labels_run_ridge_and_boosted_trees(model_dir, syn_meds, tmp_
     out = tmp_path / "ev"
     argv = ["evaluate", str(model_dir), str(syn_meds), "--labels", str(labels), "--out", str(out)]
     assert main([*argv, "--seeds", "0", "1", "--n-boot", "50"]) == 0
-    rows = json.loads((out / "results.json").read_text())
+    rows = [
+        r for r in json.loads((out / "results.json").read_text()) if r.get("row_type") != "delta"
+    ]  # method rows
     assert {r["method"] for r in rows} == {"tiny-causal-last+ridge", "counts+ridge", "counts+gbm"}
     assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
     assert {r["k"] for r in rows} == {"all"}  # few-shot k counts rows per class

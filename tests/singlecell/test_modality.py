@@ -114,7 +114,9 @@ def test_cli_pretrain_embed_evaluate(cli_model, subset, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "hvg-pca+logreg (baseline)" in printed and "ari" in printed
-    rows = json.loads((res / "results.json").read_text())
+    rows = [
+        r for r in json.loads((res / "results.json").read_text()) if r.get("row_type") != "delta"
+    ]  # method rows
     s = SC.read(subset, {"label_column": "bulk_labels"})
     test_cells = int((SC.split(s, "healthfm", (0.7, 0.1, 0.2)) == "test").sum())
     methods = {r["method"] for r in rows}

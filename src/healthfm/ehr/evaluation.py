@@ -160,6 +160,7 @@ def run_protocol(
     version: str = "",
     progress: bool = False,
     regression: bool = False,
+    predictions: list | None = None,
 ) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
     """Run the few-shot grid for every method.
 
@@ -179,6 +180,10 @@ def run_protocol(
         Task name, few-shot sizes, seeds, bootstrap resamples.
     regression
         A continuous target: only ``k="all"`` (a ``ConfigError`` otherwise).
+    predictions
+        When a list is given, every method's held-out scores per ``k`` and seed are
+        appended (:class:`~healthfm.evaluate.paired.Prediction`, with the tuning AUROC,
+        or RMSE for a regression, as the validation score) for the paired comparisons.
 
     Returns
     -------
@@ -251,6 +256,11 @@ def run_protocol(
                 wall = time.perf_counter() - t
                 if k == ks[-1] and seed == k_seeds[0]:
                     final[method] = p
+                if predictions is not None:
+                    from healthfm.evaluate.paired import Prediction
+
+                    val = extra.get("val_rmse" if regression else "val_auroc", float("nan"))
+                    predictions.append(Prediction(method, is_baseline, seed, p, float(val), k=k))
                 rows += rows_from_metrics(
                     m,
                     names=metrics,
@@ -470,6 +480,8 @@ class EhrshotProtocol:
 
     #: EHRSHOT repeats every few-shot draw over five seeds.
     seeds = (0, 1, 2, 3, 4)
+    #: EHRSHOT's headline metric (verdicts, the strongest baseline chosen on tuning rows).
+    primary = "auroc"
 
     def __init__(self, few_shot: Any = None) -> None:
         self.few_shot = few_shot
@@ -497,6 +509,7 @@ class EhrshotProtocol:
         from healthfm import __version__
         from healthfm.evaluate.protocol import ProbeResult
 
+        predictions: list = []
         result_rows, final = run_protocol(
             {name: (f.X, f.baseline, f.probe) for name, f in features.items()},
             rows.y,
@@ -510,11 +523,13 @@ class EhrshotProtocol:
             model_hash=model_hash,
             version=__version__,
             regression=rows.regression,
+            predictions=predictions,
         )
         seconds = rows.info.get("seconds_embed")
         for r in result_rows:
             r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
-        return ProbeResult(result_rows, final)
+        primary = "rmse" if rows.regression else self.primary
+        return ProbeResult(result_rows, final, predictions=predictions, primary=primary)
 
     def table(self, result_rows: list[ResultRow], rows: Any) -> str:
         """The EHRSHOT table (a plain table for a regression: one k)."""

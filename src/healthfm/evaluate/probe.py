@@ -118,6 +118,9 @@ class ProbeResult:
         False if any fit during tuning or refitting raised a ``ConvergenceWarning``.
     val_scores
         The selection metric for every ``C`` tried (empty for k-NN).
+    val_metrics
+        Every classification metric on the validation split at ``best_C`` (the fit on
+        train only); paired comparisons choose the strongest baseline by them.
     """
 
     classes: np.ndarray
@@ -128,6 +131,7 @@ class ProbeResult:
     model: Any
     converged: bool = True
     val_scores: dict[float, float] = field(default_factory=dict)
+    val_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _as_features(x: Any, name: str) -> np.ndarray:
@@ -364,6 +368,10 @@ def fit_linear_probe(
         model=model,
         converged=n_conv_warnings == 0,
         val_scores={float(c): float(s) for c, s in zip(cs, scores, strict=True)},
+        val_metrics={
+            name: float(m.value)
+            for name, m in classification_metrics(yva_idx, probas[best], n_boot=0).items()
+        },
     )
 
 

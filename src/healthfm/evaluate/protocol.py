@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.evaluate.metrics import REGRESSION_METRICS, classification_metrics, regression_metrics
+from healthfm.evaluate.paired import Prediction, is_control, primary_metric
 from healthfm.evaluate.probe import align_proba, fit_linear_probe, fit_ridge_probe
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics
 
@@ -114,6 +115,8 @@ def probe_rows(
     extra: dict[str, Any],
     metrics: list[str] = CLASSIFICATION_METRICS,
     regression: bool = False,
+    predictions: list[Prediction] | None = None,
+    primary: str | None = None,
 ) -> list[ResultRow]:
     """Probe every feature set for every seed on the same splits; one row per metric.
 
@@ -135,15 +138,21 @@ def probe_rows(
         The metrics reported (one row each).
     regression
         Ridge probes scored by regression metrics instead of logistic probes.
+    predictions, primary
+        When a list is given, every method's test scores per seed are appended to it
+        (:class:`~healthfm.evaluate.paired.Prediction`, with the validation score of the
+        ``primary`` metric) for the paired comparisons.
     """
     rows: list[ResultRow] = []
     for seed in seeds:
         tr_idx, va_idx = pool_split(seed)
         for method, feats in features.items():
             t = time.perf_counter()
-            _, scored, probe_extra = probe_and_score(
+            probe, scored, probe_extra = probe_and_score(
                 feats.X, y, tr_idx, va_idx, test_idx, n_classes, groups, seed, n_boot, regression
             )
+            if predictions is not None:
+                predictions.append(_prediction(method, feats, seed, probe, n_classes, primary))
             rows += rows_from_metrics(
                 scored,
                 names=list(metrics),
@@ -166,12 +175,32 @@ def probe_rows(
     return rows
 
 
+def _prediction(
+    method: str, feats: Any, seed: int, probe: Any, n_classes: int, primary: str | None
+) -> Prediction:
+    """A probe's test scores and its validation score of the primary metric."""
+    if hasattr(probe, "best_alpha"):  # ridge: its validation score is the RMSE
+        scores, val = probe.pred, probe.val_score if primary == "rmse" else float("nan")
+    else:
+        scores = align_proba(probe.proba, probe.classes, np.arange(n_classes))
+        val = probe.val_metrics.get(primary or "", float("nan"))
+    return Prediction(
+        method, feats.baseline, seed, scores, val, control=is_control(feats.extra or {})
+    )
+
+
 @dataclass
 class ProbeResult:
-    """What a protocol's ``run`` returns: result rows and held-out scores per method."""
+    """What a protocol's ``run`` returns: result rows and held-out scores per method.
+
+    ``predictions`` holds every method's test scores per seed (for the paired
+    comparisons, :mod:`healthfm.evaluate.paired`); ``primary`` the task's primary metric.
+    """
 
     rows: list[ResultRow]
     scores: dict[str, np.ndarray] = field(default_factory=dict)
+    predictions: list[Prediction] = field(default_factory=list)
+    primary: str | None = None
 
 
 @dataclass
@@ -196,6 +225,9 @@ class ProbeProtocol:
         "group" or "stratified".
     row_extra
         Fields added to every row (``modality`` and ``task_type`` are always set).
+    primary
+        The primary metric (verdicts, choice of the strongest baseline); by default
+        AUROC (binary), macro-F1 (multi-class), RMSE (regression).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -203,6 +235,7 @@ class ProbeProtocol:
     table_metrics: tuple[str, ...] | None = None
     pool_split: str = "group"
     row_extra: dict[str, Any] = field(default_factory=dict)
+    primary: str | None = None
 
     def reported(self, regression: bool, n_classes: int = 0) -> list[str]:
         """The metrics of result rows."""
@@ -235,6 +268,8 @@ class ProbeProtocol:
     ) -> ProbeResult:
         """Probe every method on the same splits; one result row per metric and seed."""
         task_type = "regression" if rows.regression else "classification"
+        predictions: list[Prediction] = []
+        primary = primary_metric(self, rows.regression, len(rows.classes))
         scored = probe_rows(
             features,
             rows.y,
@@ -250,8 +285,10 @@ class ProbeProtocol:
             {"modality": modality, "task_type": task_type, **self.row_extra},
             metrics=self.reported(rows.regression),
             regression=rows.regression,
+            predictions=predictions,
+            primary=primary,
         )
-        return ProbeResult(scored)
+        return ProbeResult(scored, predictions=predictions, primary=primary)
 
     def table(self, result_rows: list[ResultRow], rows: Any) -> str:
         """The printed table (rows of other metrics, e.g. clustering, in a second one)."""

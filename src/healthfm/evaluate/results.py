@@ -50,10 +50,21 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return json.loads(Path(path).read_text())
 
 
+def is_delta(row: dict[str, Any] | ResultRow) -> bool:
+    """Whether a row is a paired difference (``row_type: "delta"``), not a method's score."""
+    extra = row.extra if isinstance(row, ResultRow) else row
+    return extra.get("row_type") == "delta"
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Aggregate rows over seeds: mean value, mean CI bounds, std over seeds, per method and metric."""
+    """Aggregate rows over seeds: mean value, mean CI bounds, std over seeds, per method and metric.
+
+    Paired-difference rows (:func:`is_delta`) are left out: they are not methods.
+    """
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
+        if is_delta(row):
+            continue
         groups[(row["task"], row["method"], row["is_baseline"], row["metric"])].append(row)
     out = []
     for (task, method, is_baseline, metric), items in groups.items():

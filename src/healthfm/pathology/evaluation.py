@@ -28,6 +28,7 @@ class TileProbeProtocol(ProbeProtocol):
     table_metrics: tuple[str, ...] | None = TILE_METRICS[:3]
     pool_split: str = "stratified"
     row_extra: dict[str, Any] = field(default_factory=lambda: {"level": "tile"})
+    primary: str | None = TILE_METRICS[0]
 
     def write_outputs(self, out_dir: Path, result: Any, rows: Any, run_info: dict) -> list[Path]:
         """``embeddings/embeddings.parquet`` (key, embedding, label, split) + ``manifest.csv``."""

@@ -19,8 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from healthfm.errors import DataError
+from healthfm.evaluate.paired import Prediction, compare
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
+from healthfm.report import render_report
+from healthfm.report.inputs import provenance, save_inputs
 
 
 class GatedABMIL(nn.Module):
@@ -343,6 +346,7 @@ def evaluate_slides(
     mean_feats = np.stack([b.mean(0) for b in bags])
     rows: list[ResultRow] = []
     metrics_kw = {"n_boot": n_boot}
+    predictions: list = []
     for seed in seeds:
         tr, va = stratified_pool_split(y, pool_idx, seed)
         t = time.perf_counter()
@@ -361,6 +365,10 @@ def evaluate_slides(
             time.perf_counter() - t,
         )
         for method, (scores, is_baseline, wall) in methods.items():
+            # ABMIL has no validation cut (it trains on the whole pool): NaN, and with one
+            # baseline there is nothing to choose between.
+            val = probe.val_metrics.get("balanced_accuracy", np.nan) if is_baseline else np.nan
+            predictions.append(Prediction(method, is_baseline, seed, scores, val))
             metrics = classification_metrics(y[test_idx], scores, seed=seed, **metrics_kw)
             rows += rows_from_metrics(
                 metrics,
@@ -400,8 +408,39 @@ def evaluate_slides(
                         out_dir / "heatmaps" / f"{sid}.png",
                         draw_grid(low, ds, grid.coords, int(grid.attrs["patch_size_level0"]), attn),
                     )
-    write_results(out_dir / "results.json", rows)
+    names = ["balanced_accuracy", "macro_f1", "auroc", "accuracy"]
+    task = f"{labels_csv.stem}:{label_column}"
+    comparison = compare(
+        predictions,
+        y[test_idx],
+        ids[test_idx],
+        task=task,
+        metrics=names,
+        primary="balanced_accuracy",
+        n_boot=n_boot,
+        data_hash=data_hash,
+        model_hash=model_hash,
+        extra={"level": "slide", "modality": "pathology"},
+        unit=f"{len(test_idx)} test slides",
+    )
+    write_results(out_dir / "results.json", rows + comparison.rows)
+    save_inputs(
+        out_dir,
+        task=task,
+        task_type="binary" if len(classes) == 2 else "multiclass",
+        classes=[str(c) for c in classes],
+        y_test=y[test_idx],
+        scores={p.method: p.scores for p in predictions if p.seed == seeds[0]},
+        maps={},
+        primary="balanced_accuracy",
+        reference="mean-pool+logreg",
+        info={"provenance": provenance(model_dir, list(seeds), n_boot, data_hash=data_hash)},
+    )
+    render_report([out_dir], out_dir / "report.html")
     if echo:
         print(format_table([r.to_dict() for r in rows], ["balanced_accuracy", "macro_f1", "auroc"]))
-        print(f"results: {out_dir / 'results.json'}  ({time.perf_counter() - t0:.1f} s)")
+        print(comparison.text())
+        print(
+            f"results: {out_dir / 'results.json'}, {out_dir / 'report.html'}  ({time.perf_counter() - t0:.1f} s)"
+        )
     return rows

@@ -4,8 +4,9 @@ One flow for every modality: load the encoder, read the input, take the rows the
 scored on and their split (:meth:`~healthfm.modality.Modality.evaluation_rows`), embed the
 rows, compute the baselines on the same rows, run the modality's evaluation protocol
 (the shared linear probe, or EHRSHOT's few-shot grid), add fine-tuned models' own
-predictions and the modality's extra evaluations, write ``results.json`` (and the
-protocol's files), print the table.
+predictions and the modality's extra evaluations, compare every model with the strongest
+baseline on the same test rows (:mod:`healthfm.evaluate.paired`), write ``results.json``
+(and the protocol's files) and ``report.html``, print the table and the verdicts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
+from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
@@ -25,6 +27,7 @@ from healthfm.modality import (
     get_modality,
     split_indices,
 )
+from healthfm.report import write_run_report
 from healthfm.stages.common import finetuned_folders, split_of_models
 
 
@@ -78,7 +81,8 @@ def evaluate(
     Returns
     -------
     list of ResultRow
-        Also written to ``out_dir/results.json``.
+        The methods' rows; ``out_dir/results.json`` holds them and the paired
+        differences (``row_type: "delta"``, :mod:`healthfm.evaluate.paired`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -157,20 +161,26 @@ def evaluate(
             }
         )
 
-    for row in result.rows:
+    # Paired differences to the strongest baseline: delta rows ("A − B") and verdicts.
+    comparison = compare_result(result, rows, protocol, n_boot, model_hash, modality.name)
+    for row in result.rows + comparison.rows:
         if not row.is_baseline and row.method.split("+")[0] in hashes:
             row.model_hash = hashes[row.method.split("+")[0]]
 
     # Outputs.
-    write_results(out_dir / "results.json", result.rows)
+    write_results(out_dir / "results.json", result.rows + comparison.rows)
     written = protocol.write_outputs(
         out_dir,
         result,
         rows,
         {"seeds": seeds, "n_boot": n_boot, "total_seconds": time.perf_counter() - t0},
     )
+    written.append(
+        write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
+    )
     if echo:
         print(protocol.table(result.rows, rows))
+        print(comparison.text())
         extra = "".join(f", {p}" for p in written)
         print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
     return result.rows
