@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test lint format bench env clean
+.PHONY: demo test lint format bench env clean browser
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ env: $(VENV)/.installed
 demo: env
 	$(VENV)/bin/healthfm demo --out $(DEMO_OUT)
 
-test: env
+# The report's browser test renders pages in headless Chromium (Debian's `chromium`):
+# installed here when missing and possible; otherwise the test says why it skips.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null; } \
+	  || echo "warning: chromium not installed; the report's browser test will skip" >&2
+
+test: env browser
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	PYTHONPATH=src $(VENV)/bin/lint-imports --no-logo
