@@ -73,6 +73,19 @@ class DnaModality(Modality):
     options_class = DnaOptions
     objective = "masked"
     default_pooling = "mean"
+    input_kind = "a table (TSV/CSV) or FASTA file of sequences"
+
+    def looks_like(self, path: Path) -> bool | None:
+        """A text file (a table or FASTA): not a folder, not HDF5, parquet or an image."""
+        if Path(path).is_dir():
+            return False
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+        except OSError:
+            return None
+        binary = (b"\x89HDF", b"PAR1", b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
+        return not head.startswith(binary)
 
     def read(self, path: str | Path, options: DnaOptions | dict[str, Any]) -> Samples:
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""

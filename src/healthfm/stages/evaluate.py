@@ -17,15 +17,17 @@ from typing import Any
 from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.results import ResultRow, write_results
+from healthfm.fsutil import check_output_parent
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
     Features,
     Modality,
+    check_input_modality,
     get_modality,
     split_indices,
 )
-from healthfm.stages.common import finetuned_folders, split_of_model
+from healthfm.stages.common import check_split_source, finetuned_folders, split_of_model
 
 
 def evaluate(
@@ -80,7 +82,7 @@ def evaluate(
         Also written to ``out_dir/results.json``.
     """
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = check_output_parent(out_dir, "evaluate --out folder")  # not a file: it gets files
     encoder = load_encoder(model_dir, modality_name) if model_dir is not None else None
     if encoder is None and modality_name is None:
         raise ConfigError("evaluate needs a model folder or a modality")
@@ -92,7 +94,9 @@ def evaluate(
         raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
 
     # The rows the task is scored on, their split and targets.
+    check_input_modality(modality, input_path, model=encoder is not None)
     samples = modality.read(input_path, options)
+    check_split_source(model_dir, modality, samples)
     rows = modality.evaluation_rows(samples, options, salt, fractions, ft_dirs)
     if task:
         rows.task = task

@@ -41,11 +41,12 @@ from healthfm.evaluate.task_head import (
     to_scores,
     with_task_head,
 )
-from healthfm.fsutil import atomic_dir
+from healthfm.fsutil import atomic_dir, check_output_dir
 from healthfm.loader import load
-from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, get_modality
+from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
+from healthfm.stages.common import check_split_source
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
 from healthfm.train.trainer import TrainConfig, Trainer
@@ -230,6 +231,7 @@ def finetune(
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
     model_dir = Path(model_dir)
+    check_output_dir(out, "model folder")  # before any work: never a user's folder
     base = load(model_dir, modality=modality_name)
     dist_info = D.init_distributed(device)
     echo = echo and dist_info.is_main
@@ -242,7 +244,9 @@ def finetune(
     salt = salt or info.get("split_salt", DEFAULT_SALT)
     fractions = tuple(fractions or info.get("split_fractions", DEFAULT_FRACTIONS))
     pooling = config.pooling or base.config.pooling
+    check_input_modality(modality, input_path)
     samples = modality.read(input_path, options)
+    check_split_source(model_dir, modality, samples)
     with contextlib.ExitStack() as stack:
         # The rows, their split and targets: the modality's own rows, or one per sample.
         task_input = modality.task_input(samples, options, base, salt, fractions)
