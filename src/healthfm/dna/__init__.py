@@ -148,8 +148,32 @@ class DnaModality(Modality):
             yield tokenizer.encode(samples.payload[idx], keys=samples.keys[idx].tolist())
 
     def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
-        """The vocabulary covers every valid sequence; only the tokenizer type is checked."""
-        self._kmer(tokenizer)
+        """The vocabulary covers every valid sequence; a sequence longer than the context
+        is said (a warning with the count): its vector describes its first tokens only."""
+        import logging
+
+        kmer = self._kmer(tokenizer)
+        if kmer.max_length is None:
+            return
+        full = KmerTokenizer(
+            k=kmer.k, stride=kmer.stride, ambiguity=kmer.ambiguity, add_cls=kmer.add_cls
+        )
+        lengths = full.tokenized_lengths(_sequence_lengths(samples))
+        longer = np.flatnonzero(lengths > kmer.max_length)
+        if len(longer):
+            i = int(longer[0])
+            logging.getLogger("healthfm").warning(
+                "healthfm: warning: %d of %d sequences are longer than the model's context of "
+                "%d tokens and are embedded from their first %d tokens only (e.g. %r: %d "
+                "tokens) (file %s)",
+                len(longer),
+                len(samples),
+                kmer.max_length,
+                kmer.max_length,
+                str(samples.keys[i]),
+                int(lengths[i]),
+                samples.source,
+            )
 
     def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
         """Reverse-complement each row with probability 0.5, if the tokenizer says so."""

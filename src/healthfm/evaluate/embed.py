@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,22 @@ def embed_store(
         or getattr(getattr(model, "config", None), "truncate", "head")
     )
     n = len(store)
+    longer = np.flatnonzero(store.lengths > model.max_len) if model.max_len else np.array([])
+    if len(longer):
+        # Never silent: each of these vectors describes only part of its sample.
+        first = int(longer[0])
+        logging.getLogger("healthfm").warning(
+            "healthfm: warning: %d of %d samples are longer than the model's context of %d "
+            "tokens and are embedded from their %s %d tokens only (e.g. sample %r: %d tokens) (%s)",
+            len(longer),
+            n,
+            model.max_len,
+            "first" if truncate == "head" else "last",
+            model.max_len,
+            store.keys[first] if hasattr(store, "keys") else first,
+            int(store.lengths[first]),
+            store.path,
+        )
     out = np.zeros((n, model.dim), dtype=np.float32)
     order = np.argsort(store.lengths, kind="stable")
     for start in range(0, n, batch_size):

@@ -460,13 +460,12 @@ class Trainer:
             flags = D.all_reduce_sum(flags, self.info)
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
-    def _say(self, text: str, row: dict[str, Any] | None = None) -> None:
-        """A line for the user (stderr, main process) and the log file."""
-        if not self.info.is_main:
-            return
-        if self.config.report:
+    def _say(self, text: str) -> None:
+        """A line for the user on stderr (main process), flushed: a batch job's log file
+        gets it as a terminal would (the progress bar is off without a terminal). The
+        JSONL log's step rows carry the same numbers (``steps_per_s``, ``eta_s``)."""
+        if self.info.is_main and self.config.report:
             print(f"{self.name}: {text}", file=sys.stderr, flush=True)
-        self._log({"step": self.step, "message": text, **(row or {})})
 
     def plan(self) -> dict[str, Any]:
         """Steps, global batch and context of the run, and the token slots they make."""
@@ -503,8 +502,7 @@ class Trainer:
         where = f" in {self.checkpoint_root}" if self.run_dir is not None else ""
         self._say(
             f"plan: {plan['steps']} steps × batch {plan['batch_size']}{tokens}"
-            + (f"; checkpoints {' and '.join(every)}{where}" if every and where else ""),
-            {"plan": plan},
+            + (f"; checkpoints {' and '.join(every)}{where}" if every and where else "")
         )
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         epoch_loss, epoch_rows = 0.0, 0
