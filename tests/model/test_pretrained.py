@@ -52,7 +52,7 @@ def test_every_file_is_checked(tmp_path):
     assert marker["kind"] == "model"
     healthfm.load(folder)  # intact: loads
     (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
-    with pytest.raises(ModelError, match="config.json"):
+    with pytest.raises(ModelError, match=r"config\.json"):
         healthfm.load(folder)
 
 

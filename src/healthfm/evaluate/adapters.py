@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from healthfm.errors import ConfigError, ModelError
-from healthfm.fsutil import sha256_file
+from healthfm.fsutil import sha256_file, verify_manifest
 from healthfm.model.heads import FoundationModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -183,6 +183,7 @@ def load_adapter(
     from healthfm.loader import load
 
     adapter_dir = Path(adapter_dir)
+    verify_manifest(adapter_dir)  # its files' SHA-256, recorded when it was written
     ref = read_adapter_info(adapter_dir)
     base_dir = Path(base_dir) if base_dir is not None else resolve_base(adapter_dir, ref)
     base = load(base_dir)

@@ -349,7 +349,7 @@ def samples_from_anndata(
     if len(barcodes) == 0:
         raise DataError("the AnnData has no cells", file=source, column="obs")
     # Barcodes are the keys of the output: duplicates would give rows nobody can tell apart.
-    unique, first, counts = np.unique(barcodes, return_index=True, return_counts=True)
+    unique, counts = np.unique(barcodes, return_counts=True)
     if len(unique) < len(barcodes):
         dup = np.flatnonzero(counts > 1)
         name = unique[dup[0]]

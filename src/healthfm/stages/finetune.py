@@ -512,7 +512,7 @@ def _write(
     if peft_model is not None and not config.merge:
         from healthfm.evaluate.adapters import save_adapter
 
-        with atomic_dir(out) as tmp_out:
+        with atomic_dir(out, kind="lora_adapter") as tmp_out:
             save_adapter(
                 peft_model,
                 tmp_out,

@@ -191,7 +191,11 @@ class TrainConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be at least 1, not {value!r}", column=name
                 )
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+        try:
+            lr = float(self.lr)
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
             raise ConfigError(f"--lr must be a positive number, not {self.lr!r}", column="lr")
         for name in ("weight_decay", "grad_clip"):
             value = getattr(self, name)
