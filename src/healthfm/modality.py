@@ -577,6 +577,8 @@ def check_input_modality(modality: Modality, path: str | Path, model: bool = Tru
         Naming both modalities, e.g. "this is a dna model and the input looks like a MEDS
         folder (ehr)".
     """
+    if not isinstance(path, str | Path):  # an in-memory input (an AnnData): nothing to sniff
+        return
     path = Path(path)
     if not path.exists() or modality.looks_like(path) is not False:
         return

@@ -79,7 +79,8 @@ def check_output_file(out: str | Path, input_path: str | Path | None = None) -> 
         Naming the path and what to do.
     """
     out = Path(out)
-    if input_path is not None and out.exists() and out.resolve() == Path(input_path).resolve():
+    on_disk = isinstance(input_path, str | Path)  # not an in-memory AnnData
+    if on_disk and out.exists() and out.resolve() == Path(input_path).resolve():
         raise ConfigError(
             "--out is the input itself; healthfm never replaces its input (choose another --out)",
             file=out,
