@@ -25,7 +25,13 @@ def model_dir(tmp_path_factory):
 
 def test_pretrain_writes_model_folder(model_dir):
     names = sorted(p.name for p in model_dir.iterdir())
-    assert names == ["config.json", "model.safetensors", "tokenizer.json", "training_info.json"]
+    assert names == [
+        ".healthfm.json",  # the marker: what wrote the folder, the SHA-256 of each file
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "training_info.json",
+    ]
     info = json.loads((model_dir / "training_info.json").read_text())
     assert info["steps"] == 6 and info["n_train"] > 0 and len(info["data_hash"]) == 64
     # The typed reader / tokenizer options the model was pretrained with.

@@ -18,10 +18,11 @@ def test_atomic_dir_replaces_whole_or_nothing(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a"]
+    # Every folder healthfm writes carries its marker (what wrote it, the files' SHA-256).
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".healthfm.json", "a"]
     with atomic_dir(tmp_path / "d") as tmp:
         (tmp / "c").write_text("3")
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["c"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".healthfm.json", "c"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 

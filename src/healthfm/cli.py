@@ -13,9 +13,37 @@ import os
 import sys
 from pathlib import Path
 
-from healthfm.errors import ConfigError, HealthFMError
+from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
 from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS
+
+
+def _number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a ``kind`` number of at least ``low`` (above it when ``strict``),
+    so a bad value is refused at parse time with the flag named (exit 2, no traceback)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        import math
+
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            bound = f"above {low:g}" if strict else f"at least {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE = _number(int, 1)
+NON_NEGATIVE = _number(int, 0)
+POSITIVE_FLOAT = _number(float, 0.0, strict=True)
+NON_NEGATIVE_FLOAT = _number(float, 0.0)
 
 
 def _modality_parent(name: str) -> argparse.ArgumentParser:
@@ -37,30 +65,43 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--preset", default="tiny", choices=list(PRESETS), help="backbone size (default: tiny)"
     )
-    g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    g.add_argument("--steps", type=POSITIVE, default=1000, help="optimizer steps (default: 1000)")
     g.add_argument(
-        "--batch-size", type=int, default=64, help="global batch size in samples (default: 64)"
+        "--batch-size", type=POSITIVE, default=64, help="global batch size in samples (default: 64)"
     )
     g.add_argument(
         "--micro-batch-size",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="samples per forward pass per process (gradient accumulation when smaller)",
     )
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    g.add_argument(
+        "--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (default: 1e-3)"
+    )
     g.add_argument(
         "--warmup-steps",
-        type=int,
+        type=NON_NEGATIVE,
         default=None,
         help="linear warm-up steps (default: 10%% of steps)",
     )
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    g.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0)
     g.add_argument("--bf16", action="store_true", help="bf16 autocast")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval-every", type=int, default=200, help="held-out loss every N steps")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    g.add_argument(
+        "--eval-every", type=NON_NEGATIVE, default=200, help="held-out loss every N steps"
+    )
+    g.add_argument(
+        "--checkpoint-every", type=NON_NEGATIVE, default=500, help="checkpoint every N steps"
+    )
+    g.add_argument(
+        "--checkpoint-minutes",
+        type=NON_NEGATIVE_FLOAT,
+        default=30.0,
+        help="also checkpoint every N minutes of training (default: 30; 0: only by steps); "
+        "SIGTERM / SIGUSR1 checkpoint and stop at once",
+    )
+    g.add_argument("--num-workers", type=NON_NEGATIVE, default=0, help="DataLoader workers")
     g.add_argument(
         "--resume",
         action="store_true",
@@ -73,7 +114,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stop-at",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="stop at this step (checkpointed); continue later with --resume",
     )
@@ -134,7 +175,7 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         help="output .parquet (key, embedding[, label]) or .npy (+ .keys.parquet)",
     )
     p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--bf16", action="store_true")
 
     p = sub.add_parser(
@@ -163,9 +204,11 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="probe seeds (default: the protocol's: 0 1 2, or 0-4 for EHRSHOT and eva)",
     )
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    p.add_argument(
+        "--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples (default: 1000)"
+    )
     p.add_argument("--pooling", choices=POOLINGS, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
     _split_options(p)
 
@@ -214,7 +257,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight"
     )
-    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument(
@@ -224,19 +267,25 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--freeze-layers",
-        type=int,
+        type=NON_NEGATIVE,
         default=0,
         help="freeze the input embedder and the first N blocks",
     )
-    p.add_argument("--epochs", type=int, default=10, help="most epochs (default: 10)")
+    p.add_argument("--epochs", type=POSITIVE, default=10, help="most epochs (default: 10)")
     p.add_argument(
-        "--patience", type=int, default=3, help="early stopping on val loss (default: 3 epochs)"
+        "--patience",
+        type=POSITIVE,
+        default=3,
+        help="early stopping on val loss (default: 3 epochs)",
     )
     p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (default: 1e-3 full, 3e-3 LoRA)"
+        "--lr",
+        type=POSITIVE_FLOAT,
+        default=None,
+        help="peak learning rate (default: 1e-3 full, 3e-3 LoRA)",
     )
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
     p.add_argument(
         "--no-class-weight", action="store_true", help="do not weight classes by inverse frequency"
     )
@@ -250,7 +299,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--n-boot", type=int, default=1000, help="bootstrap resamples of the test metrics"
+        "--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples of the test metrics"
     )
     p.add_argument(
         "--run-dir",
@@ -263,7 +312,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--stop-at-epoch",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="stop after this epoch (checkpointed); continue later with --resume",
     )
@@ -454,6 +503,7 @@ def run(argv: list[str]) -> int:
             seed=args.seed,
             eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every,
+            checkpoint_minutes=args.checkpoint_minutes,
             num_workers=args.num_workers,
             pack=args.pack,
         )
@@ -605,6 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return run(argv)
+    except TrainingInterrupted as exc:  # checkpointed on SIGTERM / SIGUSR1: resumable
+        print(f"healthfm: {exc}", file=sys.stderr)
+        return 128 + exc.signal if exc.signal else 1
     except HealthFMError as exc:
         print(f"healthfm: error: {exc}", file=sys.stderr)
         return 2

@@ -64,3 +64,14 @@ class CheckpointError(HealthFMError):
 
 class ConfigError(HealthFMError):
     """An option or configuration value is invalid."""
+
+
+class TrainingInterrupted(HealthFMError):
+    """Training stopped on a signal (SIGTERM, SIGUSR1) after saving a checkpoint.
+
+    ``file`` is the checkpoint; ``signal`` the signal number (the CLI exits 128 + it).
+    """
+
+    def __init__(self, message: str, *, file=None, signal: int = 0) -> None:
+        self.signal = signal
+        super().__init__(message, file=file)

@@ -238,6 +238,8 @@ class Modality(ABC):
     numeric_labels_regress: ClassVar[bool] = True
     #: The modality's typed options (reader, tokenizer, evaluation); its CLI flags.
     options_class: ClassVar[type[Options]] = Options
+    #: What this modality's input is, in words ("a MEDS folder"), for messages.
+    input_kind: ClassVar[str] = "its input"
 
     # ------------------------------------------------------------------ options, reading
     def options(self, values: Options | Mapping[str, Any] | None = None) -> Any:
@@ -247,6 +249,13 @@ class Modality(ABC):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this modality's option flags (from :attr:`options_class`) to a CLI parser."""
         self.options_class.add_arguments(parser)
+
+    def looks_like(self, path: Path) -> bool | None:
+        """A cheap sniff (names, suffixes, a few bytes; never a full read): whether ``path``
+        looks like this modality's input; None when it cannot tell. The stages use it to
+        say "this is a DNA model and the input looks like a MEDS folder" instead of a
+        reader's message about the wrong kind of data."""
+        return None
 
     @abstractmethod
     def read(self, path: str | Path, options: Options) -> Samples:
@@ -261,6 +270,13 @@ class Modality(ABC):
         their own splits (MEDS ``subject_splits.parquet``) returns those instead.
         """
         return assign_splits(samples.groups, fractions, salt)
+
+    def split_source(self, samples: Samples) -> dict[str, Any]:
+        """Where :meth:`split` takes the split from, recorded in a pretrained model folder:
+        ``{"source": "hash"}`` by default; a modality whose data carry their own split
+        file names it (and its SHA-256), so evaluating the model on a copy of the data
+        without that file is refused instead of silently hash-split (leakage)."""
+        return {"source": "hash"}
 
     # ------------------------------------------------------------------ tokens
     @abstractmethod
@@ -549,6 +565,35 @@ def modality_names() -> list[str]:
     return sorted(_MODALITIES)
 
 
+def check_input_modality(modality: Modality, path: str | Path, model: bool = True) -> None:
+    """Refuse an input that does not look like ``modality``'s but looks like another's.
+
+    Only when the modality's own sniff says no *and* another's says yes: an input none
+    recognises is left to the reader, whose messages name file, column and row.
+
+    Raises
+    ------
+    DataError
+        Naming both modalities, e.g. "this is a dna model and the input looks like a MEDS
+        folder (ehr)".
+    """
+    if not isinstance(path, str | Path):  # an in-memory input (an AnnData): nothing to sniff
+        return
+    path = Path(path)
+    if not path.exists() or modality.looks_like(path) is not False:
+        return
+    others = [m for n, m in sorted(_MODALITIES.items()) if n != modality.name]
+    matches = [m for m in others if m.looks_like(path)]
+    if matches:
+        what = f"a {modality.name} model" if model else f"the {modality.name} modality"
+        kinds = " or ".join(f"{m.input_kind} ({m.name})" for m in matches)
+        raise DataError(
+            f"this is {what}, which reads {modality.input_kind}, and the input looks like "
+            f"{kinds}: give {modality.input_kind}, or a model of that modality",
+            file=path,
+        )
+
+
 def next_power_of_two(n: int) -> int:
     """The smallest power of two ``>= n`` (1 for ``n <= 1``): context lengths."""
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -629,11 +674,33 @@ def _as_number(value: Any) -> float:
         return float("nan")
 
 
+#: Label strings that mean "no label" (pandas / R / spreadsheet spellings), lower case.
+MISSING_LABELS = frozenset({"", "nan", "na", "n/a", "<na>", "none", "null", "nat", "?"})
+
+
+def missing_labels(labels: np.ndarray) -> np.ndarray:
+    """Boolean mask of labels that spell a missing value (``NaN``, ``NA``, empty ...)."""
+    text = np.char.lower(np.char.strip(np.asarray(labels).astype(str)))
+    return np.isin(text, list(MISSING_LABELS))
+
+
 def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.ndarray:
-    """Return the labels, or raise if there are none or only one class."""
+    """Return the labels, or raise if there are none, any is missing (``NaN``, ``NA``,
+    empty: never a class of its own), or there is only one class."""
     if samples.labels is None:
         raise DataError(
             "the input has no label column", file=samples.source, column=samples.label_column
+        )
+    missing = missing_labels(samples.labels)
+    if missing.any():
+        i = int(np.flatnonzero(missing)[0])
+        raise DataError(
+            f"{int(missing.sum())} sample(s) have a missing label ({str(samples.labels[i])!r} "
+            f"for sample {str(samples.keys[i])!r}); a missing label is not a class: drop those "
+            "rows or label them",
+            file=samples.source,
+            column=samples.label_column,
+            row=i,
         )
     classes = np.unique(samples.labels)
     if len(classes) < 2:

@@ -36,14 +36,25 @@ def option(
     nargs: str | None = None,
     metavar: str | None = None,
     cli: bool = True,
+    minimum: float | None = None,
+    maximum: float | None = None,
 ) -> Any:
     """A typed option: its default, its ``--help`` text and argparse details.
 
     Booleans become ``--flag`` (default False) or ``--flag/--no-flag`` (default True);
     ``nargs`` ("+") makes a list-valued flag; the flag is the field name in kebab case;
-    ``cli=False`` keeps an option of the Python API off the command line.
+    ``cli=False`` keeps an option of the Python API off the command line; ``minimum`` /
+    ``maximum`` bound a number (checked at parse time and by :meth:`Options.from_dict`).
     """
-    meta = {"help": help, "choices": choices, "nargs": nargs, "metavar": metavar, "cli": cli}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "nargs": nargs,
+        "metavar": metavar,
+        "cli": cli,
+        "minimum": minimum,
+        "maximum": maximum,
+    }
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -56,6 +67,40 @@ def _scalar_type(annotation: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = args[0] if len(args) == 1 else None
     return hint if hint in (int, float, str) else None
+
+
+def _out_of_range(value: Any, meta: Mapping[str, Any]) -> str | None:
+    """Why a number is outside its option's bounds, or None."""
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if value is None or (low is None and high is None) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return f"must be a number, not {value!r}"
+    if number != number:  # NaN
+        return "must be a number, not NaN"
+    if low is not None and number < low:
+        return f"must be at least {low:g}, not {value!r}"
+    if high is not None and number > high:
+        return f"must be at most {high:g}, not {value!r}"
+    return None
+
+
+def _bounded(kind: Any, meta: Mapping[str, Any]) -> Any:
+    # An argparse type refusing out-of-range values at parse time (exit 2, flag named).
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        why = _out_of_range(value, meta)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 @dataclass
@@ -85,7 +130,10 @@ class Options:
             else:
                 scalar = _scalar_type(hints[f.name])
                 if scalar is not None:
-                    kwargs["type"] = scalar
+                    bounded = meta.get("minimum") is not None or meta.get("maximum") is not None
+                    kwargs["type"] = (
+                        _bounded(scalar, meta) if bounded and scalar is not str else scalar
+                    )
                 for key in ("choices", "nargs", "metavar"):
                     if meta.get(key) is not None:
                         kwargs[key] = meta[key]
@@ -107,7 +155,12 @@ class Options:
                 f"unknown {cls.title} {unknown}; known: {', '.join(sorted(names))}",
                 column=unknown[0],
             )
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        made = cls(**{k: v for k, v in values.items() if v is not None})
+        for f in dataclasses.fields(cls):
+            why = _out_of_range(getattr(made, f.name), f.metadata)
+            if why:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {why}", column=f.name)
+        return made
 
     @classmethod
     def names(cls) -> set[str]:

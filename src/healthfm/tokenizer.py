@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
-from healthfm.errors import ModelError
+from healthfm.errors import HealthFMError, ModelError
 from healthfm.fsutil import atomic_write_json, json_hash
 
 PAD_ID = 0
@@ -92,7 +92,10 @@ class Tokenizer(ABC):
 
 
 def tokenizer_from_dict(data: dict[str, Any], source: str | Path | None = None) -> Tokenizer:
-    """Rebuild a tokenizer from the content of a ``tokenizer.json``."""
+    """Rebuild a tokenizer from the content of a ``tokenizer.json``; a damaged one is a
+    :class:`ModelError` naming the file."""
+    if not isinstance(data, dict):
+        raise ModelError("tokenizer.json must hold a JSON object", file=source)
     version = data.get("format_version")
     if not isinstance(version, int) or version > TOKENIZER_FORMAT_VERSION:
         raise ModelError(
@@ -109,7 +112,17 @@ def tokenizer_from_dict(data: dict[str, Any], source: str | Path | None = None) 
             file=source,
             column="type",
         )
-    return _REGISTRY[kind].from_config(data["config"])
+    config = data.get("config")
+    if not isinstance(config, dict):
+        raise ModelError("tokenizer.json has no 'config' object", file=source, column="config")
+    try:
+        return _REGISTRY[kind].from_config(config)
+    except HealthFMError as exc:  # a setting out of range or unknown: the file is at fault
+        raise ModelError(exc.message, file=source, column=exc.column or "config") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ModelError(
+            f"tokenizer.json is damaged: {type(exc).__name__}: {exc}", file=source, column="config"
+        ) from exc
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -14,7 +14,6 @@ workers and torchrun ranks share the same files safely.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from healthfm.errors import DataError
-from healthfm.fsutil import fsync_tree
+from healthfm.fsutil import apply_umask, check_output_dir, replace_dir, write_marker
 
 STORE_FORMAT_VERSION = 1
 FIELD_DTYPES: dict[str, np.dtype] = {
@@ -123,6 +122,8 @@ class TokenStoreWriter:
         self.tokenizer_hash = tokenizer_hash
         self.fields = ["ids", *[f for f in ("values", "times") if f in fields]]
         self.extra_meta = extra_meta or {}
+        # Before any work: a user's folder (or file) at the path is never replaced.
+        check_output_dir(self.path, "token store folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -165,14 +166,15 @@ class TokenStoreWriter:
             **self.extra_meta,
         }
         (self._tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        fsync_tree(self._tmp)
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self._tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self._tmp, self.path)
+        # The marker without a manifest: readers check meta.json, hashing gigabytes of
+        # token ids on every open would cost more than it protects.
+        write_marker(self._tmp, "token_store", manifest=False)
+        apply_umask(self._tmp)
+        try:
+            replace_dir(self._tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
         self._closed = True
         return self.path
 

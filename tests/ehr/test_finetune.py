@@ -26,7 +26,7 @@ from ehr.test_embed import MODELS, T0, TOK, _close, _embed, _frame, event, timel
 from healthfm.cli import main, run
 from healthfm.ehr.finetune import LabelWindows, label_windows
 from healthfm.ehr.reader import open_meds, read_labels
-from healthfm.errors import ConfigError
+from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.task_head import pooled_rows, predict, with_task_head
 from healthfm.model.heads import pool
 from healthfm.stages.evaluate import evaluate
@@ -294,7 +294,17 @@ def test_evaluate_refuses_a_model_fine_tuned_on_held_out_rows(ehr_model, syn_med
     (data / "metadata" / "subject_splits.parquet").unlink()
     labels = str(data / LABELS)
     ft = tmp_path / "ft"
-    finetune(ehr_model, data, ft, {"labels": labels}, FinetuneConfig(epochs=1, few_shot=2),
+    # ehr_model was pretrained on the MEDS splits: on the data without them it is refused
+    # (a hash split would hold out subjects it was pretrained on), so pretrain one here.
+    with pytest.raises(DataError, match=r"subject_splits\.parquet"):
+        finetune(ehr_model, data, ft, {"labels": labels}, FinetuneConfig(epochs=1, few_shot=2),
+                 salt="other", n_boot=10, echo=False)  # fmt: skip
+    from healthfm.cli import main
+
+    base = tmp_path / "base"
+    argv = ["pretrain", "ehr", str(data), "--out", str(base), "--steps", "2", "--batch-size", "8"]
+    assert main([*argv, "--eval-every", "0", "--split-salt", "other"]) == 0
+    finetune(base, data, ft, {"labels": labels}, FinetuneConfig(epochs=1, few_shot=2),
              salt="other", n_boot=10, echo=False)  # fmt: skip
     evaluate_ehrshot = partial(evaluate, modality_name="ehr")
 

@@ -23,9 +23,52 @@ def test_round_trip_identical_outputs(tmp_path):
     assert json.loads((tmp_path / "m" / "training_info.json").read_text())["note"] == "x"
 
 
-def _saved(tmp_path):
+def _saved(tmp_path, checksums: bool = False):
+    """A saved model folder; without ``checksums`` its marker is removed (as a folder of
+    an earlier version has none), so the strict checks below the checksums are reached."""
     save_pretrained(tiny_model(), tmp_path / "m")
+    if not checksums:
+        (tmp_path / "m" / ".healthfm.json").unlink()
     return tmp_path / "m"
+
+
+def test_flipped_bit_in_weights_is_caught(tmp_path):
+    # The issue's case: one weight 0.0335 -> 34.35 by a flipped exponent bit loads
+    # silently without checksums; with them it is refused, naming the file.
+    folder = _saved(tmp_path, checksums=True)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x08
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256 differs") as err:
+        healthfm.load(folder)
+    assert err.value.file == str(weights)
+
+
+def test_every_file_is_checked(tmp_path):
+    folder = _saved(tmp_path, checksums=True)
+    marker = json.loads((folder / ".healthfm.json").read_text())
+    assert set(marker["sha256"]) == {"config.json", "model.safetensors"}  # no tokenizer here
+    assert marker["kind"] == "model"
+    healthfm.load(folder)  # intact: loads
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    with pytest.raises(ModelError, match=r"config\.json"):
+        healthfm.load(folder)
+
+
+def test_folder_of_an_earlier_version_loads_with_a_warning(tmp_path, caplog):
+    folder = _saved(tmp_path, checksums=False)
+    with caplog.at_level("WARNING", logger="healthfm"):
+        model = healthfm.load(folder)
+    assert len(model.model_hash) == 64
+    assert "cannot be checked" in caplog.text and str(folder) in caplog.text
+
+
+def test_damaged_marker_is_an_error(tmp_path):
+    folder = _saved(tmp_path, checksums=True)
+    (folder / ".healthfm.json").write_text("{not json")
+    with pytest.raises(ModelError, match="damaged"):
+        healthfm.load(folder)
 
 
 def test_missing_tensor(tmp_path):
@@ -118,6 +161,26 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
         save_pretrained(tiny_model(), folder)
     assert (folder / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_permissions_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_pretrained(tiny_model(), tmp_path / "shared")
+    finally:
+        os.umask(old)
+    folder = tmp_path / "shared"
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+    old = os.umask(0o077)
+    try:
+        save_pretrained(tiny_model(), tmp_path / "private")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "private" / "model.safetensors").stat().st_mode & 0o777 == 0o600
 
 
 def test_weights_file_is_byte_identical_across_saves(tmp_path):

@@ -73,6 +73,19 @@ class DnaModality(Modality):
     options_class = DnaOptions
     objective = "masked"
     default_pooling = "mean"
+    input_kind = "a table (TSV/CSV) or FASTA file of sequences"
+
+    def looks_like(self, path: Path) -> bool | None:
+        """A text file (a table or FASTA): not a folder, not HDF5, parquet or an image."""
+        if Path(path).is_dir():
+            return False
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+        except OSError:
+            return None
+        binary = (b"\x89HDF", b"PAR1", b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*")
+        return not head.startswith(binary)
 
     def read(self, path: str | Path, options: DnaOptions | dict[str, Any]) -> Samples:
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
@@ -136,11 +149,37 @@ class DnaModality(Modality):
             yield tokenizer.encode(samples.payload[idx], keys=samples.keys[idx].tolist())
 
     def check_input(self, samples: Samples, tokenizer: Tokenizer) -> None:
-        """The k-mer vocabulary covers every valid sequence, so only its type is checked; a
-        published model's tokenizer checks its own coverage (``check_sequences``)."""
+        """The k-mer vocabulary covers every valid sequence; a sequence longer than the
+        context is said (a warning with the count): its vector describes its first tokens
+        only. A published model's tokenizer checks its own coverage (``check_sequences``)."""
+        import logging
+
         check = getattr(self._dna(tokenizer), "check_sequences", None)
         if check is not None:
             check(samples.payload, source=samples.source)
+            return
+        kmer = self._kmer(tokenizer)
+        if kmer.max_length is None:
+            return
+        full = KmerTokenizer(
+            k=kmer.k, stride=kmer.stride, ambiguity=kmer.ambiguity, add_cls=kmer.add_cls
+        )
+        lengths = full.tokenized_lengths(_sequence_lengths(samples))
+        longer = np.flatnonzero(lengths > kmer.max_length)
+        if len(longer):
+            i = int(longer[0])
+            logging.getLogger("healthfm").warning(
+                "healthfm: warning: %d of %d sequences are longer than the model's context of "
+                "%d tokens and are embedded from their first %d tokens only (e.g. %r: %d "
+                "tokens) (file %s)",
+                len(longer),
+                len(samples),
+                kmer.max_length,
+                kmer.max_length,
+                str(samples.keys[i]),
+                int(lengths[i]),
+                samples.source,
+            )
 
     def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
         """Reverse-complement each row with probability 0.5, if the tokenizer says so."""

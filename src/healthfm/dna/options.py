@@ -22,8 +22,8 @@ class DnaOptions(Options):
     key_column: str | None = option(None, "table column of unique sample ids")
     labels: str | None = option(None, "TSV/CSV of FASTA record ids and labels (FASTA input)")
     id_column: str = option("id", "id column of the --labels file")
-    k: int = option(1, "k-mer size (1 = single nucleotides; 6 = DNABERT)")
-    stride: int = option(1, "k-mer step: 1 overlapping, k non-overlapping")
+    k: int = option(1, "k-mer size (1 = single nucleotides; 6 = DNABERT)", minimum=1)
+    stride: int = option(1, "k-mer step: 1 overlapping, k non-overlapping", minimum=1)
     ambiguity: str = option(
         "token", "k=1: a token per IUPAC code, or all as N", choices=("token", "n")
     )

@@ -153,13 +153,40 @@ def _require_columns(frame: pl.DataFrame, columns: list[str], path: Path, role: 
             )
 
 
+def _ragged_row(data: bytes, sep: str) -> tuple[int, int, int] | None:
+    """The first data row whose field count differs from the header's: (row, found,
+    expected), or None. Quoted fields are parsed as CSV does, so a quoted separator
+    does not count."""
+    import csv
+
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    try:
+        header = next(reader)
+        for row, fields in enumerate(reader):
+            if fields and len(fields) != len(header):
+                return row, len(fields), len(header)
+    except (csv.Error, StopIteration):
+        return None
+    return None
+
+
 def _parse_table(data: bytes, path: Path, sep: str) -> pl.DataFrame:
     if not data.strip():
         raise DataError("empty file: no header and no rows", file=path)
     try:
         frame = pl.read_csv(io.BytesIO(data), separator=sep, infer_schema=False)
     except (pl.exceptions.PolarsError, ValueError) as exc:
-        raise DataError(f"cannot parse the table: {exc}", file=path) from exc
+        ragged = _ragged_row(data, sep)
+        if ragged is not None:
+            row, found, expected = ragged
+            raise DataError(
+                f"row has {found} fields, the header {expected} (line {row + 2})",
+                file=path,
+                row=row,
+            ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot parse the table: {first}", file=path) from None
     if frame.height == 0:
         raise DataError("no data rows (only a header)", file=path)
     return frame

@@ -333,6 +333,11 @@ class KmerTokenizer(Tokenizer):
             ``[CLS]`` if ``add_cls``).
         """
         seqs = sequences.tolist() if isinstance(sequences, np.ndarray) else list(sequences)
+        if self.max_length is not None:
+            # Only the bases the kept tokens read: a 10 MB sequence costs its first few
+            # thousand bases, not gigabytes of temporaries for tokens that are dropped.
+            needed = max(self.max_length - self.add_cls - 1, 0) * self.stride + self.k
+            seqs = [s[:needed] if len(s) > needed else s for s in seqs]
         n = len(seqs)
         keys = np.arange(n) if keys is None else keys
         lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=n)

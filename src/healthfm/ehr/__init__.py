@@ -101,6 +101,17 @@ class EhrModality(Modality):
 
     name = "ehr"
     options_class = EhrOptions
+    input_kind = "a MEDS folder (data/*.parquet, metadata/)"
+
+    def looks_like(self, path: Path) -> bool | None:
+        """A folder with ``data/`` parquet shards or ``metadata/codes.parquet``."""
+        path = Path(path)
+        if not path.is_dir():
+            return False
+        return (path / "metadata" / "codes.parquet").is_file() or any(
+            (path / "data").glob("**/*.parquet")
+        )
+
     objective = "causal"
     default_pooling = "last"
     #: Causal models keep the most recent history when a subject is longer than the context.
@@ -126,6 +137,16 @@ class EhrModality(Modality):
                 "n_shards": len(ds.shards),
             },
         )
+
+    def split_source(self, samples: Samples) -> dict[str, Any]:
+        """``metadata/subject_splits.parquet`` (with its SHA-256) when the folder has one."""
+        ds: MedsDataset = samples.payload["dataset"]
+        path = ds.root / "metadata" / "subject_splits.parquet"
+        if not ds.splits or not path.is_file():
+            return {"source": "hash"}
+        from healthfm.fsutil import sha256_file
+
+        return {"source": "metadata/subject_splits.parquet", "sha256": sha256_file(path)}
 
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]

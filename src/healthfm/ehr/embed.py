@@ -42,7 +42,13 @@ from healthfm.ehr.reader import US_PER_DAY, Labels, MedsDataset, iter_batches
 from healthfm.ehr.tokenizer import STATIC_TIME, EncodedShard, MedsTokenizer
 from healthfm.errors import ConfigError, DataError, ModelError
 from healthfm.model.heads import FoundationModel
-from healthfm.tokenizer import PAD_ID
+from healthfm.tokenizer import PAD_ID, UNK_ID
+
+#: Above this fraction of the labelled subjects' events read as [UNK], a model's
+#: embeddings say little about the data (another vocabulary?): refused, with the numbers.
+MAX_UNKNOWN_FRACTION = 0.5
+#: Above this fraction, a warning with the same report.
+WARN_UNKNOWN_FRACTION = 0.1
 
 log = logging.getLogger("healthfm.ehr")
 
@@ -423,10 +429,23 @@ def featurize_labels(
     if model is not None:
         model.eval()
     check = getattr(tokenizer, "check_dataset", None)
-    if check is not None:  # a published model's vocabulary: refuse data it cannot read
+    if check is not None:  # a published model's vocabulary: it checks its own coverage
         check(ds)
+    # healthfm's own tokenizer: [UNK] runs counted as the batches go (refused when most are).
+    own_vocabulary = check is None and isinstance(tokenizer, MedsTokenizer)
+    n_unknown = n_events = 0
+    unknown_codes: dict[str, int] = {}
     for _, df in iter_batches(ds, np.unique(subjects)):
         enc = tokenizer.encode_frame(df)
+        if own_vocabulary:
+            n_unknown, n_events = _count_unknown(enc, tokenizer, n_unknown, n_events)
+        if own_vocabulary and model is not None and len(unknown_codes) < 5:
+            for code in df["code"].unique().head(50).to_list():
+                if code not in tokenizer.code_to_id and len(unknown_codes) < 5:
+                    unknown_codes[str(code)] = 1
+        if own_vocabulary and model is not None and n_events >= 10_000:
+            # Decide early: the first batches show another vocabulary as well as all do.
+            _check_coverage(n_unknown, n_events, unknown_codes, tokenizer, ds, final=False)
         idx = np.flatnonzero(np.isin(subjects, enc.subject_ids))
         s_idx, cut = label_cutoffs(enc, subjects[idx], times_us[idx])
         if model is not None:
@@ -440,6 +459,8 @@ def featurize_labels(
         n_tokens[idx] = cut - enc.offsets[s_idx]
     if not where:
         raise DataError("no labelled subject found in the MEDS data", file=labels.source)
+    if own_vocabulary and model is not None:
+        _check_coverage(n_unknown, n_events, unknown_codes, tokenizer, ds, final=True)
     order = np.concatenate(where)
     mat = sparse.vstack(counts).tocsr()
     inv = np.empty(len(order), dtype=np.int64)
@@ -466,3 +487,44 @@ __all__ = [
     "featurize_labels",
     "label_cutoffs",
 ]
+
+
+def _count_unknown(
+    enc: EncodedShard, tokenizer: MedsTokenizer, n_unknown: int, n_events: int
+) -> tuple[int, int]:
+    """Running counts of [UNK] tokens and of code tokens (known or not)."""
+    ids = np.asarray(enc.ids)
+    known = (ids >= tokenizer.code_base) & (ids < tokenizer.code_base + len(tokenizer.codes))
+    unknown = int((ids == UNK_ID).sum())
+    return n_unknown + unknown, n_events + unknown + int(known.sum())
+
+
+def _check_coverage(
+    n_unknown: int,
+    n_events: int,
+    examples: dict[str, int],
+    tokenizer: MedsTokenizer,
+    ds: MedsDataset,
+    final: bool,
+) -> None:
+    """Refuse (or, above the warning level, warn) when the model's vocabulary misses most
+    of the data's codes: its embeddings of [UNK] runs would be scored as if meaningful."""
+    import logging
+
+    if n_events == 0:
+        return
+    fraction = n_unknown / n_events
+    report = (
+        f"{fraction:.0%} of the labelled subjects' {n_events:,} events have a code outside "
+        f"the model's vocabulary of {len(tokenizer.codes):,} codes (read as [UNK]); e.g. "
+        f"data codes {list(examples)[:3]}, model codes {tokenizer.codes[:3]}"
+    )
+    if fraction > MAX_UNKNOWN_FRACTION:
+        raise DataError(
+            f"{report}: the data use another vocabulary than the model was pretrained on "
+            "(map the codes to the model's, or pretrain on this data)",
+            file=ds.root,
+            column="code",
+        )
+    if final and fraction > WARN_UNKNOWN_FRACTION:
+        logging.getLogger("healthfm").warning("healthfm: warning: %s (%s)", report, ds.root)

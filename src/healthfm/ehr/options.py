@@ -24,12 +24,12 @@ class EhrOptions(Options):
         "few-shot k values, integers and/or 'all' (default: 1 2 4 8 16 32 64 128 all)",
         nargs="+",
     )
-    min_count: int = option(5, "minimum train count of a code to get a token")
-    max_codes: int | None = option(None, "keep only the N most frequent codes")
-    n_bins: int = option(10, "quantile bins per numeric code (10 = deciles)")
-    min_text_count: int = option(20, "minimum train count of a text value token")
+    min_count: int = option(5, "minimum train count of a code to get a token", minimum=1)
+    max_codes: int | None = option(None, "keep only the N most frequent codes", minimum=1)
+    n_bins: int = option(10, "quantile bins per numeric code (10 = deciles)", minimum=1)
+    min_text_count: int = option(20, "minimum train count of a text value token", minimum=1)
     no_gap_tokens: bool = option(False, "no [GAP] interval tokens")
-    max_len: int | None = option(None, "context length (default: from the data)")
+    max_len: int | None = option(None, "context length (default: from the data)", minimum=2)
     strict_codes: bool = option(
         False, "error if the data use codes missing from metadata/codes.parquet"
     )

@@ -329,7 +329,7 @@ def open_meds(root: str | Path, strict_codes: bool = False) -> MedsDataset:
     meta_dir = root / "metadata"
     split_path = meta_dir / "subject_splits.parquet"
     if split_path.is_file():
-        table = pq.read_table(split_path)
+        table = _read_metadata_table(split_path)
         for name in ("subject_id", "split"):
             if name not in table.column_names:
                 raise DataError("required column is missing", file=split_path, column=name)
@@ -351,7 +351,7 @@ def open_meds(root: str | Path, strict_codes: bool = False) -> MedsDataset:
         ds.splits = dict(zip(sp["subject_id"].to_list(), sp["split"].to_list(), strict=True))
     codes_path = meta_dir / "codes.parquet"
     if codes_path.is_file():
-        table = pq.read_table(codes_path)
+        table = _read_metadata_table(codes_path)
         if "code" not in table.column_names:
             raise DataError("required column is missing", file=codes_path, column="code")
         codes = pl.from_arrow(table)
@@ -364,6 +364,18 @@ def open_meds(root: str | Path, strict_codes: bool = False) -> MedsDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise DataError(f"dataset.json is not valid JSON: {exc}", file=meta_path) from exc
     return ds
+
+
+def _read_metadata_table(path: Path) -> pa.Table:
+    """A metadata parquet file; a corrupt or truncated one is a DataError naming it."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"cannot read the metadata file (corrupt, truncated or not parquet): {first}",
+            file=path,
+        ) from None
 
 
 def _read_error(path: Path, exc: Exception) -> DataError:

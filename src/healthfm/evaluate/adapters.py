@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from healthfm.errors import ConfigError, ModelError
-from healthfm.fsutil import sha256_file
+from healthfm.fsutil import sha256_file, verify_manifest
 from healthfm.model.heads import FoundationModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -192,6 +192,7 @@ def load_adapter(
     from healthfm.evaluate.task_head import with_task_head
 
     adapter_dir = Path(adapter_dir)
+    verify_manifest(adapter_dir)  # its files' SHA-256, recorded when it was written
     ref = read_adapter_info(adapter_dir)
     base = load_base(adapter_dir, ref["base_model"], adapter_dir / BASE_REF, base_dir)
     model = with_task_head(base, ref["task_head"], copy_encoder=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -128,6 +129,27 @@ def embed_store(
         raise ConfigError(f"{model.name} cannot attend within packed rows: embed without --pack")
     chosen = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
     lengths = np.minimum(np.asarray(store.lengths)[chosen], model.max_len)
+    n = len(chosen)
+    longer = (
+        np.flatnonzero(np.asarray(store.lengths)[chosen] > model.max_len)
+        if model.max_len
+        else np.array([])
+    )
+    if len(longer):
+        # Never silent: each of these vectors describes only part of its sample.
+        first = int(longer[0])
+        logging.getLogger("healthfm").warning(
+            "healthfm: warning: %d of %d samples are longer than the model's context of %d "
+            "tokens and are embedded from their %s %d tokens only (e.g. sample %r: %d tokens) (%s)",
+            len(longer),
+            n,
+            model.max_len,
+            "first" if truncate == "head" else "last",
+            model.max_len,
+            store.keys[chosen[first]] if hasattr(store, "keys") else int(chosen[first]),
+            int(store.lengths[chosen[first]]),
+            store.path,
+        )
     out = np.zeros((len(chosen), model.dim), dtype=np.float32)
     pooling = pooling or model.pooling
     bar = tqdm(

@@ -1,13 +1,17 @@
 """Model folders: ``config.json`` + ``model.safetensors`` + ``tokenizer.json``.
 
-The layout Hugging Face tools use. Loading is strict: a missing, extra or mis-shaped
-tensor, or a config from a newer format, is a :class:`~healthfm.errors.ModelError`.
+The layout Hugging Face tools use, plus healthfm's marker ``.healthfm.json`` with the
+SHA-256 of every file (:mod:`healthfm.fsutil`). Loading is strict: a file whose checksum
+differs (a flipped bit, a truncated copy), a missing, extra or mis-shaped tensor, or a
+config from a newer format, is a :class:`~healthfm.errors.ModelError`. A folder written
+by an earlier version (no marker) still loads, with a warning that it cannot be verified.
 Weights are safetensors only, so nothing loaded from disk can run code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from healthfm.errors import ConfigError, ModelError
-from healthfm.fsutil import atomic_dir, sha256_file
+from healthfm.fsutil import MARKER_NAME, atomic_dir, sha256_file, verify_manifest
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
 from healthfm.tokenizer import Tokenizer, load_tokenizer
@@ -26,6 +30,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 INFO_NAME = "training_info.json"
+
+log = logging.getLogger("healthfm")
 
 
 def _healthfm_version() -> str:
@@ -59,7 +65,7 @@ def save_pretrained(
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     path = Path(path)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kind="model") as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         # One metadata key: safetensors writes its metadata map in hash order, so a second
         # key made the file's bytes (and so model_hash, its SHA-256) differ between runs.
@@ -143,6 +149,9 @@ def load(path: str | Path, modality: str | None = None) -> FoundationModel:
     """
     path = Path(path)
     config = read_config(path)
+    # The weights' digest is the model hash: computed once, checked against the manifest.
+    weights_hash = sha256_file(path / WEIGHTS_NAME) if (path / WEIGHTS_NAME).is_file() else None
+    verify_model_folder(path, {WEIGHTS_NAME: weights_hash} if weights_hash else None)
     if modality is not None and config.modality != modality:
         raise ModelError(
             f"this model was pretrained for modality {config.modality!r}, not {modality!r}",
@@ -168,6 +177,39 @@ def load(path: str | Path, modality: str | None = None) -> FoundationModel:
         )
     model.tokenizer = tokenizer
     model.folder = path
-    model.model_hash = sha256_file(path / WEIGHTS_NAME)
+    model.model_hash = weights_hash
     model.eval()
     return model
+
+
+def verify_model_folder(path: str | Path, known: dict[str, str] | None = None) -> bool:
+    """Check a model folder's files against the SHA-256 recorded when it was written.
+
+    Parameters
+    ----------
+    path
+        The model folder.
+    known
+        Digests already computed (file name → hex).
+
+    Returns
+    -------
+    bool
+        True when verified; False for a folder of an earlier version (no marker), after
+        logging a warning.
+
+    Raises
+    ------
+    ModelError
+        A file differs from its recorded checksum, or is missing.
+    """
+    path = Path(path)
+    if verify_manifest(path, known) is not None:
+        return True
+    log.warning(
+        "healthfm: warning: %s has no %s (written by an earlier healthfm): its files "
+        "cannot be checked for corruption; save it again to add checksums",
+        path,
+        MARKER_NAME,
+    )
+    return False

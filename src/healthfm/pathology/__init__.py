@@ -37,7 +37,13 @@ from healthfm.modality import (
 from healthfm.pathology import mae as _mae  # noqa: F401  (registers the "mae" objective)
 from healthfm.pathology.baselines import BASELINES
 from healthfm.pathology.options import PathologyOptions
-from healthfm.pathology.reader import OPENSLIDE_SUFFIXES, TIFF_SUFFIXES, open_slide, read_image
+from healthfm.pathology.reader import (
+    IMAGE_SUFFIXES,
+    OPENSLIDE_SUFFIXES,
+    TIFF_SUFFIXES,
+    open_slide,
+    read_image,
+)
 from healthfm.pathology.source import TileSource, embed_tiles
 from healthfm.pathology.split import stratified_split
 from healthfm.pathology.tilesets import PCAM_RE, TileSet, read_tile_set, slide_tile_set
@@ -74,6 +80,40 @@ def _tile_one(slide: Path, tile_dir: str | Path, options: PathologyOptions) -> P
     )[0]
 
 
+def tile_files(path: str | Path) -> list[Path]:
+    """The tile HDF5 files of ``healthfm tile``'s output (Trident layout): a ``.h5`` file,
+    a folder of them, or a tile output folder with ``patches/*.h5``; [] for anything else
+    (PatchCamelyon's ``.h5`` pairs are a tile set, not tile files)."""
+    path = Path(path)
+    if path.is_file():
+        ok = path.suffix.lower() == ".h5" and not PCAM_RE.search(path.name)
+        return [path] if ok else []
+    if not path.is_dir():
+        return []
+    for folder in (path, path / "patches"):
+        found = sorted(p for p in folder.glob("*.h5") if not PCAM_RE.search(p.name))
+        if found:
+            return found
+    return []
+
+
+def _tile_pairs(h5s: list[Path]) -> list[tuple[Path, Path]]:
+    """(tile file, slide) of each tile file: the slide its ``source`` attribute names."""
+    pairs = []
+    for h5 in h5s:
+        grid, _ = read_tiles_h5(h5)
+        src = grid.attrs.get("source")
+        if not src or not Path(src).is_file():
+            raise DataError(
+                "tile file does not name an existing slide in its 'source' attribute "
+                f"({src!r}); the slide must stay where healthfm tile read it",
+                file=h5,
+                column="source",
+            )
+        pairs.append((h5, Path(src)))
+    return pairs
+
+
 def is_slide_input(path: str | Path) -> bool:
     """Whether ``path`` is a slide file or a folder of slide files (not a tile set)."""
     path = Path(path)
@@ -92,6 +132,23 @@ class PathologyModality(Modality):
 
     name = "pathology"
     options_class = PathologyOptions
+    input_kind = "slides, a tile folder or the output of healthfm tile"
+
+    def looks_like(self, path: Path) -> bool | None:
+        """Slides, images, tile files, folders of them; not a table, FASTA, h5ad or MEDS."""
+        path = Path(path)
+        if path.is_dir():
+            meds = (path / "metadata" / "codes.parquet").is_file() or any(
+                (path / "data").glob("*.parquet")
+            )
+            return False if meds else None
+        suffix = path.suffix.lower()
+        if suffix in SLIDE_SUFFIXES + IMAGE_SUFFIXES + (".h5",):
+            return True
+        return (
+            False if suffix in (".tsv", ".csv", ".txt", ".fa", ".fasta", ".h5ad", ".gz") else None
+        )
+
     objective = "mae"
     default_pooling = "mean"
     embedding_method = "{preset}-mae-{pooling}+{probe}"
@@ -104,7 +161,13 @@ class PathologyModality(Modality):
         path = Path(path)
         if not path.exists():
             raise DataError("no such file or folder", file=path)
-        if is_slide_input(path):
+        h5s = tile_files(path)
+        if h5s:  # the output of `healthfm tile`: tile → coordinates → features
+            pairs = _tile_pairs(h5s)
+            slides = [slide for _, slide in pairs]
+            tiles = slide_tile_set(h5s, slides, options.slide_mpp)
+            info = {"h5": h5s, "slides": slides}
+        elif is_slide_input(path):
             tile_dir = options.tile_dir
             info: dict[str, Any] = {}
             if tile_dir is None:
@@ -247,30 +310,23 @@ class PathologyModality(Modality):
         written to ``out/<slide>.h5``. A tile set: one input, ``out/embeddings.parquet``."""
         options = self.options(options)
         path, out = Path(path), Path(out)
-        # A folder of tile files from `healthfm tile` (PatchCamelyon's .h5 pairs are a tile set).
-        h5_inputs = (
-            sorted(p for p in path.glob("*.h5") if not PCAM_RE.search(p.name))
-            if path.is_dir()
-            else []
-        )
+        # Tile files from `healthfm tile` (a file, a folder of them, or its output folder).
+        h5_inputs = tile_files(path)
         if not (is_slide_input(path) or h5_inputs):
             yield self.read(path, options), out / "embeddings.parquet"
             return
+        written: dict[Path, list[Path]] = {}
         if h5_inputs:
-            pairs = []
-            for h5 in h5_inputs:
-                grid, _ = read_tiles_h5(h5)
-                src = grid.attrs.get("source")
-                if not src or not Path(src).is_file():
-                    raise DataError(
-                        "tile file does not name an existing slide in its 'source' attribute",
-                        file=h5,
-                        column="source",
-                    )
-                pairs.append((h5, Path(src)))
+            pairs = _tile_pairs(h5_inputs)
         else:
             tile_dir = Path(options.tile_dir or out)
-            pairs = [(_tile_one(s, tile_dir, options), s) for s in find_slides(path)]
+            pairs = []
+            for s in find_slides(path):
+                h5 = _tile_one(s, tile_dir, options)
+                pairs.append((h5, s))
+                # What this run wrote for the slide: removed if embedding it fails.
+                thumbs = tile_dir / "thumbnails"
+                written[h5] = [h5, thumbs / f"{s.stem}.png", thumbs / f"{s.stem}.raw.png"]
         for h5, slide in pairs:
             tiles = slide_tile_set([h5], [slide], options.slide_mpp)
             grid, _ = read_tiles_h5(h5)
@@ -281,7 +337,7 @@ class PathologyModality(Modality):
                 labels=tiles.labels,
                 payload=tiles,
                 data_hash=tiles.data_hash,
-                info={"grid": grid},
+                info={"grid": grid, "written": written.get(h5, [])},
             )
             yield samples, out / f"{slide.stem}.h5"
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from healthfm.errors import DataError
+from healthfm.errors import DataError, ModelError
 from healthfm.evaluate.paired import Prediction, compare
 from healthfm.evaluate.results import ResultRow, format_table, rows_from_metrics, write_results
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
@@ -306,6 +306,18 @@ def evaluate_slides(
 
     t0 = time.perf_counter()
     features_dir, out_dir, labels_csv = Path(features_dir), Path(out_dir), Path(labels_csv)
+    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
+        from healthfm.model.pretrained import read_config
+
+        # The model is the features' provenance: one of another modality cannot be it.
+        found = read_config(model_dir).modality
+        if found != "pathology":
+            raise ModelError(
+                f"this is a {found} model; evaluate-slides needs the pathology model whose "
+                "tile features it scores (the one given to healthfm embed)",
+                file=Path(model_dir) / "config.json",
+                column="modality",
+            )
     ids, labels, splits = read_slide_labels(labels_csv, slide_column, label_column)
     bags, grids = [], []
     for row, sid in enumerate(ids):

@@ -408,16 +408,54 @@ def tile_slide(
     with open_slide(slide_path, mpp=slide_mpp) as slide:
         low, ds = slide.low_res()
         grid = plan_tiles(slide, mpp, size, overlap, min_tissue, tissue_mask(low), ds)
+        check_tiles_decode(slide, grid, slide_path)
     grid.attrs["thumbnail_downsample"] = float(ds)
     grid.attrs["savetodir"] = str(out_dir / "patches")
     stem = Path(slide_path).stem
-    write_png(out_dir / "thumbnails" / f"{stem}.raw.png", low)
-    write_png(
+    outputs = [
+        out_dir / "thumbnails" / f"{stem}.raw.png",
         out_dir / "thumbnails" / f"{stem}.png",
-        draw_grid(low, ds, grid.coords, grid.attrs["patch_size_level0"]),
-    )
-    h5 = write_tiles_h5(out_dir / "patches" / f"{stem}.h5", grid)
+        out_dir / "patches" / f"{stem}.h5",
+    ]
+    try:  # all three, or none: a failure midway leaves no thumbnail without its tiles
+        write_png(outputs[0], low)
+        write_png(outputs[1], draw_grid(low, ds, grid.coords, grid.attrs["patch_size_level0"]))
+        h5 = write_tiles_h5(outputs[2], grid)
+    except BaseException:
+        for path in outputs:
+            path.unlink(missing_ok=True)
+        raise
     return h5, grid
+
+
+#: Tiles decoded by :func:`check_tiles_decode` (spread over the grid).
+DECODE_CHECK_TILES = 16
+
+
+def check_tiles_decode(slide: Any, grid: TileGrid, path: str | Path) -> None:
+    """Decode a few tiles spread over the grid at its level: a slide whose tile data are
+    corrupt (truncated JPEG tiles) fails here, before any file is written, rather than
+    when it is embedded."""
+    n = len(grid.coords)
+    if n == 0:
+        return
+    level, side = int(grid.attrs["level"]), int(grid.attrs["read_size"])
+    for i in np.unique(np.linspace(0, n - 1, min(n, DECODE_CHECK_TILES)).astype(np.int64)):
+        x, y = (int(v) for v in grid.coords[i])
+        try:
+            tile = slide.read_region(x, y, level, side, side)
+        except DataError:
+            raise
+        except Exception as exc:  # decoders raise many types on corrupt data
+            raise DataError(
+                f"tile {int(i)} at ({x}, {y}) cannot be decoded (corrupt tile data?): {exc}",
+                file=path,
+                row=int(i),
+            ) from None
+        if tile is None or np.asarray(tile).shape[:2] != (side, side):
+            raise DataError(
+                f"tile {int(i)} at ({x}, {y}) decodes to no image", file=path, row=int(i)
+            )
 
 
 def find_slides(path: str | Path) -> list[Path]:

@@ -122,6 +122,20 @@ class SingleCellModality(Modality):
 
     name = "singlecell"
     options_class = SingleCellOptions
+    input_kind = "an AnnData .h5ad file"
+
+    def looks_like(self, path: Path) -> bool | None:
+        """An ``.h5ad`` file (HDF5 with AnnData's layout); not a text file or a folder."""
+        path = Path(path)
+        if path.is_dir():
+            return False
+        try:
+            with open(path, "rb") as handle:
+                hdf5 = handle.read(8) == b"\x89HDF\r\n\x1a\n"
+        except OSError:
+            return None
+        return hdf5 and path.suffix.lower() == ".h5ad"
+
     objective = "masked"
     default_pooling = "mean"
 

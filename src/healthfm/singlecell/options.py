@@ -35,9 +35,10 @@ class SingleCellOptions(Options):
         None,
         "tokens per cell incl. [CLS] (default: the longest training cell, at most "
         f"{DEFAULT_MAX_LENGTH})",
+        minimum=2,
     )
-    n_bins: int | None = option(None, "value bins incl. zero (binned; default 51)")
+    n_bins: int | None = option(None, "value bins incl. zero (binned; default 51)", minimum=2)
     min_cells: int | None = option(
-        None, "keep genes expressed in at least this many training cells (default 1)"
+        None, "keep genes expressed in at least this many training cells (default 1)", minimum=0
     )
     source: str = option("<AnnData>", "name of an in-memory AnnData in messages", cli=False)

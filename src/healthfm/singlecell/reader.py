@@ -362,6 +362,19 @@ def samples_from_anndata(
     barcodes = np.asarray(adata.obs_names).astype(str)
     if len(barcodes) == 0:
         raise DataError("the AnnData has no cells", file=source, column="obs")
+    # Barcodes are the keys of the output: duplicates would give rows nobody can tell apart.
+    unique, counts = np.unique(barcodes, return_counts=True)
+    if len(unique) < len(barcodes):
+        dup = np.flatnonzero(counts > 1)
+        name = unique[dup[0]]
+        row = int(np.flatnonzero(barcodes == name)[1])
+        raise DataError(
+            f"{len(barcodes) - len(unique)} duplicate cell barcode(s) in obs_names, e.g. "
+            f"{name!r} ({counts[dup[0]]}×); make them unique first (adata.obs_names_make_unique())",
+            file=source,
+            column="obs_names",
+            row=row,
+        )
     x = _matrix_of(adata, layer, source)
     backed = bool(getattr(adata, "isbacked", False)) and layer is None
     if backed:

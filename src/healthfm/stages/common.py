@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from healthfm.errors import ConfigError
+from healthfm.errors import ConfigError, DataError
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
 
 
@@ -66,3 +66,85 @@ def finetuned_folders(finetuned, model_dir: Any, model: Any) -> list:
     own = model is not None and getattr(model, "task_head", None) is not None
     own_dir = model_dir if isinstance(model_dir, str | Path) else getattr(model, "folder", None)
     return [*finetuned, *([own_dir] if own and own_dir is not None else [])]
+
+
+def is_healthfm_file(path: str | Path) -> bool:
+    """Whether an existing file is one ``healthfm embed`` writes (so it may replace it):
+    embeddings parquet (``key`` + ``embedding``), ``.npy`` with its ``.keys.parquet``, an
+    ``.h5ad`` with ``obsm/X_healthfm``, a tile ``.h5`` with ``coords``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            names = set(pq.read_schema(path).names)
+            return {"key", "embedding"} <= names or "healthfm" in names
+        if suffix == ".npy":
+            return path.with_suffix(".keys.parquet").is_file()
+        if suffix in (".h5ad", ".h5"):
+            import h5py
+
+            with h5py.File(path, "r") as handle:
+                return "obsm/X_healthfm" in handle if suffix == ".h5ad" else "coords" in handle
+    except Exception:  # unreadable: not ours, so never replaced
+        return False
+    return False
+
+
+def check_output_file(out: str | Path, input_path: str | Path | None = None) -> Path:
+    """Refuse an output file path healthfm may not write: the input itself, or an
+    existing file it did not write (a folder output, e.g. per-slide HDF5, passes).
+
+    Raises
+    ------
+    ConfigError
+        Naming the path and what to do.
+    """
+    out = Path(out)
+    on_disk = isinstance(input_path, str | Path)  # not an in-memory AnnData
+    if on_disk and out.exists() and out.resolve() == Path(input_path).resolve():
+        raise ConfigError(
+            "--out is the input itself; healthfm never replaces its input (choose another --out)",
+            file=out,
+            column="out",
+        )
+    if out.is_file() and not is_healthfm_file(out):
+        raise ConfigError(
+            "the output file exists and is not one healthfm wrote; healthfm replaces only its "
+            "own outputs (remove it or choose another --out)",
+            file=out,
+            column="out",
+        )
+    return out
+
+
+def check_split_source(model_dir: Any, modality: Any, samples: Any) -> None:
+    """Refuse to hash-split data whose model was pretrained on the data's own split file.
+
+    A model pretrained on a MEDS folder's ``subject_splits.parquet`` trained on its
+    ``train`` subjects; the same data without that file would be hash-split, and most
+    "held-out" subjects would be ones the model saw. The model folder records its split
+    source (``training_info.json``: ``split_source``); when the input lacks it, refuse.
+
+    Raises
+    ------
+    DataError
+        Naming the missing split file and the model's record of it.
+    """
+    if model_dir is None:
+        return
+    recorded = training_info(model_dir).get("split_source") or {}
+    source = recorded.get("source")
+    if not source or source == "hash":
+        return
+    current = modality.split_source(samples)
+    if current.get("source") == source:
+        return
+    raise DataError(
+        f"the model was pretrained with the split of {source} (SHA-256 "
+        f"{str(recorded.get('sha256', '?'))[:12]}…) but this input has no {source}: a hash "
+        "split would put subjects the model was pretrained on into the test split; put the "
+        f"file back (or write one for this data) so the held-out subjects stay held out",
+        file=Path(str(samples.source)) / source,
+    )

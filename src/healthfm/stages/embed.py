@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from healthfm.encoders import Encoder, describe, load_encoder
-from healthfm.modality import get_modality
+from healthfm.modality import check_input_modality, get_modality
+from healthfm.stages.common import check_output_file
 
 
 def embed(
@@ -50,14 +51,25 @@ def embed(
     Path
         What was written.
     """
+    check_output_file(out, input_path)
     encoder = load_encoder(model_dir, modality_name)
     modality = get_modality(encoder.modality)
     options = modality.options(options)
+    check_input_modality(modality, input_path)
     attrs = {**describe(encoder), "pooling": pooling or encoder.pooling}
     t0, count = time.perf_counter(), 0
     for samples, target in modality.embedding_inputs(input_path, options, Path(out), encoder):
-        embeddings = modality.embed_samples(encoder, samples, options, pooling, batch_size, bf16)
-        modality.write_embeddings(target, samples, embeddings, attrs, options)
+        try:
+            embeddings = modality.embed_samples(
+                encoder, samples, options, pooling, batch_size, bf16
+            )
+            modality.write_embeddings(target, samples, embeddings, attrs, options)
+        except BaseException:
+            # Files the modality wrote for this input on the way (a slide's tile file and
+            # thumbnails) are not left behind by a failed embedding.
+            for path in samples.info.get("written", []):
+                Path(path).unlink(missing_ok=True)
+            raise
         count += len(embeddings)
     if echo:
         seconds = time.perf_counter() - t0

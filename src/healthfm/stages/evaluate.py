@@ -19,16 +19,18 @@ from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.results import ResultRow, write_results
+from healthfm.fsutil import check_output_parent
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
     Features,
     Modality,
+    check_input_modality,
     get_modality,
     split_indices,
 )
 from healthfm.report import write_run_report
-from healthfm.stages.common import finetuned_folders, split_of_models
+from healthfm.stages.common import check_split_source, finetuned_folders, split_of_models
 
 
 def evaluate(
@@ -85,7 +87,7 @@ def evaluate(
         differences (``row_type: "delta"``, :mod:`healthfm.evaluate.paired`).
     """
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    out_dir = check_output_parent(out_dir, "evaluate --out folder")  # not a file: it gets files
     specs = list(model_dir) if isinstance(model_dir, list | tuple) else [model_dir]
     specs = [m for m in specs if m is not None]
     encoders = [load_encoder(m, modality_name) for m in specs]
@@ -104,7 +106,10 @@ def evaluate(
         raise ConfigError("nothing to evaluate: no model, no --finetuned and --no-baselines")
 
     # The rows the task is scored on, their split and targets.
+    check_input_modality(modality, input_path, model=bool(encoders))
     samples = modality.read(input_path, options)
+    for encoder in encoders:
+        check_split_source(encoder, modality, samples)
     rows = modality.evaluation_rows(samples, options, salt, fractions, ft_dirs)
     if task:
         rows.task = task

@@ -59,10 +59,11 @@ from healthfm.evaluate.task_head import (
     to_scores,
     with_task_head,
 )
-from healthfm.fsutil import atomic_dir
-from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, get_modality
+from healthfm.fsutil import atomic_dir, check_output_dir
+from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
+from healthfm.stages.common import check_split_source
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
 from healthfm.train.trainer import TrainConfig, Trainer
@@ -248,6 +249,7 @@ def finetune(
         )
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
+    check_output_dir(out, "model folder")  # before any work: never a user's folder
     # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
     base_spec = str(model_dir)
     base_name, model_dir = split_spec(base_spec)
@@ -269,7 +271,9 @@ def finetune(
     salt = salt or info.get("split_salt", DEFAULT_SALT)
     fractions = tuple(fractions or info.get("split_fractions", DEFAULT_FRACTIONS))
     pooling = _pooling(base, config)
+    check_input_modality(modality, input_path)
     samples = modality.read(input_path, options)
+    check_split_source(model_dir, modality, samples)
     with contextlib.ExitStack() as stack:
         # The rows, their split and targets: the modality's own rows, or one per sample.
         task_input = modality.task_input(samples, options, base, salt, fractions)
@@ -554,7 +558,7 @@ def _write(
     if peft_model is not None and not config.merge:
         from healthfm.evaluate.adapters import save_adapter
 
-        with atomic_dir(out) as tmp_out:
+        with atomic_dir(out, kind="lora_adapter") as tmp_out:
             save_adapter(
                 peft_model,
                 tmp_out,

@@ -8,6 +8,7 @@ rank under torchrun with DDP or FSDP2), write the model folder.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -16,7 +17,15 @@ from typing import Any
 import torch
 
 from healthfm.errors import ConfigError, DataError
-from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, Modality, get_modality, split_indices
+from healthfm.fsutil import check_output_dir
+from healthfm.modality import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SALT,
+    Modality,
+    check_input_modality,
+    get_modality,
+    split_indices,
+)
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
@@ -74,9 +83,54 @@ def pretrain(
     the others wait, then all train; only rank 0 writes the model folder.
     """
     modality = get_modality(modality) if isinstance(modality, str) else modality
-    train_config = train_config or TrainConfig()
-    out = Path(out)
+    train_config = (train_config or TrainConfig()).validate()
+    # Before any work: an --out that is a user's folder or file is refused, not replaced.
+    out = check_output_dir(out, "model folder")
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("the run folder exists and is a file", file=run_dir, column="run_dir")
+    check_input_modality(modality, input_path, model=False)
+    new_run_dir = not run_dir.exists()
+    try:
+        return _pretrain(
+            modality,
+            input_path,
+            out,
+            options,
+            preset,
+            train_config,
+            resume,
+            run_dir,
+            salt,
+            fractions,
+            model_overrides,
+            stop_at,
+            strategy,
+        )
+    except BaseException:
+        # A run that failed before its first checkpoint leaves nothing behind (a run
+        # folder it made for token stores or tiles); one with checkpoints is resumable.
+        has_checkpoints = any((run_dir / "checkpoints").glob("step-*"))
+        if new_run_dir and not has_checkpoints and init_distributed().is_main:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _pretrain(
+    modality: Modality,
+    input_path: str | Path,
+    out: Path,
+    options: dict[str, Any] | None,
+    preset: str,
+    train_config: TrainConfig,
+    resume: bool,
+    run_dir: Path,
+    salt: str,
+    fractions,
+    model_overrides: dict[str, Any] | None,
+    stop_at: int | None,
+    strategy: str,
+) -> Path:
     options = modality.prepare_options(modality.options(options), run_dir)
     if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
         # The modality's preference (causal timelines keep their most recent tokens).
@@ -156,6 +210,7 @@ def pretrain(
                 "data_hash": samples.data_hash,
                 "source": str(samples.source),
                 "split_salt": salt,
+                "split_source": modality.split_source(samples),
                 "split_fractions": list(fractions),
                 "n_train": len(splits["train"]),
                 "n_val": len(splits["val"]),

@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, Modality, get_modality, split_indices
+from healthfm.fsutil import check_output_dir
+from healthfm.modality import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_SALT,
+    Modality,
+    check_input_modality,
+    get_modality,
+    split_indices,
+)
 from healthfm.tokens import TokenStore
 
 
@@ -26,7 +34,9 @@ def tokenize(
     from healthfm.encoders import load_encoder
 
     modality = get_modality(modality) if isinstance(modality, str) else modality
+    check_output_dir(out, "token store folder")  # before any work: never a user's folder
     options = modality.options(options)
+    check_input_modality(modality, input_path, model=False)
     samples = modality.read(input_path, options)
     if model_dir is not None:
         tokenizer = load_encoder(model_dir, modality.name).tokenizer

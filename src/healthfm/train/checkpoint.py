@@ -70,7 +70,7 @@ def save_checkpoint(
     """
     root = Path(root)
     final = root / f"step-{step:08d}"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, kind="checkpoint", manifest=False) as tmp:
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in model_state.items()},
             tmp / "model.safetensors",

@@ -13,6 +13,14 @@ checkpoints and exact resume. Single process by default; under torchrun each ran
 on its part of every global batch, replicated (DDP) or sharded (FSDP2), see
 :mod:`healthfm.train.distributed`.
 
+Interruption: on SIGTERM or SIGUSR1 (what cluster schedulers send before killing a job)
+the loop finishes the current step, saves a checkpoint and raises
+:class:`~healthfm.errors.TrainingInterrupted` (the CLI exits 128 + the signal number,
+saying how to resume). Checkpoints come every ``checkpoint_every`` steps *and* every
+``checkpoint_minutes`` of wall time, so a kill loses at most that much work. The run
+prints its plan (steps × batch × context = tokens) and, as it goes, its throughput and
+ETA, to stderr and to ``train_log.jsonl``, with or without a terminal.
+
 A run counts optimizer steps, or epochs (``TrainConfig.epochs``): then the held-out
 evaluation, early stopping and checkpoints come at epoch ends, checkpoints are numbered by
 epoch, and each epoch adds a row (epoch, mean train loss, val loss) to ``history``.
@@ -24,7 +32,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from healthfm.errors import CheckpointError, ConfigError
+from healthfm.errors import CheckpointError, ConfigError, TrainingInterrupted
 from healthfm.fsutil import json_hash
 from healthfm.model.heads import FoundationModel
 from healthfm.tokens import TokenStore
@@ -58,6 +68,10 @@ from healthfm.train.objectives import prepare
 
 LOG_NAME = "train_log.jsonl"
 SCHEDULES = ("cosine", "constant")
+#: Signals that checkpoint and stop a run (schedulers send them before a kill).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
+)
 #: Prefix of the best weights' tensors in a checkpoint (runs with early stopping).
 BEST = "best::"
 
@@ -93,6 +107,11 @@ class TrainConfig:
         validation store (the pretraining loss; a caller's ``evaluate`` hook decides itself).
     checkpoint_every, keep_checkpoints
         Save every N steps (epochs), and at the end; keep the last K.
+    checkpoint_minutes
+        Also save when this many minutes passed since the last save (at a step, or with
+        ``epochs`` an epoch end); None or 0: only by count.
+    report
+        Print the plan, throughput and ETA to stderr (the log file gets them always).
     log_every
         Steps between JSONL log rows.
     seed
@@ -129,6 +148,7 @@ class TrainConfig:
     eval_every: int = 200
     eval_batches: int = 20
     checkpoint_every: int = 500
+    checkpoint_minutes: float | None = 30.0
     keep_checkpoints: int = 2
     log_every: int = 10
     seed: int = 0
@@ -140,6 +160,74 @@ class TrainConfig:
     patience: int | None = None
     schedule: str = "cosine"
     fused: bool | None = False
+    report: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first setting out of range; return self.
+
+        Run before any work (no run folder, no token store is written for a bad setting).
+        """
+        at_least = {
+            "steps": 1,
+            "batch_size": 1,
+            "warmup_steps": 0,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "checkpoint_every": 0,
+            "keep_checkpoints": 0,
+            "log_every": 1,
+            "num_workers": 0,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer of at least {low}, not {value!r}",
+                    column=name,
+                )
+        for name in ("micro_batch_size", "epochs", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int | np.integer) or value < 1):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be at least 1, not {value!r}", column=name
+                )
+        try:
+            lr = float(self.lr)
+        except (TypeError, ValueError):
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"--lr must be a positive number, not {self.lr!r}", column="lr")
+        for name in ("weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a non-negative number, not {value!r}",
+                    column=name,
+                )
+        if self.checkpoint_minutes is not None and not (
+            math.isfinite(self.checkpoint_minutes) and self.checkpoint_minutes >= 0
+        ):
+            raise ConfigError(
+                f"--checkpoint-minutes must be a non-negative number, not {self.checkpoint_minutes!r}",
+                column="checkpoint_minutes",
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(
+                f"mask_prob must be in (0, 1), not {self.mask_prob}", column="mask_prob"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"min_lr_ratio must be in [0, 1], not {self.min_lr_ratio}", column="min_lr_ratio"
+            )
+        if self.truncate not in ("head", "tail"):
+            raise ConfigError(
+                f"truncate must be 'head' or 'tail', not {self.truncate!r}", column="truncate"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}", column="schedule"
+            )
+        return self
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based)."""
@@ -257,6 +345,7 @@ class Trainer:
         name: str = "pretrain",
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        config.validate()
         self.info = dist_info or D.init_distributed()
         self.model = model.to(self.info.device)
         model_config = getattr(model, "config", None)
@@ -316,6 +405,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.early_stopped = False
         self.last_checkpoint: Path | None = None
+        self._signal: int | None = None
+        self._last_save = time.monotonic()
         self.identity = identity or {
             "model_config_hash": json_hash(model_config.to_dict()) if model_config else None,
             "tokenizer_hash": self.train_store.fingerprint,
@@ -336,10 +427,61 @@ class Trainer:
             Summary: steps, final train and val loss, tokens/s, wall seconds (and, counting
             epochs, the history and the best epoch).
         """
-        cfg = self.config
         resumed = self.resume() if resume else False
         if self.run_dir is not None and self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._stop_signals():
+            return self._fit(resumed, stop_at)
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """While training: SIGTERM / SIGUSR1 ask the loop to checkpoint and stop."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # Only note it: the loop saves at the end of the current step (a consistent state).
+        self._signal = signum
+
+    def _stop_now(self, at_end: bool) -> tuple[bool, bool]:
+        """(signalled, checkpoint due by time), agreed by every rank (one tiny all-reduce
+        per step under torchrun: each rank must take the same decision, or collectives hang)."""
+        minutes = self.config.checkpoint_minutes
+        timed = bool(minutes and at_end and time.monotonic() - self._last_save >= minutes * 60.0)
+        flags = torch.tensor(
+            [float(self._signal is not None), float(timed)],
+            dtype=torch.float64,
+            device=self.info.device,
+        )
+        if self.info.distributed:
+            flags = D.all_reduce_sum(flags, self.info)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _say(self, text: str) -> None:
+        """A line for the user on stderr (main process), flushed: a batch job's log file
+        gets it as a terminal would (the progress bar is off without a terminal). The
+        JSONL log's step rows carry the same numbers (``steps_per_s``, ``eta_s``)."""
+        if self.info.is_main and self.config.report:
+            print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
+    def plan(self) -> dict[str, Any]:
+        """Steps, global batch and context of the run, and the token slots they make."""
+        context = getattr(getattr(self.model, "config", None), "max_len", None)
+        steps = self.config.steps - self.step
+        plan = {"steps": steps, "batch_size": self.config.batch_size, "context": context}
+        if context:
+            plan["tokens"] = int(steps * self.config.batch_size * context)
+        return plan
+
+    def _fit(self, resumed: bool, stop_at: int | None) -> dict[str, Any]:
+        cfg = self.config
         self.model.train()
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
         bar = tqdm(
@@ -352,12 +494,31 @@ class Trainer:
         )
         per_epoch = self.batches.steps_per_epoch if cfg.epochs is not None else None
         end = cfg.steps if stop_at is None else min(stop_at * (per_epoch or 1), cfg.steps)
+        plan = self.plan()
+        tokens = (
+            f" × {plan['context']} tokens = {_si(plan['tokens'])} token slots"
+            if plan.get("tokens")
+            else ""
+        )
+        every = [f"every {cfg.checkpoint_every} steps"] if cfg.checkpoint_every else []
+        if cfg.checkpoint_minutes:
+            every.append(f"every {cfg.checkpoint_minutes:g} min")
+        where = f" in {self.checkpoint_root}" if self.run_dir is not None else ""
+        self._say(
+            f"plan: {plan['steps']} steps × batch {plan['batch_size']}{tokens}"
+            + (f"; checkpoints {' and '.join(every)}{where}" if every and where else "")
+        )
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         epoch_loss, epoch_rows = 0.0, 0
         t_window = t_start = time.perf_counter()
+        self._last_save = time.monotonic()
         tokens_total = 0
         last_loss = float("nan")
         val_loss = None
+        first_step = self.step
+        # Throughput and ETA: after the first log window, then about every tenth of the run.
+        report_every = max(cfg.log_every, (end - first_step) // 10, 1)
+        next_report = first_step + cfg.log_every
         loader = self._worker_loader(end) if cfg.num_workers > 0 else None
         self._prefetch = iter(loader) if loader is not None else None
         while self.step < end and not self.early_stopped:
@@ -373,6 +534,9 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
                 tokens_total += window_tokens
+                done = self.step - first_step
+                steps_per_s = done / max(time.perf_counter() - t_start, 1e-9)
+                eta = (end - self.step) / steps_per_s if steps_per_s > 0 else None
                 self._log(
                     {
                         "step": self.step,
@@ -380,8 +544,17 @@ class Trainer:
                         "lr": cfg.lr_at(self.step - 1),
                         "grad_norm": result["grad_norm"],
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                        "steps_per_s": steps_per_s,
+                        "eta_s": eta,
                     }
                 )
+                if self.step >= next_report and self.step < end:
+                    self._say(
+                        f"step {self.step}/{end}: loss {window_loss / window_steps:.4f}, "
+                        f"{window_tokens / max(elapsed, 1e-9):,.0f} tokens/s, "
+                        f"{steps_per_s:.2f} steps/s, ETA {_duration(eta)}"
+                    )
+                    next_report = self.step + report_every
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 t_window = time.perf_counter()
             # Evaluation and checkpoints count steps, or epochs at epoch ends.
@@ -406,9 +579,24 @@ class Trainer:
                 epoch_loss, epoch_rows = 0.0, 0
                 if self.on_epoch_end is not None and self.info.is_main:
                     self.on_epoch_end(row)
+            signalled, timed = self._stop_now(at_end)
             due = cfg.checkpoint_every and count % cfg.checkpoint_every == 0
-            if at_end and (due or self.step in (cfg.steps, end) or self.early_stopped):
+            if signalled or (
+                at_end and (due or timed or self.step in (cfg.steps, end) or self.early_stopped)
+            ):
                 self.save()
+            if signalled:
+                bar.close()
+                self._prefetch = None
+                name = signal.Signals(self._signal).name if self._signal else "a stop signal"
+                where = self.last_checkpoint or self.run_dir
+                self._say(f"{name} received: checkpointed step {self.step} in {where}")
+                raise TrainingInterrupted(
+                    f"stopped by {name} after step {self.step} of {cfg.steps}; the checkpoint "
+                    "is saved: run the same command with --resume to continue",
+                    file=where,
+                    signal=self._signal or 0,
+                )
         bar.close()
         self._prefetch = None
         del loader  # stops the workers
@@ -673,6 +861,8 @@ class Trainer:
                 keep=self.config.keep_checkpoints,
                 rng_states=rng_states,
             )
+            self.last_checkpoint = path
+        self._last_save = time.monotonic()
         D.barrier(self.info)
         return path
 
@@ -743,6 +933,26 @@ class Trainer:
         plain = build() if build is not None else FoundationModel(self.model.config)
         plain.load_state_dict(state, strict=True)
         return plain
+
+
+def _si(n: int) -> str:
+    """1234567 -> '1.2 M'."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def _duration(seconds: float | None) -> str:
+    """Seconds as '1 h 02 min', '3 min 05 s', '12 s'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "unknown"
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
 
 
 def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
