@@ -297,3 +297,18 @@ def test_an_older_run_without_report_inputs_still_renders(run_dir, tmp_path):
     (old / "results.json").write_text(json.dumps(rows))
     page = render_report([old], tmp_path / "o.html").read_text()
     assert "No paired comparison in this run" in page and "No report_inputs.json" in page
+
+
+def test_a_knn_rows_k_is_not_a_few_shot_size(run_dir, tmp_path):
+    # Single-cell k-NN rows carry k = 15 neighbours; the verdict must still be shown.
+    knn = tmp_path / "knn"
+    knn.mkdir()
+    rows = json.loads((run_dir / "results.json").read_text())
+    extra = [
+        {**r, "method": r["method"].replace("+logreg", "+knn15"), "k": 15}
+        for r in rows
+        if r.get("row_type") != "delta"
+    ]
+    (knn / "results.json").write_text(json.dumps(rows + extra))
+    page = render_report([knn], tmp_path / "k.html").read_text()
+    assert 'data-verdict="' in page and "+knn15" in page and "Few-shot" not in page

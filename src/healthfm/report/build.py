@@ -118,8 +118,16 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}".replace("-", "−")
 
 
+def _k_of(row: dict[str, Any]) -> Any:
+    """A row's few-shot size (EHRSHOT grids, and their delta rows); None otherwise (a
+    k-NN row's ``k`` counts neighbours, not label rows)."""
+    if row.get("protocol") == "ehrshot" or is_delta(row):
+        return row.get("k")
+    return None
+
+
 def _last_k(rows: list[dict[str, Any]]) -> Any:
-    ks = {str(r["k"]) for r in rows if "k" in r}
+    ks = {str(_k_of(r)) for r in rows if _k_of(r) is not None}
     if not ks:
         return None
     if "all" in ks:
@@ -249,9 +257,13 @@ def task_section(run: Run, task: str, rows: list[dict[str, Any]]) -> dict[str, A
     """Everything the page shows for one task of one run."""
     scores_rows = [r for r in rows if not is_delta(r)]
     deltas = [r for r in rows if is_delta(r)]
-    last = _last_k(scores_rows)
-    at_last = [r for r in scores_rows if last is None or str(r.get("k")) == str(last)]
-    deltas_last = [r for r in deltas if last is None or str(r.get("k")) == str(last)]
+    last = _last_k(rows)
+
+    def at(r: dict[str, Any]) -> bool:
+        return _k_of(r) is None or str(_k_of(r)) == str(last)
+
+    at_last = [r for r in scores_rows if at(r)]
+    deltas_last = [r for r in deltas if at(r)]
     hashes = sorted({str(r.get("data_hash")) for r in rows if r.get("data_hash")})
     section: dict[str, Any] = {
         "task": task,
@@ -285,15 +297,16 @@ def task_section(run: Run, task: str, rows: list[dict[str, Any]]) -> dict[str, A
                 ),
             }
         )
-    if len({str(r.get("k")) for r in scores_rows if "k" in r}) > 1:
+    grid = [r for r in scores_rows if _k_of(r) is not None]
+    if len({str(_k_of(r)) for r in grid}) > 1:
         metric = (run.meta or {}).get("primary") or "auroc"
-        if any(r["metric"] == metric for r in scores_rows):
+        if any(r["metric"] == metric for r in grid):
             section["figures"].append(
                 {
                     "title": "Few-shot curves",
                     "caption": f"Held-out {plots._label(metric)} by k: mean over seeds, band = "
                     "mean 95% bootstrap CI.",
-                    "uri": plots.few_shot(scores_rows, metric, task),
+                    "uri": plots.few_shot(grid, metric, task),
                 }
             )
     meta = run.meta if run.meta and run.meta.get("task") == task else None
