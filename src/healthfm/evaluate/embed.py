@@ -38,7 +38,7 @@ def embed_store(
     store
         Tokens written with the model's tokenizer.
     pooling
-        "mean", "cls" or "last"; the model's default when None.
+        "mean", "cls", "last" or "concat"; the model's default when None.
     batch_size
         Samples per forward pass.
     bf16
@@ -63,13 +63,16 @@ def embed_store(
         or getattr(getattr(model, "config", None), "truncate", "head")
     )
     n = len(store)
-    out = np.zeros((n, model.dim), dtype=np.float32)
+    # Sized by the first batch: "concat" pooling gives max_len · dim features, not dim.
+    out = np.zeros((n, model.dim), dtype=np.float32) if n == 0 else None
     order = np.argsort(store.lengths, kind="stable")
     for start in range(0, n, batch_size):
         idx = order[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(store, idx, model.max_len, truncate).items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pooled = model.embed(batch, pooling)
+        if out is None:
+            out = np.zeros((n, pooled.shape[1]), dtype=np.float32)
         out[idx] = pooled.float().cpu().numpy()
     return out
 

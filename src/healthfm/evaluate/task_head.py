@@ -36,10 +36,11 @@ def with_task_head(base: FoundationModel, spec: dict[str, Any]) -> FoundationMod
     """
     config = replace(base.config, extra={**base.config.extra, "task_head": spec})
     model = FoundationModel(config)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("task_head.")}
+    fresh = ("task_head.", "task_pool.")  # the task model's own parts start afresh
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith(fresh)}
     result = model.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not k.startswith("task_head.")]
+    missing = [k for k in result.missing_keys if not k.startswith(fresh)]
     if missing or unexpected:  # pragma: no cover - same config apart from the head
         raise ModelError(
             f"cannot copy the base weights: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -84,6 +85,14 @@ def pooled_rows(
     sequences, pooled over their attention mask.
     """
     hidden = model.forward_batch(batch)
+    if pooling == "attention":
+        if getattr(model, "task_pool", None) is None or "row_seq" in batch:
+            raise ConfigError(
+                "attention pooling needs a task model built with it, on rows that are whole "
+                "sequences (not prediction-time rows sharing a causal pass)",
+                column="pooling",
+            )
+        return model.task_pool(hidden, batch.get("attention_mask"))
     if "row_seq" not in batch:
         return pool(hidden, batch.get("attention_mask"), pooling)
     seq, pos = batch["row_seq"], batch["row_pos"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
+from healthfm.evaluate.controls import choose_pooling, control_features
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
@@ -44,6 +45,7 @@ def evaluate(
     include_baselines: bool = True,
     echo: bool = True,
     finetuned=(),
+    controls: bool = True,
 ) -> list[ResultRow]:
     """Probe a model's embeddings next to the modality's baselines on the same rows.
 
@@ -62,7 +64,9 @@ def evaluate(
     n_boot
         Bootstrap resamples (of groups: sequences, donors, subjects, source images).
     pooling, batch_size
-        Embedding pooling (the model's by default) and inference batch size.
+        Embedding pooling (the model's by default; ``"auto"``: the best of the encoder's
+        poolings by the validation split's score, :func:`~healthfm.evaluate.controls.choose_pooling`)
+        and inference batch size.
     salt, fractions
         The split: the model's (``training_info.json``) by default, so the test rows are
         the ones held out from pretraining.
@@ -70,6 +74,9 @@ def evaluate(
         Task name in the rows (default: from the input and label column).
     include_baselines, echo
         Whether to run the baselines; print the table.
+    controls
+        Add the model's controls (:mod:`healthfm.evaluate.controls`): the same
+        architecture untrained, and the model ⊕ the strongest baseline (chosen on val).
     finetuned
         Fine-tuned model / LoRA adapter folders whose own task-head predictions are scored
         on the same test rows (a fine-tuned ``model_dir`` adds its own).
@@ -101,20 +108,35 @@ def evaluate(
 
     # Features of every row: the model's embedding, then the baselines'.
     features: dict[str, Features] = {}
+    model_method = None
     if encoder is not None:
         t = time.perf_counter()
-        emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
+        chosen: dict[str, Any] = {}
+        if pooling == "auto":  # chosen on the validation split only
+            pooling, pool_scores, emb = choose_pooling(
+                modality, encoder, samples, rows, modality.pooling_candidates(encoder), batch_size
+            )
+            chosen = {"pooling_selected_on": "val", "pooling_val_scores": pool_scores}
+        else:
+            emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
         used = pooling or encoder.pooling
-        name = modality.embedding_method.format(
+        model_method = modality.embedding_method.format(
             preset=encoder.name, pooling=used, probe="ridge" if rows.regression else "logreg"
         )
-        features[name] = Features(
-            emb, baseline=False, extra={"pooling": used}, seconds=time.perf_counter() - t
+        features[model_method] = Features(
+            emb, baseline=False, extra={"pooling": used, **chosen}, seconds=time.perf_counter() - t
         )
     if include_baselines:
         for name, feats in modality.baseline_features(samples, rows).items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
+    if controls and model_method is not None:
+        used = features[model_method].extra["pooling"]
+        features.update(
+            control_features(
+                modality, encoder, samples, rows, features, model_method, used, batch_size
+            )
+        )
 
     # The protocol, fine-tuned models' own predictions, the modality's extra evaluations.
     model_hash = getattr(encoder, "model_hash", None)
