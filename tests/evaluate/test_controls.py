@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_model
 from torch import nn
 
 from healthfm.encoders.controls import untrained_control
@@ -21,6 +20,7 @@ from healthfm.evaluate.controls import (
 from healthfm.evaluate.results import format_table
 from healthfm.modality import EvaluationRows, Features
 from healthfm.model.heads import AttentionPool, pool
+from helpers import tiny_model
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:

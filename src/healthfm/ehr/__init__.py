@@ -362,10 +362,9 @@ class EhrModality(Modality):
     def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
         """log(1 + count) of every token up to the prediction time, plus the age then,
         under the linear probe and under gradient-boosted trees."""
-        from healthfm.ehr.baselines import baseline_probes, count_features
-
         import time
 
+        from healthfm.ehr.baselines import baseline_probes, count_features
         from healthfm.ehr.tabular import meds_tab_features
 
         feats = rows.info.get("features") or self._featurize(None, samples, rows, None, 32)

@@ -179,7 +179,7 @@ def scvi_latent(
     totals = np.asarray(counts.sum(axis=1)).reshape(-1)
     genes = highly_variable_genes(log_normalize(counts[train_idx], totals[train_idx]), n_top)
     x = counts[:, genes]
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 - scvi seeds the legacy global RNG
     with torch.random.fork_rng(devices=[]):
         scvi.settings.seed = seed  # seeds torch, numpy and random; restored below
         train = anndata.AnnData(X=x[train_idx].copy())
@@ -197,7 +197,7 @@ def scvi_latent(
             enable_checkpointing=False,
         )
         latent = model.get_latent_representation(anndata.AnnData(X=x.copy()))
-    np.random.set_state(np_state)
+    np.random.set_state(np_state)  # noqa: NPY002
     return np.asarray(latent, dtype=np.float32)
 
 
