@@ -113,6 +113,10 @@ def test_no_event_after_the_prediction_time_enters_a_feature(events, label_days)
         np.testing.assert_array_equal(X[i], alone[0])
         # ... and with arbitrary later events added: the same features.
         later = _events(
-            [*past.rows(), (s, cut + timedelta(days=1), "A", 99.0), (s, cut + timedelta(days=400), "C", None)]
+            [
+                *past.rows(),
+                (s, cut + timedelta(days=1), "A", 99.0),
+                (s, cut + timedelta(days=400), "C", None),
+            ]
         )
         np.testing.assert_array_equal(tabularize(later, labels[i : i + 1], vocab)[0], X[i])
