@@ -134,7 +134,7 @@ BASELINES: dict[str, BaselineFn] = {
 #: scVI settings: its defaults (10 latent dimensions, 128 hidden units, one layer, negative
 #: binomial likelihood) with fewer epochs on small data, early stopping on a held-back tenth.
 SCVI_LATENT = 10
-SCVI_MAX_EPOCHS = 200
+SCVI_MAX_EPOCHS = 100
 
 
 def scvi_available() -> bool:
