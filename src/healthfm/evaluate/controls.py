@@ -30,14 +30,21 @@ COMBINED = "model+baseline"
 
 
 def _train_val(rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The ``train`` and ``val`` rows; when val holds fewer than two classes (tiny data),
-    a group-disjoint cut of the non-test pool (seed 0) instead. Test rows never enter."""
-    from healthfm.evaluate.protocol import probe_split
+    """The ``train`` and ``val`` rows; when val holds fewer than two classes (tiny data,
+    few slides), a per-class cut of the non-test pool (seed 0) instead, then a group cut.
+    Test rows never enter."""
+    from healthfm.evaluate.protocol import probe_split, stratified_pool_split
 
     tr, va = rows.indices("train"), rows.indices("val")
-    if rows.regression or (len(va) and len(np.unique(rows.y[va])) >= 2):
+    if rows.regression:
+        return (tr, va) if len(va) else probe_split(tr, rows.groups, 0, val_fraction=0.2)
+    if len(va) and len(np.unique(rows.y[va])) >= 2:
         return tr, va
-    return probe_split(np.concatenate([tr, va]), rows.groups, 0, val_fraction=0.2)
+    pool = np.concatenate([tr, va])
+    tr2, va2 = probe_split(pool, rows.groups, 0, val_fraction=0.2)
+    if len(np.unique(rows.y[va2])) >= 2 and len(np.unique(rows.y[tr2])) >= 2:
+        return tr2, va2
+    return stratified_pool_split(rows.y, pool, 0)
 
 
 def validation_score(feats: Features, rows: Any, seed: int = 0) -> float:
@@ -99,7 +106,8 @@ def strongest_baseline(
     }
     if not scores:
         return None, {}
-    return max(scores, key=lambda k: scores[k]), scores
+    # An undefined score (NaN) never wins.
+    return max(scores, key=lambda k: -np.inf if np.isnan(scores[k]) else scores[k]), scores
 
 
 def standardise(X: np.ndarray, fit_idx: np.ndarray, keep_missing: bool = False) -> np.ndarray:

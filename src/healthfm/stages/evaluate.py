@@ -16,7 +16,7 @@ from typing import Any
 
 from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
-from healthfm.evaluate.controls import choose_pooling, control_features
+from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
@@ -168,6 +168,10 @@ def evaluate(
                 "model_hash": model_hash,
             }
         )
+
+    for r in result.rows:  # the untrained control's weights are not the model's
+        if r.extra.get("control") == UNTRAINED:
+            r.model_hash = None
 
     # Outputs.
     write_results(out_dir / "results.json", result.rows)
