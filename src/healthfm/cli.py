@@ -15,7 +15,7 @@ from pathlib import Path
 
 from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
 from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
-from healthfm.model.config import POOLINGS, PRESETS
+from healthfm.model.config import POOLINGS, PRESETS, TASK_POOLINGS
 
 
 def _number(kind: type, low: float, strict: bool = False):
@@ -207,9 +207,19 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples (default: 1000)"
     )
-    p.add_argument("--pooling", choices=POOLINGS, default=None)
+    p.add_argument(
+        "--pooling",
+        choices=[*POOLINGS, "auto"],
+        default=None,
+        help="default: the model's; auto: the best by the validation split",
+    )
     p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--no-baselines", action="store_true", help="skip the baselines")
+    p.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="skip the controls (the model untrained; the model with the strongest baseline)",
+    )
     _split_options(p)
 
     p = sub.add_parser("demo", help="pretrain, embed and evaluate on the bundled real data")
@@ -295,7 +305,12 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         default="random",
         help="task head start: random (default) or the frozen linear probe (LP-FT)",
     )
-    p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
+    p.add_argument(
+        "--pooling",
+        choices=TASK_POOLINGS,
+        default=None,
+        help="default: the model's; attention: learned (for fixed-length sequences)",
+    )
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -561,6 +576,7 @@ def run(argv: list[str]) -> int:
             salt=args.split_salt,
             include_baselines=not args.no_baselines,
             finetuned=args.finetuned or (),
+            controls=not args.no_controls,
         )
     elif args.command == "finetune":
         _run_finetune(args, opts)

@@ -228,6 +228,8 @@ class Modality(ABC):
     objective: ClassVar[str] = "masked"
     #: Default pooling of token states into one vector per sample.
     default_pooling: ClassVar[str] = "mean"
+    #: Poolings ``evaluate --pooling auto`` chooses among, by the validation split's score.
+    poolings: ClassVar[tuple[str, ...]] = ("mean", "cls")
     #: Which end of a sample longer than the context pretraining keeps: "head" (the start)
     #: or "tail" (the most recent tokens, for causal models of timelines).
     truncate: ClassVar[str] = "head"
@@ -446,6 +448,12 @@ class Modality(ABC):
     ) -> np.ndarray:
         """The encoder's vector of every evaluation row (default: of every sample)."""
         return self.embed_samples(encoder, samples, {}, pooling, batch_size)
+
+    def pooling_candidates(self, encoder: Any) -> tuple[str, ...]:
+        """The poolings ``--pooling auto`` tries: a published encoder's own, else
+        :attr:`poolings`."""
+        offered = getattr(encoder, "poolings", None)
+        return tuple(offered) if offered else tuple(self.poolings)
 
     def baselines(self) -> dict[str, BaselineFn]:
         """Baseline featurizers by method name."""

@@ -164,6 +164,7 @@ def rows_source(model, indices: np.ndarray, tmp_path: Path) -> StoreSource:
 def test_full_finetune_writes_weights_head_and_base_reference(work, tmp_path):
     out, base = work["full"].out, work["base"]
     assert {p.name for p in out.iterdir()} == {
+        ".healthfm.json",  # the marker: healthfm wrote it (and may replace it)
         "model.safetensors",
         FINETUNED_REF,
         "training_info.json",

@@ -32,6 +32,8 @@ from healthfm.errors import ConfigError, DataError
 from healthfm.modality import (
     BaselineFn,
     DemoSpec,
+    EvaluationRows,
+    Features,
     Modality,
     Samples,
     next_power_of_two,
@@ -73,6 +75,9 @@ class DnaModality(Modality):
     options_class = DnaOptions
     objective = "masked"
     default_pooling = "mean"
+    #: Fixed-length tasks (splice sites, promoters) are motifs at fixed offsets: "concat"
+    #: keeps every position's state, which mean pooling erases.
+    poolings = ("mean", "cls", "concat")
     input_kind = "a table (TSV/CSV) or FASTA file of sequences"
 
     def looks_like(self, path: Path) -> bool | None:
@@ -197,6 +202,27 @@ class DnaModality(Modality):
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""
         return dict(BASELINES)
+
+    def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
+        """The featurizers' baselines, and ``onehot-cnn+logreg``: the supervised CNN trained
+        on the ``train`` rows with early stopping on ``val`` (its hidden layer probed)."""
+        import time
+
+        from healthfm.dna.baselines import cnn_features
+
+        out = super().baseline_features(samples, rows)
+        t = time.perf_counter()
+        train, val = rows.indices("train"), rows.indices("val")
+        if len(val) == 0:  # no val split: the last tenth of the train rows stops it
+            train, val = train[: -max(1, len(train) // 10)], train[-max(1, len(train) // 10) :]
+        length = int(_sequence_lengths(samples, train).max())
+        X, info = cnn_features(
+            one_hot(samples.payload, length), rows.y, train, val, rows.regression
+        )
+        out["onehot-cnn+logreg"] = Features(
+            X, baseline=True, extra=info, seconds=time.perf_counter() - t
+        )
+        return out
 
     def demo_spec(self, quick: bool) -> DemoSpec:
         """Splice junctions (EI / IE / N): masked pretraining on the train split, then probes."""

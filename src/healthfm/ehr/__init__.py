@@ -114,6 +114,8 @@ class EhrModality(Modality):
 
     objective = "causal"
     default_pooling = "last"
+    #: Prediction-time embeddings read the state at the cut-off, or the mean up to it.
+    poolings = ("last", "mean")
     #: Causal models keep the most recent history when a subject is longer than the context.
     truncate = "tail"
     embedding_method = "{preset}-causal-{pooling}+{probe}"
@@ -381,14 +383,33 @@ class EhrModality(Modality):
     def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
         """log(1 + count) of every token up to the prediction time, plus the age then,
         under the linear probe and under gradient-boosted trees."""
+        import time
+
         from healthfm.ehr.baselines import baseline_probes, count_features
+        from healthfm.ehr.tabular import meds_tab_features
 
         feats = rows.info.get("features") or self._featurize(None, samples, rows, None, 32)
         counts = count_features(feats)
-        return {
+        out = {
             name: Features(counts, baseline=True, probe=probe)
             for name, probe in baseline_probes(rows.regression).items()
         }
+        # MEDS-Tab's recipe (windowed counts and value aggregates, static codes, age) under
+        # boosted trees; its code vocabulary is fitted on the train subjects.
+        t = time.perf_counter()
+        _, of_subject = rows.info["row_splits"](rows.info["salt"], rows.info["fractions"])
+        train_subjects = samples.keys[np.asarray(of_subject) == "train"]
+        X, vocab = meds_tab_features(
+            samples.payload["dataset"], rows.info["labels"], train_subjects
+        )
+        out["meds-tab+gbm"] = Features(
+            X,
+            baseline=True,
+            probe="gbm",
+            extra={"n_features": X.shape[1], "windows_days": [w or "all" for w in vocab.windows]},
+            seconds=time.perf_counter() - t,
+        )
+        return out
 
     def finetuned_rows(
         self,

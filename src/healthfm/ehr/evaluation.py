@@ -323,15 +323,19 @@ def format_ehrshot_table(rows: list[ResultRow], task: str) -> str:
     """EHRSHOT-style table: one line per k, one column per method (AUROC mean [95% CI]),
     then AUROC / AUPRC / Brier of every method with all training rows."""
     methods = list(dict.fromkeys(r.method for r in rows))
-    baseline = {r.method: r.is_baseline for r in rows}
+    # (b) marks a baseline, (c) a control (healthfm.evaluate.controls).
+    mark = {
+        r.method: " (b)" if r.is_baseline else " (c)" if r.extra.get("control") else ""
+        for r in rows
+    }
     ks = _sorted_ks(r.extra["k"] for r in rows)
     s = summarize_by_k(rows, "auroc")
     width = max(24, *(len(m) + 4 for m in methods))
     lines = [
         f"task: {task}  held-out rows: {rows[0].n_test}, subjects: {rows[0].extra['n_test_subjects']}",
         "AUROC by k (train and tuning rows per class); mean over seeds [mean subject-bootstrap 95% CI], "
-        "* = best",
-        "k".ljust(6) + "".join((m + (" (b)" if baseline[m] else "")).ljust(width) for m in methods),
+        "* = best, (b) baseline, (c) control",
+        "k".ljust(6) + "".join((m + mark[m]).ljust(width) for m in methods),
     ]
     for k in ks:
         vals = {m: s[(m, k)] for m in methods if (m, k) in s}
@@ -528,6 +532,7 @@ class EhrshotProtocol:
         seconds = rows.info.get("seconds_embed")
         for r in result_rows:
             r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
+            r.extra.update(features[r.method].extra)  # e.g. a control's "control" field
         primary = "rmse" if rows.regression else self.primary
         return ProbeResult(result_rows, final, predictions=predictions, primary=primary)
 

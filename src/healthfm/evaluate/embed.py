@@ -93,7 +93,7 @@ def embed_store(
     store
         Tokens written with the model's tokenizer.
     pooling
-        "mean", "cls" or "last"; the model's default when None.
+        "mean", "cls", "last" or "concat"; the model's default when None.
     batch_size
         At most this many samples per forward pass.
     bf16
@@ -150,8 +150,11 @@ def embed_store(
             int(store.lengths[chosen[first]]),
             store.path,
         )
-    out = np.zeros((len(chosen), model.dim), dtype=np.float32)
     pooling = pooling or model.pooling
+    if pack and pooling == "concat":
+        raise ConfigError("concat pooling keeps every position: embed without --pack")
+    # Sized by the first batch: "concat" pooling gives max_len · dim features, not dim.
+    out = np.zeros((len(chosen), model.dim), dtype=np.float32) if len(chosen) == 0 else None
     bar = tqdm(
         total=len(chosen),
         unit="sample",
@@ -175,6 +178,8 @@ def embed_store(
                 batch = collate(store, idx, model.max_len, truncate)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 pooled = model.embed(batch, pooling)
+        if out is None:
+            out = np.zeros((len(chosen), pooled.shape[1]), dtype=np.float32)
         out[local] = pooled.float().cpu().numpy()
         bar.update(len(local))
     bar.close()

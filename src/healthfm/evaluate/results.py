@@ -95,6 +95,8 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
     summary = summarize(rows)
     if not summary:
         return "(no results)"
+    # Controls (healthfm.evaluate.controls) carry a "control" field: marked like baselines.
+    controls = {(r["task"], r["method"]): r["control"] for r in rows if r.get("control")}
     metrics = metrics or list(dict.fromkeys(s["metric"] for s in summary))
     best: dict[tuple, float] = {}
     for s in summary:
@@ -109,7 +111,7 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
             f"{s['mean']:.3f}{star}[{s['ci_low']:.3f},{s['ci_high']:.3f}]"
         )
         info[(s["task"], s["method"])] = s
-    name_width = max(len(m) + (11 if info[(t, m)]["is_baseline"] else 0) for t, m in cells) + 2
+    name_width = max(len(_label(t, m, info, controls)) for t, m in cells) + 2
     # Wide enough for every cell (MAE / RMSE in the target's units can be large numbers).
     col_width = max(
         22,
@@ -127,13 +129,21 @@ def format_table(rows: list[dict[str, Any]], metrics: list[str] | None = None) -
         for (t, method), by_metric in cells.items():
             if t != task:
                 continue
-            label = method + (" (baseline)" if info[(t, method)]["is_baseline"] else "")
             lines.append(
-                label.ljust(name_width)
+                _label(t, method, info, controls).ljust(name_width)
                 + "".join(by_metric.get(m, "-").ljust(col_width) for m in metrics)
             )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _label(task: str, method: str, info: dict, controls: dict) -> str:
+    """A table row's name: the method, marked ``(baseline)`` or ``(control: <kind>)``."""
+    if info[(task, method)]["is_baseline"]:
+        return f"{method} (baseline)"
+    if (task, method) in controls:
+        return f"{method} (control: {controls[(task, method)]})"
+    return method
 
 
 LOWER_IS_BETTER = {"brier", "log_loss", "mae", "rmse"}

@@ -51,10 +51,11 @@ def with_task_head(base: Any, spec: dict[str, Any], copy_encoder: bool = True) -
         return encoder_with_head(base, spec, copy_encoder)
     config = replace(base.config, extra={**base.config.extra, "task_head": spec})
     model = FoundationModel(config)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("task_head.")}
+    fresh = ("task_head.", "task_pool.")  # the task model's own parts start afresh
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith(fresh)}
     result = model.load_state_dict(state, strict=False)
     unexpected = list(result.unexpected_keys)
-    missing = [k for k in result.missing_keys if not k.startswith("task_head.")]
+    missing = [k for k in result.missing_keys if not k.startswith(fresh)]
     if missing or unexpected:  # pragma: no cover - same config apart from the head
         raise ModelError(
             f"cannot copy the base weights: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -103,6 +104,14 @@ def pooled_rows(model: Any, batch: dict[str, torch.Tensor], pooling: str) -> tor
     if "row_seq" not in batch and not isinstance(model, FoundationModel):
         return model(batch, pooling)
     hidden = model.forward_batch(batch)
+    if pooling == "attention":
+        if getattr(model, "task_pool", None) is None or "row_seq" in batch:
+            raise ConfigError(
+                "attention pooling needs a task model built with it, on rows that are whole "
+                "sequences (not prediction-time rows sharing a causal pass)",
+                column="pooling",
+            )
+        return model.task_pool(hidden, batch.get("attention_mask"))
     if "row_seq" not in batch:
         return pool(hidden, batch.get("attention_mask"), pooling)
     seq, pos = batch["row_seq"], batch["row_pos"]

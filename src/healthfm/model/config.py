@@ -23,7 +23,11 @@ PRESETS: dict[str, dict[str, int]] = {
 #: Names of the registered pretraining objectives; whoever defines another registers it with
 #: healthfm.model.heads.register_objective (e.g. a modality package, when it is imported).
 OBJECTIVES = ["masked", "causal"]
-POOLINGS = ("mean", "cls", "last")
+#: "concat" keeps position: every position's state, concatenated (fixed-length inputs).
+POOLINGS = ("mean", "cls", "last", "concat")
+#: Poolings a fine-tuned task head may use: the fixed ones, and learned "attention"
+#: (:class:`healthfm.model.heads.AttentionPool`).
+TASK_POOLINGS = ("mean", "cls", "last", "attention")
 
 
 @dataclass

@@ -75,8 +75,13 @@ def objective_parts(name: str) -> tuple[type[nn.Module], Callable | None]:
     return _OBJECTIVES[name]
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str) -> torch.Tensor:
-    """Pool token states (B, T, D) into one vector per sample (B, D).
+def pool(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    method: str,
+    length: int | None = None,
+) -> torch.Tensor:
+    """Pool token states (B, T, D) into one vector per sample (B, D), or (B, length · D).
 
     Parameters
     ----------
@@ -85,13 +90,24 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str)
     attention_mask
         Bool (B, T), True at real tokens (None: all real).
     method
-        "mean" over real tokens, "cls" (the first token) or "last" (the last real token,
-        the natural summary of a causal model).
+        "mean" over real tokens, "cls" (the first token), "last" (the last real token,
+        the natural summary of a causal model), or "concat": the states of positions
+        ``0 .. length - 1`` side by side (zeros at padding and beyond a sample's end), so
+        a motif at a fixed offset stays at its own features (what fixed-length tasks such
+        as splice sites and promoters need, and mean pooling erases).
+    length
+        Positions kept by "concat" (the same for every batch, so vectors of different
+        batches line up; the model's ``max_len``); default ``T``.
     """
     if method not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {method!r}")
     if attention_mask is None:
         attention_mask = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    if method == "concat":
+        length = hidden.shape[1] if length is None else int(length)
+        kept = hidden[:, :length] * attention_mask[:, :length, None].to(hidden.dtype)
+        kept = F.pad(kept, (0, 0, 0, length - kept.shape[1]))
+        return kept.reshape(hidden.shape[0], -1)
     if method == "cls":
         return hidden[:, 0]
     if method == "last":
@@ -99,6 +115,28 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, method: str)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class AttentionPool(nn.Module):
+    """Learned attention pooling for fine-tuning: a softmax over the real tokens of a
+    learned score ``w · h_t``, and the weighted mean of the states.
+
+    The score starts at zero, so a fresh pool is exactly mean pooling; fine-tuning learns
+    which positions (a splice site's junction, a promoter's box) the task head reads.
+    """
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(d_model, 1)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        logits = self.score(hidden).squeeze(-1).float()
+        if attention_mask is not None:
+            logits = logits.masked_fill(~attention_mask.bool(), float("-inf"))
+        weights = torch.softmax(logits, dim=1).to(hidden.dtype)
+        return (weights.unsqueeze(-1) * hidden).sum(1)
 
 
 class FoundationModel(nn.Module):
@@ -132,6 +170,9 @@ class FoundationModel(nn.Module):
                 f"config extra.task_head needs a positive integer n_outputs, not {n_out!r}"
             )
         self.task_head = nn.Linear(config.d_model, n_out) if spec is not None else None
+        # Learned attention pooling is part of the task model (its weights are saved).
+        attend = isinstance(spec, dict) and spec.get("pooling") == "attention"
+        self.task_pool = AttentionPool(config.d_model) if attend else None
 
     def forward(
         self,
@@ -191,7 +232,12 @@ class FoundationModel(nn.Module):
     def embed(self, batch: dict[str, torch.Tensor], pooling: str | None = None) -> torch.Tensor:
         """Pooled embeddings (B, D) of a collated batch."""
         hidden = self.forward_batch(batch)
-        return pool(hidden, batch.get("attention_mask"), pooling or self.config.pooling)
+        return pool(
+            hidden,
+            batch.get("attention_mask"),
+            pooling or self.config.pooling,
+            length=self.config.max_len,
+        )
 
     def pretraining_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over target positions, and the number of targets.

@@ -327,8 +327,14 @@ class SingleCellModality(Modality):
         return {"max_len": tokenizer.max_length, "use_values": "values" in tokenizer.fields}
 
     def baselines(self) -> dict[str, BaselineFn]:
-        """``hvg-pca+logreg`` and ``lognorm+logreg``."""
-        return dict(BASELINES)
+        """``hvg-pca+logreg`` and ``lognorm+logreg``; ``scvi+logreg`` when scvi-tools is
+        installed (the ``scvi`` extra)."""
+        from healthfm.singlecell.baselines import _scvi_baseline, scvi_available
+
+        out = dict(BASELINES)
+        if scvi_available():
+            out["scvi+logreg"] = _scvi_baseline
+        return out
 
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]

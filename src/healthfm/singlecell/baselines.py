@@ -10,6 +10,9 @@ them next to a model, on the same splits:
   components. Gene selection, scaling and PCA are fitted on the training rows only.
 * ``lognorm+logreg``: the log-normalized expression of every gene (the shared probe
   standardizes it).
+* ``scvi+logreg`` (with the optional ``scvi`` extra, scvi-tools): scVI's latent space
+  (Lopez et al. 2018), the model trained on the non-test cells' raw counts only, the test
+  cells then encoded by it; run when scvi-tools is installed, skipped otherwise.
 
 The shared probe fits the logistic regression; these functions only return features.
 """
@@ -124,3 +127,79 @@ BASELINES: dict[str, BaselineFn] = {
     "hvg-pca+logreg": _hvg_pca_baseline,
     "lognorm+logreg": _lognorm_baseline,
 }
+
+
+# ---------------------------------------------------------------------------- scVI (optional)
+
+#: scVI settings: its defaults (10 latent dimensions, 128 hidden units, one layer, negative
+#: binomial likelihood) with fewer epochs on small data, early stopping on a held-back tenth.
+SCVI_LATENT = 10
+SCVI_MAX_EPOCHS = 100
+
+
+def scvi_available() -> bool:
+    """Whether scvi-tools is importable (the ``scvi`` extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("scvi") is not None
+
+
+def scvi_latent(
+    counts: sp.csr_matrix,
+    train_idx: np.ndarray,
+    n_latent: int = SCVI_LATENT,
+    max_epochs: int = SCVI_MAX_EPOCHS,
+    n_top: int = N_TOP_GENES,
+    seed: int = 0,
+) -> np.ndarray:
+    """scVI's latent mean of every cell, the model trained on ``train_idx``'s raw counts only.
+
+    The genes are the ``n_top`` highly variable genes of the training cells (scVI's
+    recommended input); the other cells are then encoded by the trained model (scVI's
+    query path, ``get_latent_representation(adata)``), never trained on.
+
+    Raises
+    ------
+    ConfigError
+        When scvi-tools is not installed (``pip install 'healthfm[scvi]'``).
+    """
+    import logging
+
+    import torch
+
+    from healthfm.encoders.published import require
+
+    scvi = require("scvi", "scvi")
+    import anndata
+
+    for name in ("scvi", "lightning", "lightning.pytorch", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    train_idx = np.asarray(train_idx)
+    totals = np.asarray(counts.sum(axis=1)).reshape(-1)
+    genes = highly_variable_genes(log_normalize(counts[train_idx], totals[train_idx]), n_top)
+    x = counts[:, genes]
+    np_state = np.random.get_state()  # noqa: NPY002 - scvi seeds the legacy global RNG
+    with torch.random.fork_rng(devices=[]):
+        scvi.settings.seed = seed  # seeds torch, numpy and random; restored below
+        train = anndata.AnnData(X=x[train_idx].copy())
+        scvi.model.SCVI.setup_anndata(train)
+        model = scvi.model.SCVI(train, n_latent=n_latent)
+        epochs = int(min(max_epochs, max(20, round(20000 / max(len(train_idx), 1) * 4))))
+        model.train(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            train_size=0.9,
+            early_stopping=True,
+            enable_progress_bar=False,
+            logger=False,
+            enable_checkpointing=False,
+        )
+        latent = model.get_latent_representation(anndata.AnnData(X=x.copy()))
+    np.random.set_state(np_state)  # noqa: NPY002
+    return np.asarray(latent, dtype=np.float32)
+
+
+def _scvi_baseline(samples: Samples, train_idx: np.ndarray) -> np.ndarray:
+    return scvi_latent(samples.payload.to_csr(), train_idx)

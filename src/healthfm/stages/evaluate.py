@@ -17,6 +17,7 @@ from typing import Any
 
 from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
+from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.fsutil import check_output_parent
@@ -49,6 +50,7 @@ def evaluate(
     include_baselines: bool = True,
     echo: bool = True,
     finetuned=(),
+    controls: bool = True,
 ) -> list[ResultRow]:
     """Probe a model's embeddings next to the modality's baselines on the same rows.
 
@@ -68,7 +70,9 @@ def evaluate(
     n_boot
         Bootstrap resamples (of groups: sequences, donors, subjects, source images).
     pooling, batch_size
-        Embedding pooling (the model's by default) and inference batch size.
+        Embedding pooling (the model's by default; ``"auto"``: the best of the encoder's
+        poolings by the validation split's score, :func:`~healthfm.evaluate.controls.choose_pooling`)
+        and inference batch size.
     salt, fractions
         The split: the model's (``training_info.json``) by default, so the test rows are
         the ones held out from pretraining.
@@ -76,6 +80,9 @@ def evaluate(
         Task name in the rows (default: from the input and label column).
     include_baselines, echo
         Whether to run the baselines; print the table.
+    controls
+        Add the model's controls (:mod:`healthfm.evaluate.controls`): the same
+        architecture untrained, and the model ⊕ the strongest baseline (chosen on val).
     finetuned
         Fine-tuned model / LoRA adapter folders whose own task-head predictions are scored
         on the same test rows (a fine-tuned ``model_dir`` adds its own).
@@ -119,19 +126,36 @@ def evaluate(
     # Features of every row: the model's embedding, then the baselines'.
     features: dict[str, Features] = {}
     hashes: dict[str, str | None] = {}  # a model's method name (before "+") → its hash
+    model_methods: list[tuple[str, Any]] = []  # (method, encoder) of every model
     for spec, encoder in zip(specs, encoders, strict=True):
         t = time.perf_counter()
-        emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
-        used = pooling or encoder.pooling
+        chosen: dict[str, Any] = {}
+        if pooling == "auto":  # chosen on the validation split only
+            used, pool_scores, emb = choose_pooling(
+                modality, encoder, samples, rows, modality.pooling_candidates(encoder), batch_size
+            )
+            chosen = {"pooling_selected_on": "val", "pooling_val_scores": pool_scores}
+        else:
+            emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
+            used = pooling or encoder.pooling
         name = _method_name(modality, encoder, spec, used, rows.regression, features)
         features[name] = Features(
-            emb, baseline=False, extra={"pooling": used}, seconds=time.perf_counter() - t
+            emb, baseline=False, extra={"pooling": used, **chosen}, seconds=time.perf_counter() - t
         )
         hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
+        model_methods.append((name, encoder))
     if include_baselines:
         for name, feats in modality.baseline_features(samples, rows).items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
+    if controls:  # what pretraining bought, and what each model adds to the baseline
+        for method, encoder in model_methods:
+            used = features[method].extra["pooling"]
+            features.update(
+                control_features(
+                    modality, encoder, samples, rows, features, method, used, batch_size
+                )
+            )
 
     # The protocol, fine-tuned models' own predictions, the modality's extra evaluations.
     # One model: every row carries its hash (as before); several: each model's rows get
@@ -171,6 +195,9 @@ def evaluate(
     for row in result.rows + comparison.rows:
         if not row.is_baseline and row.method.split("+")[0] in hashes:
             row.model_hash = hashes[row.method.split("+")[0]]
+    for r in result.rows + comparison.rows:  # the untrained control's weights are not the model's
+        if r.extra.get("control") == UNTRAINED:
+            r.model_hash = None
 
     # Outputs.
     write_results(out_dir / "results.json", result.rows + comparison.rows)

@@ -61,6 +61,7 @@ from healthfm.evaluate.task_head import (
 )
 from healthfm.fsutil import atomic_dir, check_output_dir
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
+from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
 from healthfm.stages.common import check_split_source
@@ -102,7 +103,9 @@ class FinetuneConfig:
         Weight classes inversely to their train frequency (cross-entropy weights; BCE
         ``pos_weight``) so that rare classes count as much as common ones.
     pooling
-        Pooling of token states for the head; the model's by default.
+        Pooling of token states for the head; the model's by default. "attention" learns
+        it (:class:`~healthfm.model.heads.AttentionPool`, starting as the mean): for
+        fixed-length sequences whose motifs sit at fixed positions.
     head_init
         "random" (default): small random weights. "probe": start from the linear probe of
         the frozen embedding (LP-FT); on the bundled splice data it was worse in short
@@ -603,6 +606,12 @@ def _validate(config: FinetuneConfig, n_layers: int | None, encoder_name: str) -
     for name in ("epochs", "batch_size", "lora_rank"):
         if int(getattr(config, name)) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1", column=name)
+    if config.pooling is not None and config.pooling not in TASK_POOLINGS:
+        raise ConfigError(
+            f"--pooling must be one of {', '.join(TASK_POOLINGS)} for a task head, not "
+            f"{config.pooling!r}",
+            column="pooling",
+        )
     if config.head_init not in ("probe", "random"):
         raise ConfigError(
             f"head_init must be 'probe' or 'random', not {config.head_init!r}", column="head_init"
