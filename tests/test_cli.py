@@ -145,7 +145,14 @@ def test_evaluate_numeric_labels_is_a_ridge_regression(model_dir, tmp_path, caps
         if r.get("row_type") != "delta"
     ]  # method rows
     assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
-    assert {r["method"] for r in rows} == {"tiny-mean+ridge", "kmer-counts+ridge", "one-hot+ridge"}
+    assert {r["method"] for r in rows} == {
+        "tiny-mean+ridge",
+        "kmer-counts+ridge",
+        "one-hot+ridge",
+        "onehot-cnn+ridge",
+        "tiny-untrained-mean+ridge",
+        "tiny-mean⊕kmer-counts+ridge",
+    }
     r2 = {r["method"]: r["value"] for r in rows if r["metric"] == "r2"}
     assert r2["kmer-counts+ridge"] > 0.85  # the 1- and 2-mer frequencies give the target
     assert all(r["task_type"] == "regression" and r["best_alpha"] > 0 for r in rows)

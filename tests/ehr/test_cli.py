@@ -107,7 +107,14 @@ def test_evaluate_writes_results_predictions_and_plot(model_dir, syn_meds, tmp_p
         r for r in json.loads((out / "results.json").read_text()) if r.get("row_type") != "delta"
     ]  # method rows
     methods = {r["method"] for r in rows}
-    assert methods == {"tiny-causal-last+logreg", "counts+logreg", "counts+gbm"}
+    assert methods == {
+        "tiny-causal-last+logreg",
+        "counts+logreg",
+        "counts+gbm",
+        "meds-tab+gbm",  # MEDS-Tab's recipe with boosted trees
+        "tiny-untrained-causal-last+logreg",  # control: the architecture untrained
+        "tiny-causal-last⊕counts+logreg",  # control: model ⊕ the strongest baseline
+    }
     assert {r["k"] for r in rows} == {2, "all"} and {r["metric"] for r in rows} == {
         "auroc",
         "auprc",
@@ -216,7 +223,14 @@ def test_regression_labels_run_ridge_and_boosted_trees(model_dir, syn_meds, tmp_
     rows = [
         r for r in json.loads((out / "results.json").read_text()) if r.get("row_type") != "delta"
     ]  # method rows
-    assert {r["method"] for r in rows} == {"tiny-causal-last+ridge", "counts+ridge", "counts+gbm"}
+    assert {r["method"] for r in rows} == {
+        "tiny-causal-last+ridge",
+        "counts+ridge",
+        "counts+gbm",
+        "meds-tab+gbm",
+        "tiny-untrained-causal-last+ridge",
+        "tiny-causal-last⊕counts+gbm",
+    }
     assert {r["metric"] for r in rows} == {"mae", "rmse", "r2", "pearson"}
     assert {r["k"] for r in rows} == {"all"}  # few-shot k counts rows per class
     r2 = {r["method"]: r for r in rows if r["metric"] == "r2"}
@@ -257,6 +271,6 @@ def test_baselines_alone_without_a_model(syn_meds, tmp_path):
         n_boot=20,
         echo=False,
     )
-    assert {r.method for r in rows} == {"counts+logreg", "counts+gbm"} and all(
+    assert {r.method for r in rows} == {"counts+logreg", "counts+gbm", "meds-tab+gbm"} and all(
         r.is_baseline for r in rows
     )

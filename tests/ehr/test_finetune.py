@@ -193,7 +193,11 @@ def test_finetuned_ehr_model_is_an_ordinary_model_folder(ehr_model, syn_meds, tm
                  "--out", str(out), "--few-shot", "all", "--no-baselines",
                  "--n-boot", "20"]) == 0  # fmt: skip
     methods = {r["method"] for r in json.loads((out / "results.json").read_text())}
-    assert methods == {"tiny-causal-last+logreg", "tiny-finetune-full"}
+    assert methods == {
+        "tiny-causal-last+logreg",
+        "tiny-finetune-full",
+        "tiny-untrained-causal-last+logreg",  # the control (no baselines here)
+    }
 
 
 def test_finetune_ehr_bad_settings(ehr_model, syn_meds, tmp_path):

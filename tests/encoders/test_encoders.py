@@ -131,13 +131,24 @@ def test_evaluate_several_models_on_the_same_rows(model_dir, tmp_path):
         n_boot=20,
         echo=False,
     )
-    methods = {r.method for r in rows if not r.is_baseline and r.metric == "macro_f1"}
+    methods = {
+        r.method
+        for r in rows
+        if not r.is_baseline and r.metric == "macro_f1" and not r.extra.get("control")
+    }
     # Both are the "tiny" preset: the second is told apart by its folder.
     assert methods == {"tiny-mean+logreg", "tiny@other-mean+logreg"}, methods
     hashes = {r.method: r.model_hash for r in rows if not r.is_baseline}
     assert hashes["tiny-mean+logreg"] == load_encoder(model_dir).model_hash
     assert hashes["tiny@other-mean+logreg"] == load_encoder(other).model_hash
     assert len({r.n_test for r in rows if r.metric == "macro_f1"}) == 1  # same test rows
+    controls = {r.method for r in rows if r.extra.get("control")}
+    assert controls == {  # each model's own controls, told apart like the models
+        "tiny-untrained-mean+logreg",
+        "tiny@other-untrained-mean+logreg",
+        "tiny-mean⊕kmer-counts+logreg",
+        "tiny@other-mean⊕kmer-counts+logreg",
+    }, controls
     assert any(r.is_baseline for r in rows)
 
 

@@ -46,4 +46,4 @@ def test_attention_pooling_refused_where_it_cannot_work():
     with pytest.raises(ConfigError, match="prediction-time"):
         pooled_rows(attn, rows, "attention")
     with pytest.raises(ConfigError, match="--pooling must be one of"):
-        _validate(FinetuneConfig(pooling="concat"), n_layers=2)
+        _validate(FinetuneConfig(pooling="concat"), n_layers=2, encoder_name="tiny")

@@ -144,7 +144,11 @@ def test_finetuned_folder_is_ordinary_and_reloads_to_identical_predictions(work,
         include_baselines=False,
         echo=False,
     )
-    assert {r.method for r in rows} == {"model-mean+logreg", "model-finetune-full"}
+    assert {r.method for r in rows} == {
+        "model-mean+logreg",
+        "model-finetune-full",
+        "model-untrained-mean+logreg",  # the control (no baselines here)
+    }
 
 
 def test_lora_leaves_base_weights_untouched(work):

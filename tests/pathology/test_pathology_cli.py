@@ -150,6 +150,8 @@ def test_embed_and_evaluate_tiles(model_dir, kather, tmp_path):
         "tiny-mae-mean+logreg": False,
         "colour-histogram+logreg": True,
         "downsampled-pixels+logreg": True,
+        "tiny-untrained-mae-mean+logreg": False,  # control: the ViT untrained
+        "tiny-mae-mean⊕colour-histogram+logreg": False,  # control: model ⊕ strongest baseline
     }
     assert {r["metric"] for r in rows} >= {"balanced_accuracy", "macro_f1", "auroc"}
     # Every method is scored on the same test tiles.

@@ -162,8 +162,10 @@ def test_evaluate_writes_delta_rows_inputs_and_the_report(run_dir, capsys):
     rows = json.loads((run_dir / "results.json").read_text())
     deltas = [r for r in rows if r.get("row_type") == "delta"]
     assert deltas and all(" − " in r["method"] and r["reference"] in r["method"] for r in deltas)
-    primary = [r for r in deltas if r["primary"]]
+    primary = [r for r in deltas if r["primary"] and not r.get("control")]
     assert [r["metric"] for r in primary] == ["auroc"]  # a binary task
+    # The controls (untrained architecture, model ⊕ baseline) get their own comparisons.
+    assert len([r for r in deltas if r["primary"] and r.get("control")]) == 2
     assert primary[0]["verdict"] in ("model better", "no difference shown", "baseline better")
     assert primary[0]["seeds_model"] == [0, 1] and primary[0]["n_boot"] == 100
     # Every difference is the seed-averaged method rows' values, subtracted.
@@ -195,7 +197,8 @@ def test_report_in_headless_chromium(run_dir, chromium, tmp_path):
     assert seen["loads"] == []  # no resource fetched at all (data: images are not fetches)
     assert len(seen["images"]) >= 5
     assert all(i["complete"] and i["width"] > 0 for i in seen["images"]), seen["images"]
-    assert seen["verdicts"] >= 1 and seen["results_rows"] == 3  # model + two baselines
+    # The model, its two controls and the three baselines (k-mer counts, one-hot, CNN).
+    assert seen["verdicts"] >= 1 and seen["results_rows"] == 6
     assert "promoters:label" in seen["title"]
 
     # The unmodified page: no console message either, and a screenshot as an artefact.

@@ -130,7 +130,11 @@ def test_cli_pretrain_embed_evaluate(cli_model, subset, tmp_path, capsys):
         "hvg-pca+kmeans",
     } <= methods
     for r in rows:
-        assert r["ci_low"] <= r["value"] + 1e-9 and r["value"] <= r["ci_high"] + 1e-9
+        # Resampling cells with replacement inflates NMI/ARI (duplicates agree with
+        # themselves), so a clustering row's percentile interval may sit above its point
+        # estimate (seen for the untrained control's NMI): only the probes' must hold it.
+        if r["metric"] not in ("ari", "nmi"):
+            assert r["ci_low"] <= r["value"] + 1e-9 and r["value"] <= r["ci_high"] + 1e-9, r
         assert r["n_test"] == (n if r["metric"] in ("ari", "nmi") else test_cells)
 
 

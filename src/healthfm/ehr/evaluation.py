@@ -113,11 +113,26 @@ def _tuned_gbm(estimator: type, xtr, ytr, seed: int, score) -> tuple[float, Any,
     return best
 
 
+def _observed_columns(xtr, *others):
+    """Drop the columns with no value in any training row (a few-shot draw of MEDS-Tab
+    features: a code nobody of the k had): scikit-learn's binning fails on them, and they
+    carry nothing a tree could split on."""
+    dense = not hasattr(xtr, "tocsc")
+    if not dense or not np.issubdtype(np.asarray(xtr).dtype, np.floating):
+        return (xtr, *others)
+    keep = ~np.all(np.isnan(xtr), axis=0)
+    if keep.all():
+        return (xtr, *others)
+    return (xtr[:, keep], *(x[:, keep] for x in others))
+
+
 def _fit_gbm(
     xtr, ytr, xtu, ytu, xte, seed: int, n_classes: int = 2
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Boosted trees, tuned by tuning AUROC; class probabilities (n, n_classes) of ``xte``."""
     from sklearn.ensemble import HistGradientBoostingClassifier
+
+    xtr, xtu, xte = _observed_columns(xtr, xtu, xte)
 
     from healthfm.evaluate.probe import align_proba
 
@@ -133,6 +148,8 @@ def _fit_gbm(
 def _fit_gbm_regressor(xtr, ytr, xtu, ytu, xte, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Boosted regression trees, tuned by tuning RMSE; predictions of ``xte``."""
     from sklearn.ensemble import HistGradientBoostingRegressor
+
+    xtr, xtu, xte = _observed_columns(xtr, xtu, xte)
 
     def neg_rmse(est) -> float:
         return -float(np.sqrt(np.mean((est.predict(xtu) - ytu) ** 2)))

@@ -155,6 +155,7 @@ def control_features(
     pooling: str,
     batch_size: int,
     seed: int = 0,
+    untrained_name: str | None = None,
 ) -> dict[str, Features]:
     """The controls of the model whose features are ``features[model_method]``.
 
@@ -168,6 +169,8 @@ def control_features(
         The model's method name, the pooling it was embedded with, the batch size.
     seed
         Seed of the untrained weights.
+    untrained_name
+        The untrained control's method name (default: from the modality's template).
 
     Returns
     -------
@@ -187,7 +190,7 @@ def control_features(
         emb = modality.embed_rows(control, samples, rows, pooling, batch_size)
         rows.info.clear()
         rows.info.update(saved)
-        name = modality.embedding_method.format(
+        name = untrained_name or modality.embedding_method.format(
             preset=control.name, pooling=pooling, probe="ridge" if rows.regression else "logreg"
         )
         out[name] = Features(

@@ -126,7 +126,7 @@ def evaluate(
     # Features of every row: the model's embedding, then the baselines'.
     features: dict[str, Features] = {}
     hashes: dict[str, str | None] = {}  # a model's method name (before "+") → its hash
-    model_methods: list[tuple[str, Any]] = []  # (method, encoder) of every model
+    model_methods: list[tuple[str, str, Any]] = []  # (method, its control, encoder)
     for spec, encoder in zip(specs, encoders, strict=True):
         t = time.perf_counter()
         chosen: dict[str, Any] = {}
@@ -138,22 +138,30 @@ def evaluate(
         else:
             emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
             used = pooling or encoder.pooling
-        name = _method_name(modality, encoder, spec, used, rows.regression, features)
+        name, untrained = _method_name(modality, encoder, spec, used, rows.regression, features)
         features[name] = Features(
             emb, baseline=False, extra={"pooling": used, **chosen}, seconds=time.perf_counter() - t
         )
         hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
-        model_methods.append((name, encoder))
+        model_methods.append((name, untrained, encoder))
     if include_baselines:
         for name, feats in modality.baseline_features(samples, rows).items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
     if controls:  # what pretraining bought, and what each model adds to the baseline
-        for method, encoder in model_methods:
+        for method, untrained, encoder in model_methods:
             used = features[method].extra["pooling"]
             features.update(
                 control_features(
-                    modality, encoder, samples, rows, features, method, used, batch_size
+                    modality,
+                    encoder,
+                    samples,
+                    rows,
+                    features,
+                    method,
+                    used,
+                    batch_size,
+                    untrained_name=untrained,
                 )
             )
 
@@ -225,24 +233,32 @@ def _method_name(
     pooling: str,
     regression: bool,
     taken: dict[str, Any],
-) -> str:
-    # "tiny-mean+logreg"; two models of the same name are told apart by their folders.
+) -> tuple[str, str]:
+    # "tiny-mean+logreg" and its untrained control's "tiny-untrained-mean+logreg"; two
+    # models of the same name are told apart by their folders ("tiny@other-mean+logreg").
     probe = "ridge" if regression else "logreg"
     # The modality's template names healthfm's own pretraining ("tiny-mae-cls+logreg"); a
     # published model is named by its entry alone ("phikon-cls+logreg").
     template = (
         modality.embedding_method if hasattr(encoder, "config") else Modality.embedding_method
     )
-    name = template.format(preset=encoder.name, pooling=pooling, probe=probe)
+
+    def named(preset: str) -> tuple[str, str]:
+        return (
+            template.format(preset=preset, pooling=pooling, probe=probe),
+            template.format(preset=f"{preset}-untrained", pooling=pooling, probe=probe),
+        )
+
+    name, control = named(encoder.name)
     if name in taken:
         folder = getattr(encoder, "folder", None) or Path(str(spec).partition(":")[2] or spec)
         preset = f"{encoder.name}@{Path(folder).name}"
-        name = template.format(preset=preset, pooling=pooling, probe=probe)
+        name, control = named(preset)
         n = 2
         while name in taken:
-            name = template.format(preset=f"{preset}#{n}", pooling=pooling, probe=probe)
+            name, control = named(f"{preset}#{n}")
             n += 1
-    return name
+    return name, control
 
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_SALT", "evaluate"]
