@@ -103,9 +103,13 @@ def test_evaluate_writes_results_predictions_and_plot(model_dir, syn_meds, tmp_p
     assert rc == 0
     text = capsys.readouterr().out
     assert "counts+gbm" in text and "AUROC by k" in text
-    rows = [
-        r for r in json.loads((out / "results.json").read_text()) if r.get("row_type") != "delta"
-    ]  # method rows
+    saved = json.loads((out / "results.json").read_text())
+    deltas = [r for r in saved if r.get("row_type") == "delta"]
+    # One model: its controls are compared with the baseline but are not models of their
+    # own (no "best model" comparisons, no multiple-comparison widening).
+    assert deltas and not any(r["reference_kind"] == "best model" for r in deltas)
+    assert {r["control"] for r in deltas if r["primary"]} == {False, True}
+    rows = [r for r in saved if r.get("row_type") != "delta"]  # method rows
     methods = {r["method"] for r in rows}
     assert methods == {
         "tiny-causal-last+logreg",

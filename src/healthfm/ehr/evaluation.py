@@ -550,6 +550,10 @@ class EhrshotProtocol:
         for r in result_rows:
             r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
             r.extra.update(features[r.method].extra)  # e.g. a control's "control" field
+        from healthfm.evaluate.paired import is_control
+
+        for pred in predictions:  # controls are compared, not counted among the models
+            pred.control = is_control(features[pred.method].extra or {})
         primary = "rmse" if rows.regression else self.primary
         return ProbeResult(result_rows, final, predictions=predictions, primary=primary)
 
