@@ -62,6 +62,7 @@ from torch import nn
 
 from healthfm.encoders.published import (
     PublishedEncoder,
+    content_hash,
     find_file,
     folder_hash,
     load_weights,
@@ -71,7 +72,7 @@ from healthfm.encoders.published import (
 )
 from healthfm.encoders.registry import EncoderEntry, register_entry
 from healthfm.errors import DataError, ModelError
-from healthfm.fsutil import json_hash, sha256_file
+from healthfm.fsutil import sha256_file
 from healthfm.singlecell.tokenizer import (
     TARGET_SUM,
     CellTokenizer,
@@ -243,9 +244,7 @@ class GeneformerTokenizer(CellTokenizer):
     def hash(self) -> str:
         """SHA-256 of the settings and the dictionaries' contents (not their paths)."""
         if self._hash is None:
-            data = self.to_dict()
-            data["config"] = {k: v for k, v in data["config"].items() if k != "files"}
-            self._hash = json_hash(data)
+            self._hash = content_hash(self)
         return self._hash
 
     @property

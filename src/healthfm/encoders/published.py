@@ -182,6 +182,17 @@ def folder_hash(files: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+def content_hash(tokenizer: Any) -> str:
+    """SHA-256 of a published tokenizer's settings and its dictionaries' contents, without
+    the paths it read them from (``config["files"]``): the same folder copied elsewhere
+    hashes the same."""
+    from healthfm.fsutil import json_hash
+
+    data = tokenizer.to_dict()
+    data["config"] = {k: v for k, v in data["config"].items() if k != "files"}
+    return json_hash(data)
+
+
 def require(module: str, extra: str) -> Any:
     """Import an optional dependency, or a one-line ``ConfigError`` naming the extra."""
     try:
