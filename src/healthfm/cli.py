@@ -177,6 +177,21 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from the finished parts in OUT.parts",
+    )
+    p.add_argument(
+        "--part-rows",
+        type=POSITIVE,
+        default=None,
+        help="rows per part (the unit processes share and --resume keeps); default: about "
+        "1/64 of the input, 256 to 16384",
+    )
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
+    )
 
     p = sub.add_parser(
         "evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs"
@@ -561,6 +576,9 @@ def run(argv: list[str]) -> int:
             args.batch_size,
             args.bf16,
             echo=True,
+            resume=args.resume,
+            part_rows=args.part_rows,
+            device=args.device,
         )
     elif args.command == "evaluate":
         models, data = _evaluate_paths(args.paths, args.models)

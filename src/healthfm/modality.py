@@ -214,6 +214,29 @@ class DemoSpec:
     description: tuple[str, ...] = ()
 
 
+@dataclass
+class EmbeddingInput:
+    """One output of ``healthfm embed``: what is read, where its embeddings go.
+
+    Attributes
+    ----------
+    name
+        Stable identifier of the input in a run's plan and manifest (its path).
+    target
+        The output file (parquet, ``.npy``, ``.h5ad``, a slide's ``.h5``).
+    open
+        Reads the input into :class:`Samples` (a slide: tiles it first).
+    whole
+        Embedded as one part, opened only by the process that embeds it (a slide); else
+        every process opens it (a backed read) and its rows are cut into parts.
+    """
+
+    name: str
+    target: Path
+    open: Callable[[], Samples]
+    whole: bool = False
+
+
 #: A baseline featurizer: given all samples and the indices of the training split, return
 #: a feature matrix for every sample (fitted on the training rows only).
 BaselineFn = Callable[[Samples, np.ndarray], np.ndarray]
@@ -357,10 +380,43 @@ class Modality(ABC):
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(
         self, path: str | Path, options: Options, out: Path, encoder: Any
-    ) -> Iterator[tuple[Samples, Path]]:
-        """The inputs ``healthfm embed`` writes, each with its output path: one by default;
-        one per slide for a folder of slides."""
-        yield self.read(path, options), Path(out)
+    ) -> list[EmbeddingInput]:
+        """The inputs ``healthfm embed`` writes, each with its output path: the input
+        itself by default; one per slide for a folder of slides. Opening one (reading it,
+        tiling a slide) is left to whichever process embeds it."""
+        return [EmbeddingInput(str(path), Path(out), lambda: self.read(path, options))]
+
+    def prepare_embedding(self, encoder: Any, samples: Samples, options: Options) -> None:
+        """Check opened samples against the encoder once per run (vocabulary coverage;
+        EHR: read the label rows), before any part is embedded."""
+        self.check_input(samples, encoder.tokenizer)
+
+    def embedding_rows(self, samples: Samples, options: Options) -> int:
+        """How many vectors embedding ``samples`` gives (its samples; EHR: its label rows)."""
+        return len(samples)
+
+    def tokenize_part(
+        self, encoder: Any, samples: Samples, indices: np.ndarray, options: Options, workdir: Path
+    ) -> Any:
+        """The reading and tokenizing of rows ``indices`` (CPU work the embed stage overlaps
+        with the previous part's compute): a token store in ``workdir`` by default."""
+        return self.tokenize(encoder.tokenizer, samples, Path(workdir) / "store", indices)
+
+    def embed_part(
+        self,
+        encoder: Any,
+        samples: Samples,
+        part: Any,
+        options: Options,
+        pooling: str | None,
+        batch_size: int,
+        bf16: bool = False,
+    ) -> np.ndarray:
+        """One float32 vector per row of a part :meth:`tokenize_part` prepared (batches by
+        a token budget, shortest first; see :func:`healthfm.evaluate.embed.embed_store`)."""
+        from healthfm.evaluate.embed import embed_store
+
+        return embed_store(encoder, part, pooling, batch_size, bf16)
 
     def embed_samples(
         self,
@@ -371,13 +427,14 @@ class Modality(ABC):
         batch_size: int,
         bf16: bool = False,
     ) -> np.ndarray:
-        """One float32 vector per sample (tokenized into a temporary store, batches by length)."""
-        from healthfm.evaluate.embed import embed_store
-
-        self.check_input(samples, encoder.tokenizer)
+        """Every row's vector in one call (evaluation): :meth:`prepare_embedding`, then
+        all rows as one part."""
+        options = self.options(options)
+        self.prepare_embedding(encoder, samples, options)
+        rows = np.arange(self.embedding_rows(samples, options))
         with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
-            store = self.tokenize(encoder.tokenizer, samples, Path(tmp) / "store")
-            return embed_store(encoder, store, pooling, batch_size, bf16)
+            part = self.tokenize_part(encoder, samples, rows, options, Path(tmp))
+            return self.embed_part(encoder, samples, part, options, pooling, batch_size, bf16)
 
     def write_embeddings(
         self,
@@ -387,13 +444,17 @@ class Modality(ABC):
         attrs: dict[str, Any],
         options: Options,
     ) -> Path:
-        """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys."""
+        """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys.
+
+        ``embeddings`` may be a read-only memory map larger than memory (the assembled
+        parts of a sharded run): writers stream it in row blocks.
+        """
         from healthfm.evaluate.embed import save_embeddings
 
         labels = samples.labels
-        columns = {"label": labels.tolist()} if labels is not None else None
+        columns = {"label": labels} if labels is not None else None
         return save_embeddings(
-            out, samples.keys.tolist(), embeddings, columns if out.suffix == ".parquet" else None
+            out, samples.keys, embeddings, columns if out.suffix == ".parquet" else None
         )
 
     # ------------------------------------------------------------------ evaluation

@@ -221,29 +221,53 @@ class EhrModality(Modality):
             )
         return read_labels(options.labels, samples.payload["subjects"], options.label_column)
 
-    def embed_samples(
+    def prepare_embedding(self, encoder: Any, samples: Samples, options: EhrOptions) -> None:
+        """Read ``--labels`` (kept in ``samples.info["labels"]``): one vector per label row."""
+        samples.info["labels"] = self._labels(options, samples)
+
+    def embedding_rows(self, samples: Samples, options: EhrOptions) -> int:
+        """The label rows (sorted by subject and prediction time, so a part's rows are a
+        few whole subjects)."""
+        return len(samples.info["labels"])
+
+    def tokenize_part(
         self,
         encoder: Any,
         samples: Samples,
+        indices: np.ndarray,
+        options: EhrOptions,
+        workdir: Path,
+    ) -> Labels:
+        """The part's label rows; their subjects are tokenized as they are embedded."""
+        labels: Labels = samples.info["labels"]
+        return Labels(labels.source, labels.frame[np.asarray(indices)], labels.column)
+
+    def embed_part(
+        self,
+        encoder: Any,
+        samples: Samples,
+        part: Labels,
         options: EhrOptions,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
     ) -> np.ndarray:
-        """One embedding per label row of ``--labels``, from exactly the events up to its
-        prediction time (the labels are kept in ``samples.info["labels"]``)."""
+        """One embedding per label row of the part, from exactly the events up to its
+        prediction time (:func:`healthfm.ehr.embed.featurize_labels`)."""
+        import torch
+
         from healthfm.ehr.embed import featurize_labels
 
-        labels = self._labels(options, samples)
-        samples.info["labels"] = labels
-        feats = featurize_labels(
-            samples.payload["dataset"],
-            encoder.tokenizer,
-            labels,
-            encoder,
-            pooling or encoder.pooling,
-            batch_size=batch_size,
-        )
+        device = next(encoder.parameters()).device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            feats = featurize_labels(
+                samples.payload["dataset"],
+                encoder.tokenizer,
+                part,
+                encoder,
+                pooling or encoder.pooling,
+                batch_size=batch_size,
+            )
         return feats.embeddings
 
     def write_embeddings(
@@ -254,27 +278,41 @@ class EhrModality(Modality):
         attrs: dict[str, Any],
         options: EhrOptions,
     ) -> Path:
-        """Parquet: subject_id, prediction_time, embedding, and the label column."""
+        """Parquet: subject_id, prediction_time, embedding, and the label column (streamed
+        in row blocks)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from healthfm.fsutil import atomic_write_bytes
+        from healthfm.evaluate.embed import WRITE_BLOCK_ROWS
+        from healthfm.fsutil import atomic_file
 
         if Path(out).suffix != ".parquet":
             raise ConfigError(f"ehr embeddings are written as .parquet, not {Path(out).suffix!r}")
         labels: Labels = samples.info["labels"]
+        frame = labels.frame.select("subject_id", "prediction_time", "label")
         d = embeddings.shape[1]
-        table = labels.frame.select("subject_id", "prediction_time").to_arrow()
-        table = table.append_column(
-            "embedding",
-            pa.FixedSizeListArray.from_arrays(
-                pa.array(embeddings.reshape(-1), type=pa.float32()), d
-            ),
-        )
-        table = table.append_column(labels.column, labels.frame["label"].to_arrow())
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        atomic_write_bytes(out, sink.getvalue().to_pybytes())
+        with atomic_file(out) as tmp:
+            writer = None
+            try:
+                for start in range(0, max(len(frame), 1), WRITE_BLOCK_ROWS):
+                    rows = frame.slice(start, WRITE_BLOCK_ROWS)
+                    block = np.ascontiguousarray(
+                        embeddings[start : start + WRITE_BLOCK_ROWS], dtype=np.float32
+                    )
+                    table = rows.select("subject_id", "prediction_time").to_arrow()
+                    table = table.append_column(
+                        "embedding",
+                        pa.FixedSizeListArray.from_arrays(
+                            pa.array(block.reshape(-1), type=pa.float32()), d
+                        ),
+                    )
+                    table = table.append_column(labels.column, rows["label"].to_arrow())
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema)
+                    writer.write_table(table)
+            finally:
+                if writer is not None:
+                    writer.close()
         return Path(out)
 
     def evaluation_rows(

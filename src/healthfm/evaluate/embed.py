@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from healthfm.encoders.base import Encoder
 from healthfm.errors import ConfigError
-from healthfm.fsutil import atomic_write_bytes
+from healthfm.fsutil import atomic_file, atomic_write_bytes
 from healthfm.tokens import TokenStore
 from healthfm.train.data import collate, collate_packed
 
@@ -186,12 +186,32 @@ def embed_store(
     return out
 
 
+#: Rows per block when embeddings are streamed to a file (a parquet row group).
+WRITE_BLOCK_ROWS = 65536
+
+
+def embedding_table(keys, block: np.ndarray, columns: dict | None = None) -> pa.Table:
+    """A parquet block: ``key``, ``embedding`` (fixed-size float32 list) and ``columns``."""
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    flat = pa.array(block.reshape(-1), type=pa.float32())
+    table = pa.table(
+        {
+            "key": pa.array(list(keys)),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, block.shape[1]),
+        }
+    )
+    for name, values in (columns or {}).items():
+        table = table.append_column(name, pa.array(list(values)))
+    return table
+
+
 def save_embeddings(
     path: str | Path, keys, embeddings: np.ndarray, columns: dict | None = None
 ) -> Path:
     """Write embeddings atomically as parquet (``key`` + ``embedding`` list column) or .npy.
 
-    For ``.npy`` the keys go to ``<name>.keys.parquet`` beside it.
+    For ``.npy`` the keys go to ``<name>.keys.parquet`` beside it. The rows are written in
+    blocks, so ``embeddings`` may be a memory map larger than memory.
 
     Parameters
     ----------
@@ -205,32 +225,47 @@ def save_embeddings(
         Extra per-row columns (parquet only), e.g. labels or prediction times.
     """
     path = Path(path)
-    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-    if path.suffix == ".npy":
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, embeddings)
-        atomic_write_bytes(path, buffer.getvalue())
-        keys_table = pa.table({"key": pa.array(list(keys))})
-        sink = pa.BufferOutputStream()
-        pq.write_table(keys_table, sink)
-        atomic_write_bytes(path.with_suffix(".keys.parquet"), sink.getvalue().to_pybytes())
-        return path
-    if path.suffix != ".parquet":
+    if path.suffix not in (".parquet", ".npy"):
         raise ConfigError(
             f"embeddings are written as .parquet or .npy, not {path.suffix!r}: {path}"
         )
-    d = embeddings.shape[1]
-    flat = pa.array(embeddings.reshape(-1), type=pa.float32())
-    table = pa.table(
-        {"key": pa.array(list(keys)), "embedding": pa.FixedSizeListArray.from_arrays(flat, d)}
-    )
-    for name, values in (columns or {}).items():
-        table = table.append_column(name, pa.array(values))
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    keys = np.asarray(keys)
+    n = len(embeddings)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} keys for {n} embeddings")
+    if path.suffix == ".npy":
+        with atomic_file(path) as tmp:
+            target = np.lib.format.open_memmap(tmp, "w+", np.float32, embeddings.shape)
+            for start in range(0, n, WRITE_BLOCK_ROWS):
+                target[start : start + WRITE_BLOCK_ROWS] = embeddings[
+                    start : start + WRITE_BLOCK_ROWS
+                ]
+            target.flush()
+            del target
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"key": pa.array(keys.tolist())}), sink)
+        atomic_write_bytes(path.with_suffix(".keys.parquet"), sink.getvalue().to_pybytes())
+        return path
+    columns = {k: np.asarray(v) for k, v in (columns or {}).items()}
+    with atomic_file(path) as tmp:
+        writer = None
+        try:
+            for start in range(0, max(n, 1), WRITE_BLOCK_ROWS):
+                stop = min(n, start + WRITE_BLOCK_ROWS)
+                block = embeddings[start:stop]
+                if n == 0:
+                    block = np.zeros((0, embeddings.shape[1] if embeddings.ndim == 2 else 0))
+                table = embedding_table(
+                    keys[start:stop].tolist(),
+                    block,
+                    {k: v[start:stop].tolist() for k, v in columns.items()},
+                )
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
     return path
 
 

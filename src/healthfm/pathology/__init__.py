@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 from healthfm.errors import ConfigError, DataError
 from healthfm.modality import (
     BaselineFn,
+    EmbeddingInput,
     EvaluationRows,
     Modality,
     Samples,
@@ -304,58 +305,90 @@ class PathologyModality(Modality):
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(
         self, path: str | Path, options: PathologyOptions, out: Path, encoder: Any
-    ) -> Iterator[tuple[Samples, Path]]:
+    ) -> list[EmbeddingInput]:
         """Slides (a slide, a folder of slides, or a folder of ``.h5`` tile files written by
         ``healthfm tile``, whose ``source`` attribute names the slide): one input per slide,
-        written to ``out/<slide>.h5``. A tile set: one input, ``out/embeddings.parquet``."""
+        written to ``out/<slide>.h5`` (a slide is tiled by the process that embeds it). A
+        tile set: one input, ``out/embeddings.parquet``."""
         options = self.options(options)
         path, out = Path(path), Path(out)
         # Tile files from `healthfm tile` (a file, a folder of them, or its output folder).
         h5_inputs = tile_files(path)
         if not (is_slide_input(path) or h5_inputs):
-            yield self.read(path, options), out / "embeddings.parquet"
-            return
-        written: dict[Path, list[Path]] = {}
+            return [
+                EmbeddingInput(
+                    str(path), out / "embeddings.parquet", lambda: self.read(path, options)
+                )
+            ]
         if h5_inputs:
-            pairs = _tile_pairs(h5_inputs)
+            pairs = [(h5, slide, False) for h5, slide in _tile_pairs(h5_inputs)]
         else:
-            tile_dir = Path(options.tile_dir or out)
-            pairs = []
-            for s in find_slides(path):
-                h5 = _tile_one(s, tile_dir, options)
-                pairs.append((h5, s))
-                # What this run wrote for the slide: removed if embedding it fails.
-                thumbs = tile_dir / "thumbnails"
-                written[h5] = [h5, thumbs / f"{s.stem}.png", thumbs / f"{s.stem}.raw.png"]
-        for h5, slide in pairs:
-            tiles = slide_tile_set([h5], [slide], options.slide_mpp)
-            grid, _ = read_tiles_h5(h5)
-            samples = Samples(
-                source=slide,
-                keys=tiles.keys,
-                groups=tiles.groups,
-                labels=tiles.labels,
-                payload=tiles,
-                data_hash=tiles.data_hash,
-                info={"grid": grid, "written": written.get(h5, [])},
-            )
-            yield samples, out / f"{slide.stem}.h5"
+            pairs = [(None, s, True) for s in find_slides(path)]
 
-    def embed_samples(
+        def opener(h5: Path | None, slide: Path) -> Callable[[], Samples]:
+            def open_slide() -> Samples:
+                written: list[Path] = []
+                if h5 is None:
+                    tile_dir = Path(options.tile_dir or out)
+                    tiles_h5 = _tile_one(slide, tile_dir, options)
+                    # What this run wrote for the slide: removed if embedding it fails.
+                    thumbs = tile_dir / "thumbnails"
+                    written = [
+                        tiles_h5,
+                        thumbs / f"{slide.stem}.png",
+                        thumbs / f"{slide.stem}.raw.png",
+                    ]
+                else:
+                    tiles_h5 = h5
+                tiles = slide_tile_set([tiles_h5], [slide], options.slide_mpp)
+                grid, _ = read_tiles_h5(tiles_h5)
+                return Samples(
+                    source=slide,
+                    keys=tiles.keys,
+                    groups=tiles.groups,
+                    labels=tiles.labels,
+                    payload=tiles,
+                    data_hash=tiles.data_hash,
+                    info={"grid": grid, "written": written},
+                )
+
+            return open_slide
+
+        return [
+            EmbeddingInput(str(slide), out / f"{slide.stem}.h5", opener(h5, slide), whole=True)
+            for h5, slide, _ in pairs
+        ]
+
+    def prepare_embedding(self, encoder: Any, samples: Samples, options: PathologyOptions) -> None:
+        """The encoder's tile and patch sizes, recorded with the features."""
+        tok = self._patches(encoder.tokenizer)
+        samples.info["patches"] = {"image_size": tok.image_size, "patch_size": tok.patch_size}
+
+    def tokenize_part(
         self,
         encoder: Any,
         samples: Samples,
+        indices: np.ndarray,
+        options: PathologyOptions,
+        workdir: Path,
+    ) -> TileSource:
+        """The part's tiles, decoded on the fly as they are embedded (not augmented)."""
+        tok = self._patches(encoder.tokenizer)
+        return TileSource(samples.payload, tok, indices, augment=False, cache=False)
+
+    def embed_part(
+        self,
+        encoder: Any,
+        samples: Samples,
+        part: TileSource,
         options: PathologyOptions,
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
     ) -> np.ndarray:
-        """Frozen-backbone embedding of every tile (decoded on the fly, not augmented)."""
-        tok = self._patches(encoder.tokenizer)
-        samples.info["patches"] = {"image_size": tok.image_size, "patch_size": tok.patch_size}
-        source = TileSource(samples.payload, tok, augment=False, cache=False)
+        """Frozen-backbone embedding of every tile of the part (``--num-workers`` decode)."""
         workers = int(self.options(options).num_workers or 0)
-        return embed_tiles(encoder, source, batch_size, pooling, bf16, workers)
+        return embed_tiles(encoder, part, batch_size, pooling, bf16, workers)
 
     def write_embeddings(
         self,

@@ -30,6 +30,7 @@ from healthfm.evaluate.results import ResultRow
 from healthfm.modality import (
     BaselineFn,
     DemoSpec,
+    EmbeddingInput,
     Modality,
     Samples,
     _unit_interval,
@@ -357,53 +358,12 @@ class SingleCellModality(Modality):
 
     def embedding_inputs(
         self, path: str | Path, options: SingleCellOptions, out: Path, encoder: Any
-    ) -> Iterator[tuple[Samples, Path]]:
-        """The input; for an ``.h5ad`` output the whole AnnData is kept, to be written back
-        with ``obsm['X_healthfm']`` (see :func:`healthfm.singlecell.tl.embed`)."""
-        if Path(out).suffix != ".h5ad":
-            yield self.read(path, options), Path(out)
-            return
-        from healthfm.singlecell.reader import open_h5ad
-
-        adata = open_h5ad(path)
-        samples = Samples(
-            source=Path(path),
-            keys=np.asarray(adata.obs_names),
-            groups=np.asarray(adata.obs_names),
-            labels=None,
-            payload=None,
-            data_hash="",
-            info={"adata": adata},
-        )
-        yield samples, Path(out)
-
-    def embed_samples(
-        self,
-        encoder: Any,
-        samples: Samples,
-        options: SingleCellOptions,
-        pooling: str | None,
-        batch_size: int,
-        bf16: bool = False,
-    ) -> np.ndarray:
-        """Cells tokenized into a temporary store; an AnnData kept by
-        :meth:`embedding_inputs` is embedded scanpy style (``tl.embed``)."""
-        adata = samples.info.get("adata")
-        if adata is None:
-            return super().embed_samples(encoder, samples, options, pooling, batch_size, bf16)
-        tl.embed(
-            adata,
-            encoder,
-            EMBEDDING_KEY,
-            layer=options.layer,
-            gene_column=options.gene_column,
-            total_column=options.total_column,
-            normalized=options.normalized,
-            pooling=pooling,
-            batch_size=batch_size,
-            bf16=bf16,
-        )
-        return adata.obsm[EMBEDDING_KEY]
+    ) -> list[EmbeddingInput]:
+        """The input, read *backed* (the matrix stays on disk and is read in blocks, so an
+        atlas larger than memory embeds); an ``.h5ad`` output is the input file with the
+        embedding added to ``obsm['X_healthfm']``."""
+        options = self.options(options).replace(backed=True)
+        return [EmbeddingInput(str(path), Path(out), lambda: self.read(path, options))]
 
     def write_embeddings(
         self,
@@ -413,14 +373,33 @@ class SingleCellModality(Modality):
         attrs: dict[str, Any],
         options: SingleCellOptions,
     ) -> Path:
-        """``.h5ad``: the input AnnData with the embedding in ``obsm`` (gzip, atomic);
-        otherwise parquet / ``.npy``."""
-        adata = samples.info.get("adata")
-        if adata is None:
+        """``.h5ad``: a copy of the input file with ``obsm['X_healthfm']`` and the run's
+        parameters in ``uns['healthfm']['X_healthfm']`` (streamed, atomic); otherwise
+        parquet / ``.npy``."""
+        if Path(out).suffix != ".h5ad":
             return super().write_embeddings(out, samples, embeddings, attrs, options)
-        from healthfm.singlecell.bundled import write_h5ad_atomic
+        from healthfm.singlecell.reader import add_obsm
 
-        return write_h5ad_atomic(adata, out)
+        options = self.options(options)
+        seconds = float(attrs.get("seconds") or 0.0)
+        info = {
+            "model_hash": str(attrs.get("model_hash") or ""),
+            "tokenizer": str(attrs.get("preprocessing") or ""),
+            "tokenizer_hash": str(attrs.get("preprocessing_hash") or ""),
+            "pooling": str(attrs.get("pooling") or ""),
+            "preset": str(attrs.get("name") or ""),
+            "d_model": int(embeddings.shape[1]),
+            "max_length": int(attrs.get("max_len") or 0),
+            "layer": options.layer or "X",
+            "gene_column": samples.info.get("gene_column") or "var_names",
+            "total_column": samples.info.get("total_column") or "row sums",
+            **dict(samples.info.get("coverage", {})),
+            "seconds": seconds,
+            "cells_per_second": float(len(embeddings) / seconds) if seconds > 0 else float("nan"),
+        }
+        return add_obsm(
+            samples.source, out, EMBEDDING_KEY, embeddings, {"healthfm": {EMBEDDING_KEY: info}}
+        )
 
     def extra_evaluations(self, context: dict[str, Any]) -> list[ResultRow]:
         """k-NN probe rows and zero-shot k-means clustering rows (ARI, NMI)."""

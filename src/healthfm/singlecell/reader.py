@@ -532,3 +532,67 @@ class Coverage:
         if self.cells_without_model_gene:
             text += f"; {self.cells_without_model_gene:,} cell(s) express no model gene"
         return text
+
+
+def add_obsm(
+    source: str | Path,
+    out: str | Path,
+    key: str,
+    embeddings: np.ndarray,
+    uns: dict[str, dict[str, Any]] | None = None,
+    block_rows: int = 65536,
+) -> Path:
+    """Write ``out``: a copy of the ``.h5ad`` ``source`` with ``obsm[key] = embeddings``.
+
+    The copy is made file to file and the array written in row blocks with h5py in
+    anndata's on-disk encoding (an ``array`` element), so neither the input nor the
+    embeddings (which may be a memory map) are ever held in memory: an atlas of millions
+    of cells is written in constant memory. ``uns`` entries are merged into the file's
+    ``uns`` one level deep (``{"healthfm": {key: info}}`` adds ``uns/healthfm/<key>``).
+    The file appears at ``out`` only once complete (fsync, rename).
+    """
+    import shutil
+
+    import h5py
+    from anndata.io import write_elem
+
+    from healthfm.fsutil import atomic_file
+
+    n, d = embeddings.shape
+    with atomic_file(out) as tmp:
+        shutil.copyfile(source, tmp)
+        with h5py.File(tmp, "r+") as handle:
+            obsm = _dict_group(handle, "obsm")
+            if key in obsm:
+                del obsm[key]
+            data = obsm.create_dataset(
+                key, shape=(n, d), dtype="float32", chunks=(max(1, min(n, 4096)), d)
+            )
+            data.attrs["encoding-type"] = "array"
+            data.attrs["encoding-version"] = "0.2.0"
+            for start in range(0, n, block_rows):
+                data[start : start + block_rows] = np.asarray(
+                    embeddings[start : start + block_rows], dtype=np.float32
+                )
+            root = _dict_group(handle, "uns")
+            for name, entries in (uns or {}).items():
+                group = _dict_group(root, name)
+                for entry, value in entries.items():
+                    if entry in group:
+                        del group[entry]
+                    write_elem(group, entry, value)
+    return Path(out)
+
+
+def _dict_group(parent: Any, name: str) -> Any:
+    # An anndata "dict" element (a group), created when absent or when something else
+    # (an old scalar entry) holds the name.
+    import h5py
+
+    if name in parent and not isinstance(parent[name], h5py.Group):
+        del parent[name]
+    if name not in parent:
+        group = parent.create_group(name)
+        group.attrs["encoding-type"] = "dict"
+        group.attrs["encoding-version"] = "0.1.0"
+    return parent[name]
