@@ -192,6 +192,11 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the forward pass (token inputs; pays on large inputs only)",
+    )
 
     p = sub.add_parser(
         "evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs"
@@ -579,6 +584,7 @@ def run(argv: list[str]) -> int:
             resume=args.resume,
             part_rows=args.part_rows,
             device=args.device,
+            compile=args.compile,
         )
     elif args.command == "evaluate":
         models, data = _evaluate_paths(args.paths, args.models)

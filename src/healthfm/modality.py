@@ -411,12 +411,14 @@ class Modality(ABC):
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
+        compile: bool = False,
     ) -> np.ndarray:
         """One float32 vector per row of a part :meth:`tokenize_part` prepared (batches by
-        a token budget, shortest first; see :func:`healthfm.evaluate.embed.embed_store`)."""
+        a token budget, shortest first; see :func:`healthfm.evaluate.embed.embed_store`);
+        ``compile``: through ``torch.compile``."""
         from healthfm.evaluate.embed import embed_store
 
-        return embed_store(encoder, part, pooling, batch_size, bf16)
+        return embed_store(encoder, part, pooling, batch_size, bf16, compile=compile)
 
     def embed_samples(
         self,

@@ -251,9 +251,11 @@ class EhrModality(Modality):
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
+        compile: bool = False,
     ) -> np.ndarray:
         """One embedding per label row of the part, from exactly the events up to its
-        prediction time (:func:`healthfm.ehr.embed.featurize_labels`)."""
+        prediction time (:func:`healthfm.ehr.embed.featurize_labels`). ``compile`` is not
+        applied: the packed one-pass rows vary in layout from batch to batch."""
         import torch
 
         from healthfm.ehr.embed import featurize_labels

@@ -18,8 +18,11 @@ from healthfm.fsutil import atomic_file, atomic_write_bytes
 from healthfm.tokens import TokenStore
 from healthfm.train.data import collate, collate_packed
 
-#: Tokens per forward pass (samples × padded length) when batching by a token budget.
-DEFAULT_MAX_TOKENS = 32768
+#: Tokens per forward pass (samples × padded length) when batching by a token budget, by
+#: device type. Measured (benchmarks/bench_embed.py): on CPU small passes stay in cache
+#: and beat large ones (4,096 tokens ran 1.2-1.3× faster than 32,768 on single-cell and
+#: DNA); a GPU wants large ones to fill its cores.
+DEFAULT_MAX_TOKENS = {"cpu": 4096, "cuda": 65536}
 
 
 def token_budget_batches(
@@ -74,10 +77,11 @@ def embed_store(
     bf16: bool = False,
     truncate: str | None = None,
     device: str | torch.device | None = None,
-    max_tokens: int | None = DEFAULT_MAX_TOKENS,
+    max_tokens: int | str | None = "auto",
     pack: bool = False,
     indices: np.ndarray | None = None,
-    progress: bool | None = None,
+    progress: bool | None = False,
+    compile: bool = False,
 ) -> np.ndarray:
     """Embed every sample of ``store`` (or of ``indices``) with ``model``.
 
@@ -104,13 +108,18 @@ def embed_store(
     device
         Where to run; the model's current device when None.
     max_tokens
-        Token budget per forward pass (None: ``batch_size`` samples whatever their length).
+        Token budget per forward pass: "auto" (:data:`DEFAULT_MAX_TOKENS` of the device),
+        a number, or None (``batch_size`` samples whatever their length).
     pack
         Pack samples into rows of the model's context (needs ``model.supports_packing``).
     indices
         Embed only these samples, in this order (a part of a sharded run).
     progress
-        A progress bar with samples/s and an ETA; None: only when stderr is a terminal.
+        A progress bar with samples/s and an ETA; None: only when stderr is a terminal
+        (False by default: the embed stage shows one bar for the whole run).
+    compile
+        Run the forward pass through ``torch.compile`` (dynamic shapes). It pays only on
+        large inputs: the first batch compiles for tens of seconds (see the benchmark).
 
     Returns
     -------
@@ -120,6 +129,8 @@ def embed_store(
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    if max_tokens == "auto":
+        max_tokens = DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cuda"])
     truncate = (
         truncate
         or getattr(model, "truncate", None)  # a published encoder's
@@ -161,6 +172,8 @@ def embed_store(
         desc="embed",
         disable=not (sys.stderr.isatty() if progress is None else progress),
     )
+    features = _compiled(model, "forward_features") if compile else model.forward_features
+    embed = _compiled(model, "embed") if compile else model.embed
     for local in token_budget_batches(lengths, batch_size, max_tokens):
         idx = chosen[local]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -172,12 +185,12 @@ def embed_store(
                 )
                 batch = collate_packed(store, idx, width, truncate, with_samples=True)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                hidden = model.forward_features(batch)
+                hidden = features(batch)
                 pooled = _pool_packed(hidden, batch, len(idx), pooling)
             else:
                 batch = collate(store, idx, model.max_len, truncate)
                 batch = {k: v.to(device) for k, v in batch.items()}
-                pooled = model.embed(batch, pooling)
+                pooled = embed(batch, pooling)
         if out is None:
             out = np.zeros((len(chosen), pooled.shape[1]), dtype=np.float32)
         out[local] = pooled.float().cpu().numpy()
@@ -203,6 +216,17 @@ def embedding_table(keys, block: np.ndarray, columns: dict | None = None) -> pa.
     for name, values in (columns or {}).items():
         table = table.append_column(name, pa.array(list(values)))
     return table
+
+
+_COMPILED: dict[tuple[int, str], object] = {}
+
+
+def _compiled(model: Encoder, method: str):
+    # One compiled method per model object: compiling again would cost as much again.
+    key = (id(model), method)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(getattr(model, method), dynamic=True)
+    return _COMPILED[key]
 
 
 def save_embeddings(

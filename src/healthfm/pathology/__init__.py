@@ -385,8 +385,10 @@ class PathologyModality(Modality):
         pooling: str | None,
         batch_size: int,
         bf16: bool = False,
+        compile: bool = False,
     ) -> np.ndarray:
-        """Frozen-backbone embedding of every tile of the part (``--num-workers`` decode)."""
+        """Frozen-backbone embedding of every tile of the part (``--num-workers`` decode;
+        ``compile`` is not applied)."""
         workers = int(self.options(options).num_workers or 0)
         return embed_tiles(encoder, part, batch_size, pooling, bf16, workers)
 

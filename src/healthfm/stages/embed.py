@@ -86,6 +86,7 @@ def embed(
     resume: bool = False,
     part_rows: int | None = None,
     device: str | None = None,
+    compile: bool = False,
 ) -> Path:
     """Embed every sample of an input with an encoder and write the embeddings.
 
@@ -114,6 +115,8 @@ def embed(
         Rows per part (default: :func:`default_part_rows`).
     device
         "cpu" or "cuda" (default: CUDA when available; under torchrun, the local rank's GPU).
+    compile
+        ``torch.compile`` the forward pass (token inputs; pays on large inputs only).
 
     Returns
     -------
@@ -129,7 +132,7 @@ def embed(
     try:
         result = _embed(
             dist, model_dir, input_path, out, options, pooling, batch_size, bf16,
-            modality_name, echo, resume, part_rows,
+            modality_name, echo, resume, part_rows, compile,
         )  # fmt: skip
     except BaseException:
         shutdown(dist, barrier=False)
@@ -151,6 +154,7 @@ def _embed(
     echo: bool,
     resume: bool,
     part_rows: int | None,
+    compile: bool,
 ) -> Path:
     t0 = time.perf_counter()
     encoder = load_encoder(model_dir, modality_name)
@@ -208,7 +212,7 @@ def _embed(
         )  # fmt: skip
     _run_parts(
         dist, modality, encoder, inputs, opened, todo, parts_dir, plan_id, options, pooling,
-        batch_size, bf16, attrs,
+        batch_size, bf16, compile, attrs,
     )  # fmt: skip
     barrier(dist)
 
@@ -257,6 +261,7 @@ def _run_parts(
     pooling: str,
     batch_size: int,
     bf16: bool,
+    compile: bool,
     attrs: dict[str, Any],
 ) -> None:
     """Embed this rank's unfinished parts; the next part is read and tokenized in a
@@ -293,7 +298,7 @@ def _run_parts(
                 pending = reader.submit(prepare, todo[k + 1])
             try:
                 emb = modality.embed_part(
-                    encoder, samples, prepared, options, pooling, batch_size, bf16
+                    encoder, samples, prepared, options, pooling, batch_size, bf16, compile
                 )
                 if part.whole:
                     target = inputs[part.input].target
