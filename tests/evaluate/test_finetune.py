@@ -63,7 +63,7 @@ def make_base(path, data, seed: int = 0, d_model: int = 32):
     return path
 
 
-FULL = FinetuneConfig(head_init="random", epochs=20, patience=5, lr=3e-3, batch_size=32)
+FULL = FinetuneConfig(head_init="random", epochs=40, patience=10, lr=3e-3, batch_size=32)
 LORA = FinetuneConfig(lora=True, lora_rank=4, head_init="random", epochs=3, lr=3e-3, batch_size=64)
 
 

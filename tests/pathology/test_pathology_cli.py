@@ -229,3 +229,44 @@ def test_finetune_tiles_full_and_lora_then_evaluate(model_dir, kather, tmp_path)
     assert main(["embed", str(tmp_path / "lora"), str(kather), "--out", str(tmp_path / "e")]) == 0
     _, emb = load_embeddings(tmp_path / "e" / "embeddings.parquet")
     assert emb.shape == (24, 128)
+
+
+def test_slide_folder_embeds_a_part_per_slide_and_resumes(
+    model_dir, pyramid, tmp_path, monkeypatch
+):
+    """Each slide is one part: a run that dies on the second slide leaves the first one
+    finished (its HDF5 and record), and --resume embeds only the second."""
+    from healthfm.modality import get_modality
+
+    path, _ = pyramid
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copyfile(path, folder / "a.tif")
+    shutil.copyfile(path, folder / "b.tif")
+    args = ["embed", str(model_dir), str(folder), "--mpp", "1.0", "--size", "112"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    modality = get_modality("pathology")
+    real = type(modality).embed_part
+    calls = []
+
+    def dies_on_the_second_slide(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a kill would, mid-run
+        return real(self, *a, **k)
+
+    out = tmp_path / "feats"
+    monkeypatch.setattr(type(modality), "embed_part", dies_on_the_second_slide)
+    assert main([*args, "--out", str(out)]) == 130  # "interrupted"
+    first = out / "a.h5"
+    assert first.is_file() and not (out / "b.h5").exists()
+    assert (tmp_path / "feats.parts" / "part-000000.json").is_file()
+    stamp = first.stat().st_mtime_ns
+    calls.clear()
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    assert len(calls) == 1 and first.stat().st_mtime_ns == stamp  # only b was embedded
+    assert not (tmp_path / "feats.parts").exists()
+    for name in ("a.h5", "b.h5"):
+        with h5py.File(out / name) as got, h5py.File(tmp_path / "whole" / name) as want:
+            np.testing.assert_allclose(got["features"][:], want["features"][:], atol=1e-5)

@@ -205,3 +205,19 @@ def test_plan_records_what_the_parts_are_of(dna_model, splice_subset, tmp_path):
     plan = json.loads((Path(f"{out}.parts") / "plan.json").read_text())
     assert plan["parts"] == 200 and plan["inputs"][0]["rows"] == 600
     assert plan["model_hash"] and plan["pooling"] == "mean" and plan["bf16"] is False
+
+
+def test_parts_array_reads_row_blocks_across_parts(tmp_path):
+    from healthfm.stages.embed import PartsArray
+
+    rng = np.random.default_rng(0)
+    whole = rng.standard_normal((23, 4)).astype(np.float32)
+    starts, files = [0, 7, 8, 20], []
+    for k, (a, b) in enumerate(zip(starts, [*starts[1:], 23], strict=True)):
+        files.append(tmp_path / f"p{k}.npy")
+        np.save(files[-1], whole[a:b])
+    rows = PartsArray(files, starts, 23, 4)
+    assert rows.shape == (23, 4) and len(rows) == 23
+    for a, b in [(0, 23), (5, 9), (7, 8), (19, 23), (22, 40), (10, 10)]:
+        np.testing.assert_array_equal(rows[a:b], whole[a:b])
+    np.testing.assert_array_equal(np.asarray(rows), whole)

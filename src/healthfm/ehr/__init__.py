@@ -283,39 +283,21 @@ class EhrModality(Modality):
         """Parquet: subject_id, prediction_time, embedding, and the label column (streamed
         in row blocks)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        from healthfm.evaluate.embed import WRITE_BLOCK_ROWS
-        from healthfm.fsutil import atomic_file
+        from healthfm.evaluate.embed import embedding_array, write_table_blocks
 
         if Path(out).suffix != ".parquet":
             raise ConfigError(f"ehr embeddings are written as .parquet, not {Path(out).suffix!r}")
         labels: Labels = samples.info["labels"]
         frame = labels.frame.select("subject_id", "prediction_time", "label")
-        d = embeddings.shape[1]
-        with atomic_file(out) as tmp:
-            writer = None
-            try:
-                for start in range(0, max(len(frame), 1), WRITE_BLOCK_ROWS):
-                    rows = frame.slice(start, WRITE_BLOCK_ROWS)
-                    block = np.ascontiguousarray(
-                        embeddings[start : start + WRITE_BLOCK_ROWS], dtype=np.float32
-                    )
-                    table = rows.select("subject_id", "prediction_time").to_arrow()
-                    table = table.append_column(
-                        "embedding",
-                        pa.FixedSizeListArray.from_arrays(
-                            pa.array(block.reshape(-1), type=pa.float32()), d
-                        ),
-                    )
-                    table = table.append_column(labels.column, rows["label"].to_arrow())
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema)
-                    writer.write_table(table)
-            finally:
-                if writer is not None:
-                    writer.close()
-        return Path(out)
+
+        def block(start: int, stop: int) -> pa.Table:
+            rows = frame.slice(start, stop - start)
+            table = rows.select("subject_id", "prediction_time").to_arrow()
+            table = table.append_column("embedding", embedding_array(embeddings[start:stop]))
+            return table.append_column(labels.column, rows["label"].to_arrow())
+
+        return write_table_blocks(out, len(frame), block)
 
     def evaluation_rows(
         self,

@@ -203,19 +203,29 @@ def embed_store(
 WRITE_BLOCK_ROWS = 65536
 
 
-def embedding_table(keys, block: np.ndarray, columns: dict | None = None) -> pa.Table:
-    """A parquet block: ``key``, ``embedding`` (fixed-size float32 list) and ``columns``."""
+def embedding_array(block: np.ndarray) -> pa.FixedSizeListArray:
+    """Rows of float32 vectors as an arrow fixed-size list column."""
     block = np.ascontiguousarray(block, dtype=np.float32)
-    flat = pa.array(block.reshape(-1), type=pa.float32())
-    table = pa.table(
-        {
-            "key": pa.array(list(keys)),
-            "embedding": pa.FixedSizeListArray.from_arrays(flat, block.shape[1]),
-        }
-    )
-    for name, values in (columns or {}).items():
-        table = table.append_column(name, pa.array(list(values)))
-    return table
+    width = block.shape[1] if block.ndim == 2 else 0
+    return pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1), type=pa.float32()), width)
+
+
+def write_table_blocks(path: str | Path, n: int, block) -> Path:
+    """Write a parquet file atomically from row blocks of :data:`WRITE_BLOCK_ROWS`:
+    ``block(start, stop)`` returns the table of rows ``start:stop`` (called at least once,
+    so an empty output still has its columns). Memory: one block."""
+    with atomic_file(path) as tmp:
+        writer = None
+        try:
+            for start in range(0, max(n, 1), WRITE_BLOCK_ROWS):
+                table = block(start, min(n, start + WRITE_BLOCK_ROWS))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+    return Path(path)
 
 
 _COMPILED: dict[tuple[int, str], object] = {}
@@ -258,39 +268,32 @@ def save_embeddings(
     if len(keys) != n:
         raise ValueError(f"{len(keys)} keys for {n} embeddings")
     if path.suffix == ".npy":
-        with atomic_file(path) as tmp:
-            target = np.lib.format.open_memmap(tmp, "w+", np.float32, embeddings.shape)
+        header = {"descr": "<f4", "fortran_order": False, "shape": tuple(embeddings.shape)}
+        with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+            # Header, then row blocks appended: no memory map (its pages would count as
+            # resident memory), one block in memory.
+            np.lib.format.write_array_header_1_0(handle, header)
             for start in range(0, n, WRITE_BLOCK_ROWS):
-                target[start : start + WRITE_BLOCK_ROWS] = embeddings[
-                    start : start + WRITE_BLOCK_ROWS
-                ]
-            target.flush()
-            del target
+                block = embeddings[start : start + WRITE_BLOCK_ROWS]
+                handle.write(np.ascontiguousarray(block, dtype="<f4").tobytes())
         sink = pa.BufferOutputStream()
         pq.write_table(pa.table({"key": pa.array(keys.tolist())}), sink)
         atomic_write_bytes(path.with_suffix(".keys.parquet"), sink.getvalue().to_pybytes())
         return path
     columns = {k: np.asarray(v) for k, v in (columns or {}).items()}
-    with atomic_file(path) as tmp:
-        writer = None
-        try:
-            for start in range(0, max(n, 1), WRITE_BLOCK_ROWS):
-                stop = min(n, start + WRITE_BLOCK_ROWS)
-                block = embeddings[start:stop]
-                if n == 0:
-                    block = np.zeros((0, embeddings.shape[1] if embeddings.ndim == 2 else 0))
-                table = embedding_table(
-                    keys[start:stop].tolist(),
-                    block,
-                    {k: v[start:stop].tolist() for k, v in columns.items()},
-                )
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-        finally:
-            if writer is not None:
-                writer.close()
-    return path
+
+    def block(start: int, stop: int) -> pa.Table:
+        table = pa.table(
+            {
+                "key": pa.array(keys[start:stop].tolist()),
+                "embedding": embedding_array(embeddings[start:stop]),
+            }
+        )
+        for name, values in columns.items():
+            table = table.append_column(name, pa.array(values[start:stop].tolist()))
+        return table
+
+    return write_table_blocks(path, n, block)
 
 
 def load_embeddings(path: str | Path) -> tuple[list, np.ndarray]:

@@ -226,7 +226,7 @@ def _embed(
         if i % dist.world_size == dist.rank:
             own = [p for p in parts if p.input == i]
             seconds = time.perf_counter() - t0
-            _assemble(modality, item, opened[i], own, parts_dir, plan_id, options,
+            _assemble(modality, inputs, i, opened[i], own, parts_dir, plan_id, options,
                       {**attrs, "seconds": seconds}, encoder.dim)  # fmt: skip
     barrier(dist)
     if dist.is_main:
@@ -417,7 +417,8 @@ def _finished(parts_dir: Path, part: Part, plan_id: str, inputs: list[EmbeddingI
 
 def _assemble(
     modality: Any,
-    item: EmbeddingInput,
+    inputs: list[EmbeddingInput],
+    i: int,
     samples: Any,
     parts: list[Part],
     parts_dir: Path,
@@ -426,27 +427,63 @@ def _assemble(
     attrs: dict[str, Any],
     dim: int,
 ) -> None:
-    """Copy the input's parts in row order into one memory map and have the modality
-    write its output from it (in row blocks)."""
+    """Have the modality write the input's output from its parts, in row order, a block
+    at a time (:class:`PartsArray`)."""
+    item = inputs[i]
     for p in parts:
-        if not _finished(parts_dir, p, plan_id, [item]):
+        if not _finished(parts_dir, p, plan_id, inputs):
             raise DataError(
                 f"part {p.index} is missing or corrupt; run the same command with --resume to "
                 "embed it again",
                 file=_part_file(parts_dir, p),
             )
     n = parts[-1].stop if parts else 0
-    width = np.load(_part_file(parts_dir, parts[0]), mmap_mode="r").shape[1] if parts else dim
-    with tempfile.TemporaryDirectory(prefix=".assemble-", dir=parts_dir) as tmp:
-        path = Path(tmp) / "embeddings.npy"
-        whole = np.lib.format.open_memmap(path, "w+", np.float32, (n, width))
-        for p in parts:
-            whole[p.start : p.stop] = np.load(_part_file(parts_dir, p), mmap_mode="r")
-        whole.flush()
-        del whole
-        embeddings = np.load(path, mmap_mode="r")
-        modality.write_embeddings(item.target, samples, embeddings, attrs, options)
-        del embeddings
+    files = [_part_file(parts_dir, p) for p in parts]
+    width = np.load(files[0], mmap_mode="r").shape[1] if parts else dim
+    embeddings = PartsArray(files, [p.start for p in parts], n, width)
+    modality.write_embeddings(item.target, samples, embeddings, attrs, options)
+
+
+class PartsArray:
+    """The (n, d) float32 rows of a run's parts, read a row block at a time.
+
+    What the writers need of an array (``shape``, ``len``, ``[start:stop]``), with no
+    process holding all rows and no file mapped whole: each slice maps only the parts it
+    overlaps, copies its rows and unmaps them, so memory stays one block whatever ``n``
+    (an assembled memory map would count every page it touched as resident memory).
+    """
+
+    dtype = np.dtype(np.float32)
+    ndim = 2
+
+    def __init__(self, files: list[Path], starts: list[int], n: int, width: int) -> None:
+        self.files, self.starts = list(files), np.asarray(starts, dtype=np.int64)
+        self.shape = (int(n), int(width))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("PartsArray supports row slices [start:stop] only")
+        start, stop, _ = key.indices(self.shape[0])
+        out = np.empty((max(stop - start, 0), self.shape[1]), dtype=np.float32)
+        if stop <= start:
+            return out
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        for k in range(first, len(self.files)):
+            lo = int(self.starts[k])
+            if lo >= stop:
+                break
+            part = np.load(self.files[k], mmap_mode="r")
+            a, b = max(start, lo), min(stop, lo + len(part))
+            out[a - start : b - start] = part[a - lo : b - lo]
+            del part
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0 : self.shape[0]]
+        return whole if dtype is None else whole.astype(dtype)
 
 
 def _stat(name: str) -> dict[str, Any]:
