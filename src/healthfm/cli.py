@@ -172,7 +172,9 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--out",
         required=True,
-        help="output .parquet (key, embedding[, label]) or .npy (+ .keys.parquet)",
+        help="output .parquet (key, embedding[, label]), .npy (+ .keys.parquet), .h5ad "
+        "(single-cell: the input with obsm['X_healthfm']) or a folder (pathology: one .h5 "
+        "per slide, or embeddings.parquet for a tile set)",
     )
     p.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the model's")
     p.add_argument("--batch-size", type=POSITIVE, default=128)
