@@ -182,16 +182,8 @@ class PathologyModality(Modality):
         else:
             tiles = read_tile_set(path, options.test_dir)
             info = {}
-        return Samples(
-            source=path,
-            keys=tiles.keys,
-            groups=tiles.groups,
-            labels=tiles.labels,
-            payload=tiles,
-            data_hash=tiles.data_hash,
-            label_column="class" if tiles.labels is not None else None,
-            info=info,
-        )
+        label_column = "class" if tiles.labels is not None else None
+        return _tile_samples(path, tiles, info, label_column)
 
     def fit_tokenizer(
         self, samples: Samples, train_idx: np.ndarray, options: PathologyOptions
@@ -321,9 +313,9 @@ class PathologyModality(Modality):
                 )
             ]
         if h5_inputs:
-            pairs = [(h5, slide, False) for h5, slide in _tile_pairs(h5_inputs)]
+            pairs = _tile_pairs(h5_inputs)
         else:
-            pairs = [(None, s, True) for s in find_slides(path)]
+            pairs = [(None, s) for s in find_slides(path)]  # tiled when opened
 
         def opener(h5: Path | None, slide: Path) -> Callable[[], Samples]:
             def open_slide() -> Samples:
@@ -342,21 +334,13 @@ class PathologyModality(Modality):
                     tiles_h5 = h5
                 tiles = slide_tile_set([tiles_h5], [slide], options.slide_mpp)
                 grid, _ = read_tiles_h5(tiles_h5)
-                return Samples(
-                    source=slide,
-                    keys=tiles.keys,
-                    groups=tiles.groups,
-                    labels=tiles.labels,
-                    payload=tiles,
-                    data_hash=tiles.data_hash,
-                    info={"grid": grid, "written": written},
-                )
+                return _tile_samples(slide, tiles, {"grid": grid, "written": written})
 
             return open_slide
 
         return [
             EmbeddingInput(str(slide), out / f"{slide.stem}.h5", opener(h5, slide), whole=True)
-            for h5, slide, _ in pairs
+            for h5, slide in pairs
         ]
 
     def prepare_embedding(self, encoder: Any, samples: Samples, options: PathologyOptions) -> None:
@@ -505,6 +489,22 @@ class PathologyModality(Modality):
                 f"{getattr(tokenizer, 'type', type(tokenizer).__name__)}"
             )
         return tokenizer
+
+
+def _tile_samples(
+    source: Path, tiles: TileSet, info: dict[str, Any], label_column: str | None = None
+) -> Samples:
+    """Samples of a tile set: one per tile, grouped and keyed as the tile set says."""
+    return Samples(
+        source=source,
+        keys=tiles.keys,
+        groups=tiles.groups,
+        labels=tiles.labels,
+        payload=tiles,
+        data_hash=tiles.data_hash,
+        label_column=label_column,
+        info=info,
+    )
 
 
 MODALITY = register_modality(PathologyModality())
