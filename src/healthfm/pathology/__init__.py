@@ -192,6 +192,13 @@ class PathologyModality(Modality):
         options = self.options(options)
         return PatchTokenizer(int(options.image_size), int(options.patch_size))
 
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: PathologyOptions
+    ) -> PatchTokenizer:
+        """Patches are fixed whatever the sources: tile sets and slide folders from several
+        places pretrain one model (each source split by its own slides or groups)."""
+        return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
     ) -> Iterator[TokenChunk]:
