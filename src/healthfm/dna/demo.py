@@ -53,7 +53,6 @@ def demo_spec(quick: bool = False) -> DemoSpec:
             f"({task_steps} steps), for comparison",
             "splice junctions (EI / IE / N): linear probes on both frozen models vs k-mer, "
             f"one-hot and CNN baselines and the controls, {len(seeds)} seeds",
-            "E. coli promoters (transfer: neither model saw them): the same probes and "
-            "baselines",
+            "E. coli promoters (transfer: neither model saw them): the same probes and baselines",
         ),
     )

@@ -192,6 +192,15 @@ class PathologyModality(Modality):
         options = self.options(options)
         return PatchTokenizer(int(options.image_size), int(options.patch_size))
 
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """MAE's count baseline: every hidden patch predicted by the mean training patch at
+        its position (:func:`~healthfm.pathology.mae.mean_patch_baseline`)."""
+        from healthfm.pathology.mae import mean_patch_baseline
+
+        return mean_patch_baseline(train, val, n_val)
+
     def fit_corpus_tokenizer(
         self, parts: list[tuple[Samples, np.ndarray]], options: PathologyOptions
     ) -> PatchTokenizer:
