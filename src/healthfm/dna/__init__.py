@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
+from healthfm.dna.genome import GenomeIndex, is_genome_input, list_genome_files, read_genome
 from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
@@ -63,6 +64,30 @@ def _no_label(value: Any) -> bool:
     return value is None or str(value).strip().lower() in ("", "none")
 
 
+def _is_genome(samples: Samples) -> bool:
+    return isinstance(samples.payload, GenomeIndex)
+
+
+def _window_tokens(tokenizer: KmerTokenizer, window: int) -> int:
+    """Tokens a window of ``window`` bases encodes to; more than the longest context is a
+    ConfigError."""
+    full = KmerTokenizer(
+        k=tokenizer.k,
+        stride=tokenizer.stride,
+        ambiguity=tokenizer.ambiguity,
+        add_cls=tokenizer.add_cls,
+    )
+    tokens = int(full.tokenized_lengths(np.array([window]))[0])
+    if tokens > MAX_CONTEXT:
+        longest = (MAX_CONTEXT - full.add_cls - 1) * full.stride + full.k
+        raise ConfigError(
+            f"--window {window} gives {tokens} tokens, more than the longest context "
+            f"({MAX_CONTEXT}); use --window {longest} or less",
+            column="window",
+        )
+    return tokens
+
+
 def _sequence_lengths(samples: Samples, indices: np.ndarray | None = None) -> np.ndarray:
     payload = samples.payload if indices is None else samples.payload[indices]
     return np.fromiter(map(len, payload), dtype=np.int64, count=len(payload))
@@ -96,6 +121,19 @@ class DnaModality(Modality):
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
         options = self.options(options)
         label_column = options.label_column
+        if is_genome_input(path, options.labels, MAX_CONTEXT):
+            if options.labels:
+                raise ConfigError(
+                    f"--labels is for FASTA records read as samples; {path} is a .2bit genome"
+                )
+            return read_genome(
+                path,
+                info={
+                    "window": int(options.window),
+                    "window_stride": options.window_stride,
+                    "regions": options.regions,
+                },
+            )
         if is_fasta(path):
             return read_fasta(
                 path,
@@ -127,18 +165,45 @@ class DnaModality(Modality):
                 return table(None)
         return table(None if _no_label(label_column) else label_column)
 
+    def expand_input(self, path: Path) -> list[Path]:
+        """A folder stands for its FASTA / FASTA.gz / 2bit files (sorted); a file for itself."""
+        path = Path(path)
+        if not path.is_dir():
+            return [path]
+        found = list_genome_files(path)
+        if not found:
+            raise DataError(
+                "no FASTA (.fa, .fna, .fasta ..., optionally .gz) or .2bit files", file=path
+            )
+        return found
+
     def fit_tokenizer(
         self, samples: Samples, train_idx: np.ndarray, options: DnaOptions | dict[str, Any]
     ) -> KmerTokenizer:
         """Build the k-mer tokenizer; its vocabulary is fixed, so fitting only sets
-        ``max_length`` to the power of two covering the longest training sequence
-        (at most 4096 tokens)."""
+        ``max_length``: the power of two covering the longest training sequence (at most
+        4096 tokens), or for a genome the tokens of one ``--window``."""
+        return self.fit_corpus_tokenizer([(samples, train_idx)], options)
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: DnaOptions | dict[str, Any]
+    ) -> KmerTokenizer:
+        """One k-mer tokenizer for several sources (genomes and tables): ``max_length`` is
+        the largest of the sources' (a genome's: the tokens of a window; a table's: the
+        power of two covering its longest train sequence), at most 4096."""
         options = self.options(options)
         probe = KmerTokenizer(k=options.k, stride=options.stride, ambiguity=options.ambiguity)
-        lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
-        longest = int(lengths.max()) if len(lengths) else 1
+        longest = 1
+        for samples, train_idx in parts:
+            if _is_genome(samples):
+                window = int(samples.info.get("window", options.window))
+                longest = max(longest, _window_tokens(probe, window))
+                continue
+            lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
+            if len(lengths):
+                longest = max(longest, next_power_of_two(int(lengths.max())))
         config = probe.config()
-        config["max_length"] = min(next_power_of_two(longest), MAX_CONTEXT)
+        config["max_length"] = min(longest, MAX_CONTEXT)
         config["reverse_complement"] = bool(options.reverse_complement)
         return KmerTokenizer.from_config(config)
 
@@ -148,6 +213,11 @@ class DnaModality(Modality):
         """Tokenize the chosen samples in chunks of at most 65,536, in order (with the
         k-mer tokenizer or any other DNA tokenizer, e.g. a published model's)."""
         tokenizer = self._dna(tokenizer)
+        if _is_genome(samples):
+            raise ConfigError(
+                f"{samples.source} is a genome: its records are cut into windows (a genome "
+                "store: DnaModality.tokenize, batch_source), not encoded as samples"
+            )
         indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
         for lo in range(0, len(indices), CHUNK_SIZE):
             idx = indices[lo : lo + CHUNK_SIZE]
@@ -159,6 +229,9 @@ class DnaModality(Modality):
         only. A published model's tokenizer checks its own coverage (``check_sequences``)."""
         import logging
 
+        if _is_genome(samples):
+            self._dna(tokenizer)  # windows are cut to the context: nothing to warn about
+            return
         check = getattr(self._dna(tokenizer), "check_sequences", None)
         if check is not None:
             check(samples.payload, source=samples.source)
@@ -194,10 +267,72 @@ class DnaModality(Modality):
     def model_defaults(
         self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
     ) -> dict[str, Any]:
-        """``max_len``: power of two covering the longest tokenized sample, at most 4096."""
+        """``max_len``: power of two covering the longest tokenized sample, at most 4096;
+        for a genome, the tokens of one ``--window``."""
+        if _is_genome(samples):
+            window = int(samples.info.get("window", self.options(options).window))
+            return {"max_len": _window_tokens(self._kmer(tokenizer), window)}
         lengths = self._kmer(tokenizer).tokenized_lengths(_sequence_lengths(samples))
         longest = int(lengths.max()) if len(lengths) else 1
         return {"max_len": min(next_power_of_two(longest), MAX_CONTEXT)}
+
+    # ------------------------------------------------------------------ genomes
+    def tokenize(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        out: str | Path,
+        indices: np.ndarray | None = None,
+    ) -> Any:
+        """A token store of the samples; for a genome, its genome store (the bases of the
+        chosen records, N gaps left out: any DNA tokenizer reads it, window by window)."""
+        if not _is_genome(samples):
+            return super().tokenize(tokenizer, samples, out, indices)
+        from healthfm.dna.genome_store import write_genome_store
+
+        return write_genome_store(samples.payload, out, samples.data_hash, records=indices)
+
+    def batch_source(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        indices: np.ndarray,
+        *,
+        training: bool,
+        workdir: Path,
+    ) -> Any:
+        """A token store of table/FASTA samples; for a genome, :class:`GenomeWindows` over
+        a genome store of the ``indices`` records at ``workdir`` (reused when it holds the
+        same records of the same file): random window offsets in training, a fixed
+        tiling held out."""
+        if not _is_genome(samples):
+            return super().batch_source(
+                tokenizer, samples, indices, training=training, workdir=workdir
+            )
+        from healthfm.dna.genome_store import GenomeWindows, reuse_genome_store
+
+        index = samples.payload
+        chosen = np.sort(np.asarray(indices, dtype=np.int64))
+        names = [index.names[i] for i in chosen.tolist()]
+        store = reuse_genome_store(workdir, samples.data_hash, names) or self.tokenize(
+            tokenizer, samples, workdir, chosen
+        )
+        window = int(samples.info.get("window", DnaOptions.window))
+        return GenomeWindows(store, self._kmer(tokenizer), window, training=training)
+
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train_source: Any, val_source: Any
+    ) -> dict[str, Any] | None:
+        """For genome windows: an order-5 Markov model of bases fitted on the train
+        windows, scored on the held-out ones (:func:`healthfm.dna.markov.markov_baseline`)."""
+        from healthfm.dna.genome_store import GenomeWindows
+        from healthfm.dna.markov import markov_baseline
+
+        if not (isinstance(train_source, GenomeWindows) and isinstance(val_source, GenomeWindows)):
+            return None
+        if len(train_source) == 0 or len(val_source) == 0:
+            return None
+        return markov_baseline(train_source, val_source, tokenizer=self._kmer(tokenizer))
 
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""
