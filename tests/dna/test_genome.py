@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from healthfm.dna import DnaModality
+from healthfm.dna import DnaModality, KmerTokenizer
 from healthfm.dna.genome import GenomeIndex, is_genome_input, iter_blocks, read_genome
 from healthfm.dna.genome_store import (
     MIN_GAP,
@@ -439,3 +439,77 @@ def test_pretraining_baseline(tmp_path, genome):
     assert result["nats_per_token"] == pytest.approx(result["bits_per_base"] * np.log(2))
     assert m.pretraining_baseline(tok, object(), val) is None
     assert markov_baseline(train, val, order=1)["bits_per_base"] < 2.01
+
+
+# --------------------------------------------------------------------------- embedding
+def _dna_model(tmp_path: Path, window: int) -> Path:
+    from healthfm.model.config import ModelConfig
+    from healthfm.model.heads import FoundationModel
+    from healthfm.model.pretrained import save_pretrained
+
+    tok = KmerTokenizer(max_length=window + 1)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        modality="dna", vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,
+        d_ff=32, max_len=window + 1, objective="masked",
+    )  # fmt: skip
+    return save_pretrained(FoundationModel(config), tmp_path / "model", tokenizer=tok)
+
+
+@pytest.mark.parametrize("reader", ["stream", "2bit"])
+def test_embed_genome_tiling_and_regions(tmp_path, reader):
+    import pyarrow.parquet as pq
+
+    from healthfm.stages.embed import embed
+
+    rng = np.random.default_rng(11)
+    records = {"a": random_bases(4500, rng), "b": random_bases(300, rng)}
+    if reader == "2bit":
+        path = write_2bit(tmp_path / "g.2bit", records)
+    else:
+        path = write_fasta(tmp_path / "g.fa", records)
+    model = _dna_model(tmp_path, 128)
+    out = embed(model, path, tmp_path / "x.parquet", {"window": 128, "window_stride": 1000})
+    table = pq.read_table(out)
+    # a: starts 0, 1000, ..., 4000 (the last cut at 4500); b: one window of 300 -> 128.
+    assert table.column("key").to_pylist() == [
+        "a:0-128", "a:1000-1128", "a:2000-2128", "a:3000-3128", "a:4000-4128", "b:0-128"
+    ]  # fmt: skip
+    tiled = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    bed = tmp_path / "r.bed"
+    bed.write_text("# regions\nb\t0\t300\tplasmid_start\na\t1000\t1100\tx\n")
+    out = embed(model, path, tmp_path / "r.parquet", {"window": 128, "regions": str(bed)})
+    regions = pq.read_table(out)
+    assert regions.column("key").to_pylist() == ["b:0-128", "a:1000-1100"]
+    assert regions.column("name").to_pylist() == ["plasmid_start", "x"]
+    emb = np.stack(regions.column("embedding").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(emb[0], tiled[5], atol=1e-5)  # the same bases, the same vector
+    with pytest.raises(ConfigError, match="longer than the model's context"):
+        embed(model, path, tmp_path / "y.parquet", {"window": 256})
+
+
+def test_bed_errors_name_file_column_and_row(tmp_path):
+    from healthfm.dna.genome_embed import read_bed
+
+    path = write_fasta(tmp_path / "g.fa", {"chr1": random_bases(5000), "chr2": "ACGT" * 10})
+    index = read_genome(path).payload
+    cases = [
+        ("chr1\t10\n", "end", 0, "has 2 field"),
+        ("chr1\t0\t10\nchr1\tx\t10\n", "start", 1, "'x' is not a non-negative integer"),
+        ("chr1\t-5\t10\n", "start", 0, "not a non-negative integer"),
+        ("track name=x\nchr3\t0\t10\n", "chrom", 1, "'chr3' is not in the genome"),
+        ("chr1\t10\t10\n", "end", 0, "not after start"),
+        ("chr2\t0\t41\n", "end", 0, "past the end of record 'chr2' \\(40 bases\\)"),
+    ]
+    for text, column, row, message in cases:
+        bed = tmp_path / "r.bed"
+        bed.write_text(text)
+        with pytest.raises(DataError, match=message) as info:
+            read_bed(bed, index, 100)
+        assert (Path(info.value.file), info.value.column, info.value.row) == (bed, column, row)
+    bed.write_text("# nothing\n\n")
+    with pytest.raises(DataError, match="no regions"):
+        read_bed(bed, index, 100)
+    bed.write_text("chr1 100 5000 long\nchr2\t0\t40\n")
+    rows = read_bed(bed, index, 100)
+    assert rows.keys(index).tolist() == ["chr1:100-200", "chr2:0-40"]

@@ -192,8 +192,10 @@ class DnaModality(Modality):
         the largest of the sources' (a genome's: the tokens of a window; a table's: the
         power of two covering its longest train sequence), at most 4096."""
         options = self.options(options)
+        if not parts:
+            raise ConfigError("no inputs to fit a tokenizer on")
         probe = KmerTokenizer(k=options.k, stride=options.stride, ambiguity=options.ambiguity)
-        longest = 1
+        longest = 2
         for samples, train_idx in parts:
             if _is_genome(samples):
                 window = int(samples.info.get("window", options.window))
@@ -333,6 +335,93 @@ class DnaModality(Modality):
         if len(train_source) == 0 or len(val_source) == 0:
             return None
         return markov_baseline(train_source, val_source, tokenizer=self._kmer(tokenizer))
+
+    # ------------------------------------------------------------------ genome embedding
+    def _genome_rows(self, samples: Samples, options: DnaOptions) -> Any:
+        """The genome's embedding windows (cached on the samples): BED regions cut to
+        ``--window``, or the tiling by ``--window`` every ``--window-stride`` bases."""
+        from healthfm.dna.genome_embed import read_bed, tile_records
+
+        key = (options.window, options.window_stride, options.regions)
+        cached = samples.info.get("embedding_rows")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = samples.payload
+        if options.regions:
+            rows = read_bed(options.regions, index, int(options.window))
+        else:
+            stride = int(options.window_stride or options.window)
+            rows = tile_records(index.lengths, int(options.window), stride)
+        samples.info["embedding_rows"] = (key, rows)
+        return rows
+
+    def prepare_embedding(self, encoder: Any, samples: Samples, options: Any) -> None:
+        """A genome: its windows (or regions) must fit the model's context."""
+        if not _is_genome(samples):
+            return super().prepare_embedding(encoder, samples, options)
+        options = self.options(options)
+        tokenizer = self._dna(encoder.tokenizer)
+        rows = self._genome_rows(samples, options)
+        if isinstance(tokenizer, KmerTokenizer) and tokenizer.max_length is not None:
+            longest = int((rows.end - rows.start).max()) if len(rows) else 0
+            tokens = int(tokenizer.tokenized_lengths(np.array([longest]))[0])
+            full = _window_tokens(tokenizer, longest) if longest else 0
+            if full > tokens:
+                raise ConfigError(
+                    f"--window {options.window} gives windows of {full} tokens, longer than "
+                    f"the model's context of {tokenizer.max_length}: give a smaller --window",
+                    column="window",
+                )
+        return None
+
+    def embedding_rows(self, samples: Samples, options: Any) -> int:
+        """A genome: one row per window (or BED region); else one per sample."""
+        if not _is_genome(samples):
+            return super().embedding_rows(samples, options)
+        return len(self._genome_rows(samples, self.options(options)))
+
+    def tokenize_part(
+        self, encoder: Any, samples: Samples, indices: np.ndarray, options: Any, workdir: Path
+    ) -> Any:
+        """A genome: the windows' bases (by random access, or from a genome store of the
+        whole input kept beside the part folders for the run) tokenized by the encoder's
+        tokenizer into a token store."""
+        if not _is_genome(samples):
+            return super().tokenize_part(encoder, samples, indices, options, workdir)
+        from healthfm.dna.genome_embed import window_sequences
+        from healthfm.tokens import write_store
+
+        options = self.options(options)
+        rows = self._genome_rows(samples, options)
+        index = samples.payload
+        store_dir = Path(workdir).parent / f"genome-{samples.data_hash[:16]}"
+        sequences = window_sequences(index, rows, indices, store_dir, samples.data_hash)
+        tokenizer = self._dna(encoder.tokenizer)
+        keys = rows.keys(index, indices).tolist()
+        chunks = (
+            tokenizer.encode(sequences[lo : lo + CHUNK_SIZE], keys=keys[lo : lo + CHUNK_SIZE])
+            for lo in range(0, len(sequences), CHUNK_SIZE)
+        )
+        extra = {
+            "modality": self.name,
+            "source": str(samples.source),
+            "data_hash": samples.data_hash,
+        }
+        return write_store(Path(workdir) / "store", chunks, tokenizer.hash, tokenizer.fields, extra)
+
+    def write_embeddings(
+        self, out: Path, samples: Samples, embeddings: Any, attrs: dict[str, Any], options: Any
+    ) -> Path:
+        """A genome: keys ``record:start-end`` (and the BED names in parquet, if any)."""
+        if not _is_genome(samples):
+            return super().write_embeddings(out, samples, embeddings, attrs, options)
+        from healthfm.evaluate.embed import save_embeddings
+
+        rows = self._genome_rows(samples, self.options(options))
+        columns = None
+        if rows.names is not None and Path(out).suffix == ".parquet":
+            columns = {"name": rows.names.astype(str)}
+        return save_embeddings(out, rows.keys(samples.payload), embeddings, columns)
 
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""

@@ -104,6 +104,13 @@ class GenomeStoreWriter:
         self._bases.write(memoryview(np.ascontiguousarray(bases)))
         self._out += len(bases)
 
+    def _emit_n(self, count: int, at: int) -> None:
+        """Append ``count`` N's (a short run; or any run when no gap is skipped), in
+        pieces so that a megabase run costs no megabyte temporary."""
+        piece = 1 << 20
+        for lo in range(0, count, piece):
+            self._emit(np.full(min(piece, count - lo), _N, dtype=np.uint8), at + lo)
+
     def _close_segment(self) -> None:
         if self._open is not None:
             start, out = self._open
@@ -119,7 +126,7 @@ class GenomeStoreWriter:
                 self._close_segment()
                 self.gap_bases += p
             else:
-                self._emit(np.full(p, _N, dtype=np.uint8), self._pos - p)
+                self._emit_n(p, self._pos - p)
         self._pending = 0
 
     # ----------------------------------------------------------------- records
@@ -170,7 +177,7 @@ class GenomeStoreWriter:
                 if gap[0]:
                     self._close_segment()  # the pending N's are part of this gap
                 else:
-                    self._emit(np.full(self._pending, _N, np.uint8), self._pos - self._pending)
+                    self._emit_n(self._pending, self._pos - self._pending)
                 self._pending = 0
             else:
                 self._resolve_pending()
