@@ -103,12 +103,16 @@ class DnaModality(Modality):
     #: Fixed-length tasks (splice sites, promoters) are motifs at fixed offsets: "concat"
     #: keeps every position's state, which mean pooling erases.
     poolings = ("mean", "cls", "concat")
-    input_kind = "a table (TSV/CSV) or FASTA file of sequences"
+    input_kind = "a table (TSV/CSV) or FASTA file of sequences, or a genome (FASTA, .2bit)"
 
     def looks_like(self, path: Path) -> bool | None:
-        """A text file (a table or FASTA): not a folder, not HDF5, parquet or an image."""
+        """A text file (a table or FASTA) or a ``.2bit`` genome: not HDF5, parquet or an
+        image; a folder only when it holds FASTA / 2bit files (a genome corpus)."""
         if Path(path).is_dir():
-            return False
+            try:
+                return bool(list_genome_files(path))
+            except OSError:
+                return None
         try:
             with open(path, "rb") as handle:
                 head = handle.read(8)
