@@ -261,6 +261,10 @@ def test_bad_fasta_names_file_record_and_position(tmp_path):
         with pytest.raises(DataError, match=message) as info:
             samples_or_error = read_genome(path)
         assert samples_or_error is None and Path(info.value.file) == path
+    truncated = tmp_path / "cut.fa.gz"
+    truncated.write_bytes(gzip.compress(fasta_text({"a": random_bases(100_000)}).encode())[:20_000])
+    with pytest.raises(DataError, match="corrupt compressed file"):
+        read_genome(truncated)
     # Record index as the row, for the invalid character.
     with pytest.raises(DataError) as info:
         m.read(tmp_path / "bad.fa", {})

@@ -30,6 +30,7 @@ normalised ``uint8`` bases in record order, whatever the reader.
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,7 +316,7 @@ def _stream_fasta(handle: BinaryIO, path: Path, block: int) -> Iterator[tuple[st
     while True:
         try:
             chunk = handle.read(block)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"corrupt compressed file: {exc}", file=path) from exc
         if not chunk:
             break
