@@ -301,11 +301,6 @@ class Modality(ABC):
     def read(self, path: str | Path, options: Options) -> Samples:
         """Read an input file into :class:`Samples`, validating it."""
 
-    def expand_input(self, path: Path) -> list[Path]:
-        """The inputs a path stands for in a pretraining corpus (default: itself; a
-        modality whose corpus may be a folder of files lists them)."""
-        return [path]
-
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]
     ) -> np.ndarray:
@@ -327,19 +322,6 @@ class Modality(ABC):
     @abstractmethod
     def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
-
-    def fit_corpus_tokenizer(
-        self, parts: list[tuple[Samples, np.ndarray]], options: Options
-    ) -> Tokenizer:
-        """One tokenizer for several sources, each ``(samples, train indices)``: one part is
-        :meth:`fit_tokenizer`; a modality that can share one tokenizer between sources
-        overrides this."""
-        if len(parts) != 1:
-            raise ConfigError(
-                f"the {self.name} modality pretrains on one input at a time, got {len(parts)}"
-            )
-        samples, train_idx = parts[0]
-        return self.fit_tokenizer(samples, train_idx, options)
 
     @abstractmethod
     def encode(
@@ -403,13 +385,6 @@ class Modality(ABC):
         :class:`~healthfm.train.data.BatchSource` (image tiles)."""
         existing = reuse_store(workdir, tokenizer.hash, samples.data_hash)
         return existing or self.tokenize(tokenizer, samples, workdir, indices)
-
-    def pretraining_baseline(
-        self, tokenizer: Tokenizer, train_source: Any, val_source: Any
-    ) -> dict[str, Any] | None:
-        """A simple model's held-out score to print beside the pretraining held-out loss
-        (e.g. ``{"name": ..., "nats_per_token": ...}``), or None when there is none."""
-        return None
 
     def pretraining_info(
         self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
