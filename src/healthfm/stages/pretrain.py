@@ -190,12 +190,6 @@ def _pretrain(
         raise DataError(
             "the train split is empty (too few samples or groups)", file=sources[0].samples.source
         )
-    if n_train < train_config.batch_size:
-        raise ConfigError(
-            f"the train split has {n_train} samples, fewer than one batch of "
-            f"{train_config.batch_size}; lower --batch-size",
-            column="batch_size",
-        )
     tokenizer = modality.fit_corpus_tokenizer(
         [(s.samples, s.splits["train"]) for s in sources], options
     )
@@ -214,6 +208,14 @@ def _pretrain(
                     )
         if info.distributed and rank_turn:
             barrier(info)
+    # What the trainer draws from: samples, or windows cut from a genome's records.
+    n_items = sum(len(s.data["train"]) for s in sources)
+    if n_items < train_config.batch_size:
+        raise ConfigError(
+            f"the train split has {n_items} samples, fewer than one batch of "
+            f"{train_config.batch_size}; lower --batch-size",
+            column="batch_size",
+        )
 
     # Model: the preset, the modality's defaults (the widest over sources), the overrides.
     defaults = _model_defaults(modality, tokenizer, sources)
@@ -427,6 +429,7 @@ def _corpus_record(
             "n_train": len(source.splits["train"]),
             "n_val": len(source.splits["val"]),
             "n_test": len(source.splits["test"]),
+            "n_train_items": len(source.data["train"]),  # windows of a genome's records
             "probability": getattr(source, "probability", 1.0),
             "samples_seen": n_seen,
         }
