@@ -517,3 +517,29 @@ def test_bed_errors_name_file_column_and_row(tmp_path):
     bed.write_text("chr1 100 5000 long\nchr2\t0\t40\n")
     rows = read_bed(bed, index, 100)
     assert rows.keys(index).tolist() == ["chr1:100-200", "chr2:0-40"]
+
+
+def test_pretrain_on_a_genome_and_pickled_source(tmp_path, genome):
+    import pickle
+
+    from healthfm.stages.pretrain import pretrain
+    from healthfm.train.trainer import TrainConfig
+
+    samples, _ = genome
+    m = DnaModality()
+    tok = m.fit_tokenizer(samples, np.arange(3), {"window": 64})
+    source = m.batch_source(tok, samples, np.arange(3), training=True, workdir=tmp_path / "s")
+    copy = pickle.loads(pickle.dumps(source))  # DataLoader workers: no memory map pickled
+    idx = np.arange(0, len(source), 97)
+    a = source.batch(idx, torch.Generator().manual_seed(3))
+    b = copy.batch(idx, torch.Generator().manual_seed(3))
+    assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["attention_mask"], b["attention_mask"])
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, report=False)
+    out = pretrain(
+        "dna", samples.source, tmp_path / "model", {"window": 64}, train_config=config,
+        model_overrides={"d_model": 16, "n_layers": 1, "n_heads": 2, "d_ff": 32},
+    )  # fmt: skip
+    import json
+
+    assert json.loads((out / "config.json").read_text())["max_len"] == 65
+    assert (tmp_path / "model.run" / "stores" / "train" / "bases.bin").is_file()

@@ -10,6 +10,12 @@ Defaults, chosen for short sequences such as the bundled 60-nt splice junctions:
   tokenizer (``tokenizer.json`` records what the model was pretrained with) that is left
   out of the tokenizer hash; turn it off (``--no-reverse-complement``) for strand-specific
   data when you fine-tune with augmentation.
+
+Genomes (a ``.2bit`` file, or a FASTA without ``--labels`` whose first record is longer than
+the longest context) are read as a corpus, not as one sample per record: the records are the
+split unit, a genome store holds their bases once (:mod:`healthfm.dna.genome_store`), and
+training draws windows of ``--window`` bases from it (:class:`GenomeWindows`); embedding
+tiles the records (or reads BED regions) into windows ``record:start-end``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
 from healthfm.dna.genome import GenomeIndex, is_genome_input, list_genome_files, read_genome
+from healthfm.dna.genome_store import GenomeStore, GenomeWindows
 from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
@@ -45,6 +52,8 @@ from healthfm.tokens import TokenChunk
 
 __all__ = [
     "DnaModality",
+    "GenomeStore",
+    "GenomeWindows",
     "KmerTokenizer",
     "kmer_counts",
     "make_rc_augmenter",
