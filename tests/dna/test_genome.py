@@ -484,6 +484,7 @@ def test_embed_genome_tiling_and_regions(tmp_path, reader):
         "a:0-128", "a:1000-1128", "a:2000-2128", "a:3000-3128", "a:4000-4128", "b:0-128"
     ]  # fmt: skip
     tiled = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert not list(tmp_path.glob("*.parts")) and not list(tmp_path.rglob(".genome-*"))
     bed = tmp_path / "r.bed"
     bed.write_text("# regions\nb\t0\t300\tplasmid_start\na\t1000\t1100\tx\n")
     out = embed(model, path, tmp_path / "r.parquet", {"window": 128, "regions": str(bed)})

@@ -20,6 +20,7 @@ tiles the records (or reads BED regions) into windows ``record:start-end``.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -396,9 +397,9 @@ class DnaModality(Modality):
     def tokenize_part(
         self, encoder: Any, samples: Samples, indices: np.ndarray, options: Any, workdir: Path
     ) -> Any:
-        """A genome: the windows' bases (by random access, or from a genome store of the
-        whole input kept beside the part folders for the run) tokenized by the encoder's
-        tokenizer into a token store."""
+        """A genome: the windows' bases (by random access, or, for a streamed FASTA, from
+        a genome store of the whole input written once in a temporary folder beside the
+        part folders) tokenized by the encoder's tokenizer into a token store."""
         if not _is_genome(samples):
             return super().tokenize_part(encoder, samples, indices, options, workdir)
         from healthfm.dna.genome_embed import window_sequences
@@ -407,7 +408,16 @@ class DnaModality(Modality):
         options = self.options(options)
         rows = self._genome_rows(samples, options)
         index = samples.payload
-        store_dir = Path(workdir).parent / f"genome-{samples.data_hash[:16]}"
+        # A streamed input's store is written once per opened input, in a temporary folder
+        # beside the part folders (the embed stage's work folder), removed with it or
+        # when the samples are dropped.
+        scratch = samples.info.get("_genome_scratch")
+        if scratch is None or not Path(scratch.name).is_dir():
+            scratch = tempfile.TemporaryDirectory(
+                prefix=".genome-", dir=Path(workdir).parent, ignore_cleanup_errors=True
+            )
+            samples.info["_genome_scratch"] = scratch
+        store_dir = Path(scratch.name) / "store"
         sequences = window_sequences(index, rows, indices, store_dir, samples.data_hash)
         tokenizer = self._dna(encoder.tokenizer)
         keys = rows.keys(index, indices).tolist()
