@@ -176,8 +176,17 @@ class DemoSpec:
     Attributes
     ----------
     pretrain_input
-        The bundled pretraining input, or a function ``f(out) -> path`` that writes it
-        (e.g. a corpus without the evaluation's test cells).
+        The bundled pretraining input: a path, a list of paths (a corpus, see
+        :mod:`healthfm.corpus`), or a function ``f(out) -> path(s)`` that writes it.
+    pretrain_held_out
+        Corpus sources held out whole from pretraining (their held-out loss).
+    task_pretrain
+        ``(input, options, train)`` of a second model pretrained on the task's own train
+        split only (the same preset), evaluated beside the corpus model: what pretraining
+        on a corpus bought over pretraining on the task table. None: no second model.
+    transfer
+        More evaluations of the model(s): ``(input, options, sub-folder, seeds)`` each
+        (a task none of the models was pretrained on).
     evaluate_input
         The bundled labelled input.
     train
@@ -197,11 +206,16 @@ class DemoSpec:
         MIL), or None.
     description
         One line per step, printed as the demo runs.
+    minutes
+        The demo's measured wall time on an idle 2-core machine (the plan's ETA), or None.
     """
 
     pretrain_input: Any
     evaluate_input: Any
     train: dict[str, Any]
+    pretrain_held_out: tuple[str, ...] = ()
+    task_pretrain: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+    transfer: tuple[tuple[Any, dict[str, Any], str, tuple[int, ...] | None], ...] = ()
     pretrain_options: dict[str, Any] = field(default_factory=dict)
     evaluate_options: dict[str, Any] = field(default_factory=dict)
     preset: str = "tiny"
@@ -212,6 +226,7 @@ class DemoSpec:
     embed: tuple[tuple[Any, dict[str, Any], str], ...] = ()
     after: Callable[[Path, Path], list] | None = None
     description: tuple[str, ...] = ()
+    minutes: float | None = None
 
 
 @dataclass
@@ -286,11 +301,6 @@ class Modality(ABC):
     def read(self, path: str | Path, options: Options) -> Samples:
         """Read an input file into :class:`Samples`, validating it."""
 
-    def expand_input(self, path: Path) -> list[Path]:
-        """The inputs a path stands for in a pretraining corpus (default: itself; a
-        modality whose corpus may be a folder of files lists them)."""
-        return [path]
-
     def split(
         self, samples: Samples, salt: str, fractions: tuple[float, float, float]
     ) -> np.ndarray:
@@ -312,19 +322,6 @@ class Modality(ABC):
     @abstractmethod
     def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
-
-    def fit_corpus_tokenizer(
-        self, parts: list[tuple[Samples, np.ndarray]], options: Options
-    ) -> Tokenizer:
-        """One tokenizer for several sources, each ``(samples, train indices)``: one part is
-        :meth:`fit_tokenizer`; a modality that can share one tokenizer between sources
-        overrides this."""
-        if len(parts) != 1:
-            raise ConfigError(
-                f"the {self.name} modality pretrains on one input at a time, got {len(parts)}"
-            )
-        samples, train_idx = parts[0]
-        return self.fit_tokenizer(samples, train_idx, options)
 
     @abstractmethod
     def encode(
@@ -389,18 +386,39 @@ class Modality(ABC):
         existing = reuse_store(workdir, tokenizer.hash, samples.data_hash)
         return existing or self.tokenize(tokenizer, samples, workdir, indices)
 
-    def pretraining_baseline(
-        self, tokenizer: Tokenizer, train_source: Any, val_source: Any
-    ) -> dict[str, Any] | None:
-        """A simple model's held-out score to print beside the pretraining held-out loss
-        (e.g. ``{"name": ..., "nats_per_token": ...}``), or None when there is none."""
-        return None
-
     def pretraining_info(
         self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
     ) -> dict[str, Any]:
         """Extra fields for the model folder's ``training_info.json``."""
         return {}
+
+    # ------------------------------------------------------------------ corpora
+    def expand_input(self, path: Path) -> list[Path]:
+        """The sources one pretraining input stands for: itself by default (a DNA folder of
+        FASTA files is one source per genome)."""
+        return [Path(path)]
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: Options
+    ) -> Tokenizer:
+        """Fit one tokenizer on the training samples of several sources: ``parts`` holds
+        each source's samples and its training indices. One source: :meth:`fit_tokenizer`;
+        a modality whose vocabulary can span sources (genes, codes) overrides this."""
+        if len(parts) == 1:
+            return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+        raise ConfigError(
+            f"the {self.name} modality cannot fit one tokenizer over {len(parts)} sources; "
+            "pretrain on one input"
+        )
+
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """A count model's held-out loss beside the pretraining held-out loss (``loss`` in
+        nats per token, ``name``, ``what``), on the same held-out samples (the first
+        ``n_val`` of ``val``). None: the stage's generic count baseline (token frequency for
+        masked objectives, bigrams for causal ones)."""
+        return None
 
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(

@@ -442,10 +442,10 @@ def test_pretraining_baseline(tmp_path, genome):
     tok = m.fit_tokenizer(samples, np.arange(3), {})
     train = m.batch_source(tok, samples, np.array([0]), training=True, workdir=tmp_path / "t")
     val = m.batch_source(tok, samples, np.array([1, 2]), training=False, workdir=tmp_path / "v")
-    result = m.pretraining_baseline(tok, train, val)
+    result = m.pretraining_baseline(tok, train, val, len(val))
     assert result["name"] == "markov-5" and 1.9 < result["bits_per_base"] < 2.1
     assert result["nats_per_token"] == pytest.approx(result["bits_per_base"] * np.log(2))
-    assert m.pretraining_baseline(tok, object(), val) is None
+    assert m.pretraining_baseline(tok, object(), val, len(val)) is None
     assert markov_baseline(train, val, order=1)["bits_per_base"] < 2.01
 
 

@@ -337,18 +337,23 @@ class DnaModality(Modality):
         return GenomeWindows(store, self._kmer(tokenizer), window, training=training)
 
     def pretraining_baseline(
-        self, tokenizer: Tokenizer, train_source: Any, val_source: Any
+        self, tokenizer: Tokenizer, train_source: Any, val_source: Any, n_val: int
     ) -> dict[str, Any] | None:
-        """For genome windows: an order-5 Markov model of bases fitted on the train
-        windows, scored on the held-out ones (:func:`healthfm.dna.markov.markov_baseline`)."""
+        """For genome windows (one genome, or a corpus of them): an order-5 Markov model of
+        bases fitted on the train windows, scored on the held-out ones
+        (:func:`healthfm.dna.markov.markov_baseline`); None for tables (the stage's
+        token-frequency baseline then)."""
         from healthfm.dna.genome_store import GenomeWindows
         from healthfm.dna.markov import markov_baseline
 
-        if not (isinstance(train_source, GenomeWindows) and isinstance(val_source, GenomeWindows)):
+        train = list(getattr(train_source, "sources", [train_source]))
+        val = list(getattr(val_source, "sources", [val_source]))
+        if not all(isinstance(s, GenomeWindows) for s in train + val):
             return None
-        if len(train_source) == 0 or len(val_source) == 0:
+        train, val = [s for s in train if len(s)], [s for s in val if len(s)]
+        if not train or not val:
             return None
-        return markov_baseline(train_source, val_source, tokenizer=self._kmer(tokenizer))
+        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer))
 
     # ------------------------------------------------------------------ genome embedding
     def _genome_rows(self, samples: Samples, options: DnaOptions) -> Any:

@@ -98,11 +98,16 @@ def _spread(n: int, budget_windows: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, budget_windows).astype(np.int64))
 
 
-def _batches(source: Any, max_bases: int):
-    indices = _spread(len(source), max(1, max_bases // max(source.window, 1)))
-    for lo in range(0, len(indices), _WINDOWS_PER_BATCH):
-        buf, lengths, _ = source.window_bases(indices[lo : lo + _WINDOWS_PER_BATCH])
-        yield buf, lengths
+def _batches(sources: Any, max_bases: int):
+    """Windows of one source, or of several (a corpus: the budget shared by their sizes)."""
+    sources = list(sources) if isinstance(sources, list | tuple) else [sources]
+    total = sum(len(s) * max(s.window, 1) for s in sources) or 1
+    for source in sources:
+        share = max_bases * len(source) * max(source.window, 1) / total
+        indices = _spread(len(source), max(1, int(share) // max(source.window, 1)))
+        for lo in range(0, len(indices), _WINDOWS_PER_BATCH):
+            buf, lengths, _ = source.window_bases(indices[lo : lo + _WINDOWS_PER_BATCH])
+            yield buf, lengths
 
 
 def markov_baseline(
@@ -118,7 +123,8 @@ def markov_baseline(
     Parameters
     ----------
     train_source, val_source
-        :class:`~healthfm.dna.genome_store.GenomeWindows` (their fixed tiling is read:
+        :class:`~healthfm.dna.genome_store.GenomeWindows`, or lists of them (a corpus),
+        (their fixed tiling is read:
         at most ``fit_bases`` / ``eval_bases`` bases of windows spread over each).
     order
         Bases of context.
@@ -144,6 +150,8 @@ def markov_baseline(
     k = getattr(tokenizer, "k", 1)
     return {
         "name": f"markov-{order}",
+        "what": f"an order-{order} Markov model of bases, on the held-out windows",
+        "loss": bits_per_base * math.log(2) * k,
         "order": order,
         "bits_per_base": bits_per_base,
         "nats_per_token": bits_per_base * math.log(2) * k,
