@@ -446,6 +446,9 @@ def test_pretraining_baseline(tmp_path, genome):
     assert result["name"] == "markov-5" and 1.9 < result["bits_per_base"] < 2.1
     assert result["nats_per_token"] == pytest.approx(result["bits_per_base"] * np.log(2))
     assert m.pretraining_baseline(tok, object(), val, len(val)) is None
+    # The first n_val held-out windows only: what the trainer's held-out loss read.
+    few = m.pretraining_baseline(tok, train, val, 3)
+    assert few["eval_bases"] == sum(val.window_bases(np.arange(3))[1]) - 3 * 5
     assert markov_baseline(train, val, order=1)["bits_per_base"] < 2.01
 
 

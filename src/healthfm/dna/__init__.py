@@ -340,9 +340,9 @@ class DnaModality(Modality):
         self, tokenizer: Tokenizer, train_source: Any, val_source: Any, n_val: int
     ) -> dict[str, Any] | None:
         """For genome windows (one genome, or a corpus of them): an order-5 Markov model of
-        bases fitted on the train windows, scored on the held-out ones
-        (:func:`healthfm.dna.markov.markov_baseline`); None for tables (the stage's
-        token-frequency baseline then)."""
+        bases fitted on the train windows, scored on the first ``n_val`` held-out windows
+        (those the trainer's held-out loss read; :func:`healthfm.dna.markov.markov_baseline`);
+        None for tables (the stage's token-frequency baseline then)."""
         from healthfm.dna.genome_store import GenomeWindows
         from healthfm.dna.markov import markov_baseline
 
@@ -353,7 +353,13 @@ class DnaModality(Modality):
         train, val = [s for s in train if len(s)], [s for s in val if len(s)]
         if not train or not val:
             return None
-        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer))
+        first = np.arange(min(int(n_val), len(val_source)))
+        if hasattr(val_source, "sources"):  # a mixture: its first windows, source by source
+            owner, local = val_source.locate(first)
+            scored = [(val_source.sources[s], local[owner == s]) for s in np.unique(owner)]
+        else:
+            scored = [(val_source, first)]
+        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer), scored=scored)
 
     # ------------------------------------------------------------------ genome embedding
     def _genome_rows(self, samples: Samples, options: DnaOptions) -> Any:
