@@ -29,7 +29,12 @@ import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
 from healthfm.dna.genome import GenomeIndex, is_genome_input, list_genome_files, read_genome
-from healthfm.dna.genome_store import GenomeStore, GenomeWindows
+from healthfm.dna.genome_store import (
+    GenomeStore,
+    GenomeWindows,
+    reuse_genome_store,
+    write_genome_store,
+)
 from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
@@ -304,8 +309,6 @@ class DnaModality(Modality):
         chosen records, N gaps left out: any DNA tokenizer reads it, window by window)."""
         if not _is_genome(samples):
             return super().tokenize(tokenizer, samples, out, indices)
-        from healthfm.dna.genome_store import write_genome_store
-
         return write_genome_store(samples.payload, out, samples.data_hash, records=indices)
 
     def batch_source(
@@ -325,8 +328,6 @@ class DnaModality(Modality):
             return super().batch_source(
                 tokenizer, samples, indices, training=training, workdir=workdir
             )
-        from healthfm.dna.genome_store import GenomeWindows, reuse_genome_store
-
         index = samples.payload
         chosen = np.sort(np.asarray(indices, dtype=np.int64))
         names = [index.names[i] for i in chosen.tolist()]
@@ -343,7 +344,6 @@ class DnaModality(Modality):
         bases fitted on the train windows, scored on the first ``n_val`` held-out windows
         (those the trainer's held-out loss read; :func:`healthfm.dna.markov.markov_baseline`);
         None for tables (the stage's token-frequency baseline then)."""
-        from healthfm.dna.genome_store import GenomeWindows
         from healthfm.dna.markov import markov_baseline
 
         train = list(getattr(train_source, "sources", [train_source]))
