@@ -10,10 +10,17 @@ Defaults, chosen for short sequences such as the bundled 60-nt splice junctions:
   tokenizer (``tokenizer.json`` records what the model was pretrained with) that is left
   out of the tokenizer hash; turn it off (``--no-reverse-complement``) for strand-specific
   data when you fine-tune with augmentation.
+
+Genomes (a ``.2bit`` file, or a FASTA without ``--labels`` whose first record is longer than
+the longest context) are read as a corpus, not as one sample per record: the records are the
+split unit, a genome store holds their bases once (:mod:`healthfm.dna.genome_store`), and
+training draws windows of ``--window`` bases from it (:class:`GenomeWindows`); embedding
+tiles the records (or reads BED regions) into windows ``record:start-end``.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,12 @@ import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
 from healthfm.dna.genome import GenomeIndex, is_genome_input, list_genome_files, read_genome
+from healthfm.dna.genome_store import (
+    GenomeStore,
+    GenomeWindows,
+    reuse_genome_store,
+    write_genome_store,
+)
 from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
@@ -45,6 +58,8 @@ from healthfm.tokens import TokenChunk
 
 __all__ = [
     "DnaModality",
+    "GenomeStore",
+    "GenomeWindows",
     "KmerTokenizer",
     "kmer_counts",
     "make_rc_augmenter",
@@ -294,8 +309,6 @@ class DnaModality(Modality):
         chosen records, N gaps left out: any DNA tokenizer reads it, window by window)."""
         if not _is_genome(samples):
             return super().tokenize(tokenizer, samples, out, indices)
-        from healthfm.dna.genome_store import write_genome_store
-
         return write_genome_store(samples.payload, out, samples.data_hash, records=indices)
 
     def batch_source(
@@ -315,8 +328,6 @@ class DnaModality(Modality):
             return super().batch_source(
                 tokenizer, samples, indices, training=training, workdir=workdir
             )
-        from healthfm.dna.genome_store import GenomeWindows, reuse_genome_store
-
         index = samples.payload
         chosen = np.sort(np.asarray(indices, dtype=np.int64))
         names = [index.names[i] for i in chosen.tolist()]
@@ -330,10 +341,9 @@ class DnaModality(Modality):
         self, tokenizer: Tokenizer, train_source: Any, val_source: Any, n_val: int
     ) -> dict[str, Any] | None:
         """For genome windows (one genome, or a corpus of them): an order-5 Markov model of
-        bases fitted on the train windows, scored on the held-out ones
-        (:func:`healthfm.dna.markov.markov_baseline`); None for tables (the stage's
-        token-frequency baseline then)."""
-        from healthfm.dna.genome_store import GenomeWindows
+        bases fitted on the train windows, scored on the first ``n_val`` held-out windows
+        (those the trainer's held-out loss read; :func:`healthfm.dna.markov.markov_baseline`);
+        None for tables (the stage's token-frequency baseline then)."""
         from healthfm.dna.markov import markov_baseline
 
         train = list(getattr(train_source, "sources", [train_source]))
@@ -343,7 +353,13 @@ class DnaModality(Modality):
         train, val = [s for s in train if len(s)], [s for s in val if len(s)]
         if not train or not val:
             return None
-        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer))
+        first = np.arange(min(int(n_val), len(val_source)))
+        if hasattr(val_source, "sources"):  # a mixture: its first windows, source by source
+            owner, local = val_source.locate(first)
+            scored = [(val_source.sources[s], local[owner == s]) for s in np.unique(owner)]
+        else:
+            scored = [(val_source, first)]
+        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer), scored=scored)
 
     # ------------------------------------------------------------------ genome embedding
     def _genome_rows(self, samples: Samples, options: DnaOptions) -> Any:
@@ -392,9 +408,9 @@ class DnaModality(Modality):
     def tokenize_part(
         self, encoder: Any, samples: Samples, indices: np.ndarray, options: Any, workdir: Path
     ) -> Any:
-        """A genome: the windows' bases (by random access, or from a genome store of the
-        whole input kept beside the part folders for the run) tokenized by the encoder's
-        tokenizer into a token store."""
+        """A genome: the windows' bases (by random access, or, for a streamed FASTA, from
+        a genome store of the whole input written once in a temporary folder beside the
+        part folders) tokenized by the encoder's tokenizer into a token store."""
         if not _is_genome(samples):
             return super().tokenize_part(encoder, samples, indices, options, workdir)
         from healthfm.dna.genome_embed import window_sequences
@@ -403,7 +419,16 @@ class DnaModality(Modality):
         options = self.options(options)
         rows = self._genome_rows(samples, options)
         index = samples.payload
-        store_dir = Path(workdir).parent / f"genome-{samples.data_hash[:16]}"
+        # A streamed input's store is written once per opened input, in a temporary folder
+        # beside the part folders (the embed stage's work folder), removed with it or
+        # when the samples are dropped.
+        scratch = samples.info.get("_genome_scratch")
+        if scratch is None or not Path(scratch.name).is_dir():
+            scratch = tempfile.TemporaryDirectory(
+                prefix=".genome-", dir=Path(workdir).parent, ignore_cleanup_errors=True
+            )
+            samples.info["_genome_scratch"] = scratch
+        store_dir = Path(scratch.name) / "store"
         sequences = window_sequences(index, rows, indices, store_dir, samples.data_hash)
         tokenizer = self._dna(encoder.tokenizer)
         keys = rows.keys(index, indices).tolist()

@@ -30,6 +30,7 @@ for the same seed); held out, the tiling is fixed. Windows never cross a segment
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import shutil
 import tempfile
@@ -390,10 +391,12 @@ class GenomeWindows:
     """Windows of a genome store as a :class:`~healthfm.train.data.BatchSource`.
 
     The segments are tiled by ``window`` bases: a segment of ``L`` bases gives
-    ``ceil(L / window)`` windows, and ``len(self)`` is their total (one epoch). Window
-    ``i`` of a segment is, held out, bases ``i * window`` to ``min(L, (i + 1) * window)``;
-    in training, ``min(L, window)`` bases at a start drawn uniformly from ``0 .. L - window``
-    with the generator passed to :meth:`batch`. Segments shorter than ``k`` (no k-mer)
+    ``ceil(L / window)`` tiles, and ``len(self)`` is their total (one epoch). Tile ``j`` of
+    a segment is, held out, bases ``j * window`` to ``min(L, (j + 1) * window)``; in
+    training, ``min(L, window)`` bases at a start drawn uniformly from ``0 .. L - window``
+    with the generator passed to :meth:`batch`. In training window ``i`` is tile ``i``;
+    held out, tile ``(i * step) mod len`` (``step`` coprime with the length, near its
+    golden section), so the first windows the trainer scores lie all over the genome. Segments shorter than ``k`` (no k-mer)
     are left out. Windows are tokenized on the fly, vectorised over the batch.
 
     Parameters
@@ -430,8 +433,17 @@ class GenomeWindows:
         self.seg_record = np.ascontiguousarray(segments[keep, 0])
         self.seg_offset = np.ascontiguousarray(segments[keep, 1])
         n = -(-self.seg_length // self.window)
-        self.first = np.cumsum(n) - n  # first window index of each segment
+        self.first = np.cumsum(n) - n  # first tile number of each segment
         self.n_windows = int(n.sum())
+        # Held out, window i is tile (i * step) mod n: a fixed order that spreads any
+        # prefix (the trainer scores the first eval batches) over the whole genome
+        # instead of the start of its first record; step is coprime with n (a bijection).
+        self.step = 1
+        if not self.training and self.n_windows > 2:
+            step = int(self.n_windows * 0.6180339887) | 1
+            while math.gcd(step, self.n_windows) != 1:
+                step += 1
+            self.step = step
 
     def __len__(self) -> int:
         return self.n_windows
@@ -441,8 +453,9 @@ class GenomeWindows:
         indices = np.asarray(indices, dtype=np.int64)
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_windows):
             raise IndexError(f"window index out of range for {self.n_windows} windows")
-        seg = np.searchsorted(self.first, indices, side="right") - 1
-        return seg, indices - self.first[seg]
+        tiles = indices if self.step == 1 else (indices * self.step) % self.n_windows
+        seg = np.searchsorted(self.first, tiles, side="right") - 1
+        return seg, tiles - self.first[seg]
 
     def spans(self, indices: np.ndarray, generator: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Start (in ``bases.bin``) and length of each window; random starts in training

@@ -110,6 +110,15 @@ def _batches(sources: Any, max_bases: int):
             yield buf, lengths
 
 
+def _chosen(scored: list[tuple[Any, np.ndarray]]):
+    """Windows given as ``(source, window indices)`` pairs, in batches."""
+    for source, indices in scored:
+        indices = np.asarray(indices, dtype=np.int64)
+        for lo in range(0, len(indices), _WINDOWS_PER_BATCH):
+            buf, lengths, _ = source.window_bases(indices[lo : lo + _WINDOWS_PER_BATCH])
+            yield buf, lengths
+
+
 def markov_baseline(
     train_source: Any,
     val_source: Any,
@@ -117,6 +126,7 @@ def markov_baseline(
     tokenizer: Any = None,
     fit_bases: int = FIT_BASES,
     eval_bases: int = EVAL_BASES,
+    scored: list[tuple[Any, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Fit an order-``order`` Markov model on train windows, score held-out windows.
 
@@ -132,6 +142,9 @@ def markov_baseline(
         The model's k-mer tokenizer: ``nats_per_token`` is the cost of a token's ``k``
         bases (``k = 1``: one base), to set beside the held-out loss (a masked model sees
         both sides of a token, this baseline only the left: an easy bar to pass).
+    scored
+        The held-out windows to score, as ``(source, window indices)`` pairs (the ones
+        the trainer's held-out loss read); None: ``eval_bases`` spread over ``val_source``.
 
     Returns
     -------
@@ -143,7 +156,8 @@ def markov_baseline(
     for buf, lengths in _batches(train_source, fit_bases):
         model.update(buf, lengths)
     bits, n = 0.0, 0
-    for buf, lengths in _batches(val_source, eval_bases):
+    held_out = _chosen(scored) if scored is not None else _batches(val_source, eval_bases)
+    for buf, lengths in held_out:
         b, c = model.score(buf, lengths)
         bits, n = bits + b, n + c
     bits_per_base = bits / n if n else float("nan")
