@@ -1,57 +1,67 @@
-"""``healthfm demo --modality singlecell``: pretrain on bundled cells, evaluate on PBMC labels.
+"""``healthfm demo --modality singlecell``: pretrain on every bundled cell file, transfer to PBMC.
 
-1. Split the bundled PBMC cells (stratified by ``bulk_labels``, the salt evaluation uses).
-2. Write the pretraining corpus: the PBMC train + val cells plus the 559 unlabelled
-   CellTypist cells, on the PBMC genes; the PBMC test cells are left out.
-3. Pretrain a tiny rank-value model (masked gene modelling) on the corpus's train split.
-4. Evaluate on PBMC: linear probe, k-NN probe and k-means clustering of the embedding next
-   to HVG+PCA and log-normalized baselines, with bootstrap intervals.
+1. Pretrain a tiny rank-value model (masked gene modelling) on a corpus of the two bundled
+   files as they are — PBMC 68k (765 genes) and the CellTypist sample (559 immune cells,
+   another gene panel) — with one gene vocabulary over both. Each file is split on its own:
+   PBMC stratified by ``bulk_labels`` with the salt evaluation uses, so its test cells are
+   never pretrained on; the CellTypist cells by barcode.
+2. For comparison, the same architecture pretrained on PBMC's train split alone.
+3. Evaluate both on PBMC: linear probe, k-NN probe and k-means clustering of the embeddings
+   next to HVG+PCA and log-normalized baselines and the controls, with bootstrap intervals.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, DemoSpec, split_indices
+from healthfm.corpus import CorpusSpec, SourceSpec
+from healthfm.modality import DemoSpec
 
 OPTIONS = {"label_column": "bulk_labels", "total_column": "n_counts", "max_length": 128}
 
 
 def demo_spec(modality: Any, quick: bool) -> DemoSpec:
-    """The single-cell demo: corpus without the PBMC test cells, pretrain, evaluate."""
+    """The single-cell demo (``quick``: fewer steps and seeds)."""
     from healthfm.singlecell.bundled import pbmc68k
 
     steps = 40 if quick else 200
     seeds = (0, 1) if quick else (0, 1, 2, 3, 4)
+    unlabelled = {k: v for k, v in OPTIONS.items() if k != "label_column"}
+    schedule = {
+        "steps": steps,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "eval_every": max(1, steps // 5),
+        "checkpoint_every": max(1, steps // 2),
+    }
     return DemoSpec(
-        pretrain_input=lambda out: corpus(modality, Path(out)),
+        pretrain_input=corpus(),
+        pretrain_options=unlabelled,
+        task_pretrain=(str(pbmc68k()), dict(OPTIONS), dict(schedule)),
         evaluate_input=str(pbmc68k()),
-        train={
-            "steps": steps,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "eval_every": max(1, steps // 5),
-            "checkpoint_every": max(1, steps // 2),
-        },
-        pretrain_options={k: v for k, v in OPTIONS.items() if k != "label_column"},
+        train=dict(schedule),
         evaluate_options=dict(OPTIONS),
         seeds=seeds,
         n_boot=200 if quick else 1000,
+        minutes=2 if quick else 6,
         description=(
-            f"pretraining a tiny rank-value model on corpus.h5ad (PBMC train+val cells + "
-            f"CellTypist cells, PBMC test cells held out), {steps} steps",
-            "PBMC bulk_labels: linear + k-NN probes and k-means clustering vs HVG+PCA and "
-            f"lognorm baselines, same stratified splits, {len(seeds)} seeds",
+            "pretraining a tiny rank-value model on a corpus of both bundled cell files "
+            f"(PBMC 68k + CellTypist sample, two gene panels; PBMC test cells held out), {steps} "
+            "steps",
+            f"pretraining the same architecture on PBMC's train split only ({steps} steps)",
+            "PBMC bulk_labels: linear + k-NN probes and k-means clustering of both models vs "
+            f"HVG+PCA and lognorm baselines and the controls, same splits, {len(seeds)} seeds",
         ),
     )
 
 
-def corpus(modality: Any, out: Path) -> Path:
-    """The pretraining corpus: every bundled cell but the PBMC test cells, on PBMC's genes."""
-    from healthfm.singlecell.bundled import pbmc68k, pretraining_corpus
+def corpus() -> CorpusSpec:
+    """Both bundled files as a corpus; PBMC split by its labels as evaluation splits it."""
+    from healthfm.singlecell.bundled import celltypist_sample, pbmc68k
 
-    samples = modality.read(str(pbmc68k()), dict(OPTIONS))
-    splits = split_indices(modality.split(samples, DEFAULT_SALT, DEFAULT_FRACTIONS))
-    test_keys = samples.keys[splits["test"]]
-    return pretraining_corpus(out / "corpus.h5ad", exclude=test_keys, genes=samples.payload.genes)
+    return CorpusSpec(
+        (
+            SourceSpec(pbmc68k(), "pbmc68k", options={"label_column": OPTIONS["label_column"]}),
+            SourceSpec(celltypist_sample(), "celltypist_sample"),
+        )
+    )
