@@ -308,6 +308,28 @@ class Modality(ABC):
     def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
 
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: Options
+    ) -> Tokenizer:
+        """Fit one tokenizer on the training samples of several sources (a corpus).
+
+        Parameters
+        ----------
+        parts
+            One ``(samples, train_indices)`` per source, each read with its own options.
+        options
+            The tokenizer options of the run.
+
+        Default: one part is :meth:`fit_tokenizer`; several are a ``ConfigError`` (a
+        modality whose sources can share a vocabulary overrides this).
+        """
+        if len(parts) == 1:
+            samples, train_idx = parts[0]
+            return self.fit_tokenizer(samples, train_idx, options)
+        raise ConfigError(
+            f"the {self.name} modality pretrains on one input; got {len(parts)} sources"
+        )
+
     @abstractmethod
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
