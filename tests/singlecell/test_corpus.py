@@ -332,3 +332,11 @@ def test_cli_pretrains_on_a_soma_experiment(soma_dir, tmp_path):
     args += ["--preset", "tiny", "--steps", "2", "--batch-size", "16", "--eval-every", "2"]
     assert main(args) == 0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # Embedding the experiment (filtered): parquet rows; an .h5ad output is refused.
+    emb = tmp_path / "emb.parquet"
+    filt = ["--obs-filter", "bulk_labels == 'CD14+ Monocyte'"]
+    assert main(["embed", str(out), str(soma_dir), "--out", str(emb), *filt]) == 0
+    import polars as pl
+
+    assert pl.read_parquet(emb).height == 129
+    assert main(["embed", str(out), str(soma_dir), "--out", str(tmp_path / "e.h5ad")]) != 0
