@@ -201,6 +201,24 @@ def test_mixed_identifier_kinds_and_empty_vocabulary_are_refused(master, tmp_pat
         SC.fit_corpus_tokenizer(_parts([c, d]), {"gene_set": "intersection"})
 
 
+def test_a_source_held_out_whole_takes_no_part_in_the_vocabulary(two, master, tmp_path, caplog):
+    parts = _parts(two)
+    held = _source(master, range(700), range(200, 765), tmp_path / "held.h5ad")
+    held_samples = SC.read(held, {})
+    with caplog.at_level(logging.INFO, logger="healthfm"):
+        tok = SC.fit_corpus_tokenizer(
+            [*parts, (held_samples, np.zeros(0, dtype=np.int64))], {"gene_set": "intersection"}
+        )
+    assert list(tok.genes) == list(SC.fit_corpus_tokenizer(parts, {"min_sources": 2}).genes)
+    assert "no training cells: not part of the vocabulary" in caplog.text
+    assert held_samples.info["coverage"]["n_train_cells"] == 0
+    disjoint = _source(master, range(700), range(500, 765), tmp_path / "disjoint.h5ad")
+    a_only = _parts(two[:1])
+    with pytest.raises(DataError, match="covers too little") as err:
+        SC.fit_corpus_tokenizer([*a_only, (SC.read(disjoint, {}), np.zeros(0, dtype=np.int64))], {})
+    assert "disjoint.h5ad" in str(err.value)
+
+
 def test_one_source_is_the_single_input_tokenizer(two):
     parts = _parts(two[:1])
     assert SC.fit_corpus_tokenizer(parts, {}).hash == SC.fit_tokenizer(*parts[0], {}).hash

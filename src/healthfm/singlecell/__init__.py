@@ -237,7 +237,9 @@ class SingleCellModality(Modality):
         options = self.options(options)
         if not parts:
             raise ConfigError("a corpus needs at least one source")
-        min_sources = resolve_min_sources(options.min_sources, options.gene_set, len(parts))
+        # Sources held out whole (no training cells) take no part in the vocabulary.
+        n_training = sum(1 for _, idx in parts if len(idx) > 0)
+        min_sources = resolve_min_sources(options.min_sources, options.gene_set, max(n_training, 1))
         if len(parts) == 1:
             return self.fit_tokenizer(parts[0][0], parts[0][1], options)
         kind = options.tokenizer or "rank"

@@ -180,21 +180,16 @@ def fit_corpus(
     CellTokenizer
         The fitted tokenizer; each source's ``info["coverage"]`` holds its coverage.
 
+    Sources without training cells (held out whole) are not part of the vocabulary; their
+    coverage (by genes) is logged and a source sharing no gene with it is refused.
+
     Raises
     ------
     DataError
-        A source without training cells, sources with identifiers of different kinds, an
+        No source with training cells, sources with identifiers of different kinds, an
         empty vocabulary, or a source the vocabulary covers too little of.
     """
-    kinds = {}
-    for samples, train_idx in parts:
-        kinds[str(samples.source)] = choose_gene_ids(samples)
-        if len(train_idx) == 0:
-            raise DataError(
-                "the source has no training cells (its cells all fell in the val / test "
-                "split: one donor or group?); drop it or split by another column",
-                file=samples.source,
-            )
+    kinds = {str(samples.source): choose_gene_ids(samples) for samples, _ in parts}
     if len(set(kinds.values())) > 1:
         ens = [k for k, v in kinds.items() if v == "ensembl"]
         other = [k for k, v in kinds.items() if v != "ensembl"]
@@ -206,30 +201,41 @@ def fit_corpus(
             column="var_names",
         )
     target_sum = float(kwargs.pop("target_sum", 10_000.0))
+    # Sources without training cells (held out whole: split "val" / "test") are tokenized
+    # later but take no part in the vocabulary (neither their panels nor their counts).
+    training = [k for k, (_, idx) in enumerate(parts) if len(idx) > 0]
+    if not training:
+        raise DataError("no source has training cells", file=parts[0][0].source)
+    if min_sources > len(training):
+        raise ConfigError(
+            f"min_sources={min_sources} but only {len(training)} source(s) have training cells",
+            column="min_sources",
+        )
     matrices = [_matrix(samples) for samples, _ in parts]
     stats = CorpusGeneStats(
-        [m.genes for m in matrices],
+        [matrices[k].genes for k in training],
         target_sum=target_sum,
         medians=issubclass(tokenizer_class, RankValueTokenizer),
     )
-    for s, ((_samples, train_idx), matrix) in enumerate(zip(parts, matrices, strict=True)):
-        idx = np.asarray(train_idx, dtype=np.int64)
-        for positions, block in matrix.blocks(idx):
-            stats.add(s, block, matrix.totals[positions])
+    for s, k in enumerate(training):
+        idx = np.asarray(parts[k][1], dtype=np.int64)
+        for positions, block in matrices[k].blocks(idx):
+            stats.add(s, block, matrices[k].totals[positions])
     if max_length is None:
         longest = max(
-            int(np.max(m.extra["n_expressed"][np.asarray(i, dtype=np.int64)]))
-            for m, (_, i) in zip(matrices, parts, strict=True)
+            int(np.max(matrices[k].extra["n_expressed"][np.asarray(parts[k][1], dtype=np.int64)]))
+            for k in training
         )
         max_length = min(next_power_of_two(longest + 1), DEFAULT_MAX_LENGTH)
     kept = stats.vocabulary(min_cells, min_sources)
     if len(kept) == 0:
         raise DataError(
             f"the corpus vocabulary is empty: no gene is measured in {min_sources} of the "
-            f"{len(parts)} sources and expressed in {min_cells} training cell(s) "
-            f"(genes per source: {', '.join(str(len(m.genes)) for m in matrices)}); "
+            f"{len(training)} sources with training cells and expressed in {min_cells} "
+            f"training cell(s) (genes per source: "
+            f"{', '.join(str(len(matrices[k].genes)) for k in training)}); "
             "lower min_sources (or use gene_set=union)",
-            file=parts[0][0].source,
+            file=parts[training[0]][0].source,
             column="min_sources",
         )
     tokenizer = tokenizer_class.from_statistics(
@@ -244,24 +250,43 @@ def fit_corpus(
         min_cells,
         f"{len(stats.genes):,}",
     )
-    for s, ((samples, _), matrix) in enumerate(zip(parts, matrices, strict=True)):
-        cov = stats.coverage(s, tokenizer.column_map(matrix.genes))
+    stat_of = {k: s for s, k in enumerate(training)}
+    for k, ((samples, _), matrix) in enumerate(zip(parts, matrices, strict=True)):
+        vocab_map = tokenizer.column_map(matrix.genes)
+        if k in stat_of:
+            cov = stats.coverage(stat_of[k], vocab_map)
+            counts = f", carrying {100 * cov['count_fraction']:.1f}% of its training counts"
+        else:  # held out whole: its panel only
+            inside = vocab_map >= 0
+            cov = {
+                "n_genes": len(vocab_map),
+                "n_genes_in_vocabulary": int(inside.sum()),
+                "n_vocabulary_measured": len(np.unique(vocab_map[inside])),
+                "count_fraction": float("nan"),
+                "n_train_cells": 0,
+            }
+            counts = " (no training cells: not part of the vocabulary)"
         cov["n_vocabulary"] = len(tokenizer.genes)
         samples.info["coverage"] = cov
         where = samples.info.get("gene_column")
         log.info(
-            "%s: %s of its %s genes (%.1f%%) are in the vocabulary, carrying %.1f%% of its "
-            "training counts; it measures %s of the vocabulary's %s genes (%.1f%%)",
+            "%s: %s of its %s genes (%.1f%%) are in the vocabulary%s; it measures %s of the "
+            "vocabulary's %s genes (%.1f%%)",
             samples.source,
             f"{cov['n_genes_in_vocabulary']:,}",
             f"{cov['n_genes']:,}",
             100 * cov["n_genes_in_vocabulary"] / max(cov["n_genes"], 1),
-            100 * cov["count_fraction"],
+            counts,
             f"{cov['n_vocabulary_measured']:,}",
             f"{len(tokenizer.genes):,}",
             100 * cov["n_vocabulary_measured"] / len(tokenizer.genes),
         )
-        if not cov["count_fraction"] >= min_count_fraction:
+        too_little = (
+            cov["n_genes_in_vocabulary"] == 0
+            if k not in stat_of
+            else not cov["count_fraction"] >= min_count_fraction
+        )
+        if too_little:
             raise DataError(
                 f"the corpus vocabulary covers too little of this source: "
                 f"{cov['n_genes_in_vocabulary']:,} of its {cov['n_genes']:,} genes, "
