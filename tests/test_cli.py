@@ -27,6 +27,7 @@ def test_pretrain_writes_model_folder(model_dir):
     names = sorted(p.name for p in model_dir.iterdir())
     assert names == [
         ".healthfm.json",  # the marker: what wrote the folder, the SHA-256 of each file
+        "README.md",  # the model card: the pretraining corpus and held-out loss
         "config.json",
         "model.safetensors",
         "tokenizer.json",

@@ -147,7 +147,12 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name in names:
         q = msub.add_parser(name, parents=[_modality_parent(name)], help=f"tokenize {name} data")
-        q.add_argument("input", help="input file or folder")
+        q.add_argument(
+            "input",
+            nargs="+",
+            help="input file or folder; several (or globs, or a corpus manifest .toml/.json) "
+            "write one store per source under --out",
+        )
         q.add_argument("--out", required=True, help="token store folder to write")
         q.add_argument(
             "--model",
@@ -160,8 +165,28 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     msub = p.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name in names:
         q = msub.add_parser(name, parents=[_modality_parent(name)], help=f"pretrain on {name} data")
-        q.add_argument("input", help="input file or folder")
+        q.add_argument(
+            "input",
+            nargs="+",
+            help="input file or folder; several, globs or a corpus manifest (.toml/.json) "
+            "make a corpus: each source split on its own, sampled by weight",
+        )
         q.add_argument("--out", required=True, help="model folder to write")
+        q.add_argument(
+            "--temperature",
+            type=float,
+            default=1.0,
+            help="corpus sampling temperature: source probability ∝ size^(1/T) "
+            "(1: by size; large: sources equally)",
+        )
+        q.add_argument(
+            "--holdout-source",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="hold a whole corpus source out of training (its samples give the held-out "
+            "loss); repeatable",
+        )
         _train_options(q)
         _split_options(q)
 
@@ -518,7 +543,7 @@ def run(argv: list[str]) -> int:
     if args.command == "tokenize":
         store = tokenize(
             args.modality,
-            args.input,
+            args.input[0] if len(args.input) == 1 else args.input,
             args.out,
             opts,
             args.model,
@@ -546,7 +571,7 @@ def run(argv: list[str]) -> int:
         )
         out = pretrain(
             args.modality,
-            args.input,
+            args.input[0] if len(args.input) == 1 else args.input,
             args.out,
             opts,
             preset=args.preset,
@@ -556,6 +581,8 @@ def run(argv: list[str]) -> int:
             salt=args.split_salt or DEFAULT_SALT,
             stop_at=args.stop_at,
             strategy=args.strategy,
+            temperature=args.temperature,
+            held_out=tuple(args.holdout_source),
         )
         from healthfm.train.distributed import shutdown
 

@@ -22,3 +22,13 @@ def splice() -> Path:
 def promoters() -> Path:
     """UCI E. coli promoters (106 × 57 nt; promoter / non_promoter), via PMLB. CC BY 4.0."""
     return data_path("dna", "promoters.tsv")
+
+
+#: The bundled Klebsiella pneumoniae genomes (chromosome + plasmids each; NCBI GenBank).
+GENOMES = ("Klebs_HS11286", "Klebs_Kp1084", "MGH78578", "NTUH-K2044")
+
+
+def genomes() -> list[Path]:
+    """Four complete *Klebsiella pneumoniae* genomes (22.2 Mb in all, gzipped FASTA): a
+    real DNA pretraining corpus. GenBank sequence data, no use restrictions."""
+    return [data_path("dna", "genomes", f"{name}.fna.gz") for name in GENOMES]

@@ -33,6 +33,7 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
     t0 = time.perf_counter()
     steps = list(spec.description or ("pretraining", "evaluating against baselines"))
     say = _printer(steps)
+    _plan(modality, quick, steps, spec.minutes)
 
     # Warm-up over the first tenth of the steps unless the spec says otherwise.
     train = {"warmup_steps": max(1, spec.train["steps"] // 10), "seed": 0, **spec.train}
@@ -46,19 +47,30 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
         preset=spec.preset,
         train_config=TrainConfig(**train),
         run_dir=out / "model.run",
+        held_out=spec.pretrain_held_out,
     )
-    info = json.loads((model_dir / "training_info.json").read_text())
-    val = info["val_loss"]
-    print(
-        f"      done in {info['wall_seconds']:.0f} s: {info['steps']} steps, train loss "
-        f"{info['train_loss']:.3f}, held-out loss {'-' if val is None else f'{val:.3f}'}, "
-        f"{info['tokens_per_s']:.0f} tokens/s",
-        flush=True,
-    )
+    _done(model_dir)
+    models = [model_dir]
+    if spec.task_pretrain is not None:
+        task_input, task_options, task_train = spec.task_pretrain
+        say()
+        task_train = {"warmup_steps": max(1, task_train["steps"] // 10), "seed": 0, **task_train}
+        models.append(
+            pretrain(
+                mod,
+                task_input,
+                out / "task-model",
+                dict(task_options),
+                preset=spec.preset,
+                train_config=TrainConfig(**task_train),
+                run_dir=out / "task-model.run",
+            )
+        )
+        _done(models[-1])
 
     say()
     rows = evaluate(
-        model_dir,
+        models if len(models) > 1 else model_dir,
         spec.evaluate_input,
         out / spec.evaluate_dir,
         dict(spec.evaluate_options),
@@ -66,6 +78,17 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
         n_boot=spec.n_boot,
         batch_size=spec.batch_size,
     )
+    for input_path, options, target, seeds in spec.transfer:
+        say()
+        rows += evaluate(
+            models if len(models) > 1 else model_dir,
+            input_path,
+            out / target,
+            dict(options),
+            seeds=seeds or spec.seeds,
+            n_boot=spec.n_boot,
+            batch_size=spec.batch_size,
+        )
     for input_path, options, target in spec.embed:
         say()
         written = embed(model_dir, input_path, out / target, dict(options))
@@ -82,6 +105,34 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
         f"demo finished in {time.perf_counter() - t0:.0f} s; model in {model_dir}, outputs in {out}"
     )
     return rows
+
+
+def _plan(modality: str, quick: bool, steps: list[str], minutes: float | None) -> None:
+    """The plan: every step, and when the demo should end (measured on an idle 2-core
+    machine; a loaded or slower one takes longer, and the steps print their own ETAs)."""
+    eta = ""
+    if minutes:
+        end = time.strftime("%H:%M", time.localtime(time.time() + minutes * 60))
+        eta = f", about {minutes:.0f} min on an idle 2-core machine (ETA {end})"
+    print(
+        f"healthfm demo --modality {modality}{' --quick' if quick else ''}: {len(steps)} steps{eta}"
+    )
+    for i, text in enumerate(steps, 1):
+        print(f"  {i}. {text}")
+    print(flush=True)
+
+
+def _done(model_dir: Path) -> None:
+    info = json.loads((model_dir / "training_info.json").read_text())
+    val = info["val_loss"]
+    base = info.get("pretraining_baseline") or {}
+    versus = f" (count baseline {base['loss']:.3f})" if base.get("loss") is not None else ""
+    print(
+        f"      done in {info['wall_seconds']:.0f} s: {info['steps']} steps, train loss "
+        f"{info['train_loss']:.3f}, held-out loss {'-' if val is None else f'{val:.3f}'}"
+        f"{versus}, {info['tokens_per_s']:.0f} tokens/s",
+        flush=True,
+    )
 
 
 def _printer(steps: list[str]):

@@ -176,8 +176,17 @@ class DemoSpec:
     Attributes
     ----------
     pretrain_input
-        The bundled pretraining input, or a function ``f(out) -> path`` that writes it
-        (e.g. a corpus without the evaluation's test cells).
+        The bundled pretraining input: a path, a list of paths (a corpus, see
+        :mod:`healthfm.corpus`), or a function ``f(out) -> path(s)`` that writes it.
+    pretrain_held_out
+        Corpus sources held out whole from pretraining (their held-out loss).
+    task_pretrain
+        ``(input, options, train)`` of a second model pretrained on the task's own train
+        split only (the same preset), evaluated beside the corpus model: what pretraining
+        on a corpus bought over pretraining on the task table. None: no second model.
+    transfer
+        More evaluations of the model(s): ``(input, options, sub-folder, seeds)`` each
+        (a task none of the models was pretrained on).
     evaluate_input
         The bundled labelled input.
     train
@@ -197,11 +206,16 @@ class DemoSpec:
         MIL), or None.
     description
         One line per step, printed as the demo runs.
+    minutes
+        The demo's measured wall time on an idle 2-core machine (the plan's ETA), or None.
     """
 
     pretrain_input: Any
     evaluate_input: Any
     train: dict[str, Any]
+    pretrain_held_out: tuple[str, ...] = ()
+    task_pretrain: tuple[Any, dict[str, Any], dict[str, Any]] | None = None
+    transfer: tuple[tuple[Any, dict[str, Any], str, tuple[int, ...] | None], ...] = ()
     pretrain_options: dict[str, Any] = field(default_factory=dict)
     evaluate_options: dict[str, Any] = field(default_factory=dict)
     preset: str = "tiny"
@@ -212,6 +226,7 @@ class DemoSpec:
     embed: tuple[tuple[Any, dict[str, Any], str], ...] = ()
     after: Callable[[Path, Path], list] | None = None
     description: tuple[str, ...] = ()
+    minutes: float | None = None
 
 
 @dataclass
@@ -308,28 +323,6 @@ class Modality(ABC):
     def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
 
-    def fit_corpus_tokenizer(
-        self, parts: list[tuple[Samples, np.ndarray]], options: Options
-    ) -> Tokenizer:
-        """Fit one tokenizer on the training samples of several sources (a corpus).
-
-        Parameters
-        ----------
-        parts
-            One ``(samples, train_indices)`` per source, each read with its own options.
-        options
-            The tokenizer options of the run.
-
-        Default: one part is :meth:`fit_tokenizer`; several are a ``ConfigError`` (a
-        modality whose sources can share a vocabulary overrides this).
-        """
-        if len(parts) == 1:
-            samples, train_idx = parts[0]
-            return self.fit_tokenizer(samples, train_idx, options)
-        raise ConfigError(
-            f"the {self.name} modality pretrains on one input; got {len(parts)} sources"
-        )
-
     @abstractmethod
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
@@ -398,6 +391,34 @@ class Modality(ABC):
     ) -> dict[str, Any]:
         """Extra fields for the model folder's ``training_info.json``."""
         return {}
+
+    # ------------------------------------------------------------------ corpora
+    def expand_input(self, path: Path) -> list[Path]:
+        """The sources one pretraining input stands for: itself by default (a DNA folder of
+        FASTA files is one source per genome)."""
+        return [Path(path)]
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: Options
+    ) -> Tokenizer:
+        """Fit one tokenizer on the training samples of several sources: ``parts`` holds
+        each source's samples and its training indices. One source: :meth:`fit_tokenizer`;
+        a modality whose vocabulary can span sources (genes, codes) overrides this."""
+        if len(parts) == 1:
+            return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+        raise ConfigError(
+            f"the {self.name} modality cannot fit one tokenizer over {len(parts)} sources; "
+            "pretrain on one input"
+        )
+
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """A count model's held-out loss beside the pretraining held-out loss (``loss`` in
+        nats per token, ``name``, ``what``), on the same held-out samples (the first
+        ``n_val`` of ``val``). None: the stage's generic count baseline (token frequency for
+        masked objectives, bigrams for causal ones)."""
+        return None
 
     # ------------------------------------------------------------------ embedding
     def embedding_inputs(

@@ -3,6 +3,7 @@ coverage, transfer to a third data set, and TileDB-SOMA experiments as sources."
 
 from __future__ import annotations
 
+import json
 import logging
 
 import anndata as ad
@@ -224,12 +225,6 @@ def test_one_source_is_the_single_input_tokenizer(two):
     assert SC.fit_corpus_tokenizer(parts, {}).hash == SC.fit_tokenizer(*parts[0], {}).hash
 
 
-def test_default_hook_refuses_several_sources_elsewhere():
-    dna = get_modality("dna")
-    with pytest.raises(ConfigError, match="one input"):
-        dna.fit_corpus_tokenizer([(None, np.arange(1)), (None, np.arange(1))], {})
-
-
 def test_transfer_to_a_third_data_set_maps_by_id_and_refuses_low_overlap(
     two, master, tmp_path, caplog
 ):
@@ -358,3 +353,30 @@ def test_cli_pretrains_on_a_soma_experiment(soma_dir, tmp_path):
 
     assert pl.read_parquet(emb).height == 129
     assert main(["embed", str(out), str(soma_dir), "--out", str(tmp_path / "e.h5ad")]) != 0
+
+
+def test_cli_pretrains_on_two_panels_and_embeds_a_third(two, master, tmp_path, caplog):
+    """The corpus stage: A + B (different panels, Ensembl ids in a var column) and a third
+    file held out whole; the model then embeds a data set named by symbols."""
+    import polars as pl
+
+    from healthfm.cli import main
+
+    held = _source(master, range(0, 700, 3), range(100, 700), tmp_path / "C.h5ad")
+    out = tmp_path / "model"
+    args = ["pretrain", "singlecell", *map(str, two), str(held), "--out", str(out)]
+    args += ["--holdout-source", "C", "--max-length", "32", "--preset", "tiny", "--steps", "2"]
+    args += ["--batch-size", "16", "--eval-every", "2"]
+    with caplog.at_level(logging.INFO, logger="healthfm"):
+        assert main(args) == 0
+    assert "no training cells: not part of the vocabulary" in caplog.text
+    genes = json.loads((out / "tokenizer.json").read_text())["config"]["genes"]
+    assert ensembl_share(np.array(genes)) == 1.0
+    third = master[:150, 50:600].copy()
+    third.var["ensembl"] = third.var.pop("gene_ids")
+    third = third[np.asarray(third.X.sum(axis=1)).reshape(-1) > 0].copy()
+    third.write_h5ad(tmp_path / "third.h5ad")
+    emb = tmp_path / "third.parquet"
+    assert main(["embed", str(out), str(tmp_path / "third.h5ad"), "--out", str(emb)]) == 0
+    assert pl.read_parquet(emb).height == third.n_obs
+    assert "var/ensembl" in caplog.text

@@ -176,6 +176,7 @@ def test_cli_under_torchrun_with_fsdp_writes_one_model_folder(tmp_path):
     # tokenizes while rank 1 waits, both train sharded, rank 0 alone writes the folder.
     from importlib.resources import files
 
+    import healthfm.dna  # noqa: F401  (registers the dna.kmer tokenizer that load reads)
     from healthfm.model.pretrained import load
 
     data = files("healthfm") / "data" / "dna" / "promoters.tsv"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.dna.baselines import BASELINES, kmer_counts, one_hot
+from healthfm.dna.genome import GenomeIndex, is_genome_input, list_genome_files, read_genome
 from healthfm.dna.options import DnaOptions
 from healthfm.dna.reader import is_fasta, read_fasta, read_table
 from healthfm.dna.tokenizer import (
@@ -63,6 +64,30 @@ def _no_label(value: Any) -> bool:
     return value is None or str(value).strip().lower() in ("", "none")
 
 
+def _is_genome(samples: Samples) -> bool:
+    return isinstance(samples.payload, GenomeIndex)
+
+
+def _window_tokens(tokenizer: KmerTokenizer, window: int) -> int:
+    """Tokens a window of ``window`` bases encodes to; more than the longest context is a
+    ConfigError."""
+    full = KmerTokenizer(
+        k=tokenizer.k,
+        stride=tokenizer.stride,
+        ambiguity=tokenizer.ambiguity,
+        add_cls=tokenizer.add_cls,
+    )
+    tokens = int(full.tokenized_lengths(np.array([window]))[0])
+    if tokens > MAX_CONTEXT:
+        longest = (MAX_CONTEXT - full.add_cls - 1) * full.stride + full.k
+        raise ConfigError(
+            f"--window {window} gives {tokens} tokens, more than the longest context "
+            f"({MAX_CONTEXT}); use --window {longest} or less",
+            column="window",
+        )
+    return tokens
+
+
 def _sequence_lengths(samples: Samples, indices: np.ndarray | None = None) -> np.ndarray:
     payload = samples.payload if indices is None else samples.payload[indices]
     return np.fromiter(map(len, payload), dtype=np.int64, count=len(payload))
@@ -78,12 +103,16 @@ class DnaModality(Modality):
     #: Fixed-length tasks (splice sites, promoters) are motifs at fixed offsets: "concat"
     #: keeps every position's state, which mean pooling erases.
     poolings = ("mean", "cls", "concat")
-    input_kind = "a table (TSV/CSV) or FASTA file of sequences"
+    input_kind = "a table (TSV/CSV) or FASTA file of sequences, or a genome (FASTA, .2bit)"
 
     def looks_like(self, path: Path) -> bool | None:
-        """A text file (a table or FASTA): not a folder, not HDF5, parquet or an image."""
+        """A text file (a table or FASTA) or a ``.2bit`` genome: not HDF5, parquet or an
+        image; a folder only when it holds FASTA / 2bit files (a genome corpus)."""
         if Path(path).is_dir():
-            return False
+            try:
+                return bool(list_genome_files(path))
+            except OSError:
+                return None
         try:
             with open(path, "rb") as handle:
                 head = handle.read(8)
@@ -96,6 +125,19 @@ class DnaModality(Modality):
         """Read a FASTA (``.fa``/``.fasta``/``.fna``, optionally ``.gz``) or a TSV/CSV table."""
         options = self.options(options)
         label_column = options.label_column
+        if is_genome_input(path, options.labels, MAX_CONTEXT):
+            if options.labels:
+                raise ConfigError(
+                    f"--labels is for FASTA records read as samples; {path} is a .2bit genome"
+                )
+            return read_genome(
+                path,
+                info={
+                    "window": int(options.window),
+                    "window_stride": options.window_stride,
+                    "regions": options.regions,
+                },
+            )
         if is_fasta(path):
             return read_fasta(
                 path,
@@ -127,18 +169,47 @@ class DnaModality(Modality):
                 return table(None)
         return table(None if _no_label(label_column) else label_column)
 
+    def expand_input(self, path: Path) -> list[Path]:
+        """A folder stands for its FASTA / FASTA.gz / 2bit files (sorted); a file for itself."""
+        path = Path(path)
+        if not path.is_dir():
+            return [path]
+        found = list_genome_files(path)
+        if not found:
+            raise DataError(
+                "no FASTA (.fa, .fna, .fasta ..., optionally .gz) or .2bit files", file=path
+            )
+        return found
+
     def fit_tokenizer(
         self, samples: Samples, train_idx: np.ndarray, options: DnaOptions | dict[str, Any]
     ) -> KmerTokenizer:
         """Build the k-mer tokenizer; its vocabulary is fixed, so fitting only sets
-        ``max_length`` to the power of two covering the longest training sequence
-        (at most 4096 tokens)."""
+        ``max_length``: the power of two covering the longest training sequence (at most
+        4096 tokens), or for a genome the tokens of one ``--window``."""
+        return self.fit_corpus_tokenizer([(samples, train_idx)], options)
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: DnaOptions | dict[str, Any]
+    ) -> KmerTokenizer:
+        """One k-mer tokenizer for several sources (genomes and tables): ``max_length`` is
+        the largest of the sources' (a genome's: the tokens of a window; a table's: the
+        power of two covering its longest train sequence), at most 4096."""
         options = self.options(options)
+        if not parts:
+            raise ConfigError("no inputs to fit a tokenizer on")
         probe = KmerTokenizer(k=options.k, stride=options.stride, ambiguity=options.ambiguity)
-        lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
-        longest = int(lengths.max()) if len(lengths) else 1
+        longest = 2
+        for samples, train_idx in parts:
+            if _is_genome(samples):
+                window = int(samples.info.get("window", options.window))
+                longest = max(longest, _window_tokens(probe, window))
+                continue
+            lengths = probe.tokenized_lengths(_sequence_lengths(samples, np.asarray(train_idx)))
+            if len(lengths):
+                longest = max(longest, next_power_of_two(int(lengths.max())))
         config = probe.config()
-        config["max_length"] = min(next_power_of_two(longest), MAX_CONTEXT)
+        config["max_length"] = min(longest, MAX_CONTEXT)
         config["reverse_complement"] = bool(options.reverse_complement)
         return KmerTokenizer.from_config(config)
 
@@ -148,6 +219,11 @@ class DnaModality(Modality):
         """Tokenize the chosen samples in chunks of at most 65,536, in order (with the
         k-mer tokenizer or any other DNA tokenizer, e.g. a published model's)."""
         tokenizer = self._dna(tokenizer)
+        if _is_genome(samples):
+            raise ConfigError(
+                f"{samples.source} is a genome: its records are cut into windows (a genome "
+                "store: DnaModality.tokenize, batch_source), not encoded as samples"
+            )
         indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
         for lo in range(0, len(indices), CHUNK_SIZE):
             idx = indices[lo : lo + CHUNK_SIZE]
@@ -159,6 +235,9 @@ class DnaModality(Modality):
         only. A published model's tokenizer checks its own coverage (``check_sequences``)."""
         import logging
 
+        if _is_genome(samples):
+            self._dna(tokenizer)  # windows are cut to the context: nothing to warn about
+            return
         check = getattr(self._dna(tokenizer), "check_sequences", None)
         if check is not None:
             check(samples.payload, source=samples.source)
@@ -194,10 +273,164 @@ class DnaModality(Modality):
     def model_defaults(
         self, tokenizer: Tokenizer, samples: Samples, options: dict[str, Any]
     ) -> dict[str, Any]:
-        """``max_len``: power of two covering the longest tokenized sample, at most 4096."""
+        """``max_len``: power of two covering the longest tokenized sample, at most 4096;
+        for a genome, the tokens of one ``--window``."""
+        if _is_genome(samples):
+            window = int(samples.info.get("window", self.options(options).window))
+            return {"max_len": _window_tokens(self._kmer(tokenizer), window)}
         lengths = self._kmer(tokenizer).tokenized_lengths(_sequence_lengths(samples))
         longest = int(lengths.max()) if len(lengths) else 1
         return {"max_len": min(next_power_of_two(longest), MAX_CONTEXT)}
+
+    # ------------------------------------------------------------------ genomes
+    def tokenize(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        out: str | Path,
+        indices: np.ndarray | None = None,
+    ) -> Any:
+        """A token store of the samples; for a genome, its genome store (the bases of the
+        chosen records, N gaps left out: any DNA tokenizer reads it, window by window)."""
+        if not _is_genome(samples):
+            return super().tokenize(tokenizer, samples, out, indices)
+        from healthfm.dna.genome_store import write_genome_store
+
+        return write_genome_store(samples.payload, out, samples.data_hash, records=indices)
+
+    def batch_source(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        indices: np.ndarray,
+        *,
+        training: bool,
+        workdir: Path,
+    ) -> Any:
+        """A token store of table/FASTA samples; for a genome, :class:`GenomeWindows` over
+        a genome store of the ``indices`` records at ``workdir`` (reused when it holds the
+        same records of the same file): random window offsets in training, a fixed
+        tiling held out."""
+        if not _is_genome(samples):
+            return super().batch_source(
+                tokenizer, samples, indices, training=training, workdir=workdir
+            )
+        from healthfm.dna.genome_store import GenomeWindows, reuse_genome_store
+
+        index = samples.payload
+        chosen = np.sort(np.asarray(indices, dtype=np.int64))
+        names = [index.names[i] for i in chosen.tolist()]
+        store = reuse_genome_store(workdir, samples.data_hash, names) or self.tokenize(
+            tokenizer, samples, workdir, chosen
+        )
+        window = int(samples.info.get("window", DnaOptions.window))
+        return GenomeWindows(store, self._kmer(tokenizer), window, training=training)
+
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train_source: Any, val_source: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """For genome windows (one genome, or a corpus of them): an order-5 Markov model of
+        bases fitted on the train windows, scored on the held-out ones
+        (:func:`healthfm.dna.markov.markov_baseline`); None for tables (the stage's
+        token-frequency baseline then)."""
+        from healthfm.dna.genome_store import GenomeWindows
+        from healthfm.dna.markov import markov_baseline
+
+        train = list(getattr(train_source, "sources", [train_source]))
+        val = list(getattr(val_source, "sources", [val_source]))
+        if not all(isinstance(s, GenomeWindows) for s in train + val):
+            return None
+        train, val = [s for s in train if len(s)], [s for s in val if len(s)]
+        if not train or not val:
+            return None
+        return markov_baseline(train, val, tokenizer=self._kmer(tokenizer))
+
+    # ------------------------------------------------------------------ genome embedding
+    def _genome_rows(self, samples: Samples, options: DnaOptions) -> Any:
+        """The genome's embedding windows (cached on the samples): BED regions cut to
+        ``--window``, or the tiling by ``--window`` every ``--window-stride`` bases."""
+        from healthfm.dna.genome_embed import read_bed, tile_records
+
+        key = (options.window, options.window_stride, options.regions)
+        cached = samples.info.get("embedding_rows")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = samples.payload
+        if options.regions:
+            rows = read_bed(options.regions, index, int(options.window))
+        else:
+            stride = int(options.window_stride or options.window)
+            rows = tile_records(index.lengths, int(options.window), stride)
+        samples.info["embedding_rows"] = (key, rows)
+        return rows
+
+    def prepare_embedding(self, encoder: Any, samples: Samples, options: Any) -> None:
+        """A genome: its windows (or regions) must fit the model's context."""
+        if not _is_genome(samples):
+            return super().prepare_embedding(encoder, samples, options)
+        options = self.options(options)
+        tokenizer = self._dna(encoder.tokenizer)
+        rows = self._genome_rows(samples, options)
+        if isinstance(tokenizer, KmerTokenizer) and tokenizer.max_length is not None:
+            longest = int((rows.end - rows.start).max()) if len(rows) else 0
+            tokens = int(tokenizer.tokenized_lengths(np.array([longest]))[0])
+            full = _window_tokens(tokenizer, longest) if longest else 0
+            if full > tokens:
+                raise ConfigError(
+                    f"--window {options.window} gives windows of {full} tokens, longer than "
+                    f"the model's context of {tokenizer.max_length}: give a smaller --window",
+                    column="window",
+                )
+        return None
+
+    def embedding_rows(self, samples: Samples, options: Any) -> int:
+        """A genome: one row per window (or BED region); else one per sample."""
+        if not _is_genome(samples):
+            return super().embedding_rows(samples, options)
+        return len(self._genome_rows(samples, self.options(options)))
+
+    def tokenize_part(
+        self, encoder: Any, samples: Samples, indices: np.ndarray, options: Any, workdir: Path
+    ) -> Any:
+        """A genome: the windows' bases (by random access, or from a genome store of the
+        whole input kept beside the part folders for the run) tokenized by the encoder's
+        tokenizer into a token store."""
+        if not _is_genome(samples):
+            return super().tokenize_part(encoder, samples, indices, options, workdir)
+        from healthfm.dna.genome_embed import window_sequences
+        from healthfm.tokens import write_store
+
+        options = self.options(options)
+        rows = self._genome_rows(samples, options)
+        index = samples.payload
+        store_dir = Path(workdir).parent / f"genome-{samples.data_hash[:16]}"
+        sequences = window_sequences(index, rows, indices, store_dir, samples.data_hash)
+        tokenizer = self._dna(encoder.tokenizer)
+        keys = rows.keys(index, indices).tolist()
+        chunks = (
+            tokenizer.encode(sequences[lo : lo + CHUNK_SIZE], keys=keys[lo : lo + CHUNK_SIZE])
+            for lo in range(0, len(sequences), CHUNK_SIZE)
+        )
+        extra = {
+            "modality": self.name,
+            "source": str(samples.source),
+            "data_hash": samples.data_hash,
+        }
+        return write_store(Path(workdir) / "store", chunks, tokenizer.hash, tokenizer.fields, extra)
+
+    def write_embeddings(
+        self, out: Path, samples: Samples, embeddings: Any, attrs: dict[str, Any], options: Any
+    ) -> Path:
+        """A genome: keys ``record:start-end`` (and the BED names in parquet, if any)."""
+        if not _is_genome(samples):
+            return super().write_embeddings(out, samples, embeddings, attrs, options)
+        from healthfm.evaluate.embed import save_embeddings
+
+        rows = self._genome_rows(samples, self.options(options))
+        columns = None
+        if rows.names is not None and Path(out).suffix == ".parquet":
+            columns = {"name": rows.names.astype(str)}
+        return save_embeddings(out, rows.keys(samples.payload), embeddings, columns)
 
     def baselines(self) -> dict[str, BaselineFn]:
         """``kmer-counts+logreg`` and ``one-hot+logreg`` featurizers."""

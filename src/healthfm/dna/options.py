@@ -28,3 +28,17 @@ class DnaOptions(Options):
         "token", "k=1: a token per IUPAC code, or all as N", choices=("token", "n")
     )
     reverse_complement: bool = option(True, "reverse-complement augmentation during pretraining")
+    window: int = option(
+        1024,
+        "genome input (.2bit, or FASTA whose first record is longer than 4,096 bases): "
+        "bases per training window (windows never cross a record or an N gap)",
+        minimum=1,
+    )
+    window_stride: int | None = option(
+        None, "genome embedding: step between windows in bases (default: --window)", minimum=1
+    )
+    regions: str | None = option(
+        None,
+        "genome embedding: BED file (chrom, start, end[, name]; 0-based, half-open) of the "
+        "regions to embed, each cut to --window bases",
+    )

@@ -35,6 +35,7 @@ from healthfm.fsutil import json_hash
 from healthfm.tokenizer import (
     CLS_ID,
     N_SPECIAL,
+    PAD_ID,
     SPECIAL_TOKENS,
     UNK_ID,
     Tokenizer,
@@ -353,6 +354,33 @@ class KmerTokenizer(Tokenizer):
             buf = np.frombuffer("".join(seqs[a:b]).encode("ascii", errors="replace"), np.uint8)
             ids[offsets[a] : offsets[b]] = self._encode_block(buf, lengths[a:b], counts[a:b])
         return TokenChunk(ids=ids, offsets=offsets, keys=keys)
+
+    def encode_windows(self, buf: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize windows given as one byte buffer into a padded batch.
+
+        Parameters
+        ----------
+        buf
+            ``uint8`` bases of all windows, concatenated (any case; ``U`` reads as ``T``).
+        lengths
+            Bases of each window.
+
+        Returns
+        -------
+        ids : numpy.ndarray
+            int64 ``[B, T]``, ``[PAD]`` (0) right of each window's tokens; ``T`` is the
+            longest window's token count (at most ``max_length``).
+        mask : numpy.ndarray
+            bool ``[B, T]``, True on real tokens.
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        counts = self.tokenized_lengths(lengths)
+        width = int(counts.max()) if len(counts) else 0
+        mask = np.arange(width)[None, :] < counts[:, None]
+        ids = np.full((len(lengths), width), PAD_ID, dtype=np.int64)
+        if len(lengths):
+            ids[mask] = self._encode_block(np.asarray(buf, dtype=np.uint8), lengths, counts)
+        return ids, mask
 
     def _encode_block(self, buf: np.ndarray, lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
         k = self.k

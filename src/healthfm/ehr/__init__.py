@@ -184,6 +184,21 @@ class EhrModality(Modality):
             gap_days=() if options.no_gap_tokens else DEFAULT_GAP_DAYS,
         )
 
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: EhrOptions
+    ) -> Tokenizer:
+        """One MEDS tokenizer over several MEDS roots: codes counted over every root's train
+        subjects (each root split by its own ``subject_splits.parquet``)."""
+        options = self.options(options)
+        return MedsTokenizer.fit(
+            [(samples.payload["dataset"], samples.keys[idx]) for samples, idx in parts],
+            min_count=options.min_count,
+            max_codes=options.max_codes,
+            n_bins=options.n_bins,
+            min_text_count=options.min_text_count,
+            gap_days=() if options.no_gap_tokens else DEFAULT_GAP_DAYS,
+        )
+
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
     ) -> Iterator[TokenChunk]:

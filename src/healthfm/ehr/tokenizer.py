@@ -165,8 +165,8 @@ class MedsTokenizer(Tokenizer):
     @classmethod
     def fit(
         cls,
-        ds: MedsDataset,
-        train_subjects: np.ndarray,
+        ds: MedsDataset | list[tuple[MedsDataset, np.ndarray]],
+        train_subjects: np.ndarray | None = None,
         min_count: int = 5,
         max_codes: int | None = None,
         n_bins: int = 10,
@@ -180,7 +180,12 @@ class MedsTokenizer(Tokenizer):
         running code counts, (code, text) counts and at most :data:`VALUE_SAMPLE_CAP`
         numeric values per code (a uniform random subset), so memory stays bounded by one
         batch plus the vocabulary. The result does not depend on the batch size.
+
+        ``ds`` may be a list of ``(dataset, train_subjects)`` pairs: one vocabulary over
+        several MEDS roots (a corpus), counted over every root's train subjects (each root's
+        subject ids stay its own: they are read root by root).
         """
+        parts = [(ds, train_subjects)] if isinstance(ds, MedsDataset) else list(ds)
         if n_bins < 1 or min_count < 1:
             raise ConfigError("n_bins and min_count must be positive")
         # Running totals in plain dicts (O(distinct codes)); the value sample holds a code
@@ -191,9 +196,12 @@ class MedsTokenizer(Tokenizer):
         code_ids: dict[str, int] = {}
         values: list[pl.DataFrame] = []
         kept = pending = 0  # rows of the pruned value sample, rows appended since
-        shard_index = {path: i for i, path in enumerate(ds.shards)}
+        shard_index = {
+            path: i for i, path in enumerate(p for part, _ in parts for p in part.shards)
+        }
         rng_path, rng = None, np.random.default_rng(seed)
-        for path, df in iter_batches(ds, train_subjects):
+        batches = (b for part, subjects in parts for b in iter_batches(part, subjects))
+        for path, df in batches:
             if path != rng_path:  # one random stream per shard, drawn on across its batches
                 rng_path, rng = path, np.random.default_rng([seed, shard_index[path]])
             here = df.group_by("code").len()

@@ -42,11 +42,16 @@ def _healthfm_version() -> str:
         return "0+unknown"
 
 
+#: The model card of a model folder.
+CARD_NAME = "README.md"
+
+
 def save_pretrained(
     model: FoundationModel,
     path: str | Path,
     tokenizer: Tokenizer | None = None,
     info: dict[str, Any] | None = None,
+    card: str | None = None,
 ) -> Path:
     """Write a model folder atomically.
 
@@ -60,6 +65,8 @@ def save_pretrained(
         The tokenizer to save beside it (defaults to ``model.tokenizer`` if set).
     info
         Provenance written to ``training_info.json`` (steps, data hash, losses...).
+    card
+        The model card, written as ``README.md`` (the file Hugging Face shows).
     """
     release = _healthfm_version()
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -77,6 +84,8 @@ def save_pretrained(
             (tmp / INFO_NAME).write_text(
                 json.dumps({"healthfm_version": release, **info}, indent=2) + "\n"
             )
+        if card is not None:
+            (tmp / CARD_NAME).write_text(card)
     return path
 
 

@@ -192,6 +192,22 @@ class PathologyModality(Modality):
         options = self.options(options)
         return PatchTokenizer(int(options.image_size), int(options.patch_size))
 
+    def pretraining_baseline(
+        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """MAE's count baseline: every hidden patch predicted by the mean training patch at
+        its position (:func:`~healthfm.pathology.mae.mean_patch_baseline`)."""
+        from healthfm.pathology.mae import mean_patch_baseline
+
+        return mean_patch_baseline(train, val, n_val)
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: PathologyOptions
+    ) -> PatchTokenizer:
+        """Patches are fixed whatever the sources: tile sets and slide folders from several
+        places pretrain one model (each source split by its own slides or groups)."""
+        return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
     ) -> Iterator[TokenChunk]:

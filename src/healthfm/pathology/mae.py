@@ -131,3 +131,47 @@ def mae_prepare(
 
 register_objective("mae", MAEDecoder, mae_loss)
 register_preparer("mae", mae_prepare)
+
+
+def mean_patch_baseline(train, val, n_val: int, max_fit: int = 2048) -> dict | None:
+    """The MAE loss of predicting every hidden patch by the mean training patch at its
+    position (per-patch normalized pixels, as :func:`mae_loss` scores them): what the
+    pretraining held-out loss must beat to have learned more than average tile structure.
+
+    Predicting zeros scores exactly 1 (each normalized patch has unit variance); the mean
+    patch scores a little below. Reads up to ``max_fit`` training tiles (evenly spaced) and
+    the first ``n_val`` held-out tiles.
+    """
+
+    def normalized(source, indices):
+        for lo in range(0, len(indices), 64):
+            batch = source.batch(indices[lo : lo + 64], None)
+            if "inputs" not in batch:
+                return
+            x = batch["inputs"][:, 1:].float()  # patches, CLS dropped
+            mean = x.mean(-1, keepdim=True)
+            var = x.var(-1, keepdim=True, unbiased=False)
+            yield (x - mean) / (var + 1e-6).sqrt()
+
+    if train is None or val is None or not len(train) or not len(val):
+        return None
+    step = max(1, len(train) // max_fit)
+    total, count = None, 0
+    for x in normalized(train, list(range(0, len(train), step))):
+        total = x.sum(0) if total is None else total + x.sum(0)
+        count += x.shape[0]
+    if total is None or count == 0:
+        return None
+    mean_patch = total / count
+    err, n = 0.0, 0
+    for x in normalized(val, list(range(min(n_val, len(val))))):
+        err += float(((x - mean_patch) ** 2).mean(-1).sum())
+        n += x.shape[0] * x.shape[1]
+    if n == 0:
+        return None
+    return {
+        "name": "mean-patch",
+        "what": "the mean training patch at each position",
+        "loss": err / n,
+        "n_fit_samples": count,
+    }

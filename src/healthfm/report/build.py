@@ -388,6 +388,31 @@ def _is_baseline_name(run: Run, method: str) -> bool:
     return any(r["method"] == method and r["is_baseline"] for r in run.rows)
 
 
+def _corpus_text(info: dict[str, Any]) -> str | None:
+    """The pretraining corpus in a line: each source with its train samples, tokens seen
+    and sampling probability (None for a one-input model)."""
+    sources = (info.get("corpus") or {}).get("sources") or []
+    if len(sources) < 2:
+        return None
+
+    def one(s: dict[str, Any]) -> str:
+        tokens = s.get("tokens_seen")
+        seen = f", {tokens:,} tokens seen" if isinstance(tokens, int) else ""
+        return (
+            f"{s.get('name')} ({s.get('n_train', 0):,} train samples{seen}, "
+            f"p = {float(s.get('probability', 0)):.2f})"
+        )
+
+    return f"{len(sources)} sources: " + "; ".join(one(s) for s in sources)
+
+
+def _baseline_text(info: dict[str, Any]) -> str | None:
+    found = info.get("pretraining_baseline")
+    if not isinstance(found, dict) or found.get("loss") is None:
+        return None
+    return f"{float(found['loss']):.4f} ({found.get('name')}: {found.get('what')})"
+
+
 def model_card(model_dir: str) -> dict[str, Any] | None:
     """Model card, loss curves and tile-grid thumbnail of a healthfm model folder."""
     path = Path(model_dir)
@@ -423,7 +448,9 @@ def model_card(model_dir: str) -> dict[str, Any] | None:
         ("wall time", f"{wall:.0f} s" if wall else None),
         ("train / val rows", f"{info.get('n_train')} / {info.get('n_val')}"),
         ("data hash", info.get("data_hash")),
-        ("pretraining data", info.get("source")),
+        ("pretraining data", info.get("source") if not _corpus_text(info) else None),
+        ("pretraining corpus", _corpus_text(info)),
+        ("held-out loss of the count baseline", _baseline_text(info)),
         ("world size", info.get("world_size")),
     ]
     card: dict[str, Any] = {
@@ -444,7 +471,10 @@ def model_card(model_dir: str) -> dict[str, Any] | None:
                 log.append(entry)
         if log:
             card["figures"].append(
-                {"title": "Pretraining loss", "uri": plots.loss_curves(log, path.name)}
+                {
+                    "title": "Pretraining loss",
+                    "uri": plots.loss_curves(log, path.name, info.get("pretraining_baseline")),
+                }
             )
     thumbs = sorted(
         p

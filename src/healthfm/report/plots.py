@@ -249,8 +249,11 @@ def embedding_maps(
     return figure_uri(fig)
 
 
-def loss_curves(log: list[dict[str, Any]], title: str) -> str:
-    """Pretraining loss (and held-out loss) by step."""
+def loss_curves(
+    log: list[dict[str, Any]], title: str, baseline: dict[str, Any] | None = None
+) -> str:
+    """Pretraining loss (and held-out loss) by step; the count baseline's held-out loss
+    (``training_info.json``'s ``pretraining_baseline``) as a dashed line."""
     plt = _plt()
     train = [(r["step"], r["loss"]) for r in log if "loss" in r and "step" in r]
     val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r and "step" in r]
@@ -259,6 +262,14 @@ def loss_curves(log: list[dict[str, Any]], title: str) -> str:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
     if val:
         ax.plot(*zip(*val, strict=True), marker="o", label="held-out loss", lw=1.2)
+    if baseline is not None and baseline.get("loss") is not None:
+        ax.axhline(
+            baseline["loss"],
+            color="#d62728",
+            ls="--",
+            lw=1.2,
+            label=f"{baseline.get('name', 'count')} baseline (held-out)",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=9)

@@ -31,7 +31,12 @@ from healthfm.modality import (
     split_indices,
 )
 from healthfm.report import write_run_report
-from healthfm.stages.common import check_split_source, finetuned_folders, split_of_models
+from healthfm.stages.common import (
+    check_split_source,
+    finetuned_folders,
+    split_of_models,
+    training_info,
+)
 
 
 def evaluate(
@@ -139,8 +144,12 @@ def evaluate(
             emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
             used = pooling or encoder.pooling
         name, untrained = _method_name(modality, encoder, spec, used, rows.regression, features)
+        origin = pretrained_on(training_info(encoder))
         features[name] = Features(
-            emb, baseline=False, extra={"pooling": used, **chosen}, seconds=time.perf_counter() - t
+            emb,
+            baseline=False,
+            extra={"pooling": used, **chosen, **({"pretrained_on": origin} if origin else {})},
+            seconds=time.perf_counter() - t,
         )
         hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
         model_methods.append((name, untrained, encoder))
@@ -219,11 +228,29 @@ def evaluate(
         write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
     )
     if echo:
+        for method, _, _encoder in model_methods:
+            origin = features[method].extra.get("pretrained_on")
+            if origin:
+                print(f"{method.split('+')[0]}: pretrained on {origin}")
         print(protocol.table(result.rows, rows))
         print(comparison.text())
         extra = "".join(f", {p}" for p in written)
         print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
     return result.rows
+
+
+def pretrained_on(info: dict[str, Any]) -> str | None:
+    """What a healthfm model was pretrained on, in words for result rows: its corpus'
+    sources, or its one input (None for a published model, which records none)."""
+    sources = (info.get("corpus") or {}).get("sources") or []
+    if len(sources) > 1:
+        names = [s.get("name", "?") for s in sources]
+        shown = ", ".join(names[:6]) + (f", … ({len(names)} sources)" if len(names) > 6 else "")
+        held = [s.get("name") for s in sources if s.get("split") == "val"]
+        return f"corpus {shown}" + (f" (held out: {', '.join(held)})" if held else "")
+    if info.get("source"):
+        return f"{Path(str(info['source'])).name} (its train split)"
+    return None
 
 
 def _method_name(
