@@ -220,6 +220,19 @@ def test_a_source_held_out_whole_takes_no_part_in_the_vocabulary(two, master, tm
     assert "disjoint.h5ad" in str(err.value)
 
 
+def test_ensembl_versions_from_different_releases_share_genes(two, master, tmp_path):
+    a = ad.read_h5ad(two[0])
+    a.var["gene_ids"] = [f"{g}.{i % 7 + 1}" for i, g in enumerate(a.var["gene_ids"])]
+    a.write_h5ad(tmp_path / "A_versioned.h5ad")
+    parts = _parts([tmp_path / "A_versioned.h5ad", two[1]])
+    tok = SC.fit_corpus_tokenizer(parts, {})
+    assert list(tok.genes) == list(SC.fit_corpus_tokenizer(_parts(two), {}).genes)
+    assert not any("." in g for g in tok.genes)
+    # A versioned data set meets the unversioned vocabulary: matched by stable id.
+    versioned = np.array([f"{g}.12" for g in tok.genes[:10]] + ["ENSG99999999999.1", "CD3E"])
+    np.testing.assert_array_equal(tok.column_map(versioned), [*range(10), -1, -1])
+
+
 def test_one_source_is_the_single_input_tokenizer(two):
     parts = _parts(two[:1])
     assert SC.fit_corpus_tokenizer(parts, {}).hash == SC.fit_tokenizer(*parts[0], {}).hash

@@ -42,6 +42,7 @@ from healthfm.singlecell.tokenizer import (
     CellTokenizer,
     CorpusGeneStats,
     RankValueTokenizer,
+    strip_ensembl_versions,
 )
 
 log = logging.getLogger("healthfm")
@@ -90,6 +91,8 @@ def choose_gene_ids(samples: Samples) -> str:
         kind = "ensembl" if ensembl_share(matrix.genes) >= ENSEMBL_SHARE else "other"
         where = samples.info.get("gene_column") or "var_names"
         log.info("%s: gene identifiers from %s (%s)", samples.source, where, kind)
+        if kind == "ensembl":
+            _drop_versions(samples, matrix)
         return kind
     shares = {name: ensembl_share(ids) for name, ids in candidates.items()}
     best = max(shares, key=lambda name: (shares[name], name == "var_names"))
@@ -108,7 +111,26 @@ def choose_gene_ids(samples: Samples) -> str:
         "Ensembl ids" if kind == "ensembl" else "no column of Ensembl ids",
         ", ".join(f"{k} {100 * v:.0f}%" for k, v in shares.items()),
     )
+    if kind == "ensembl":
+        _drop_versions(samples, matrix)
     return kind
+
+
+def _drop_versions(samples: Samples, matrix: CountMatrix) -> None:
+    """Use stable Ensembl ids (``ENSG….16`` → ``ENSG…``) so that sources annotated with
+    different GENCODE releases share genes; kept as they are if that would merge genes."""
+    stable = strip_ensembl_versions(matrix.genes)
+    changed = int(np.sum(stable != np.asarray(matrix.genes, dtype=object)))
+    if changed == 0:
+        return
+    if not _unique(stable):
+        log.warning(
+            "%s: Ensembl version suffixes kept (dropping them would merge genes)",
+            samples.source,
+        )
+        return
+    matrix.genes = stable
+    log.info("%s: Ensembl version suffixes dropped from %s gene id(s)", samples.source, changed)
 
 
 def _unique(ids: np.ndarray) -> bool:

@@ -58,13 +58,35 @@ MEDIAN_MANTISSA_BITS = 5
 MEDIAN_LOW_OCTAVES = -24
 
 
+#: A versioned Ensembl gene id (GENCODE: ``ENSG00000141510.16``); group 1 is the stable id.
+ENSEMBL_VERSIONED = r"^(ENS[A-Z]{0,6}G\d{6,})\.\d+$"
+
+
+def strip_ensembl_versions(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The identifiers with Ensembl version suffixes dropped (``ENSG….16`` → ``ENSG…``);
+    other identifiers unchanged (object array)."""
+    series = pd.Series(np.asarray(ids, dtype=object), dtype=object).astype(str)
+    return series.str.replace(ENSEMBL_VERSIONED, r"\1", regex=True).to_numpy(dtype=object)
+
+
 def gene_index(
     data_genes: Sequence[str] | np.ndarray, vocab: Sequence[str] | np.ndarray
 ) -> np.ndarray:
-    """Vocabulary position of each data gene, -1 for genes outside the vocabulary."""
-    return pd.Index(np.asarray(vocab, dtype=object)).get_indexer(
-        np.asarray(data_genes, dtype=object)
-    )
+    """Vocabulary position of each data gene, -1 for genes outside the vocabulary.
+
+    Identifiers match exactly; a data gene left unmatched then matches on its Ensembl id
+    without version suffix (one source's ``ENSG00000141510.16`` is another's
+    ``ENSG00000141510``) where that is unambiguous in the vocabulary.
+    """
+    vocab = np.asarray(vocab, dtype=object)
+    data = np.asarray(data_genes, dtype=object)
+    out = pd.Index(vocab).get_indexer(data)
+    missing = np.flatnonzero(out < 0)
+    if missing.size:
+        stable_vocab = pd.Index(strip_ensembl_versions(vocab))
+        if stable_vocab.is_unique:
+            out[missing] = stable_vocab.get_indexer(strip_ensembl_versions(data[missing]))
+    return out
 
 
 def _float_bits_desc(values: np.ndarray) -> np.ndarray:
