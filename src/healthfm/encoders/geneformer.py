@@ -261,17 +261,15 @@ class GeneformerTokenizer(CellTokenizer):
         return names[np.asarray(ids)]
 
     # -- gene identifiers of the data → vocabulary positions
-    def column_map(self, data_genes: np.ndarray) -> np.ndarray:
-        """Vocabulary position of each data column (-1: not a model gene).
+    def _map_genes(self, data_genes: np.ndarray) -> np.ndarray:
+        """Vocabulary position of each data column (-1: not a model gene); cached by
+        :meth:`CellTokenizer.column_map`.
 
         A column is read as an Ensembl id first (upper-cased, collapsed through the
         mapping dictionary as the authors do), else as a gene symbol (``gene_name_id_dict``,
         exact, then upper-cased). Several columns may map to one gene; their counts are
         summed when tokenizing.
         """
-        key = id(data_genes)
-        if self._map_cache is not None and self._map_cache[0] == key:
-            return self._map_cache[1]
         names = pd.Series(np.asarray(data_genes, dtype=object)).astype(str)
         upper = names.str.upper()
         ensembl = upper.map(self._mapping) if self._mapping is not None else upper
@@ -284,9 +282,7 @@ class GeneformerTokenizer(CellTokenizer):
                 lambda e: mapping.get(e.upper()) if isinstance(e, str) else None
             )
         ensembl = ensembl.where(ensembl.map(self._position).notna(), by_symbol)
-        col_map = ensembl.map(self._position).fillna(-1).to_numpy(dtype=np.int64)
-        self._map_cache = (key, col_map)
-        return col_map
+        return ensembl.map(self._position).fillna(-1).to_numpy(dtype=np.int64)
 
     def encode_block(
         self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]

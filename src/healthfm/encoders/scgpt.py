@@ -238,13 +238,11 @@ class ScGPTTokenizer(CellTokenizer):
             names[i] = name
         return names[np.asarray(ids)]
 
-    def column_map(self, data_genes: np.ndarray) -> np.ndarray:
-        """Vocabulary position of each data column, by exact symbol (-1: not in vocab)."""
-        key = id(data_genes)
-        if self._map_cache is None or self._map_cache[0] != key:
-            names = np.asarray(data_genes, dtype=object).astype(str).astype(object)
-            self._map_cache = (key, self._position.get_indexer(names))
-        return self._map_cache[1]
+    def _map_genes(self, data_genes: np.ndarray) -> np.ndarray:
+        """Vocabulary position of each data column, by exact symbol (-1: not in vocab);
+        cached by :meth:`CellTokenizer.column_map`."""
+        names = np.asarray(data_genes, dtype=object).astype(str).astype(object)
+        return self._position.get_indexer(names)
 
     def encode_block(
         self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]

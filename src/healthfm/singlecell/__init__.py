@@ -1,7 +1,11 @@
 """The single-cell modality: AnnData counts, Geneformer / scGPT tokens, HVG+PCA baselines.
 
 * Reading: ``.h5ad`` (optionally backed), counts in ``X`` or ``--layer``, genes in
-  ``var_names`` or ``--gene-column``, validated (:mod:`healthfm.singlecell.reader`).
+  ``var_names`` or ``--gene-column``, validated (:mod:`healthfm.singlecell.reader`); a
+  TileDB-SOMA experiment (CELLxGENE Census format), read in blocks of cells, optionally
+  filtered (``--obs-filter``) (:mod:`healthfm.singlecell.soma`).
+* Corpora: several sources with different gene panels share one vocabulary
+  (:meth:`SingleCellModality.fit_corpus_tokenizer`, :mod:`healthfm.singlecell.corpus`).
 * Tokens: rank-value encoding (``--tokenizer rank``, default, Geneformer) or value
   binning (``--tokenizer binned``, scGPT), fitted on the training cells only
   (:mod:`healthfm.singlecell.tokenizer`). Pretraining is masked gene modelling through the
@@ -41,6 +45,7 @@ from healthfm.modality import (
 from healthfm.singlecell import tl
 from healthfm.singlecell.baselines import BASELINES, highly_variable_genes, hvg_pca, log_normalize
 from healthfm.singlecell.bundled import celltypist_sample, pbmc68k, pretraining_corpus
+from healthfm.singlecell.corpus import fit_corpus, resolve_min_sources
 from healthfm.singlecell.evaluation import clustering_rows, knn_rows
 from healthfm.singlecell.options import SingleCellOptions
 from healthfm.singlecell.reader import (
@@ -49,6 +54,7 @@ from healthfm.singlecell.reader import (
     read_h5ad,
     samples_from_anndata,
 )
+from healthfm.singlecell.soma import is_soma_experiment, looks_like_soma, read_soma
 from healthfm.singlecell.tl import fit
 from healthfm.singlecell.tokenizer import (
     DEFAULT_MAX_LENGTH,
@@ -74,6 +80,7 @@ __all__ = [
     "pbmc68k",
     "pretraining_corpus",
     "read_h5ad",
+    "read_soma",
     "samples_from_anndata",
     "stratified_splits",
     "tl",
@@ -126,10 +133,11 @@ class SingleCellModality(Modality):
     input_kind = "an AnnData .h5ad file"
 
     def looks_like(self, path: Path) -> bool | None:
-        """An ``.h5ad`` file (HDF5 with AnnData's layout); not a text file or a folder."""
+        """An ``.h5ad`` file (HDF5 with AnnData's layout) or a TileDB-SOMA experiment
+        folder; not a text file or another folder."""
         path = Path(path)
         if path.is_dir():
-            return False
+            return looks_like_soma(path)
         try:
             with open(path, "rb") as handle:
                 hdf5 = handle.read(8) == b"\x89HDF\r\n\x1a\n"
@@ -141,16 +149,38 @@ class SingleCellModality(Modality):
     default_pooling = "mean"
 
     def read(self, path: Any, options: SingleCellOptions) -> Samples:
-        """Read an ``.h5ad`` path (or an in-memory AnnData) into validated samples."""
+        """Read an ``.h5ad`` path, a TileDB-SOMA experiment (folder or URI; read in blocks,
+        :mod:`healthfm.singlecell.soma`) or an in-memory AnnData into validated samples."""
         options = self.options(options)
         kwargs = {
-            "layer": options.layer,
             "gene_column": options.gene_column,
             "label_column": None if _no_value(options.label_column) else options.label_column,
             "group_column": options.group_column,
             "total_column": options.total_column,
             "normalized": options.normalized,
         }
+        soma_options = {
+            "measurement": options.measurement,
+            "x_layer": options.x_layer,
+            "obs_filter": options.obs_filter,
+        }
+        if isinstance(path, str | Path) and is_soma_experiment(path):
+            if options.layer is not None:
+                raise ConfigError(
+                    f"--layer names an .h5ad layer; {path} is a TileDB-SOMA experiment: "
+                    "give --x-layer (and --measurement)",
+                    column="layer",
+                )
+            return read_soma(path, **soma_options, **kwargs)
+        given = [name for name, value in soma_options.items() if value is not None]
+        if given:
+            raise ConfigError(
+                f"{', '.join('--' + g.replace('_', '-') for g in given)} appl"
+                f"{'ies' if len(given) == 1 else 'y'} to a TileDB-SOMA experiment; "
+                f"{path if isinstance(path, str | Path) else 'the input'} is not one",
+                column=given[0],
+            )
+        kwargs["layer"] = options.layer
         if not isinstance(path, str | Path):
             return samples_from_anndata(path, options.source, **kwargs)
         return read_h5ad(path, backed=options.backed, **kwargs)
@@ -184,6 +214,50 @@ class SingleCellModality(Modality):
             blocks, matrix.genes, min_cells=int(options.min_cells or 1), **kwargs
         )
         return tokenizer
+
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: SingleCellOptions
+    ) -> CellTokenizer:
+        """One tokenizer over several sources with their own gene panels
+        (:func:`healthfm.singlecell.corpus.fit_corpus`).
+
+        Parameters
+        ----------
+        parts
+            ``(samples, train_indices)`` per source, each read with its own options
+            (``.h5ad`` files, SOMA experiments). The sources' gene identifiers are chosen
+            here (Ensembl ids where a column holds them) and set on the samples, which the
+            batch sources then tokenize: columns map to the vocabulary by identifier.
+        options
+            Tokenizer options: ``tokenizer``, ``max_length``, ``n_bins``, ``min_cells``,
+            ``min_sources`` / ``gene_set`` (union by default), ``total_column``.
+
+        One source is :meth:`fit_tokenizer` (exact medians, as a single-input run).
+        """
+        options = self.options(options)
+        if not parts:
+            raise ConfigError("a corpus needs at least one source")
+        # Sources held out whole (no training cells) take no part in the vocabulary.
+        n_training = sum(1 for _, idx in parts if len(idx) > 0)
+        min_sources = resolve_min_sources(options.min_sources, options.gene_set, max(n_training, 1))
+        if len(parts) == 1:
+            return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+        kind = options.tokenizer or "rank"
+        if kind not in TOKENIZERS:
+            raise ConfigError(
+                f"unknown single-cell tokenizer {kind!r}; choose from {sorted(TOKENIZERS)}"
+            )
+        kwargs: dict[str, Any] = {"total_column": options.total_column}
+        if kind == "binned" and options.n_bins is not None:
+            kwargs["n_bins"] = int(options.n_bins)
+        return fit_corpus(
+            [(self._matrix_samples(s), np.asarray(i, dtype=np.int64)) for s, i in parts],
+            TOKENIZERS[kind],
+            min_cells=int(options.min_cells or 1),
+            min_sources=min_sources,
+            max_length=options.max_length,
+            **kwargs,
+        )
 
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
@@ -378,6 +452,12 @@ class SingleCellModality(Modality):
         parquet / ``.npy``."""
         if Path(out).suffix != ".h5ad":
             return super().write_embeddings(out, samples, embeddings, attrs, options)
+        if samples.info.get("soma"):
+            raise ConfigError(
+                f"an .h5ad output is a copy of the input .h5ad with the embedding added; "
+                f"{samples.source} is a TileDB-SOMA experiment: write .parquet or .npy",
+                file=out,
+            )
         from healthfm.singlecell.reader import add_obsm
 
         options = self.options(options)
@@ -410,6 +490,11 @@ class SingleCellModality(Modality):
         from healthfm.singlecell.demo import demo_spec
 
         return demo_spec(self, quick)
+
+    @classmethod
+    def _matrix_samples(cls, samples: Samples) -> Samples:
+        cls._matrix(samples)
+        return samples
 
     @staticmethod
     def _matrix(samples: Samples) -> CountMatrix:

@@ -40,6 +40,8 @@ log = logging.getLogger("healthfm")
 
 #: Rows validated / tokenized at once.
 BLOCK_ROWS = 8192
+#: Backed rows covering at least 1/SPAN_READ of their span are read as the whole span.
+SPAN_READ = 4
 
 
 def _field_name(layer: str | None) -> str:
@@ -63,7 +65,10 @@ class CountMatrix:
     matrix
         In-memory CSR matrix (float32), or None when reading backed.
     backed
-        The backed matrix (an anndata sparse dataset or h5py dataset), or None.
+        The matrix on disk, or None: anything whose ``[slice]`` and ``[increasing
+        positions]`` give rows (:class:`H5Rows` for an ``.h5ad``, an anndata sparse
+        dataset or h5py dataset, :class:`healthfm.singlecell.soma.SomaRows`); a ``close()``
+        of it is called once :meth:`blocks` are read.
     """
 
     genes: np.ndarray
@@ -92,22 +97,37 @@ class CountMatrix:
         if idx.size == 0:
             return sp.csr_matrix((0, len(self.genes)), dtype=np.float32)
         # Backed datasets read sorted, unique rows best; put the rows back in order after.
+        # Rows that fill at least 1/SPAN_READ of their span (a split's training cells) are
+        # read as the one contiguous span and picked in memory: one sequential read instead
+        # of a fancy-indexed one.
         uniq, inverse = np.unique(idx, return_inverse=True)
-        if len(uniq) and uniq[-1] - uniq[0] + 1 == len(uniq):
+        span = int(uniq[-1] - uniq[0]) + 1
+        if span == len(uniq):
             block = _to_csr(self.backed[int(uniq[0]) : int(uniq[-1]) + 1])
+        elif span <= SPAN_READ * len(uniq):
+            block = _to_csr(self.backed[int(uniq[0]) : int(uniq[-1]) + 1])[uniq - uniq[0]]
         else:
             block = _to_csr(self.backed[uniq])
         return block[inverse.reshape(-1)]
 
     def blocks(self, indices: np.ndarray | None = None, size: int = BLOCK_ROWS):
-        """Yield ``(positions, csr)`` blocks of at most ``size`` cells, in order."""
+        """Yield ``(positions, csr)`` blocks of at most ``size`` cells, in order.
+
+        A matrix on disk that can release its file (:class:`H5Rows`) does so once the
+        blocks are read, so many sources of a corpus hold no open file (nor its caches).
+        """
         n = len(self) if indices is None else len(indices)
-        for lo in range(0, n, size):
-            hi = min(n, lo + size)
-            if indices is None:
-                yield np.arange(lo, hi), self.rows(slice(lo, hi))
-            else:
-                yield indices[lo:hi], self.rows(indices[lo:hi])
+        try:
+            for lo in range(0, n, size):
+                hi = min(n, lo + size)
+                if indices is None:
+                    yield np.arange(lo, hi), self.rows(slice(lo, hi))
+                else:
+                    yield indices[lo:hi], self.rows(indices[lo:hi])
+        finally:
+            release = getattr(self.backed, "close", None)
+            if release is not None:
+                release()
 
     def to_csr(self, indices: np.ndarray | None = None) -> sp.csr_matrix:
         """All (or the chosen) cells in one CSR matrix."""
@@ -115,6 +135,60 @@ class CountMatrix:
             return self.matrix if indices is None else self.matrix[indices]
         parts = [block for _, block in self.blocks(indices)]
         return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(self.genes)))
+
+
+class H5Rows:
+    """The count matrix of an ``.h5ad`` on disk, opened on demand: rows by slice or by
+    increasing positions (anndata's backed sparse dataset, or the h5py dataset of a dense
+    ``X``), :meth:`close` to release the file and HDF5's caches until the next read.
+
+    An AnnData opened backed keeps its file, and the HDF5 caches filled while reading it,
+    for as long as it lives (about 20 MB per 10,000-cell file read once); a corpus of
+    hundreds of files then grows with its files. This reader holds only the path.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    key
+        The matrix element (``X``).
+    shape
+        (cells, genes), known from the first opening.
+    """
+
+    def __init__(self, path: str | Path, key: str, shape: tuple[int, int]) -> None:
+        self.path = Path(path)
+        self.key = key
+        self.shape = tuple(int(v) for v in shape)
+        self._file: Any = None
+        self._x: Any = None
+
+    def __getitem__(self, index: slice | np.ndarray) -> Any:
+        if self._x is None:
+            import h5py
+
+            self._file = h5py.File(self.path, "r")
+            element = self._file[self.key]
+            self._x = _sparse_dataset(element) if isinstance(element, h5py.Group) else element
+        return self._x[index]
+
+    def close(self) -> None:
+        """Close the file (a later read opens it again)."""
+        if self._file is not None:
+            self._x = None
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_x": None}
+
+
+def _sparse_dataset(group: Any) -> Any:
+    try:
+        from anndata.io import sparse_dataset
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import sparse_dataset
+    return sparse_dataset(group)
 
 
 def _to_csr(x: Any) -> sp.csr_matrix:
@@ -479,7 +553,7 @@ def read_h5ad(
     path = Path(path)
     adata = open_h5ad(path, backed=backed)
     try:
-        return samples_from_anndata(
+        samples = samples_from_anndata(
             adata,
             path,
             layer=layer,
@@ -496,6 +570,14 @@ def read_h5ad(
             file=path,
             column=_field_name(layer),
         ) from exc
+    finally:
+        if backed:
+            adata.file.close()
+    matrix = samples.payload
+    if matrix.backed is not None:
+        # Read on demand from here on; the AnnData's file (and its caches) is closed.
+        matrix.backed = H5Rows(path, "X", matrix.shape)
+    return samples
 
 
 @dataclass

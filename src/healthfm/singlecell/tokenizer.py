@@ -46,15 +46,47 @@ TARGET_SUM = 10_000.0
 #: Longest context proposed by default (Geneformer's 30M models use 2,048).
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_N_BINS = 51
+#: Share of a data set's counts that must fall on vocabulary genes (as the published
+#: Geneformer / scGPT encoders require): below it the data set is refused.
+MIN_COUNT_FRACTION = 0.02
+#: Gene-panel column maps a tokenizer keeps cached.
+MAP_CACHE_SIZE = 8
+#: Corpus medians (:class:`CorpusGeneStats`) are histograms of float32 values: buckets of
+#: the exponent and this many leading mantissa bits (32 per octave, each at most 1/32 =
+#: 3.1% wide), from ``target_sum * 2**MEDIAN_LOW_OCTAVES`` to ``2 * target_sum``.
+MEDIAN_MANTISSA_BITS = 5
+MEDIAN_LOW_OCTAVES = -24
+
+
+#: A versioned Ensembl gene id (GENCODE: ``ENSG00000141510.16``); group 1 is the stable id.
+ENSEMBL_VERSIONED = r"^(ENS[A-Z]{0,6}G\d{6,})\.\d+$"
+
+
+def strip_ensembl_versions(ids: Sequence[str] | np.ndarray) -> np.ndarray:
+    """The identifiers with Ensembl version suffixes dropped (``ENSG….16`` → ``ENSG…``);
+    other identifiers unchanged (object array)."""
+    series = pd.Series(np.asarray(ids, dtype=object), dtype=object).astype(str)
+    return series.str.replace(ENSEMBL_VERSIONED, r"\1", regex=True).to_numpy(dtype=object)
 
 
 def gene_index(
     data_genes: Sequence[str] | np.ndarray, vocab: Sequence[str] | np.ndarray
 ) -> np.ndarray:
-    """Vocabulary position of each data gene, -1 for genes outside the vocabulary."""
-    return pd.Index(np.asarray(vocab, dtype=object)).get_indexer(
-        np.asarray(data_genes, dtype=object)
-    )
+    """Vocabulary position of each data gene, -1 for genes outside the vocabulary.
+
+    Identifiers match exactly; a data gene left unmatched then matches on its Ensembl id
+    without version suffix (one source's ``ENSG00000141510.16`` is another's
+    ``ENSG00000141510``) where that is unambiguous in the vocabulary.
+    """
+    vocab = np.asarray(vocab, dtype=object)
+    data = np.asarray(data_genes, dtype=object)
+    out = pd.Index(vocab).get_indexer(data)
+    missing = np.flatnonzero(out < 0)
+    if missing.size:
+        stable_vocab = pd.Index(strip_ensembl_versions(vocab))
+        if stable_vocab.is_unique:
+            out[missing] = stable_vocab.get_indexer(strip_ensembl_versions(data[missing]))
+    return out
 
 
 def _float_bits_desc(values: np.ndarray) -> np.ndarray:
@@ -199,6 +231,13 @@ class CellTokenizer(Tokenizer):
     """
 
     modality: ClassVar[str] = "singlecell"
+    #: The singlecell modality picks the ``var`` column (or ``var_names``) whose
+    #: identifiers match most of the vocabulary when the user names none (a model fitted
+    #: on Ensembl ids then reads a data set whose ``var_names`` are symbols).
+    auto_gene_column: ClassVar[bool] = True
+    #: Data carrying less than this share of their counts on vocabulary genes are refused
+    #: (the threshold of the published models' coverage check).
+    min_count_fraction: ClassVar[float] = MIN_COUNT_FRACTION
 
     def __init__(
         self,
@@ -215,7 +254,9 @@ class CellTokenizer(Tokenizer):
         self.max_length = int(max_length)
         self.target_sum = float(target_sum)
         self.total_column = total_column
-        self._map_cache: tuple[int, np.ndarray] | None = None
+        # id(data genes) -> (those genes, their column map). The genes are held so that
+        # their id cannot be reused by another array while the entry lives.
+        self._map_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -223,11 +264,27 @@ class CellTokenizer(Tokenizer):
         return N_SPECIAL + len(self.genes)
 
     def column_map(self, data_genes: np.ndarray) -> np.ndarray:
-        """Vocabulary index of each data column (-1 outside the vocabulary), cached."""
+        """Vocabulary index of each data column (-1 outside the vocabulary), cached.
+
+        Columns map by gene identifier, never by position: sources with different gene
+        panels (or the same genes in another order) give the same token to the same gene,
+        and genes outside the vocabulary are dropped. The maps of the last few gene arrays
+        are cached (several sources are tokenized in turn).
+        """
         key = id(data_genes)
-        if self._map_cache is None or self._map_cache[0] != key:
-            self._map_cache = (key, gene_index(data_genes, self.genes))
-        return self._map_cache[1]
+        hit = self._map_cache.get(key)
+        if hit is not None and hit[0] is data_genes:
+            return hit[1]
+        col_map = self._map_genes(data_genes)
+        if len(self._map_cache) >= MAP_CACHE_SIZE:
+            self._map_cache.pop(next(iter(self._map_cache)))
+        self._map_cache[key] = (data_genes, col_map)
+        return col_map
+
+    def _map_genes(self, data_genes: np.ndarray) -> np.ndarray:
+        """Vocabulary index of each data gene (-1 outside), uncached: by exact identifier
+        (a published model's tokenizer maps symbols and aliases its own way)."""
+        return gene_index(data_genes, self.genes)
 
     def token_names(self, ids: np.ndarray) -> np.ndarray:
         """Gene identifier (or special token) of each id."""
@@ -306,6 +363,26 @@ class RankValueTokenizer(CellTokenizer):
         genes, medians = nonzero_medians(blocks, data_genes, min_cells, target_sum)
         return cls(genes, medians, target_sum=target_sum, **kwargs)
 
+    @classmethod
+    def from_statistics(
+        cls, stats: CorpusGeneStats, min_cells: int = 1, min_sources: int = 1, **kwargs: Any
+    ) -> RankValueTokenizer:
+        """The vocabulary and medians of a corpus (several sources, their own gene panels).
+
+        Parameters
+        ----------
+        stats
+            Streaming statistics of the training cells of every source
+            (:meth:`CorpusGeneStats.add`), fitted with medians.
+        min_cells
+            Keep genes expressed in at least this many training cells (all sources).
+        min_sources
+            Keep genes measured in at least this many sources (1: union; the number of
+            sources: intersection).
+        """
+        kept = stats.vocabulary(min_cells, min_sources)
+        return cls(stats.genes[kept], stats.medians(kept), target_sum=stats.target_sum, **kwargs)
+
     def encode_block(
         self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]
     ) -> TokenChunk:
@@ -370,6 +447,14 @@ class BinnedTokenizer(CellTokenizer):
         """Fit the vocabulary (genes expressed in at least ``min_cells`` training cells)."""
         genes, _ = nonzero_medians(blocks, data_genes, min_cells, target_sum, medians=False)
         return cls(genes, target_sum=target_sum, **kwargs)
+
+    @classmethod
+    def from_statistics(
+        cls, stats: CorpusGeneStats, min_cells: int = 1, min_sources: int = 1, **kwargs: Any
+    ) -> BinnedTokenizer:
+        """The vocabulary of a corpus (see :meth:`RankValueTokenizer.from_statistics`)."""
+        kept = stats.vocabulary(min_cells, min_sources)
+        return cls(stats.genes[kept], target_sum=stats.target_sum, **kwargs)
 
     def encode_block(
         self, block: sp.csr_matrix, totals: np.ndarray, data_genes: np.ndarray, keys: Sequence[Any]
@@ -539,3 +624,147 @@ def nonzero_medians(
     lo = sorted_vals[s + (c - 1) // 2]
     hi = sorted_vals[s + c // 2]
     return genes, (lo + hi) / 2.0
+
+
+def _bucket_codes(values: np.ndarray) -> np.ndarray:
+    """Histogram code of positive float32 values: exponent and leading mantissa bits."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return (bits >> np.uint32(23 - MEDIAN_MANTISSA_BITS)).astype(np.int64)
+
+
+def _code_floor(codes: np.ndarray) -> np.ndarray:
+    """The smallest float32 value of each histogram code (float64)."""
+    bits = (np.asarray(codes, dtype=np.int64) << (23 - MEDIAN_MANTISSA_BITS)).astype(np.uint32)
+    return bits.view(np.float32).astype(np.float64)
+
+
+class CorpusGeneStats:
+    """Streaming per-gene statistics of the training cells of several sources.
+
+    Each source has its own gene panel (identifiers in its column order); genes are matched
+    across sources by identifier. Blocks of training cells are added one at a time and
+    only per-gene (and per source column) sums are kept, so memory depends on the number
+    of genes, never on the number of cells:
+
+    * ``genes``: the union of the panels, in order of first appearance (source order, then
+      column order);
+    * ``n_sources``: how many panels measure each gene; ``cells``: how many training cells
+      express it (all sources);
+    * ``source_counts[s]``: the counts of source ``s``'s training cells per column (its
+      coverage by a vocabulary);
+    * with ``medians``, a histogram per gene of ``count / total * target_sum`` over the
+      cells expressing it (float32 buckets of the exponent and :data:`MEDIAN_MANTISSA_BITS`
+      leading mantissa bits, at most 3.1% wide); :meth:`medians` interpolates within the
+      median's bucket. Geneformer approximates its corpus medians too (t-digests).
+
+    Parameters
+    ----------
+    panels
+        Gene identifiers of each source's columns (unique within a source).
+    target_sum
+        Counts per cell after normalization.
+    medians
+        Keep the histograms (the rank tokenizer needs them; the binned one does not).
+    """
+
+    def __init__(
+        self,
+        panels: Sequence[Sequence[str] | np.ndarray],
+        target_sum: float = TARGET_SUM,
+        medians: bool = True,
+    ) -> None:
+        if not panels:
+            raise ConfigError("a corpus needs at least one source")
+        arrays = [np.asarray(p, dtype=object) for p in panels]
+        self.genes: np.ndarray = np.asarray(pd.unique(np.concatenate(arrays)), dtype=object)
+        index = pd.Index(self.genes)
+        #: Union position of each source column.
+        self.maps = [index.get_indexer(a) for a in arrays]
+        n = len(self.genes)
+        self.target_sum = float(target_sum)
+        self.n_sources = np.zeros(n, dtype=np.int64)
+        for m in self.maps:
+            self.n_sources += np.bincount(m, minlength=n)
+        self.cells = np.zeros(n, dtype=np.int64)
+        self.source_counts = [np.zeros(len(a), dtype=np.float64) for a in arrays]
+        self.source_cells = np.zeros(len(arrays), dtype=np.int64)
+        self.with_medians = bool(medians)
+        self._lo = int(_bucket_codes(np.array([self.target_sum * 2.0**MEDIAN_LOW_OCTAVES]))[0])
+        self._hi = int(_bucket_codes(np.array([self.target_sum * 2.0]))[0])
+        self.n_buckets = self._hi - self._lo + 1
+        self.hist = np.zeros((n, self.n_buckets) if medians else (0, 0), dtype=np.uint32)
+
+    def add(self, source: int, block: sp.csr_matrix, totals: np.ndarray) -> None:
+        """Add a CSR block of training cells of source ``source`` (its columns, its order)
+        with their library sizes."""
+        block = block.tocsr()
+        self.source_cells[source] += block.shape[0]
+        keep = block.data > 0
+        cols = block.indices[keep].astype(np.int64)
+        data = block.data[keep]
+        self.source_counts[source] += np.bincount(
+            cols, weights=data, minlength=len(self.source_counts[source])
+        )
+        genes = self.maps[source][cols]
+        n = len(self.genes)
+        self.cells += np.bincount(genes, minlength=n)
+        if not self.with_medians or genes.size == 0:
+            return
+        rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))[keep]
+        values = data / np.asarray(totals, dtype=np.float64)[rows] * self.target_sum
+        code = np.clip(_bucket_codes(values) - self._lo, 0, self.n_buckets - 1)
+        key = genes * self.n_buckets + code
+        flat = self.hist.reshape(-1)
+        if flat.size <= max(1 << 22, 4 * key.size):
+            flat += np.bincount(key, minlength=flat.size).astype(np.uint32)
+        else:  # a large vocabulary: no dense temporary of every (gene, bucket)
+            np.add.at(flat, key, np.uint32(1))
+
+    def vocabulary(self, min_cells: int = 1, min_sources: int = 1) -> np.ndarray:
+        """Union positions of the genes measured in at least ``min_sources`` sources and
+        expressed in at least ``min_cells`` training cells, in union order."""
+        return np.flatnonzero(
+            (self.n_sources >= max(1, int(min_sources))) & (self.cells >= max(1, int(min_cells)))
+        )
+
+    def medians(self, kept: np.ndarray) -> np.ndarray:
+        """Non-zero median of ``count / total * target_sum`` of the genes ``kept`` (union
+        positions of expressed genes), from the histograms (within one bucket, 3.1%)."""
+        if not self.with_medians:
+            raise ConfigError("these corpus statistics were collected without medians")
+        kept = np.asarray(kept, dtype=np.int64)
+        out = np.empty(len(kept), dtype=np.float64)
+        for lo in range(0, len(kept), 4096):  # bounded temporaries for large vocabularies
+            hist = self.hist[kept[lo : lo + 4096]].astype(np.int64)
+            cum = np.cumsum(hist, axis=1)
+            total = cum[:, -1]
+            if np.any(total == 0):
+                raise ConfigError("a gene without expressed cells has no median")
+            rows = np.arange(len(hist))
+
+            def value_at(rank: np.ndarray, hist=hist, cum=cum, rows=rows) -> np.ndarray:
+                # Bucket of the rank-th value (0-based), then linear within the bucket.
+                bucket = np.sum(cum <= rank[:, None], axis=1)
+                before = np.where(bucket > 0, cum[rows, np.maximum(bucket - 1, 0)], 0)
+                inside = hist[rows, bucket]
+                floor = _code_floor(bucket + self._lo)
+                width = _code_floor(bucket + self._lo + 1) - floor
+                return floor + (rank - before + 0.5) / inside * width
+
+            out[lo : lo + 4096] = (value_at((total - 1) // 2) + value_at(total // 2)) / 2.0
+        return out
+
+    def coverage(self, source: int, vocab_map: np.ndarray) -> dict[str, float]:
+        """How the vocabulary (``vocab_map``: vocabulary index of each of the source's
+        columns, -1 outside) covers source ``source``: its genes in the vocabulary, the
+        vocabulary's genes it measures, the share of its training counts they carry."""
+        inside = vocab_map >= 0
+        counts = self.source_counts[source]
+        total = float(counts.sum())
+        return {
+            "n_genes": len(vocab_map),
+            "n_genes_in_vocabulary": int(inside.sum()),
+            "n_vocabulary_measured": len(np.unique(vocab_map[inside])),
+            "count_fraction": float(counts[inside].sum() / total) if total > 0 else float("nan"),
+            "n_train_cells": int(self.source_cells[source]),
+        }
