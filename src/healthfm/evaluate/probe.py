@@ -9,8 +9,9 @@ were; what changed is the BLAS they run on. Each L-BFGS iteration multiplies the
 ``(n, d)`` by a ``(d, k)`` weight matrix and back, products far too skinny for threads:
 multi-threaded BLAS spends most of such a call starting and synchronising its threads, and
 on a machine whose cores are busy (other processes, other agents) its threads wait for
-each other, 5 to 40 times longer than one thread takes (``benchmarks/bench_probe.py``). The
-probe therefore runs its fits on one BLAS thread when the problem is small
+each other: a whole probe took 10 to 50 times longer than on one thread on a loaded 2-core
+machine (``benchmarks/bench_probe.py``; the gap is smaller on an idle one). The probe
+therefore runs its fits on one BLAS thread when the problem is small
 (:data:`_SINGLE_THREAD_WORK`). ``solver="lbfgs-reference"`` leaves BLAS as configured (the
 probe as it was, for benchmarks and tests). The two differ only in the rounding of the BLAS
 sums, which can move where L-BFGS stops: they choose the same ``C`` and their
