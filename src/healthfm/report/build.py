@@ -261,9 +261,9 @@ def summary_lines(deltas: list[dict[str, Any]]) -> list[str]:
         )
         u = untrained.get(str(d.get("model")))
         if u is not None:
-            bought = float(d["value"]) - float(u["value"])
+            bought = f"{float(d['value']) - float(u['value']):+.3f}".replace("-", "−")
             text += (
-                f"; pretraining bought {_fmt(bought)} {metric} over the same architecture "
+                f"; pretraining bought {bought} {metric} over the same architecture "
                 f"untrained ({u.get('model')})"
             )
         out.append(text + ".")
