@@ -13,6 +13,8 @@ from helpers import make_chunk
 # Report maps by PCA: UMAP's first fit in a process compiles numba code (~20 CPU-seconds),
 # which every evaluate of the suite would pay (healthfm.report.inputs.map_method).
 os.environ.setdefault("HEALTHFM_REPORT_MAP", "pca")
+# No progress lines from evaluate on stderr (healthfm.evaluate.progress); a test asks for them.
+os.environ.setdefault("HEALTHFM_PROGRESS", "0")
 
 torch.set_num_threads(1)
 

@@ -306,3 +306,60 @@ def test_infer_task_rule_is_shared_by_finetune_and_evaluate():
     assert infer_task(typo) == "regression"  # reported as a bad target, not 50 classes
     words = np.array([f"cell type {i}" for i in range(50)])
     assert infer_task(words) == "classification"
+
+
+#: The largest test-probability difference accepted between the default probe and the
+#: probe as it was (``solver="lbfgs-reference"``) on these well-conditioned problems. The
+#: two run the same scikit-learn fits and differ only in BLAS threads, hence in rounding.
+REFERENCE_TOL = 1e-4
+
+
+@pytest.mark.parametrize(
+    "make,kw",
+    [
+        (_blobs, {"n": 200}),  # 4 classes: multinomial, C by log loss
+        (_correlated, {}),  # binary, C by AUROC, large C wins
+        (_noisy, {}),  # binary, few rows in many dimensions, small C wins
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_default_probe_matches_the_reference(make, kw, dtype) -> None:
+    (xa, ya), (xb, yb), (xc, _) = _splits(make, seed=4, **kw)
+    xa, xb, xc = (x.astype(dtype) for x in (xa, xb, xc))
+    for extra in ({}, {"class_weight": "balanced", "refit": "train"}):
+        new = fit_linear_probe(xa, ya, xb, yb, xc, **extra)
+        ref = fit_linear_probe(xa, ya, xb, yb, xc, solver="lbfgs-reference", **extra)
+        assert new.best_C == ref.best_C
+        assert np.abs(new.proba - ref.proba).max() <= REFERENCE_TOL
+        assert np.array_equal(new.pred, ref.pred)
+        assert new.converged == ref.converged
+        for c, score in ref.val_scores.items():
+            assert new.val_scores[c] == pytest.approx(score, abs=REFERENCE_TOL)
+
+
+def test_default_probe_fits_on_one_blas_thread(monkeypatch) -> None:
+    # The speed-up (benchmarks/bench_probe.py): small fits run on one BLAS thread; the
+    # reference solver leaves BLAS as configured, and the limit is lifted afterwards.
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from healthfm.evaluate import probe as probe_module
+
+    seen: list[int] = []
+    original = probe_module.LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(probe_module.LogisticRegression, "fit", spy)
+    (xa, ya), (xb, yb), (xc, _) = _splits(_blobs, n=60)
+    with threadpool_limits(limits=2, user_api="blas"):
+        fit_linear_probe(xa, ya, xb, yb, xc, Cs=[0.1, 1.0])
+        assert seen == [1, 1, 1]  # two tuning fits and the refit
+        seen.clear()
+        fit_linear_probe(xa, ya, xb, yb, xc, Cs=[0.1, 1.0], solver="lbfgs-reference")
+        assert seen == [2, 2, 2]
+        after = max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        assert after == 2
+    with pytest.raises(ConfigError, match="solver"):
+        fit_linear_probe(xa, ya, xb, yb, xc, solver="newton")  # type: ignore[arg-type]

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -242,3 +243,21 @@ def test_dataloader_workers_give_the_same_run(store, tmp_path):
     for k, v in runs[0].items():
         assert torch.equal(v, runs[2][k]), k
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_early_eta_and_the_cpu_shrink_hint(store, tmp_path, capsys, monkeypatch):
+    # After the first 3 steps (before the first 10-step window), the run's estimated wall
+    # time; on a CPU, a run estimated past 15 minutes also says how to shrink it.
+    from healthfm.train import trainer as trainer_module
+
+    Trainer(tiny_model(), store, _config(steps=6, log_every=10), tmp_path / "a").fit()
+    err = capsys.readouterr().err
+    assert "first 3 step(s) took" in err and "the 6 steps will take about" in err
+    assert "shrink" not in err  # a short run
+    clock = itertools.count(0, 100)  # every reading of the clock: 100 s later
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    Trainer(tiny_model(), store, _config(steps=1000, log_every=10), tmp_path / "b").fit(stop_at=20)
+    err = capsys.readouterr().err
+    assert "first 1 step(s) took" in err and "the 20 steps will take" in err
+    assert "without a GPU, shrink the run" in err
+    assert "--steps" in err and "--max-length" in err

@@ -178,6 +178,7 @@ def run_protocol(
     progress: bool = False,
     regression: bool = False,
     predictions: list | None = None,
+    counter: Any = None,
 ) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
     """Run the few-shot grid for every method.
 
@@ -201,6 +202,9 @@ def run_protocol(
         When a list is given, every method's held-out scores per ``k`` and seed are
         appended (:class:`~healthfm.evaluate.paired.Prediction`, with the tuning AUROC,
         or RMSE for a regression, as the validation score) for the paired comparisons.
+    counter
+        A :class:`~healthfm.evaluate.progress.Progress`: started with the grid's size and
+        counting every fit (``progress`` prints a line per draw instead).
 
     Returns
     -------
@@ -235,6 +239,13 @@ def run_protocol(
             )
     rows: list[ResultRow] = []
     final: dict[str, np.ndarray] = {}
+    if counter is not None:
+        n_draws = sum(1 if k == "all" else len(seeds) for k in ks)
+        counter.start(
+            n_draws * len(features),
+            f"few-shot grid: {len(features)} methods × {n_draws} draws (k × seed) = "
+            f"{n_draws * len(features)} fits",
+        )
     for k in ks:
         k_seeds = seeds[:1] if k == "all" else seeds
         for seed in k_seeds:
@@ -271,6 +282,8 @@ def run_protocol(
                         y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
                     )
                 wall = time.perf_counter() - t
+                if counter is not None:
+                    counter.update(note=f"{method}, k={k}, seed {seed}")
                 if k == ks[-1] and seed == k_seeds[0]:
                     final[method] = p
                 if predictions is not None:
@@ -525,8 +538,12 @@ class EhrshotProtocol:
         n_boot: int,
         model_hash: str | None,
         modality: str,
+        progress: Any = None,
     ):
-        """The few-shot grid for every method on the MEDS splits of the label rows."""
+        """The few-shot grid for every method on the MEDS splits of the label rows.
+
+        ``progress`` (a :class:`~healthfm.evaluate.progress.Progress`) counts the fits.
+        """
         from healthfm import __version__
         from healthfm.evaluate.protocol import ProbeResult
 
@@ -545,6 +562,7 @@ class EhrshotProtocol:
             version=__version__,
             regression=rows.regression,
             predictions=predictions,
+            counter=progress,
         )
         seconds = rows.info.get("seconds_embed")
         for r in result_rows:

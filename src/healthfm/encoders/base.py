@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -127,6 +129,72 @@ def split_spec(spec: str | Path) -> tuple[str, Path]:
     return "healthfm", Path(text)
 
 
+#: A Hugging Face hub id: ``owner/name`` (letters, digits, ``-_.``), no other slash.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _hf_cache_dir() -> str | None:
+    """The hub cache as the environment names it now (``HF_HUB_CACHE``, ``HF_HOME/hub``),
+    or None for huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def _cache_repo_snapshot(folder: Path) -> Path:
+    """The snapshot a cache repo folder (``models--owner--name``) holds: ``refs/main``'s,
+    else the only (or newest) one in ``snapshots/``."""
+    ref = folder / "refs" / "main"
+    if ref.is_file():
+        snapshot = folder / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted(
+        (p for p in (folder / "snapshots").iterdir() if p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not snapshots:
+        raise ModelError("the Hugging Face cache folder has no snapshot", file=str(folder))
+    return snapshots[-1]
+
+
+def resolve_folder(path: str | Path) -> Path:
+    """A model folder from what a user typed: a folder, a Hugging Face cache repo folder
+    (``.../hub/models--owkin--phikon``), or a hub id (``owkin/phikon``) found in the local
+    Hugging Face cache.
+
+    Nothing is downloaded (``local_files_only``, so ``HF_HUB_OFFLINE`` changes nothing):
+    a hub id missing from the cache is a ``ModelError`` saying how to fetch it. The cache
+    is ``HF_HUB_CACHE`` or ``HF_HOME/hub`` as set when this is called, else the default.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if path.name.startswith("models--") and (path / "snapshots").is_dir():
+            return _cache_repo_snapshot(path)
+        return path
+    text = str(path).replace("\\", "/")
+    if path.exists() or not _HUB_ID.match(text):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return path
+    cache = _hf_cache_dir()
+    try:
+        return Path(snapshot_download(text, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        where = cache or "the default Hugging Face cache (~/.cache/huggingface/hub)"
+        raise ModelError(
+            f"{text!r} is neither a folder nor in the local Hugging Face cache ({where}); "
+            f"download it first (`hf download {text}`, after accepting its terms if it "
+            "is gated) or give its folder",
+            file=text,
+        ) from None
+
+
 def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder:
     """Load an encoder: a healthfm model or LoRA adapter folder, ``NAME:DIR`` for a
     registered loader, or an already loaded :class:`Encoder` (returned as it is).
@@ -134,7 +202,9 @@ def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder
     Parameters
     ----------
     spec
-        The folder, ``NAME:DIR``, or an encoder.
+        The folder, ``NAME:DIR``, or an encoder. ``DIR`` may also be a Hugging Face hub
+        id in the local cache (``phikon:owkin/phikon``) or a cache repo folder
+        (``.../models--owkin--phikon``); see :func:`resolve_folder`.
     modality
         The modality the caller expects; another one is a ``ModelError``.
     """
@@ -142,7 +212,7 @@ def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder
         encoder = spec
     else:
         name, path = split_spec(spec)
-        encoder = get_entry(name).loader(path)
+        encoder = get_entry(name).loader(resolve_folder(path))
     if modality is not None and encoder.modality != modality:
         raise ModelError(
             f"this is a {encoder.modality!r} model, not a {modality!r} one",

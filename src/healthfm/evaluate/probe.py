@@ -4,6 +4,20 @@ The linear probe follows EHRSHOT / eva: standardize the features, fit an L2-pena
 logistic regression for each ``C`` on the training split, pick ``C`` on the validation
 (tuning) split, refit with that ``C`` and predict the test split.
 
+Solver. The fits are scikit-learn's ``LogisticRegression(solver="lbfgs")``, as they always
+were; what changed is the BLAS they run on. Each L-BFGS iteration multiplies the features
+``(n, d)`` by a ``(d, k)`` weight matrix and back, products far too skinny for threads:
+multi-threaded BLAS spends most of such a call starting and synchronising its threads, and
+on a machine whose cores are busy (other processes, other agents) its threads wait for
+each other: a whole probe took 10 to 50 times longer than on one thread on a loaded 2-core
+machine (``benchmarks/bench_probe.py``; the gap is smaller on an idle one). The probe
+therefore runs its fits on one BLAS thread when the problem is small
+(:data:`_SINGLE_THREAD_WORK`). ``solver="lbfgs-reference"`` leaves BLAS as configured (the
+probe as it was, for benchmarks and tests). The two differ only in the rounding of the BLAS
+sums, which can move where L-BFGS stops: they choose the same ``C`` and their
+probabilities agree within what the reference itself varies by between thread counts (the
+tests and the benchmark measure it).
+
 Class handling. The probe's classes are the classes seen in ``y_train``
 (:attr:`ProbeResult.classes`, sorted); ``proba`` has one column per such class in that
 order. Validation rows whose class never occurs in train cannot be scored against those
@@ -93,6 +107,12 @@ def _is_number(value: Any) -> bool:
 
 
 SelectMetric = Literal["auto", "auroc", "balanced_accuracy", "log_loss"]
+ProbeSolver = Literal["lbfgs", "lbfgs-reference"]
+
+#: Below this many multiply-adds per loss evaluation (rows x features x classes), the
+#: probe's fits run on one BLAS thread: on such skinny products threads cost more than
+#: they save (at 2,241 x 468 x 3 one thread is 10x faster on a busy 2-core machine).
+_SINGLE_THREAD_WORK = 50_000_000
 
 
 @dataclass
@@ -222,6 +242,7 @@ def fit_linear_probe(
     seed: int = 0,
     max_iter: int = 2000,
     class_weight: dict[Any, float] | Literal["balanced"] | None = None,
+    solver: ProbeSolver = "lbfgs",
 ) -> ProbeResult:
     """Fit a standardized, L2-penalized logistic-regression probe with ``C`` tuned on val.
 
@@ -253,6 +274,10 @@ def fit_linear_probe(
         lbfgs iteration limit.
     class_weight
         Passed to ``LogisticRegression`` (e.g. ``"balanced"``).
+    solver
+        ``"lbfgs"`` (default): scikit-learn's lbfgs fits on one BLAS thread when the
+        problem is small (see the module's docstring); ``"lbfgs-reference"``: the same
+        fits on BLAS as configured, the probe as it was (for benchmarks and tests).
 
     Returns
     -------
@@ -301,37 +326,15 @@ def fit_linear_probe(
         )
     yva_idx = np.searchsorted(classes, yva)
 
-    n_conv_warnings = 0
-
-    def new_lr(c: float, warm: bool = False) -> LogisticRegression:
-        return LogisticRegression(
-            C=c, max_iter=max_iter, class_weight=class_weight, random_state=seed, warm_start=warm
+    if solver not in ("lbfgs", "lbfgs-reference"):
+        raise ConfigError(f"solver must be 'lbfgs' or 'lbfgs-reference', got {solver!r}")
+    # One BLAS thread for a small problem (see the module's docstring).
+    work = xtr.shape[0] * xtr.shape[1] * (1 if classes.size == 2 else classes.size)
+    single = solver == "lbfgs" and work < _SINGLE_THREAD_WORK
+    with _blas_threads(1 if single else None):
+        probas, n_conv, fit_model = _lbfgs_fits(
+            xtr, ytr, xva, cs, seed=seed, max_iter=max_iter, class_weight=class_weight
         )
-
-    def fit(est: Any, x: np.ndarray, y: np.ndarray) -> Any:
-        # Silence ConvergenceWarnings (frequent at large C on separable data) but count
-        # them; let every other warning through.
-        nonlocal n_conv_warnings
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            est.fit(x, y)
-        for w in caught:
-            if issubclass(w.category, ConvergenceWarning):
-                n_conv_warnings += 1
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return est
-
-    # Tuning: scale once; walk C upwards with warm starts (a regularization path), which
-    # makes the large-C fits much cheaper than cold starts.
-    scaler = StandardScaler().fit(xtr)
-    ztr, zva = scaler.transform(xtr), scaler.transform(xva)
-    lr = new_lr(float(cs[0]), warm=True)
-    probas = []
-    for c in cs:
-        lr.set_params(C=float(c))
-        fit(lr, ztr, ytr)
-        probas.append(lr.predict_proba(zva))
 
     metric = select_metric
     losses = np.array([_val_score("log_loss", yva_idx, p) for p in probas])
@@ -354,8 +357,8 @@ def fit_linear_probe(
         x_fit, y_fit = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
     else:
         x_fit, y_fit = xtr, ytr
-    model: Pipeline = make_pipeline(StandardScaler(), new_lr(best_c))
-    fit(model, x_fit, y_fit)
+    with _blas_threads(1 if single else None):
+        model, n_refit = fit_model(best_c, x_fit, y_fit)
     # The refit saw exactly the train classes (unseen val classes were dropped), so
     # the columns of predict_proba are `classes` in order.
     proba = model.predict_proba(xte)
@@ -366,13 +369,79 @@ def fit_linear_probe(
         proba=proba,
         pred=classes[np.argmax(proba, axis=1)],
         model=model,
-        converged=n_conv_warnings == 0,
+        converged=n_conv + n_refit == 0,
         val_scores={float(c): float(s) for c, s in zip(cs, scores, strict=True)},
         val_metrics={
             name: float(m.value)
             for name, m in classification_metrics(yva_idx, probas[best], n_boot=0).items()
         },
     )
+
+
+def _new_lr(c: float, seed: int, max_iter: int, class_weight: Any, warm: bool = False):
+    return LogisticRegression(
+        C=c, max_iter=max_iter, class_weight=class_weight, random_state=seed, warm_start=warm
+    )
+
+
+def _lbfgs_fits(xtr, ytr, xva, cs, *, seed, max_iter, class_weight):
+    """The probe's tuning fits along the ``C`` path, and its refit.
+
+    Returns the validation probabilities for every ``C``, the number of fits that did not
+    converge, and ``refit(C, X, y) -> (pipeline, n_not_converged)``.
+    """
+    n_conv_warnings = 0
+
+    def fit(est: Any, x: np.ndarray, y: np.ndarray) -> None:
+        # Silence ConvergenceWarnings (frequent at large C on separable data) but count
+        # them; let every other warning through.
+        nonlocal n_conv_warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est.fit(x, y)
+        for w in caught:
+            if issubclass(w.category, ConvergenceWarning):
+                n_conv_warnings += 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    # Tuning: scale once; walk C upwards with warm starts (a regularization path), which
+    # makes the large-C fits much cheaper than cold starts.
+    scaler = StandardScaler().fit(xtr)
+    ztr, zva = scaler.transform(xtr), scaler.transform(xva)
+    lr = _new_lr(float(cs[0]), seed, max_iter, class_weight, warm=True)
+    probas = []
+    for c in cs:
+        lr.set_params(C=float(c))
+        fit(lr, ztr, ytr)
+        probas.append(lr.predict_proba(zva))
+    n_tuning = n_conv_warnings
+
+    def refit(c: float, x: np.ndarray, y: np.ndarray) -> tuple[Pipeline, int]:
+        model: Pipeline = make_pipeline(StandardScaler(), _new_lr(c, seed, max_iter, class_weight))
+        before = n_conv_warnings
+        fit(model, x, y)
+        return model, n_conv_warnings - before
+
+    return probas, n_tuning, refit
+
+
+class _blas_threads:
+    """At most ``limit`` BLAS threads inside the block (None: as configured)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.want = limit
+        self.limit: Any = None
+
+    def __enter__(self) -> None:
+        if self.want is not None:
+            from threadpoolctl import threadpool_limits
+
+            self.limit = threadpool_limits(limits=self.want, user_api="blas")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.limit is not None:
+            self.limit.restore_original_limits()
 
 
 def fit_knn_probe(

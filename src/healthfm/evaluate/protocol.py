@@ -117,6 +117,7 @@ def probe_rows(
     regression: bool = False,
     predictions: list[Prediction] | None = None,
     primary: str | None = None,
+    progress: Any = None,
 ) -> list[ResultRow]:
     """Probe every feature set for every seed on the same splits; one row per metric.
 
@@ -142,8 +143,18 @@ def probe_rows(
         When a list is given, every method's test scores per seed are appended to it
         (:class:`~healthfm.evaluate.paired.Prediction`, with the validation score of the
         ``primary`` metric) for the paired comparisons.
+    progress
+        A :class:`~healthfm.evaluate.progress.Progress`: started with the plan (methods ×
+        seeds) and counting every fit.
     """
     rows: list[ResultRow] = []
+    seeds = list(seeds)
+    if progress is not None:
+        progress.start(
+            len(seeds) * len(features),
+            f"probing {len(features)} methods × {len(seeds)} seeds = "
+            f"{len(seeds) * len(features)} fits ({len(y)} rows, {len(test_idx)} test)",
+        )
     for seed in seeds:
         tr_idx, va_idx = pool_split(seed)
         for method, feats in features.items():
@@ -153,6 +164,8 @@ def probe_rows(
             )
             if predictions is not None:
                 predictions.append(_prediction(method, feats, seed, probe, n_classes, primary))
+            if progress is not None:
+                progress.update(note=f"{method}, seed {seed}")
             rows += rows_from_metrics(
                 scored,
                 names=list(metrics),
@@ -265,8 +278,12 @@ class ProbeProtocol:
         n_boot: int,
         model_hash: str | None,
         modality: str,
+        progress: Any = None,
     ) -> ProbeResult:
-        """Probe every method on the same splits; one result row per metric and seed."""
+        """Probe every method on the same splits; one result row per metric and seed.
+
+        ``progress`` (a :class:`~healthfm.evaluate.progress.Progress`) counts the fits.
+        """
         task_type = "regression" if rows.regression else "classification"
         predictions: list[Prediction] = []
         primary = primary_metric(self, rows.regression, len(rows.classes))
@@ -287,6 +304,7 @@ class ProbeProtocol:
             regression=rows.regression,
             predictions=predictions,
             primary=primary,
+            progress=progress,
         )
         return ProbeResult(scored, predictions=predictions, primary=primary)
 

@@ -230,6 +230,46 @@ def verdicts(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def summary_lines(deltas: list[dict[str, Any]]) -> list[str]:
+    """One sentence per model: how it does against the strongest baseline, and what
+    pretraining bought (model − its untrained control).
+
+    Both come from the primary delta rows against the same baseline on the same test rows,
+    so the model's delta minus the untrained control's is model − untrained (a point
+    estimate: the run has no paired interval for it).
+    """
+    primary = [
+        d for d in deltas if d.get("primary") and d.get("reference_kind") == "strongest baseline"
+    ]
+    untrained = {
+        str(d.get("model")).replace("-untrained", "", 1): d
+        for d in primary
+        if d.get("control") and "-untrained" in str(d.get("model"))
+    }
+    out = []
+    for d in primary:
+        if d.get("control"):
+            continue
+        metric = plots._label(d["metric"])
+        word = d.get("verdict", "no difference shown")
+        verb = {"model better": "beats", "baseline better": "trails"}.get(
+            word, "cannot be told apart from"
+        )
+        text = (
+            f"{d.get('model')} {verb} the strongest baseline, {d.get('reference')}: "
+            f"{metric} {_fmt(d['value'])} [{_fmt(d['ci_low'])}, {_fmt(d['ci_high'])}] ({word})"
+        )
+        u = untrained.get(str(d.get("model")))
+        if u is not None:
+            bought = f"{float(d['value']) - float(u['value']):+.3f}".replace("-", "−")
+            text += (
+                f"; pretraining bought {bought} {metric} over the same architecture "
+                f"untrained ({u.get('model')})"
+            )
+        out.append(text + ".")
+    return out
+
+
 # ---------------------------------------------------------------------------------- sections
 
 
@@ -273,6 +313,7 @@ def task_section(run: Run, task: str, rows: list[dict[str, Any]]) -> dict[str, A
         "data_hashes": hashes,
         "modality": next((r.get("modality") for r in rows if r.get("modality")), None),
         "verdicts": verdicts(deltas_last),
+        "summary": summary_lines(deltas_last),
         "table": results_table(at_last),
         "deltas": delta_table(deltas_last),
         "figures": [],

@@ -19,6 +19,7 @@ from healthfm.encoders import Encoder, load_encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
 from healthfm.evaluate.paired import compare_result
+from healthfm.evaluate.progress import Progress, format_seconds, progress_enabled
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.fsutil import check_output_parent
 from healthfm.modality import (
@@ -56,6 +57,7 @@ def evaluate(
     echo: bool = True,
     finetuned=(),
     controls: bool = True,
+    progress: bool | None = None,
 ) -> list[ResultRow]:
     """Probe a model's embeddings next to the modality's baselines on the same rows.
 
@@ -91,6 +93,10 @@ def evaluate(
     finetuned
         Fine-tuned model / LoRA adapter folders whose own task-head predictions are scored
         on the same test rows (a fine-tuned ``model_dir`` adds its own).
+    progress
+        Report on stderr what is being done (the plan, each embedding and baseline, then a
+        counter of probe fits with an ETA: a bar on a terminal, a line every 20 s
+        otherwise). Default: with ``echo``, unless ``HEALTHFM_PROGRESS=0``.
 
     Returns
     -------
@@ -127,6 +133,18 @@ def evaluate(
         rows.task = task
     protocol = modality.evaluation_protocol(options)
     seeds = list(seeds) if seeds else list(protocol.seeds)
+    report = Progress(
+        "evaluate",
+        enabled=progress_enabled(progress)
+        if progress is not None
+        else echo and progress_enabled(None),
+    )
+    n_test = int((rows.split == "test").sum())
+    report.say(
+        f"plan: {rows.task}, {len(rows.y)} rows ({n_test} test), "
+        f"{len(encoders)} model(s){' + baselines' if include_baselines else ''}"
+        f"{' + controls' if controls and encoders else ''}, seeds {seeds}"
+    )
 
     # Features of every row: the model's embedding, then the baselines'.
     features: dict[str, Features] = {}
@@ -151,14 +169,21 @@ def evaluate(
             extra={"pooling": used, **chosen, **({"pretrained_on": origin} if origin else {})},
             seconds=time.perf_counter() - t,
         )
+        report.say(f"embedded {name}: {emb.shape[1]} features in {_took(t)}")
         hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
         model_methods.append((name, untrained, encoder))
     if include_baselines:
+        t = time.perf_counter()
+        report.say("baselines ...")
         for name, feats in modality.baseline_features(samples, rows).items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
+            report.say(
+                f"baseline {name}: {feats.X.shape[1]} features in {format_seconds(feats.seconds)}"
+            )
     if controls:  # what pretraining bought, and what each model adds to the baseline
         for method, untrained, encoder in model_methods:
+            t = time.perf_counter()
             used = features[method].extra["pooling"]
             features.update(
                 control_features(
@@ -173,12 +198,14 @@ def evaluate(
                     untrained_name=untrained,
                 )
             )
+            report.say(f"controls of {method} in {_took(t)}")
 
     # The protocol, fine-tuned models' own predictions, the modality's extra evaluations.
     # One model: every row carries its hash (as before); several: each model's rows get
     # their own below, baselines none.
     model_hash = getattr(encoders[0], "model_hash", None) if len(encoders) == 1 else None
-    result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name)
+    result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name, progress=report)
+    report.close()
     if ft_dirs:
         ft_rows, ft_scores = modality.finetuned_rows(
             ft_dirs,
@@ -217,6 +244,9 @@ def evaluate(
             r.model_hash = None
 
     # Outputs.
+    report.say(
+        f"probes done in {format_seconds(time.perf_counter() - t0)}; writing the results and the report"
+    )
     write_results(out_dir / "results.json", result.rows + comparison.rows)
     written = protocol.write_outputs(
         out_dir,
@@ -251,6 +281,10 @@ def pretrained_on(info: dict[str, Any]) -> str | None:
     if info.get("source"):
         return f"{Path(str(info['source'])).name} (its train split)"
     return None
+
+
+def _took(t: float) -> str:
+    return format_seconds(time.perf_counter() - t)
 
 
 def _method_name(

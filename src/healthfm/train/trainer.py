@@ -471,6 +471,26 @@ class Trainer:
         if self.info.is_main and self.config.report:
             print(f"{self.name}: {text}", file=sys.stderr, flush=True)
 
+    def _early_eta(self, at: int, first_step: int, end: int, t_start: float) -> bool:
+        """The estimated wall time after the first steps (at step ``at``, or sooner once a
+        step took 30 s), with how to shrink a long run on a CPU; True once said."""
+        done = self.step - first_step
+        elapsed = time.perf_counter() - t_start
+        if done <= 0 or (self.step < at and elapsed < 30.0) or self.step >= end:
+            return False
+        total = elapsed / done * (end - first_step)
+        text = (
+            f"first {done} step(s) took {_duration(elapsed)}: the {end - first_step} steps "
+            f"will take about {_duration(total)} (ETA {_duration(total - elapsed)})"
+        )
+        if self.info.device.type == "cpu" and total > 15 * 60:
+            text += (
+                "; without a GPU, shrink the run: fewer --steps, a smaller --batch-size "
+                "or --max-length (the time of a step grows with both)"
+            )
+        self._say(text)
+        return True
+
     def plan(self) -> dict[str, Any]:
         """Steps, global batch and context of the run, and the token slots they make."""
         context = getattr(getattr(self.model, "config", None), "max_len", None)
@@ -519,6 +539,8 @@ class Trainer:
         # Throughput and ETA: after the first log window, then about every tenth of the run.
         report_every = max(cfg.log_every, (end - first_step) // 10, 1)
         next_report = first_step + cfg.log_every
+        # ... and once early, before the first window ends (a slow CPU run: see _early_eta).
+        early: int | None = first_step + min(3, cfg.log_every - 1) if cfg.log_every > 1 else None
         loader = self._worker_loader(end) if cfg.num_workers > 0 else None
         self._prefetch = iter(loader) if loader is not None else None
         while self.step < end and not self.early_stopped:
@@ -531,6 +553,8 @@ class Trainer:
             epoch_rows += result["rows"]
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}")
+            if early is not None and self._early_eta(early, first_step, end, t_start):
+                early = None
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 elapsed = time.perf_counter() - t_window
                 tokens_total += window_tokens
