@@ -9,14 +9,20 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test lint format bench env clean browser
+.PHONY: demo test lint format bench env clean browser constraints
 
-$(VENV)/.installed: pyproject.toml Makefile
+# constraints.txt pins every dependency to the versions CI tested (the package's own
+# requirements stay ranges): a fresh clone installs the stack the suite passed on.
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	touch $@
+
+# Rewrite constraints.txt from the current environment (after changing dependencies).
+constraints: env
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -E '^(torch|py-spy)=='; } > constraints.tmp && mv constraints.tmp constraints.txt
 
 env: $(VENV)/.installed
 
