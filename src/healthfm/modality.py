@@ -113,9 +113,11 @@ class EvaluationRows:
     groups
         Split and bootstrap unit of each row (a sequence, a donor, a subject, a slide).
     y
-        Class index per row (into ``classes``), or the numeric target when ``regression``.
+        Class index per row (into ``classes``), the numeric target when ``regression``,
+        or the follow-up time (days to the event or to censoring, float64) when
+        ``survival``.
     classes
-        Sorted class values (empty for a regression).
+        Sorted class values (empty for a regression or a survival task).
     regression
         Whether the task is a regression (numeric target).
     split
@@ -124,6 +126,11 @@ class EvaluationRows:
         Provenance of the evaluated data.
     info
         What the modality keeps for its own parts (the label file, cached features ...).
+    survival
+        Whether the task is time-to-event (:mod:`healthfm.evaluate.survival`): ``y`` holds
+        times and ``event`` whether each row's event was observed.
+    event
+        Event indicator per row (bool) of a survival task, else None.
     """
 
     task: str
@@ -134,6 +141,8 @@ class EvaluationRows:
     split: np.ndarray
     data_hash: str
     info: dict[str, Any] = field(default_factory=dict)
+    survival: bool = False
+    event: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)

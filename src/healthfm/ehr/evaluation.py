@@ -507,6 +507,16 @@ class EhrshotProtocol:
     def __init__(self, few_shot: Any = None) -> None:
         self.few_shot = few_shot
 
+    def survival(self) -> Any:
+        """The protocol of a time-to-event label file: the Cox probe fitted on the train
+        rows, tuned on the tuning rows, scored on held_out (every row; one run, the probe
+        being deterministic), :class:`~healthfm.evaluate.survival.SurvivalProtocol`."""
+        from healthfm.evaluate.survival import SurvivalProtocol
+
+        return SurvivalProtocol(
+            seeds=(0,), resplit=False, refit="train", row_extra={"protocol": "ehrshot"}
+        )
+
     def ks(self, regression: bool) -> list[int | str]:
         """The few-shot sizes run."""
         if regression and self.few_shot is None:
