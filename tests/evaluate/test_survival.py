@@ -1,0 +1,241 @@
+"""Survival metrics against scikit-survival, the Cox probe, and bad time-to-event input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sksurv.metrics import (
+    concordance_index_censored,
+    concordance_index_ipcw,
+    cumulative_dynamic_auc,
+    integrated_brier_score,
+)
+from sksurv.util import Surv
+
+from healthfm.errors import DataError
+from healthfm.evaluate.metrics import bootstrap_weights
+from healthfm.evaluate.survival import (
+    SurvivalScorer,
+    check_survival,
+    fit_cox_probe,
+    harrell_c,
+    horizons_from,
+    ibs_grid,
+    risk_groups,
+    survival_features,
+    survival_metrics,
+)
+from healthfm.modality import Features
+
+TD = ["td_auroc_q25", "td_auroc_q50", "td_auroc_q75"]
+
+
+def _data(n: int, seed: int, tie_days: float = 1.0, tie_risk: int | None = None):
+    """Cox-like data: times rounded to ``tie_days`` (ties), risk optionally rounded."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    lp = x[:, 0] - 0.7 * x[:, 1]
+    t_event = rng.exponential(200 * np.exp(-lp))
+    t_cens = rng.exponential(300, size=n)
+    t = np.floor(np.minimum(t_event, t_cens) / tie_days) * tie_days + tie_days
+    e = t_event <= t_cens
+    risk = lp + 0.5 * rng.normal(size=n)
+    if tie_risk is not None:
+        risk = np.round(risk, tie_risk)
+    return x, t, e, risk
+
+
+def _sksurv_all(t_tr, e_tr, t, e, risk, surv, grid, horizons):
+    ytr, yte = Surv.from_arrays(e_tr, t_tr), Surv.from_arrays(e, t)
+    auc, _ = cumulative_dynamic_auc(ytr, yte, risk, horizons)
+    return {
+        "c_index": concordance_index_censored(e, t, risk)[0],
+        "uno_c": concordance_index_ipcw(ytr, yte, risk, tau=horizons[-1])[0],
+        **dict(zip(TD, auc, strict=True)),
+        "ibs": integrated_brier_score(ytr, yte, surv, grid),
+    }
+
+
+def _surv_probs(risk, grid, scale=300.0):
+    return np.exp(-(grid[None, :] / scale) * np.exp(risk)[:, None])
+
+
+@pytest.mark.parametrize(
+    ("tie_days", "tie_risk"), [(1.0, None), (30.0, None), (30.0, 1)], ids=["few", "time", "both"]
+)
+def test_metrics_equal_scikit_survival(tie_days, tie_risk):
+    _, t, e, risk = _data(900, 0, tie_days, tie_risk)
+    tr, te = np.arange(600), np.arange(600, 900)
+    horizons = horizons_from(t[tr])
+    grid = ibs_grid(t[tr])
+    surv = _surv_probs(risk[te], grid)
+    ours = survival_metrics(
+        t[te],
+        e[te],
+        risk[te],
+        surv,
+        train_time=t[tr],
+        train_event=e[tr],
+        horizons=horizons,
+        grid=grid,
+        n_boot=20,
+        groups=np.arange(300) // 3,
+    )
+    ref = _sksurv_all(t[tr], e[tr], t[te], e[te], risk[te], surv, grid, horizons)
+    assert set(ours) == set(ref)
+    for name, value in ref.items():
+        assert ours[name].value == pytest.approx(value, abs=1e-9), name
+        assert ours[name].ci_low <= ours[name].value <= ours[name].ci_high or name == "ibs"
+
+
+def test_censoring_after_a_horizon_equals_scikit_survival():
+    # Administrative censoring: every event after day 400 is censored at 400.
+    _, t, e, risk = _data(800, 1)
+    cut = 400.0
+    e = e & (t <= cut)
+    t = np.minimum(t, cut)
+    tr, te = np.arange(500), np.arange(500, 800)
+    horizons = np.array([100.0, 200.0, 300.0])
+    grid = np.linspace(50, 350, 12)
+    surv = _surv_probs(risk[te], grid)
+    ours = survival_metrics(
+        t[te],
+        e[te],
+        risk[te],
+        surv,
+        train_time=t[tr],
+        train_event=e[tr],
+        horizons=horizons,
+        grid=grid,
+        n_boot=0,
+    )
+    ref = _sksurv_all(t[tr], e[tr], t[te], e[te], risk[te], surv, grid, horizons)
+    for name, value in ref.items():
+        assert ours[name].value == pytest.approx(value, abs=1e-9), name
+    # A horizon at or past the end of follow-up has no control: undefined, not a number.
+    late = survival_metrics(
+        t[te],
+        e[te],
+        risk[te],
+        train_time=t[tr],
+        train_event=e[tr],
+        horizons=[100.0, 200.0, cut],
+        n_boot=0,
+    )
+    assert np.isnan(late["td_auroc_q75"].value)
+    assert "ibs" not in late  # no survival probabilities given
+
+
+def test_bootstrap_resample_equals_scikit_survival_on_the_repeated_rows():
+    # A group resample is the metric of the resampled rows, repeated as drawn.
+    _, t, e, risk = _data(600, 2, tie_days=7.0)
+    tr, te = np.arange(400), np.arange(400, 600)
+    groups = np.arange(200) // 4
+    horizons, grid = horizons_from(t[tr]), ibs_grid(t[tr])
+    surv = _surv_probs(risk[te], grid)
+    scorer = SurvivalScorer(
+        t[te],
+        e[te],
+        risk[te],
+        surv,
+        train_time=t[tr],
+        train_event=e[tr],
+        horizons=horizons,
+        grid=grid,
+        groups=groups,
+    )
+    w = next(bootstrap_weights(200, 3, seed=5, groups=groups))
+    got = scorer(w)
+    checked = 0
+    for b in range(3):
+        rep = np.repeat(np.arange(200), w[b])
+        tt, ee = t[te][rep], e[te][rep]
+        ok = horizons[-1] < tt.max() and grid[-1] < tt.max() and grid[0] >= tt.min()
+        if not ok:
+            continue
+        ref = _sksurv_all(t[tr], e[tr], tt, ee, risk[te][rep], surv[rep], grid, horizons)
+        for name, value in ref.items():
+            assert got[name][b] == pytest.approx(value, abs=1e-9), (b, name)
+        checked += 1
+    assert checked >= 2
+
+
+def test_harrell_c_of_many_candidates_at_once():
+    _, t, e, risk = _data(300, 3, tie_days=10.0, tie_risk=1)
+    cands = np.column_stack([risk, -risk, np.zeros_like(risk)])
+    got = harrell_c(t, e, cands)
+    for j in range(3):
+        assert got[j] == pytest.approx(concordance_index_censored(e, t, cands[:, j])[0], abs=1e-12)
+    assert got[2] == 0.5
+
+
+def test_cox_probe_learns_the_signal_and_predicts_survival_curves():
+    x, t, e, _ = _data(1200, 4)
+    x = np.column_stack([x, np.random.default_rng(0).normal(size=(1200, 20))])  # noise columns
+    tr, va, te = np.arange(700), np.arange(700, 900), np.arange(900, 1200)
+    grid = ibs_grid(t[tr])
+    res = fit_cox_probe(x[tr], t[tr], e[tr], x[va], t[va], e[va], x[te], grid)
+    assert harrell_c(t[te], e[te], res.risk)[0] > 0.7
+    assert res.val_score > 0.7 and res.best_l1_ratio in (0.1, 0.5, 1.0) and res.best_alpha > 0
+    assert res.surv.shape == (300, len(grid))
+    assert np.all((res.surv >= 0) & (res.surv <= 1))
+    assert np.all(np.diff(res.surv, axis=1) <= 1e-12)  # survival never rises
+    # Higher risk, lower survival at every time.
+    order = np.argsort(res.risk)
+    assert np.all(np.diff(res.surv[order, -1]) <= 1e-12)
+    assert len(res.fit_cuts) == 2 and res.fit_cuts[0] <= res.fit_cuts[1]
+
+
+def test_cox_probe_tolerates_constant_and_missing_columns():
+    x, t, e, _ = _data(400, 5)
+    x = np.column_stack([x, np.ones(400), np.where(np.arange(400) % 3 == 0, np.nan, 1.0)])
+    grid = ibs_grid(t[:250])
+    res = fit_cox_probe(
+        x[:250], t[:250], e[:250], x[250:320], t[250:320], e[250:320], x[320:], grid
+    )
+    assert np.isfinite(res.risk).all() and np.isfinite(res.surv).all()
+
+
+def test_risk_groups_are_cut_on_training_risk():
+    train = np.arange(9.0)
+    assert risk_groups(train, np.array([-1.0, 2.5, 3.5, 100.0])).tolist() == [0, 0, 1, 2]
+
+
+def test_survival_features_rename_probes_and_drop_duplicates():
+    f = {
+        "counts+logreg": Features(np.zeros((2, 1)), True),
+        "counts+gbm": Features(np.ones((2, 1)), True, probe="gbm"),
+        "meds-tab+gbm": Features(np.ones((2, 1)), True, probe="gbm"),
+    }
+    out = survival_features(f)
+    assert list(out) == ["counts+cox", "meds-tab+cox"]
+    assert out["counts+cox"] is f["counts+logreg"]
+
+
+@pytest.mark.parametrize(
+    ("time", "event", "column", "row", "words"),
+    [
+        ([3.0, 0.0, 2.0], [True, False, True], "t", 1, "not positive"),
+        ([3.0, -2.0, 2.0], [True, False, True], "t", 1, "not positive"),
+        ([3.0, None, 2.0], [True, True, False], "t", 1, "an event without a time"),
+        ([3.0, "soon", 2.0], [False, True, True], "t", 1, "an event without a time"),
+        ([3.0, 1.0, 2.0], [False, False, False], "e", None, "no event"),
+        ([3.0, 1.0, 2.0], [True, "maybe", False], "e", 1, "not a boolean"),
+    ],
+)
+def test_bad_time_to_event_input_names_file_column_row(time, event, column, row, words):
+    with pytest.raises(DataError) as info:
+        check_survival(
+            np.array(time, dtype=object),
+            np.array(event, dtype=object),
+            file="x.csv",
+            time_column="t",
+            event_column="e",
+        )
+    err = info.value
+    assert words in str(err) and err.file == "x.csv" and err.column == column and err.row == row
+
+
+def test_check_survival_accepts_text_and_numbers():
+    t, e = check_survival(["1.5", "2"], ["true", "0"])
+    assert t.tolist() == [1.5, 2.0] and e.tolist() == [True, False]
