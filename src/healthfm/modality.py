@@ -483,6 +483,20 @@ class Modality(ABC):
         from healthfm.evaluate.finetuned import evaluation_is_regression
 
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
+        target = samples.info.get("survival")
+        if target is not None:  # time and event columns: a time-to-event task
+            return EvaluationRows(
+                task=f"{Path(samples.source).stem}:{target['time_column']}",
+                groups=samples.groups,
+                y=target["time"],
+                classes=np.array([]),
+                regression=False,
+                split=split,
+                data_hash=samples.data_hash,
+                info={"options": options},
+                survival=True,
+                event=target["event"],
+            )
         labels = require_labels(samples, np.where(split == "val", "train", split))
         pool = np.flatnonzero(split != "test")
         regression = self.numeric_labels_regress and evaluation_is_regression(
@@ -800,6 +814,76 @@ def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.nda
                     column=samples.label_column,
                 )
     return samples.labels
+
+
+def attach_survival(
+    samples: Samples,
+    time: Any,
+    event: Any,
+    time_column: str,
+    event_column: str,
+    task_type: str = "auto",
+) -> Samples:
+    """Make ``samples`` a time-to-event task: validated times and events in
+    ``samples.info["survival"]``, which :meth:`Modality.evaluation_rows` reads.
+
+    ``task_type`` ("auto" or "survival") is the ``--task-type`` option; a classification
+    or regression is refused (a time column and an event column make a survival task).
+
+    Raises
+    ------
+    DataError
+        A zero, negative or missing time, an event that is not a boolean, or no event
+        (:func:`healthfm.evaluate.survival.check_survival`, naming file, column and row).
+    ConfigError
+        ``task_type`` asks for a classification or a regression.
+    """
+    from healthfm.evaluate.survival import check_survival
+
+    if task_type not in ("auto", "survival"):
+        raise ConfigError(
+            f"--time-column {time_column} and --event-column {event_column} make a "
+            f"time-to-event task, not a {task_type}: drop them, or use --task-type survival",
+            column="task_type",
+        )
+    t, e = check_survival(
+        time,
+        event,
+        file=samples.source,
+        time_column=time_column,
+        event_column=event_column,
+        keys=samples.keys,
+    )
+    samples.info["survival"] = {
+        "time": t,
+        "event": e,
+        "time_column": time_column,
+        "event_column": event_column,
+    }
+    samples.label_column = samples.label_column or time_column
+    return samples
+
+
+def survival_options(options: Any) -> tuple[str, str] | None:
+    """``(time_column, event_column)`` of a modality's options, None when neither is set;
+    ``--task-type survival`` without them, or only one of them, is a ``ConfigError``."""
+    time_column = getattr(options, "time_column", None)
+    event_column = getattr(options, "event_column", None)
+    task_type = getattr(options, "task_type", "auto")
+    if bool(time_column) != bool(event_column):
+        given = "--time-column" if time_column else "--event-column"
+        raise ConfigError(
+            f"{given} needs its partner: a time-to-event task has a time column (days to "
+            "the event or to censoring) and an event column (observed or not)",
+            column="time_column" if not time_column else "event_column",
+        )
+    if not time_column:
+        if task_type == "survival":
+            raise ConfigError(
+                "--task-type survival needs --time-column and --event-column", column="task_type"
+            )
+        return None
+    return str(time_column), str(event_column)
 
 
 def reuse_store(path: Path, tokenizer_hash: str, data_hash: str) -> TokenStore | None:

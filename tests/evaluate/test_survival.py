@@ -239,3 +239,103 @@ def test_bad_time_to_event_input_names_file_column_row(time, event, column, row,
 def test_check_survival_accepts_text_and_numbers():
     t, e = check_survival(["1.5", "2"], ["true", "0"])
     assert t.tolist() == [1.5, 2.0] and e.tolist() == [True, False]
+
+
+# ------------------------------------------------------------------ tables and obs columns
+def _dna_table(path, n=160, bad=None):
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        gc = rng.uniform(0.2, 0.8)
+        p = [(1 - gc) / 2, gc / 2, gc / 2, (1 - gc) / 2]
+        seq = "".join(rng.choice(list("ACGT"), p=p, size=40))
+        t = rng.exponential(100 * np.exp(-4 * (gc - 0.5)))
+        c = rng.exponential(150)
+        rows.append((seq, round(min(t, c), 1) + 0.5, int(t <= c)))
+    frame = pl.DataFrame(rows, schema=["sequence", "days", "died"], orient="row")
+    if bad is not None:
+        frame = frame.with_columns(pl.Series("days", bad(frame["days"].to_list())))
+    frame.write_csv(path)
+    return path
+
+
+def test_dna_table_with_time_and_event_columns_is_a_survival_task(tmp_path, capsys):
+    import json
+
+    from healthfm.stages.evaluate import evaluate
+
+    table = _dna_table(tmp_path / "seqs.csv")
+    opts = {"time_column": "days", "event_column": "died"}
+    evaluate(None, table, tmp_path / "out", opts, modality_name="dna", seeds=[0], n_boot=20)
+    assert "time-to-event task" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())
+    c = {r["method"]: r["value"] for r in rows if r["metric"] == "c_index"}
+    assert set(c) == {"kmer-counts+cox", "one-hot+cox"}
+    assert c["kmer-counts+cox"] > 0.6  # GC content drives the hazard
+
+
+@pytest.mark.parametrize(
+    ("opts", "error", "words"),
+    [
+        ({"time_column": "days"}, "config", "needs its partner"),
+        ({"task_type": "survival"}, "config", "needs --time-column"),
+        (
+            {"time_column": "days", "event_column": "died", "task_type": "regression"},
+            "config",
+            "time-to-event task, not a regression",
+        ),
+        ({"time_column": "nope", "event_column": "died"}, "data", "nope"),
+    ],
+)
+def test_survival_table_options_are_checked(tmp_path, opts, error, words):
+    from healthfm.errors import ConfigError
+    from healthfm.modality import get_modality
+
+    table = _dna_table(tmp_path / "seqs.csv", n=20)
+    dna = get_modality("dna")
+    kind = ConfigError if error == "config" else DataError
+    with pytest.raises(kind, match=words):
+        dna.read(table, dna.options(opts))
+
+
+def test_a_zero_time_in_a_table_names_file_column_row(tmp_path):
+    from healthfm.modality import get_modality
+
+    table = _dna_table(tmp_path / "seqs.csv", n=20, bad=lambda d: [*d[:3], 0.0, *d[4:]])
+    dna = get_modality("dna")
+    with pytest.raises(DataError, match="not positive") as info:
+        dna.read(table, dna.options({"time_column": "days", "event_column": "died"}))
+    assert info.value.row == 3 and info.value.column == "days" and "seqs.csv" in info.value.file
+
+
+def test_anndata_obs_time_and_event_make_a_survival_task():
+    import anndata
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from healthfm.modality import get_modality
+
+    rng = np.random.default_rng(0)
+    n = 60
+    x = sp.csr_matrix(rng.poisson(1.0, size=(n, 30)).astype(np.float32))
+    obs = pd.DataFrame(
+        {
+            "os_days": rng.uniform(1, 500, n),
+            "dead": rng.random(n) < 0.5,
+            "donor": [f"d{i % 12}" for i in range(n)],
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    adata = anndata.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(30)]))
+    sc = get_modality("singlecell")
+    opts = sc.options({"time_column": "os_days", "event_column": "dead", "group_column": "donor"})
+    samples = sc.read(adata, opts)
+    rows = sc.evaluation_rows(samples, opts, "healthfm", (0.6, 0.2, 0.2), [])
+    assert rows.survival and rows.event.sum() == obs["dead"].sum()
+    np.testing.assert_allclose(rows.y, obs["os_days"].to_numpy())
+    adata.obs.loc["c7", "os_days"] = np.nan
+    with pytest.raises(DataError, match=r"(an event|a row) without a time") as info:
+        sc.read(adata, opts)
+    assert info.value.row == 7 and info.value.column == "os_days"
