@@ -220,3 +220,21 @@ def test_survival_label_rows_of_the_evaluation(unseen_meds):
         [],
     )
     assert not forced.survival and forced.classes.tolist() == [0, 1]
+
+
+def test_few_shot_k_counts_events(unseen_meds, tmp_path, capsys):
+    from healthfm.stages.evaluate import evaluate
+
+    labels = unseen_meds / "task_labels" / "admission_tte" / "labels.parquet"
+    opts = {"labels": str(labels), "few_shot": ["4", "all"]}
+    rows = evaluate(
+        None, unseen_meds, tmp_path / "fs", opts, modality_name="ehr", seeds=[0, 1], n_boot=20
+    )
+    text = capsys.readouterr().out
+    assert "k = 4" in text and "k = all" in text
+    few = [r for r in rows if r.extra.get("k") == 4 and r.metric == "c_index"]
+    assert {r.seed for r in few} == {0, 1}
+    # k = 4: 4 rows with an event and 4 censored rows in train (and as many in tuning).
+    assert all(r.extra["n_train"] == 8 and r.extra["n_events_train"] == 4 for r in few)
+    full = [r for r in rows if r.extra.get("k") == "all" and r.metric == "c_index"]
+    assert {r.seed for r in full} == {0} and full[0].extra["n_train"] > 8

@@ -813,6 +813,11 @@ class SurvivalProtocol:
         Rows of the final fit: "train+val" or "train" (EHRSHOT).
     row_extra
         Fields added to every row.
+    few_shot
+        EHRSHOT-style few-shot sizes (``k`` and/or ``"all"``; None: all rows only). ``k``
+        counts events: each seed draws ``k`` rows with an event and ``k`` censored rows
+        from train and as many from val (the binary few-shot draw on the event indicator);
+        every row carries its ``k``.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -820,6 +825,7 @@ class SurvivalProtocol:
     refit: str = "train+val"
     row_extra: dict[str, Any] = field(default_factory=dict)
     primary: str = "c_index"
+    few_shot: list | None = None
 
     def reported(self, regression: bool = False, n_classes: int = 0) -> list[str]:
         """The metrics of result rows."""
@@ -852,7 +858,7 @@ class SurvivalProtocol:
         from healthfm.evaluate.results import rows_from_metrics
 
         te = rows.indices("test")
-        seeds = list(seeds) if self.resplit else list(seeds)[:1]
+        seeds = list(seeds)
         fit_rows = rows.indices("train") if self.refit == "train" else rows.split != "test"
         fit_idx = np.flatnonzero(fit_rows) if fit_rows.dtype == bool else fit_rows
         context = SurvivalContext(
@@ -863,8 +869,17 @@ class SurvivalProtocol:
         )
         groups_te = np.asarray(rows.groups)[te].astype(str)
         result_rows, predictions, scores, cuts = [], [], {}, {}
-        for seed in seeds:
+        ks = list(self.few_shot) if self.few_shot else ["all"]
+        runs = [
+            (k, seed) for k in ks for seed in (seeds if (k != "all" or self.resplit) else seeds[:1])
+        ]
+        for k, seed in runs:
             tr, va = self._splits(rows, seed)
+            if k != "all":
+                tr, va = (
+                    self._few_shot(rows, tr, int(k), seed),
+                    self._few_shot(rows, va, int(k), seed),
+                )
             for method, feats in features.items():
                 t0 = clock.perf_counter()
                 X = np.asarray(feats.X)
@@ -882,7 +897,7 @@ class SurvivalProtocol:
                 packed = np.column_stack([probe.risk, probe.surv])
                 scorer = context.scorer(rows.y[te], rows.event[te], packed, groups_te)
                 metric_ci = _scored(scorer, len(te), n_boot, seed, groups_te)
-                if seed == seeds[0]:
+                if seed == seeds[0] and k == ks[-1]:
                     scores[method] = packed
                     cuts[method] = probe.fit_cuts
                 predictions.append(
@@ -892,6 +907,7 @@ class SurvivalProtocol:
                         seed,
                         packed,
                         probe.val_score,
+                        k=None if ks == ["all"] else k,
                         control=is_control(feats.extra or {}),
                     )
                 )
@@ -919,6 +935,7 @@ class SurvivalProtocol:
                         "modality": modality,
                         "task_type": "survival",
                         "probe": "coxnet",
+                        **({} if ks == ["all"] else {"k": k}),
                         **self.row_extra,
                         **feats.extra,
                     },
@@ -927,11 +944,24 @@ class SurvivalProtocol:
             result_rows, scores, predictions, primary=self.primary, survival=context, cuts=cuts
         )
 
+    @staticmethod
+    def _few_shot(rows: Any, idx: np.ndarray, k: int, seed: int) -> np.ndarray:
+        """``k`` rows with an event and ``k`` censored rows of ``idx`` (all when fewer)."""
+        from healthfm.evaluate.probe import few_shot_indices
+
+        return idx[few_shot_indices(rows.event[idx], k, seed)]
+
     def table(self, result_rows: list, rows: Any) -> str:
-        """The printed table (horizons in days below it)."""
+        """The printed table, one per few-shot ``k`` (horizons in days below it)."""
         from healthfm.evaluate.results import format_table
 
-        text = format_table([r.to_dict() for r in result_rows], self.reported())
+        dicts = [r.to_dict() for r in result_rows]
+        ks = list(dict.fromkeys(d.get("k") for d in dicts))
+        text = ""
+        for k in ks:
+            if k is not None:
+                text += f"k = {k} (rows with an event, and censored rows, in train and val)\n"
+            text += format_table([d for d in dicts if d.get("k") == k], self.reported())
         if result_rows:
             h = result_rows[0].extra.get("horizons_days") or []
             names = [f"q{round(100 * q)}" for q in HORIZON_QUANTILES]
