@@ -238,3 +238,24 @@ def test_few_shot_k_counts_events(unseen_meds, tmp_path, capsys):
     assert all(r.extra["n_train"] == 8 and r.extra["n_events_train"] == 4 for r in few)
     full = [r for r in rows if r.extra.get("k") == "all" and r.metric == "c_index"]
     assert {r.seed for r in full} == {0} and full[0].extra["n_train"] > 8
+
+
+@pytest.mark.parametrize(
+    ("task", "code"), [("death_tte", "MEDS_DEATH"), ("admission_tte", "Visit/IMP")]
+)
+def test_bundled_clinosim_time_to_event_tasks(task, code):
+    """The shipped label files are valid MEDS labels, read as survival tasks, and are what
+    ``survival_tasks`` builds from the binary task's prediction times (reproducible)."""
+    import meds
+    import pyarrow.parquet as pq
+
+    from healthfm.ehr.demo import DEMO_DATA
+
+    path = DEMO_DATA / "task_labels" / task / "labels.parquet"
+    meds.LabelSchema.validate(pq.read_table(path))
+    labels = read_labels(path, scan_meds(open_meds(DEMO_DATA)))
+    assert labels.survival and labels.frame["event"].sum() >= 100
+    times = pl.read_parquet(DEMO_DATA / "task_labels" / "admission_1y" / "labels.parquet")
+    rebuilt, _ = time_to_event_labels(DEMO_DATA, times, code)
+    shipped = pl.read_parquet(path)
+    assert rebuilt.equals(shipped)
