@@ -259,3 +259,51 @@ def test_bundled_clinosim_time_to_event_tasks(task, code):
     rebuilt, _ = time_to_event_labels(DEMO_DATA, times, code)
     shipped = pl.read_parquet(path)
     assert rebuilt.equals(shipped)
+
+
+def test_cox_partial_likelihood_with_ties_equals_its_definition():
+    import torch
+
+    from healthfm.evaluate.task_head import cox_partial_likelihood, normaliser
+
+    rng = np.random.default_rng(0)
+    risk = rng.normal(size=40)
+    time = rng.integers(1, 10, size=40).astype(float)  # many ties
+    event = rng.random(40) < 0.6
+    ref = -sum(risk[i] - np.log(np.exp(risk[time >= time[i]]).sum()) for i in np.flatnonzero(event))
+    got = cox_partial_likelihood(
+        torch.tensor(risk), torch.tensor(time), torch.tensor(event.astype(float))
+    )
+    assert float(got) == pytest.approx(ref, rel=1e-10)
+    spec = {"task": "survival"}
+    assert normaliser(spec, None, np.column_stack([time, event])) == event.sum()
+
+
+def test_survival_finetuning_full_and_lora_scored_beside_the_probe(
+    unseen_meds, ehr_model, tmp_path, capsys
+):
+    from healthfm.evaluate.finetuned import read_provenance
+
+    labels = unseen_meds / "task_labels" / "admission_tte" / "labels.parquet"
+    common = ["--labels", str(labels), "--epochs", "1", "--batch-size", "64"]
+    common += ["--no-checkpoints", "--n-boot", "20"]
+    for name, extra in (("full", []), ("lora", ["--lora", "--lora-rank", "2"])):
+        out = tmp_path / name
+        argv = ["finetune", str(ehr_model), str(unseen_meds), "--out", str(out)]
+        assert main([*argv, *common, *extra]) == 0
+        assert "c_index" in read_provenance(out)["test_metrics"]
+    capsys.readouterr()
+    ev = tmp_path / "ev"
+    argv = ["evaluate", str(ehr_model), str(unseen_meds), "--labels", str(labels)]
+    argv += ["--finetuned", str(tmp_path / "full"), str(tmp_path / "lora")]
+    assert main([*argv, "--no-controls", "--n-boot", "20", "--out", str(ev)]) == 0
+    rows = json.loads((ev / "results.json").read_text())
+    c = {r["method"]: r for r in rows if r["metric"] == "c_index" and r.get("row_type") != "delta"}
+    assert {"tiny-causal-last+cox", "tiny-finetune-full", "tiny-finetune-lora"} <= set(c)
+    assert all(0 <= r["value"] <= 1 for r in c.values())
+    # A survival model on a binary label file is refused.
+    binary = unseen_meds / "task_labels" / "admission_1y" / "labels.parquet"
+    argv = ["evaluate", str(ehr_model), str(unseen_meds), "--labels", str(binary)]
+    argv += ["--finetuned", str(tmp_path / "full"), "--no-controls", "--few-shot", "all"]
+    assert main([*argv, "--n-boot", "5", "--out", str(tmp_path / "bad")]) != 0
+    assert "has a survival head" in capsys.readouterr().err

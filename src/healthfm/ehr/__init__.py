@@ -481,6 +481,7 @@ class EhrModality(Modality):
             n_boot,
             batch_size,
             samples.data_hash,
+            event=rows.event,
         )
 
     def task_input(

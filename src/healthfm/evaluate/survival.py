@@ -956,12 +956,12 @@ class SurvivalProtocol:
         from healthfm.evaluate.results import format_table
 
         dicts = [r.to_dict() for r in result_rows]
-        ks = list(dict.fromkeys(d.get("k") for d in dicts))
+        ks = list(dict.fromkeys(d.get("k", "all") for d in dicts))  # fine-tuned rows: "all"
         text = ""
         for k in ks:
-            if k is not None:
+            if len(ks) > 1:
                 text += f"k = {k} (rows with an event, and censored rows, in train and val)\n"
-            text += format_table([d for d in dicts if d.get("k") == k], self.reported())
+            text += format_table([d for d in dicts if d.get("k", "all") == k], self.reported())
         if result_rows:
             h = result_rows[0].extra.get("horizons_days") or []
             names = [f"q{round(100 * q)}" for q in HORIZON_QUANTILES]
@@ -987,8 +987,9 @@ class SurvivalProtocol:
             "time": rows.y[te],
             "event": rows.event[te],
         }
-        for method, packed in result.scores.items():
-            frame[f"risk:{method}"] = packed[:, 0]
+        for method, packed in result.scores.items():  # [risk, S(grid)...], or a risk
+            packed = np.asarray(packed, dtype=np.float64)
+            frame[f"risk:{method}"] = packed[:, 0] if packed.ndim == 2 else packed
         import io
 
         buf = io.BytesIO()
