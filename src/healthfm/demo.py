@@ -66,6 +66,17 @@ def run_demo(modality: str, out: str | Path, quick: bool = False) -> list[Any]:
         n_boot=spec.n_boot,
         batch_size=spec.batch_size,
     )
+    for input_path, options, target in spec.evaluations:
+        say()
+        rows += evaluate(
+            model_dir,
+            input_path,
+            out / target,
+            dict(options),
+            seeds=spec.seeds,
+            n_boot=spec.n_boot,
+            batch_size=spec.batch_size,
+        )
     for input_path, options, target in spec.embed:
         say()
         written = embed(model_dir, input_path, out / target, dict(options))

@@ -200,6 +200,9 @@ class DemoSpec:
         Evaluation seeds, bootstrap resamples and inference batch size.
     evaluate_dir
         Sub-folder of the output for the evaluation ("" = the output folder itself).
+    evaluations
+        More evaluations of the pretrained model, one step each: ``(input, options,
+        sub-folder)`` (EHR: a time-to-event task next to the binary one).
     after
         Extra steps ``f(out, model_dir, say) -> result rows`` (``say(i, text)`` prints step
         ``i``; pathology: slide embedding and
@@ -219,6 +222,7 @@ class DemoSpec:
     batch_size: int = 128
     evaluate_dir: str = ""
     embed: tuple[tuple[Any, dict[str, Any], str], ...] = ()
+    evaluations: tuple[tuple[Any, dict[str, Any], str], ...] = ()
     after: Callable[[Path, Path], list] | None = None
     description: tuple[str, ...] = ()
 

@@ -307,3 +307,16 @@ def test_survival_finetuning_full_and_lora_scored_beside_the_probe(
     argv += ["--finetuned", str(tmp_path / "full"), "--no-controls", "--few-shot", "all"]
     assert main([*argv, "--n-boot", "5", "--out", str(tmp_path / "bad")]) != 0
     assert "has a survival head" in capsys.readouterr().err
+
+
+def test_the_ehr_demo_evaluates_a_survival_task_after_the_binary_one():
+    from pathlib import Path
+
+    from healthfm.ehr.demo import demo_spec
+
+    spec = demo_spec(quick=True)
+    ((data, options, folder),) = spec.evaluations
+    assert folder == "survival" and Path(options["labels"]).is_file()
+    assert read_labels(options["labels"]).survival
+    assert len(spec.description) == 3  # pretrain, EHRSHOT, the survival task
+    assert demo_spec(quick=True, survival_task=None).evaluations == ()

@@ -54,9 +54,15 @@ def demo_spec(
             "pack": True,  # timelines vary 10x in length: pack them instead of padding
         },
         evaluate_options={"labels": str(labels), "few_shot": ks},
-        after=(lambda out, model_dir: survival_step(out, model_dir, data, survival_task))
+        evaluations=(
+            (
+                data,
+                {"labels": str(data / "task_labels" / str(survival_task) / "labels.parquet")},
+                "survival",
+            ),
+        )
         if survival
-        else None,
+        else (),
         seeds=seeds,
         n_boot=1000,
         batch_size=32,
@@ -76,11 +82,3 @@ def demo_spec(
             ),
         ),
     )
-
-
-def survival_step(out: Path, model_dir: Path, data: Path, task: str) -> list:
-    """Evaluate the time-to-event task ``task`` of ``data`` into ``out/survival``."""
-    from healthfm.stages.evaluate import evaluate
-
-    labels = data / "task_labels" / task / "labels.parquet"
-    return evaluate(model_dir, data, out / "survival", {"labels": str(labels)}, batch_size=32)
