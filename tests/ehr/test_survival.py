@@ -316,6 +316,7 @@ def test_the_ehr_demo_evaluates_a_survival_task_after_the_binary_one():
 
     spec = demo_spec(quick=True)
     ((data, options, folder),) = spec.evaluations
+    assert (data / "task_labels").is_dir()
     assert folder == "survival" and Path(options["labels"]).is_file()
     assert read_labels(options["labels"]).survival
     assert len(spec.description) == 3  # pretrain, EHRSHOT, the survival task
