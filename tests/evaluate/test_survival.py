@@ -410,3 +410,18 @@ def test_cox_head_finetunes_a_dna_model_on_a_survival_table(tmp_path):
     )
     c = {r.method: r.value for r in rows if r.metric == "c_index"}
     assert len(c) == 2 and any("finetune-full" in m for m in c)
+
+
+def test_many_groups_are_pooled_into_bounded_bootstrap_clusters():
+    from healthfm.evaluate.survival import bootstrap_units
+
+    groups = np.repeat(np.arange(2000), 2)
+    units = bootstrap_units(groups, max_units=100)
+    assert len(np.unique(units)) == 100
+    # Whole groups stay together, and the point value does not change.
+    assert all(len(set(units[groups == g])) == 1 for g in range(0, 2000, 197))
+    assert len(np.unique(bootstrap_units(groups))) == 1500  # the default cap
+    _, t, e, risk = _data(4000, 6)
+    small = survival_metrics(t, e, risk, train_time=t, train_event=e, n_boot=5, groups=groups)
+    assert small["c_index"].value == pytest.approx(concordance_index_censored(e, t, risk)[0])
+    assert small["c_index"].n_valid == 5

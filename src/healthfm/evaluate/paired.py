@@ -465,9 +465,15 @@ def compare_result(
     if primary not in metrics:
         metrics.insert(0, primary)
     scorer = None
+    unit = f"{len(np.unique(groups))} test groups"
     context = getattr(result, "survival", None)
     if context is not None:  # y: test times; the scores carry risk and S(t)
+        from healthfm.evaluate.survival import bootstrap_units
+
         event = np.asarray(rows.event)[te]
+        groups = bootstrap_units(groups)  # as the protocol's own intervals
+        if len(np.unique(groups)) < int(unit.split()[0]):
+            unit += f" in {len(np.unique(groups))} random clusters"
 
         def scorer(y, scores, names, groups):
             return context.scorer(y, event, scores, groups, names)
@@ -484,6 +490,6 @@ def compare_result(
         data_hash=rows.data_hash,
         model_hash=model_hash,
         extra={"modality": modality},
-        unit=f"{len(np.unique(groups))} test groups",
+        unit=unit,
         scorer=scorer,
     )

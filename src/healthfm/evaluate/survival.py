@@ -77,6 +77,10 @@ ALPHA_MIN_RATIO = 0.01
 GRID_POINTS = 20
 # Anchor rows per block of the pairwise matrices (bounds memory to block × n floats).
 _BLOCK = 2048
+#: Most bootstrap units of a survival bootstrap: the pair matrices are units × units, so
+#: more groups (a row bootstrap of a large test set) are pooled at random into this many
+#: clusters of whole groups (see :func:`bootstrap_units`).
+MAX_UNITS = 1500
 
 
 # --------------------------------------------------------------------------------------
@@ -166,6 +170,22 @@ def check_survival(
             column=event_column,
         )
     return t, events
+
+
+def bootstrap_units(groups: np.ndarray, max_units: int = MAX_UNITS) -> np.ndarray:
+    """The bootstrap unit of each row: its group, or with more than ``max_units`` groups a
+    seeded random cluster of whole groups (``max_units`` clusters).
+
+    Resampling clusters of independent groups is still a cluster bootstrap (every
+    group's rows stay together); it bounds the survival scorer's units × units pair
+    matrices. Point values never depend on it.
+    """
+    g = np.asarray(groups).astype(str)
+    uniq, inverse = np.unique(g, return_inverse=True)
+    if len(uniq) <= max_units:
+        return g
+    cluster = np.random.default_rng(0).permutation(len(uniq)) % max_units
+    return cluster[inverse.reshape(-1)].astype(str)
 
 
 def _num(v: Any) -> float:
@@ -297,7 +317,8 @@ class SurvivalScorer:
                 row=int(np.flatnonzero(~np.isfinite(r))[0]),
             )
         self.horizons = np.asarray(horizons, float)
-        td_names = [f"td_auroc_q{round(100 * q)}" for q in HORIZON_QUANTILES][: len(self.horizons)]
+        # One name per horizon: the quantile names for the default three horizons.
+        td_names = [f"td_auroc_q{round(100 * q)}" for q in HORIZON_QUANTILES]
         if len(self.horizons) != len(HORIZON_QUANTILES):
             td_names = [f"td_auroc_{i}" for i in range(len(self.horizons))]
         self.td_names = td_names
@@ -490,7 +511,8 @@ def survival_metrics(
     tau
         Uno's C truncation (default: the last horizon).
     n_boot, seed, groups, alpha
-        Bootstrap resamples, their seed, the resampled unit per row (subjects), level.
+        Bootstrap resamples, their seed, the resampled unit per row (subjects; rows
+        when None; :func:`bootstrap_units` caps their number), level.
     metrics
         Which metrics (default all of :data:`SURVIVAL_METRICS` that can be computed).
 
@@ -506,6 +528,7 @@ def survival_metrics(
     if t.size == 0:
         raise DataError("no rows to evaluate", column="time")
     g = _check_common(n_boot, alpha, groups, t.size)
+    g = bootstrap_units(np.arange(t.size) if g is None else g)
     horizons = horizons_from(train_time) if horizons is None else horizons
     if grid is None and surv is not None:
         grid = ibs_grid(train_time)
@@ -519,21 +542,10 @@ def survival_metrics(
         horizons=horizons,
         grid=None if grid is None else np.asarray(grid, float),
         tau=tau,
-        groups=np.arange(t.size) if g is None else g,
+        groups=g,
         names=metrics,
     )
-    point = scorer(np.ones((1, t.size), dtype=np.int32))
-    boots: dict[str, list[np.ndarray]] = {m: [] for m in scorer.names}
-    for w in bootstrap_weights(t.size, n_boot, seed=seed, groups=g):
-        vals = scorer(w)
-        for m in scorer.names:
-            boots[m].append(vals[m])
-    out = {}
-    for m in scorer.names:
-        allv = np.concatenate(boots[m]) if boots[m] else np.empty(0)
-        lo, hi, n_valid = _percentile_ci(allv, alpha)
-        out[m] = MetricCI(float(point[m][0]), lo, hi, n_valid)
-    return out
+    return _bootstrapped(scorer, t.size, n_boot, seed, g, alpha)
 
 
 # --------------------------------------------------------------------------------------
@@ -867,7 +879,7 @@ class SurvivalProtocol:
             horizons=horizons_from(rows.y[fit_idx]),
             grid=ibs_grid(rows.y[fit_idx]),
         )
-        groups_te = np.asarray(rows.groups)[te].astype(str)
+        groups_te = bootstrap_units(np.asarray(rows.groups)[te])
         result_rows, predictions, scores, cuts = [], [], {}, {}
         ks = list(self.few_shot) if self.few_shot else ["all"]
         runs = [
@@ -896,7 +908,7 @@ class SurvivalProtocol:
                 )
                 packed = np.column_stack([probe.risk, probe.surv])
                 scorer = context.scorer(rows.y[te], rows.event[te], packed, groups_te)
-                metric_ci = _scored(scorer, len(te), n_boot, seed, groups_te)
+                metric_ci = _bootstrapped(scorer, len(te), n_boot, seed, groups_te)
                 if seed == seeds[0] and k == ks[-1]:
                     scores[method] = packed
                     cuts[method] = probe.fit_cuts
@@ -999,7 +1011,11 @@ class SurvivalProtocol:
         return [path]
 
 
-def _scored(scorer: SurvivalScorer, n: int, n_boot: int, seed: int, groups) -> dict[str, MetricCI]:
+def _bootstrapped(
+    scorer: SurvivalScorer, n: int, n_boot: int, seed: int, groups, alpha: float = 0.05
+) -> dict[str, MetricCI]:
+    """Every metric of ``scorer`` on the full rows and its percentile-bootstrap CI
+    (resamples of ``groups``, :func:`~healthfm.evaluate.metrics.bootstrap_weights`)."""
     point = scorer(np.ones((1, n), dtype=np.int32))
     boots: dict[str, list[np.ndarray]] = {m: [] for m in scorer.names}
     for w in bootstrap_weights(n, n_boot, seed=seed, groups=groups):
@@ -1009,7 +1025,7 @@ def _scored(scorer: SurvivalScorer, n: int, n_boot: int, seed: int, groups) -> d
     out = {}
     for m in scorer.names:
         allv = np.concatenate(boots[m]) if boots[m] else np.empty(0)
-        lo, hi, n_valid = _percentile_ci(allv, 0.05)
+        lo, hi, n_valid = _percentile_ci(allv, alpha)
         out[m] = MetricCI(float(point[m][0]), lo, hi, n_valid)
     return out
 
