@@ -48,14 +48,22 @@ __all__ = [
     "HORIZON_QUANTILES",
     "SURVIVAL_METRICS",
     "CoxProbeResult",
+    "SurvivalContext",
     "SurvivalProtocol",
+    "SurvivalResult",
     "SurvivalScorer",
+    "bootstrap_units",
     "check_survival",
+    "describe_rows",
     "fit_cox_probe",
+    "harrell_c",
     "horizons_from",
     "ibs_grid",
     "risk_groups",
+    "survival_features",
     "survival_metrics",
+    "survival_protocol",
+    "survival_validation_score",
 ]
 
 #: Quantiles of the training rows' follow-up times used as AUROC horizons.
