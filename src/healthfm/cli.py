@@ -307,9 +307,10 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["classification", "binary", "regression"],
+        choices=["classification", "binary", "regression", "survival"],
         default=None,
-        help="default: binary for two classes, regression for >20 numeric values, else classification",
+        help="default: binary for two classes, regression for >20 numeric values, survival "
+        "for time-to-event labels (a Cox head), else classification",
     )
     p.add_argument(
         "--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight"

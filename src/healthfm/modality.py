@@ -113,9 +113,11 @@ class EvaluationRows:
     groups
         Split and bootstrap unit of each row (a sequence, a donor, a subject, a slide).
     y
-        Class index per row (into ``classes``), or the numeric target when ``regression``.
+        Class index per row (into ``classes``), the numeric target when ``regression``,
+        or the follow-up time (days to the event or to censoring, float64) when
+        ``survival``.
     classes
-        Sorted class values (empty for a regression).
+        Sorted class values (empty for a regression or a survival task).
     regression
         Whether the task is a regression (numeric target).
     split
@@ -124,6 +126,11 @@ class EvaluationRows:
         Provenance of the evaluated data.
     info
         What the modality keeps for its own parts (the label file, cached features ...).
+    survival
+        Whether the task is time-to-event (:mod:`healthfm.evaluate.survival`): ``y`` holds
+        times and ``event`` whether each row's event was observed.
+    event
+        Event indicator per row (bool) of a survival task, else None.
     """
 
     task: str
@@ -134,6 +141,8 @@ class EvaluationRows:
     split: np.ndarray
     data_hash: str
     info: dict[str, Any] = field(default_factory=dict)
+    survival: bool = False
+    event: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -185,8 +194,10 @@ class DemoSpec:
         split only (the same preset), evaluated beside the corpus model: what pretraining
         on a corpus bought over pretraining on the task table. None: no second model.
     transfer
-        More evaluations of the model(s): ``(input, options, sub-folder, seeds)`` each
-        (a task none of the models was pretrained on).
+        More evaluations of the model(s), one step each: ``(input, options, sub-folder,
+        seeds)`` (seeds None: the spec's) — a task none of the models was pretrained on
+        (DNA: promoters), or another task of the same data (EHR: a time-to-event task next
+        to the binary one).
     evaluate_input
         The bundled labelled input.
     train
@@ -517,6 +528,20 @@ class Modality(ABC):
         from healthfm.evaluate.finetuned import evaluation_is_regression
 
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
+        target = samples.info.get("survival")
+        if target is not None:  # time and event columns: a time-to-event task
+            return EvaluationRows(
+                task=f"{Path(samples.source).stem}:{target['time_column']}",
+                groups=samples.groups,
+                y=target["time"],
+                classes=np.array([]),
+                regression=False,
+                split=split,
+                data_hash=samples.data_hash,
+                info={"options": options},
+                survival=True,
+                event=target["event"],
+            )
         labels = require_labels(samples, np.where(split == "val", "train", split))
         pool = np.flatnonzero(split != "test")
         regression = self.numeric_labels_regress and evaluation_is_regression(
@@ -834,6 +859,76 @@ def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.nda
                     column=samples.label_column,
                 )
     return samples.labels
+
+
+def attach_survival(
+    samples: Samples,
+    time: Any,
+    event: Any,
+    time_column: str,
+    event_column: str,
+    task_type: str = "auto",
+) -> Samples:
+    """Make ``samples`` a time-to-event task: validated times and events in
+    ``samples.info["survival"]``, which :meth:`Modality.evaluation_rows` reads.
+
+    ``task_type`` ("auto" or "survival") is the ``--task-type`` option; a classification
+    or regression is refused (a time column and an event column make a survival task).
+
+    Raises
+    ------
+    DataError
+        A zero, negative or missing time, an event that is not a boolean, or no event
+        (:func:`healthfm.evaluate.survival.check_survival`, naming file, column and row).
+    ConfigError
+        ``task_type`` asks for a classification or a regression.
+    """
+    from healthfm.evaluate.survival import check_survival
+
+    if task_type not in ("auto", "survival"):
+        raise ConfigError(
+            f"--time-column {time_column} and --event-column {event_column} make a "
+            f"time-to-event task, not a {task_type}: drop them, or use --task-type survival",
+            column="task_type",
+        )
+    t, e = check_survival(
+        time,
+        event,
+        file=samples.source,
+        time_column=time_column,
+        event_column=event_column,
+        keys=samples.keys,
+    )
+    samples.info["survival"] = {
+        "time": t,
+        "event": e,
+        "time_column": time_column,
+        "event_column": event_column,
+    }
+    samples.label_column = samples.label_column or time_column
+    return samples
+
+
+def survival_options(options: Any) -> tuple[str, str] | None:
+    """``(time_column, event_column)`` of a modality's options, None when neither is set;
+    ``--task-type survival`` without them, or only one of them, is a ``ConfigError``."""
+    time_column = getattr(options, "time_column", None)
+    event_column = getattr(options, "event_column", None)
+    task_type = getattr(options, "task_type", "auto")
+    if bool(time_column) != bool(event_column):
+        given = "--time-column" if time_column else "--event-column"
+        raise ConfigError(
+            f"{given} needs its partner: a time-to-event task has a time column (days to "
+            "the event or to censoring) and an event column (observed or not)",
+            column="time_column" if not time_column else "event_column",
+        )
+    if not time_column:
+        if task_type == "survival":
+            raise ConfigError(
+                "--task-type survival needs --time-column and --event-column", column="task_type"
+            )
+        return None
+    return str(time_column), str(event_column)
 
 
 def reuse_store(path: Path, tokenizer_hash: str, data_hash: str) -> TokenStore | None:

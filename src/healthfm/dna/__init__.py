@@ -50,8 +50,10 @@ from healthfm.modality import (
     Features,
     Modality,
     Samples,
+    attach_survival,
     next_power_of_two,
     register_modality,
+    survival_options,
 )
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk
@@ -152,6 +154,25 @@ class DnaModality(Modality):
                     "window_stride": options.window_stride,
                     "regions": options.regions,
                 },
+            )
+        survival = survival_options(options)
+        if survival is not None:  # a time-to-event table: its time and event columns
+            if is_fasta(path):
+                raise ConfigError(
+                    "--time-column / --event-column are for a table input, not FASTA",
+                    file=path,
+                    column="time_column",
+                )
+            samples = read_table(
+                path,
+                sequence_column=options.sequence_column,
+                label_column=None,
+                key_column=options.key_column,
+                columns=survival,
+            )
+            cols = samples.info["columns"]
+            return attach_survival(
+                samples, cols[survival[0]], cols[survival[1]], *survival, options.task_type
             )
         if is_fasta(path):
             return read_fasta(
@@ -463,12 +484,15 @@ class DnaModality(Modality):
 
     def baseline_features(self, samples: Samples, rows: EvaluationRows) -> dict[str, Features]:
         """The featurizers' baselines, and ``onehot-cnn+logreg``: the supervised CNN trained
-        on the ``train`` rows with early stopping on ``val`` (its hidden layer probed)."""
+        on the ``train`` rows with early stopping on ``val`` (its hidden layer probed; not
+        for a time-to-event task, which it has no loss for)."""
         import time
 
         from healthfm.dna.baselines import cnn_features
 
         out = super().baseline_features(samples, rows)
+        if rows.survival:  # the CNN's losses are classification / regression ones
+            return out
         t = time.perf_counter()
         train, val = rows.indices("train"), rows.indices("val")
         if len(val) == 0:  # no val split: the last tenth of the train rows stops it

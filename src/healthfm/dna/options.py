@@ -19,6 +19,18 @@ class DnaOptions(Options):
         "column of the labels (in the table, or in --labels for FASTA); default 'label' when "
         "there is one (pretraining also reads unlabelled tables); 'none' for unlabelled data",
     )
+    task_type: str = option(
+        "auto",
+        "auto / survival: --time-column and --event-column make a time-to-event task; "
+        "classification / regression refuse them",
+        choices=("auto", "classification", "regression", "survival"),
+    )
+    time_column: str | None = option(
+        None, "table column of follow-up times (days to the event or censoring) for a survival task"
+    )
+    event_column: str | None = option(
+        None, "table column of event indicators (true/1: observed, false/0: censored)"
+    )
     key_column: str | None = option(None, "table column of unique sample ids")
     labels: str | None = option(None, "TSV/CSV of FASTA record ids and labels (FASTA input)")
     id_column: str = option("id", "id column of the --labels file")

@@ -198,6 +198,7 @@ def read_table(
     label_column: str | None = "label",
     key_column: str | None = None,
     sep: str | None = None,
+    columns: tuple[str, ...] = (),
 ) -> Samples:
     """Read a TSV/CSV table of sequences (and labels).
 
@@ -213,6 +214,9 @@ def read_table(
         Column of unique sample ids; by default keys are ``row0``, ``row1``...
     sep
         Field separator; inferred from the suffix when ``None``.
+    columns
+        More columns to keep, as they are, in ``info["columns"]`` (a survival task's
+        time and event columns).
 
     Returns
     -------
@@ -234,6 +238,8 @@ def read_table(
         _require_columns(frame, [label_column], path, "label")
     if key_column is not None:
         _require_columns(frame, [key_column], path, "key")
+    for column in columns:
+        _require_columns(frame, [column], path, "survival")
     sequences = normalize(frame.get_column(sequence_column)).fill_null("").to_numpy()
     sequences = sequences.astype(object)
     validate_sequences(sequences, path, column=sequence_column)
@@ -262,7 +268,11 @@ def read_table(
         payload=sequences,
         data_hash=sha256_file(path),
         label_column=label_column,
-        info={"format": "table", "sequence_column": sequence_column},
+        info={
+            "format": "table",
+            "sequence_column": sequence_column,
+            "columns": {c: frame.get_column(c).to_numpy() for c in columns},
+        },
     )
 
 

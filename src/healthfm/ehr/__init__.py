@@ -234,7 +234,9 @@ class EhrModality(Modality):
             raise ConfigError(
                 "ehr embed / evaluate need --labels LABELS.parquet (MEDS label schema)"
             )
-        return read_labels(options.labels, samples.payload["subjects"], options.label_column)
+        return read_labels(
+            options.labels, samples.payload["subjects"], options.label_column, options.task_type
+        )
 
     def prepare_embedding(self, encoder: Any, samples: Samples, options: EhrOptions) -> None:
         """Read ``--labels`` (kept in ``samples.info["labels"]``): one vector per label row."""
@@ -304,13 +306,18 @@ class EhrModality(Modality):
         if Path(out).suffix != ".parquet":
             raise ConfigError(f"ehr embeddings are written as .parquet, not {Path(out).suffix!r}")
         labels: Labels = samples.info["labels"]
-        frame = labels.frame.select("subject_id", "prediction_time", "label")
+        frame = labels.frame.select(
+            "subject_id", "prediction_time", "label", *(["event"] if labels.survival else [])
+        )
 
         def block(start: int, stop: int) -> pa.Table:
             rows = frame.slice(start, stop - start)
             table = rows.select("subject_id", "prediction_time").to_arrow()
             table = table.append_column("embedding", embedding_array(embeddings[start:stop]))
-            return table.append_column(labels.column, rows["label"].to_arrow())
+            table = table.append_column(labels.column, rows["label"].to_arrow())
+            if labels.survival:  # the event indicator beside the time
+                table = table.append_column("boolean_value", rows["event"].to_arrow())
+            return table
 
         return write_table_blocks(out, len(frame), block)
 
@@ -332,8 +339,18 @@ class EhrModality(Modality):
 
         labels = self._labels(options, samples)
         values = label_values(labels)
-        regression = evaluation_is_regression(values, finetuned)
-        if regression:
+        task_type = self.options(options).task_type
+        regression = not labels.survival and (
+            task_type == "regression"
+            if task_type in ("classification", "regression") and not finetuned
+            else evaluation_is_regression(values, finetuned)
+        )
+        event = None
+        if labels.survival:  # y: days to the event or to censoring; event: observed
+            y = np.asarray(values, dtype=np.float64)
+            event = labels.frame["event"].to_numpy().astype(bool)
+            classes, boolean_like = np.array([]), False
+        elif regression:
             try:
                 y = np.asarray(values, dtype=np.float64)
             except (TypeError, ValueError) as exc:
@@ -366,6 +383,8 @@ class EhrModality(Modality):
             regression=regression,
             split=split,
             data_hash=samples.data_hash,
+            survival=labels.survival,
+            event=event,
             info={
                 "labels": labels,
                 "boolean_like": boolean_like,
@@ -477,6 +496,7 @@ class EhrModality(Modality):
             n_boot,
             batch_size,
             samples.data_hash,
+            event=rows.event,
         )
 
     def task_input(

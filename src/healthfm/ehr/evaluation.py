@@ -520,6 +520,23 @@ class EhrshotProtocol:
     def __init__(self, few_shot: Any = None) -> None:
         self.few_shot = few_shot
 
+    def survival(self) -> Any:
+        """The protocol of a time-to-event label file: the Cox probe fitted on the train
+        rows, tuned on the tuning rows, scored on held_out (every row; one run, the probe
+        being deterministic), :class:`~healthfm.evaluate.survival.SurvivalProtocol`; with
+        ``--few-shot`` its ``k`` counts events (k event rows and k censored rows in train
+        and in tuning, five seeds)."""
+        from healthfm.evaluate.survival import SurvivalProtocol
+
+        few = parse_few_shot(self.few_shot) if self.few_shot is not None else None
+        return SurvivalProtocol(
+            seeds=self.seeds if few else (0,),
+            resplit=False,
+            refit="train",
+            row_extra={"protocol": "ehrshot"},
+            few_shot=few,
+        )
+
     def ks(self, regression: bool) -> list[int | str]:
         """The few-shot sizes run."""
         if regression and self.few_shot is None:

@@ -227,6 +227,13 @@ def ehr_task_input(
         label_column=labels.column,
         info={"prediction_time": labels.frame["prediction_time"]},
     )
+    if labels.survival:  # days to the event or censoring, and the event: a Cox head
+        rows.info["survival"] = {
+            "time": np.asarray(values, dtype=np.float64),
+            "event": labels.frame["event"].to_numpy().astype(bool),
+            "time_column": "float_value",
+            "event_column": "boolean_value",
+        }
     source = label_windows(
         ds, model.tokenizer, labels, model.config.max_len, model.config.use_times
     )
@@ -245,13 +252,16 @@ def finetuned_ehr_rows(
     n_boot: int = 1000,
     batch_size: int = 32,
     data_hash: str | None = None,
+    event: np.ndarray | None = None,
 ) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Rows of fine-tuned EHR models' own predictions on the ``held_out`` label rows.
 
     Same rows, metrics and subject bootstrap as the EHRSHOT probe and baselines; ``k`` is
     the model's few-shot k (``all`` when it was fine-tuned on every row). ``y`` holds class
     indices into ``classes`` (the evaluation's sorted label values), or the targets of a
-    regression (``classes`` empty), which only a regression model can score.
+    regression (``classes`` empty), which only a regression model can score, or the
+    follow-up times of a survival task (``event`` given), which only a survival (Cox)
+    model can score: Harrell's / Uno's C and time-dependent AUROC of its risks.
 
     Returns
     -------
@@ -280,8 +290,18 @@ def finetuned_ehr_rows(
                 f"{path} is a fine-tuned {model.config.modality!r} model, not an EHR one"
             )
         head_classes = np.asarray(spec.get("classes") or [])
-        regression = len(classes) == 0
-        if (spec["task"] == "regression") != regression or not np.isin(head_classes, classes).all():
+        regression = len(classes) == 0 and event is None
+        if (spec["task"] == "survival") != (event is not None):
+            wanted = "time-to-event labels" if spec["task"] == "survival" else "a Cox head"
+            raise ConfigError(
+                f"{path} has a {spec['task']} head and {labels.column} of this label file "
+                f"is {'time-to-event' if event is not None else 'not time-to-event'}: it "
+                f"needs {wanted}",
+                file=Path(path),
+            )
+        if event is None and (
+            (spec["task"] == "regression") != regression or not np.isin(head_classes, classes).all()
+        ):
             wanted = "a regression" if regression else f"the classes {classes.tolist()[:10]}"
             raise ConfigError(
                 f"{path} predicts {spec['task']} classes {spec.get('classes')}, not "
@@ -295,7 +315,23 @@ def finetuned_ehr_rows(
         )
         out = predict(model, source, batch_size=batch_size)
         seed = int(info.get("config", {}).get("seed", 0))
-        if regression:
+        if event is not None:
+            from healthfm.evaluate.survival import survival_metrics
+
+            fit = np.flatnonzero(split == "train")
+            p = out
+            m = survival_metrics(
+                y[te],
+                event[te],
+                p,
+                train_time=y[fit],
+                train_event=event[fit],
+                n_boot=n_boot,
+                seed=seed,
+                groups=groups,
+                metrics=metrics,
+            )
+        elif regression:
             p = out
             m = regression_metrics(
                 y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics

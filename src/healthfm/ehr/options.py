@@ -19,6 +19,13 @@ class EhrOptions(Options):
         None,
         "label column (default: the one of boolean_value/integer_value/... holding values)",
     )
+    task_type: str = option(
+        "auto",
+        "auto: a label file with boolean_value and float_value is a time-to-event task "
+        "(event observed, days to the event or censoring); survival: require it; "
+        "classification / regression: use boolean_value / float_value of such a file",
+        choices=("auto", "classification", "regression", "survival"),
+    )
     few_shot: list | None = option(
         None,
         "few-shot k values, integers and/or 'all' (default: 1 2 4 8 16 32 64 128 all)",

@@ -555,6 +555,10 @@ class Labels:
     source: Path
     frame: pl.DataFrame
     column: str
+    #: A time-to-event label: ``label`` holds the days to the event or to censoring
+    #: (``float_value``) and ``event`` (Boolean) whether the event was observed
+    #: (``boolean_value``).
+    survival: bool = False
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -571,7 +575,10 @@ class Labels:
 
 
 def read_labels(
-    path: str | Path, subjects: pl.DataFrame | None = None, column: str | None = None
+    path: str | Path,
+    subjects: pl.DataFrame | None = None,
+    column: str | None = None,
+    task_type: str = "auto",
 ) -> Labels:
     """Read a MEDS label file (or a folder of them) and check it against the data.
 
@@ -585,6 +592,19 @@ def read_labels(
     column
         The label column; by default the only one of ``boolean_value``,
         ``integer_value``, ``float_value``, ``categorical_value`` holding values.
+    task_type
+        ``"auto"``: a file whose ``boolean_value`` and ``float_value`` both hold values is
+        a time-to-event label (event observed; days from the prediction time to the event
+        or to censoring), see :attr:`Labels.survival`; ``"survival"`` requires that;
+        ``"classification"`` / ``"regression"`` take ``boolean_value`` / ``float_value``
+        of such a file as the label instead.
+
+    Raises
+    ------
+    DataError
+        Missing or mistyped columns, nulls, unknown subjects, prediction times before
+        birth; for a time-to-event label also a zero or negative time, an event without
+        a time and a file with no event (naming file, column and row).
     """
     path = Path(path)
     files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
@@ -611,7 +631,15 @@ def read_labels(
             )
         _check_time_type(table.schema.field("prediction_time").type, f, "prediction_time")
         present = [c for c in LABEL_VALUE_COLUMNS if c in table.column_names]
+        with_values = [c for c in present if table.column(c).null_count < len(table)]
+        survival = column is None and _is_survival(with_values, task_type, f)
         chosen = column
+        if survival:
+            frames.append(_survival_frame(table, f))
+            column = "float_value"
+            continue
+        if chosen is None and set(with_values) == set(SURVIVAL_COLUMNS):
+            chosen = "boolean_value" if task_type == "classification" else "float_value"
         if chosen is None:
             with_values = [c for c in present if table.column(c).null_count < len(table)]
             if len(with_values) != 1:
@@ -644,7 +672,23 @@ def read_labels(
         frames.append(df)
         column = chosen
     assert column is not None
+    kinds = {"event" in frame.columns for frame in frames}
+    if len(kinds) > 1:
+        raise DataError(
+            "some label files are time-to-event (boolean_value + float_value) and some are "
+            "not; one task per folder",
+            file=path,
+            column="float_value",
+        )
+    survival = kinds == {True}
     df = pl.concat(frames).with_row_index("row")
+    if survival and not df["event"].any():
+        raise DataError(
+            f"no event in {len(df)} time-to-event label row(s): boolean_value is false "
+            "everywhere, so every row is censored and no survival model can be fitted or scored",
+            file=path,
+            column="boolean_value",
+        )
     if subjects is not None:
         joined = df.join(
             subjects.select("subject_id", "birth_us"),
@@ -667,4 +711,98 @@ def read_labels(
                 before,
             )
     df = df.sort(["subject_id", "prediction_time", "row"])
-    return Labels(source=path, frame=df, column=column)
+    if survival:
+        log.info(
+            "%s: time-to-event labels (boolean_value = event observed, float_value = days to "
+            "the event or censoring): %d rows, %d events",
+            path,
+            len(df),
+            int(df["event"].sum()),
+        )
+    return Labels(source=path, frame=df, column=column, survival=survival)
+
+
+#: A MEDS label file with both of these columns holding values is a time-to-event label.
+SURVIVAL_COLUMNS = ("boolean_value", "float_value")
+TASK_TYPES = ("auto", "classification", "regression", "survival")
+
+
+def _is_survival(with_values: list[str], task_type: str, file: Path) -> bool:
+    """Whether a label file is read as a time-to-event label (see :func:`read_labels`)."""
+    if task_type not in TASK_TYPES:
+        raise ConfigError(f"--task-type must be one of {TASK_TYPES}, not {task_type!r}")
+    both = set(SURVIVAL_COLUMNS) <= set(with_values)
+    if task_type == "survival" and not both:
+        missing = [c for c in SURVIVAL_COLUMNS if c not in with_values]
+        raise DataError(
+            f"--task-type survival needs boolean_value (event observed) and float_value (days "
+            f"to the event or censoring) holding values; {missing} hold none "
+            f"(columns with values: {with_values})",
+            file=file,
+            column=missing[0],
+        )
+    return both and task_type in ("auto", "survival")
+
+
+def _survival_frame(table: pa.Table, f: Path) -> pl.DataFrame:
+    """subject_id, prediction_time, label (days, float64) and event (Boolean) of a
+    time-to-event label file, validated (see :func:`read_labels`)."""
+    df = pl.from_arrow(table.select(["subject_id", "prediction_time", *SURVIVAL_COLUMNS]))
+    assert isinstance(df, pl.DataFrame)
+    if not df["boolean_value"].dtype == pl.Boolean:
+        raise DataError(
+            f"boolean_value of a time-to-event label must be boolean, found {df['boolean_value'].dtype}",
+            file=f,
+            column="boolean_value",
+        )
+    if not df["float_value"].dtype.is_numeric():
+        raise DataError(
+            f"float_value (days to the event or censoring) must be numeric, found "
+            f"{df['float_value'].dtype}",
+            file=f,
+            column="float_value",
+        )
+    df = df.select(
+        pl.col("subject_id").cast(pl.Int64),
+        pl.col("prediction_time").dt.cast_time_unit("us"),
+        pl.col("float_value").cast(pl.Float64).alias("label"),
+        pl.col("boolean_value").alias("event"),
+    )
+    for name in ("subject_id", "prediction_time"):
+        nulls = df[name].is_null()
+        if nulls.any():
+            raise _row_error("null values are not allowed", f, name, df, nulls)
+    nulls = df["event"].is_null()
+    if nulls.any():
+        raise _row_error(
+            "a time-to-event row without its event indicator (boolean_value is null)",
+            f,
+            "boolean_value",
+            df,
+            nulls,
+        )
+    no_time = df["label"].is_null() | df["label"].is_nan() | df["label"].is_infinite()
+    if no_time.any():
+        i = int(np.flatnonzero(no_time.to_numpy())[0])
+        what = "an event without a time" if df["event"][i] else "a censored row without a time"
+        raise _row_error(
+            f"{what}: float_value must hold the days from the prediction time to the event "
+            f"or to censoring ({int(no_time.sum())} such row(s))",
+            f,
+            "float_value",
+            df,
+            no_time,
+        )
+    nonpos = df["label"] <= 0
+    if nonpos.any():
+        i = int(np.flatnonzero(nonpos.to_numpy())[0])
+        raise _row_error(
+            f"time {df['label'][i]:g} days is not positive ({int(nonpos.sum())} such row(s)); "
+            "the event or censoring must come after the prediction time (an event at or "
+            "before it is history, not outcome)",
+            f,
+            "float_value",
+            df,
+            nonpos,
+        )
+    return df

@@ -57,6 +57,10 @@ def validation_score(feats: Features, rows: Any, seed: int = 0) -> float:
     """
     from healthfm.evaluate.probe import fit_linear_probe, fit_ridge_probe
 
+    if getattr(rows, "survival", False):  # Harrell's C of the Cox probe on val
+        from healthfm.evaluate.survival import survival_validation_score
+
+        return survival_validation_score(feats, rows)
     tr, va = _train_val(rows)
     X, y = np.asarray(feats.X), rows.y
     if feats.probe == "gbm":
@@ -191,7 +195,13 @@ def control_features(
         rows.info.clear()
         rows.info.update(saved)
         name = untrained_name or modality.embedding_method.format(
-            preset=control.name, pooling=pooling, probe="ridge" if rows.regression else "logreg"
+            preset=control.name,
+            pooling=pooling,
+            probe="cox"
+            if getattr(rows, "survival", False)
+            else "ridge"
+            if rows.regression
+            else "logreg",
         )
         out[name] = Features(
             emb,

@@ -89,7 +89,32 @@ def finetuned_rows(
                 scores = predict(model, source, batch_size=batch_size)
         seed = int(info.get("config", {}).get("seed", 0))
         groups = np.asarray(samples.groups)[test_idx].astype(str)
-        if spec["task"] == "regression":
+        target = samples.info.get("survival")
+        if (spec["task"] == "survival") != (target is not None):
+            raise ConfigError(
+                f"{path} has a {spec['task']} head; "
+                + (
+                    "these time-to-event labels need a survival (Cox) head"
+                    if target is not None
+                    else "these labels are not time-to-event"
+                ),
+                file=Path(path),
+            )
+        if target is not None:  # Harrell's / Uno's C, td-AUROC of the predicted risks
+            from healthfm.evaluate.survival import survival_metrics
+
+            fit = np.setdiff1d(np.arange(len(samples)), test_idx)  # IPCW: the non-test rows
+            result = survival_metrics(
+                target["time"][test_idx],
+                target["event"][test_idx],
+                scores,
+                train_time=target["time"][fit],
+                train_event=target["event"][fit],
+                n_boot=n_boot,
+                seed=seed,
+                groups=groups,
+            )
+        elif spec["task"] == "regression":
             y = np.asarray(samples.labels[test_idx], dtype=np.float64)
             result = regression_metrics(y, scores, n_boot=n_boot, seed=seed, groups=groups)
         else:

@@ -68,6 +68,9 @@ _LABELS = {
     "auroc": "AUROC",
     "auprc": "AUPRC",
     "brier": "Brier",
+    "c_index": "C-index",
+    "uno_c": "Uno's C",
+    "ibs": "IBS",
     "mae": "MAE",
     "rmse": "RMSE",
     "r2": "R²",
@@ -209,6 +212,7 @@ def compare(
     model_hash: str | None = None,
     extra: dict[str, Any] | None = None,
     unit: str = "groups",
+    scorer: Any = None,
 ) -> Comparison:
     """Paired differences of every non-baseline method to the strongest baseline.
 
@@ -228,6 +232,12 @@ def compare(
         Provenance and fields of the delta rows.
     unit
         What a bootstrap unit is, in words (for the verdict line).
+    scorer
+        ``scorer(y, scores, metrics, groups)`` → an object with ``names`` and
+        ``__call__(w)`` (every metric per weighting), for scores the built-in scorers do
+        not read (a survival task's ``[risk, S(t)...]``,
+        :class:`~healthfm.evaluate.survival.SurvivalContext`); None: classification or
+        regression.
 
     Returns
     -------
@@ -269,7 +279,12 @@ def compare(
             pairs += [(m, best, "best model") for m in real_models if m != best]
 
         # Metric values of every (method, seed) on the full sample and on every resample.
-        scorers = {(p.method, p.seed): _Scorer(y, p.scores, metrics, regression) for p in preds}
+        scorers = {
+            (p.method, p.seed): scorer(y, p.scores, metrics, groups)
+            if scorer is not None
+            else _Scorer(y, p.scores, metrics, regression)
+            for p in preds
+        }
         names = [m for m in metrics if all(m in s.names for s in scorers.values())]
         point = {key: s(np.ones((1, len(y)), dtype=np.int32)) for key, s in scorers.items()}
         boots: dict[tuple, dict[str, list[np.ndarray]]] = {
@@ -449,6 +464,20 @@ def compare_result(
     metrics = list(protocol.reported(rows.regression, len(rows.classes)))
     if primary not in metrics:
         metrics.insert(0, primary)
+    scorer = None
+    unit = f"{len(np.unique(groups))} test groups"
+    context = getattr(result, "survival", None)
+    if context is not None:  # y: test times; the scores carry risk and S(t)
+        from healthfm.evaluate.survival import bootstrap_units
+
+        event = np.asarray(rows.event)[te]
+        groups = bootstrap_units(groups)  # as the protocol's own intervals
+        if len(np.unique(groups)) < int(unit.split()[0]):
+            unit += f" in {len(np.unique(groups))} random clusters"
+
+        def scorer(y, scores, names, groups):
+            return context.scorer(y, event, scores, groups, names)
+
     return compare(
         predictions,
         np.asarray(rows.y)[te],
@@ -461,5 +490,6 @@ def compare_result(
         data_hash=rows.data_hash,
         model_hash=model_hash,
         extra={"modality": modality},
-        unit=f"{len(np.unique(groups))} test groups",
+        unit=unit,
+        scorer=scorer,
     )

@@ -146,7 +146,7 @@ def _label(task: str, method: str, info: dict, controls: dict) -> str:
     return method
 
 
-LOWER_IS_BETTER = {"brier", "log_loss", "mae", "rmse"}
+LOWER_IS_BETTER = {"brier", "log_loss", "mae", "rmse", "ibs"}
 
 
 def rows_from_metrics(

@@ -53,7 +53,11 @@ def shared_task_input(
 ) -> TaskInput:
     """One row per sample: the modality's split, per-sample labels, a temporary token store
     (removed when ``stack`` closes), read as ``model`` (any Encoder) reads its inputs."""
-    if samples.labels is None and type(modality).evaluation_rows is not Modality.evaluation_rows:
+    if (
+        samples.labels is None
+        and "survival" not in samples.info
+        and type(modality).evaluation_rows is not Modality.evaluation_rows
+    ):
         # Labels that are not per sample come through the modality's own evaluation rows;
         # without a task_input part, fine-tuning cannot pair them with samples.
         raise ConfigError(
@@ -61,7 +65,7 @@ def shared_task_input(
             "come through its own evaluation rows and it has no fine-tuning rows (task_input)",
             file=samples.source,
         )
-    if samples.labels is None:
+    if samples.labels is None and "survival" not in samples.info:
         require_labels(samples)  # raises the shared "no label column" error
     modality.check_input(samples, model.tokenizer)
     split_names = np.asarray(modality.split(samples, salt, tuple(fractions))).astype(str)
@@ -88,9 +92,11 @@ def task_data(
     ``few_shot``, ``seed``, ``class_weight``).
     """
     split_names = np.asarray(split_names).astype(str)
-    if samples.labels is None:
+    survival = samples.info.get("survival")
+    if samples.labels is None and survival is None:
         require_labels(samples)  # raises the shared "no label column" error
-    _check_missing(samples, split_names)
+    if survival is None:
+        _check_missing(samples, split_names)
     splits = {name: np.flatnonzero(split_names == name) for name in ("train", "val", "test")}
     if len(splits["train"]) == 0:
         raise DataError(
@@ -112,6 +118,16 @@ def task_data(
                 column=samples.label_column,
             )
         splits["train"], splits["val"], val_from_train = tr, va, True
+    if survival is not None:  # time and event: a Cox head
+        return _survival_task(
+            samples, splits, survival, config, pooling, salt, fractions, val_from_train
+        )
+    if config.task == "survival":
+        raise ConfigError(
+            "--task survival needs time-to-event labels (MEDS boolean_value + float_value, "
+            "or --time-column and --event-column)",
+            column="task",
+        )
     task = config.task or infer_task(
         samples.labels[np.concatenate([splits["train"], splits["val"]])],
         bool(samples.info.get("categorical_labels")),
@@ -167,6 +183,53 @@ def task_data(
 
 
 _task_data = task_data  # the former private name (tests)
+
+
+def _survival_task(
+    samples: Samples,
+    splits: dict[str, np.ndarray],
+    survival: dict[str, Any],
+    config: Any,
+    pooling: str,
+    salt: str,
+    fractions,
+    val_from_train: bool,
+) -> TaskData:
+    """A Cox head: targets ``[time, event]`` (float32, rows × 2); ``--few-shot k`` draws
+    k rows with an event and k censored rows from train and from val."""
+    from healthfm.evaluate.probe import few_shot_indices
+
+    if config.task not in (None, "survival"):
+        raise ConfigError(
+            f"these are time-to-event labels; --task {config.task} does not apply (use "
+            "--task survival, or leave it out)",
+            column="task",
+        )
+    time, event = np.asarray(survival["time"], float), np.asarray(survival["event"], bool)
+    if config.few_shot is not None:
+        k, seed = int(config.few_shot), config.seed
+        tr, va = splits["train"], splits["val"]
+        splits = {
+            **splits,
+            "train": tr[few_shot_indices(event[tr], k, seed)],
+            "val": va[few_shot_indices(event[va], k, seed + 10_000)],
+        }
+    if not event[splits["train"]].any():
+        raise DataError(
+            "no event in the train split; a Cox head cannot be fitted",
+            file=samples.source,
+            column=survival.get("event_column", "event"),
+        )
+    spec: dict[str, Any] = {
+        "task": "survival",
+        "pooling": pooling,
+        "label_column": samples.label_column,
+        "n_outputs": 1,
+        "classes": None,
+        "time_unit": "days",
+    }
+    targets = np.column_stack([time, event]).astype(np.float32)
+    return TaskData(samples, splits, spec, targets, None, salt, tuple(fractions), val_from_train)
 
 
 def _check_missing(samples: Samples, split_names: np.ndarray) -> None:

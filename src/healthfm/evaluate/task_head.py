@@ -2,8 +2,9 @@
 
 A task head is one linear layer on the backbone's pooled output: ``classification``
 (softmax over the classes, class-weighted cross-entropy), ``binary`` (one logit,
-``pos_weight``-balanced BCE) or ``regression`` (one output, MSE on the standardized
-target). Its spec (task, classes, pooling, target scaling, ``n_outputs``) is recorded in
+``pos_weight``-balanced BCE), ``regression`` (one output, MSE on the standardized
+target) or ``survival`` (one output, the log relative hazard; Cox's negative partial
+log-likelihood with Breslow's ties, the risk set being the batch's rows). Its spec (task, classes, pooling, target scaling, ``n_outputs``) is recorded in
 ``config.extra["task_head"]``, so :func:`healthfm.load` rebuilds the model strictly.
 
 Any other encoder (a published model) gets its head through
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from healthfm.errors import ConfigError, ModelError
 from healthfm.model.heads import FoundationModel, pool
 
-TASKS = ("classification", "binary", "regression")
+TASKS = ("classification", "binary", "regression", "survival")
 
 
 def task_spec(model: Any) -> dict[str, Any] | None:
@@ -134,7 +135,10 @@ _head_outputs = head_outputs  # the name benchmarks use
 
 
 def to_scores(raw: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
-    """Head outputs → class probabilities (n, n_classes) or regression values (n,)."""
+    """Head outputs → class probabilities (n, n_classes), regression values (n,) or
+    survival risks (n,: log relative hazard, higher is earlier)."""
+    if spec["task"] == "survival":
+        return raw[:, 0].astype(np.float64)
     if spec["task"] == "regression":
         return raw[:, 0] * spec["target_std"] + spec["target_mean"]
     if spec["task"] == "binary":
@@ -227,6 +231,8 @@ def loss_terms(spec: dict[str, Any], class_weights: np.ndarray | None, device: t
     gradients are exactly the one-process gradient.
     """
     task = spec["task"]
+    if task == "survival":
+        return lambda out, y: cox_partial_likelihood(out[:, 0].float(), y[:, 0], y[:, 1])
     if task == "regression":
         return lambda out, y: F.mse_loss(out[:, 0].float(), y, reduction="sum")
     if task == "binary":
@@ -246,8 +252,29 @@ def loss_terms(spec: dict[str, Any], class_weights: np.ndarray | None, device: t
     return lambda out, y: F.cross_entropy(out.float(), y, weight=weight, reduction="sum")
 
 
+def cox_partial_likelihood(risk: torch.Tensor, time: torch.Tensor, event: torch.Tensor):
+    """Cox's negative partial log-likelihood (Breslow's ties), summed over the events.
+
+    For each row with an event, ``risk_i - log Σ_{j: t_j >= t_i} exp(risk_j)``; the risk
+    sets are formed among the given rows (a minibatch: the usual stochastic Cox loss of
+    DeepSurv and its successors). :func:`normaliser` divides by the number of events.
+    """
+    order = torch.argsort(time, descending=True)
+    r, t, e = risk[order], time[order], event[order].float()
+    log_sum = torch.logcumsumexp(r, dim=0)
+    # Tied times share one risk set: everyone at or after the time, i.e. up to the last
+    # of the tie in this descending order.
+    _, counts = torch.unique_consecutive(t, return_counts=True)
+    last = torch.cumsum(counts, 0) - 1
+    log_sum = log_sum[torch.repeat_interleave(last, counts)]
+    return -(e * (r - log_sum)).sum()
+
+
 def normaliser(spec: dict[str, Any], class_weights: np.ndarray | None, y: np.ndarray) -> float:
-    """The denominator of the mean task loss of a batch with targets ``y``."""
+    """The denominator of the mean task loss of a batch with targets ``y`` (a survival
+    task: its number of events)."""
+    if spec["task"] == "survival":
+        return float(max(np.asarray(y)[:, 1].sum(), 1.0))
     if spec["task"] == "classification" and class_weights is not None:
         return float(np.asarray(class_weights, dtype=np.float64)[np.asarray(y)].sum())
     return float(len(y))
@@ -316,6 +343,11 @@ def init_head(
     torch.nn.init.zeros_(head.bias)
     if head_init == "random":
         return
+    if data.spec["task"] == "survival":
+        raise ConfigError(
+            "--head-init probe is not available for a survival head; use random",
+            column="head_init",
+        )
     spec = data.spec
     fit_idx = np.concatenate([data.splits["train"], data.splits["val"]])
     pooled = per_row(

@@ -371,7 +371,11 @@ def _prediction_figures(run: Run, meta: dict[str, Any], vs_base: list[dict]) -> 
     reference = meta.get("reference")
     models = [m for m in scores if m != reference and not _is_baseline_name(run, m)]
     shown = models[:2] + ([reference] if reference in scores else [])
-    if y is not None and shown:
+    if task_type == "survival":  # Kaplan-Meier of risk groups, time-dependent AUROC
+        from healthfm.report.survival_plots import survival_figures
+
+        figs += survival_figures(run.rows, meta, run.arrays, scores, shown)
+    elif y is not None and shown:
         for name in shown:
             if task_type == "regression":
                 uri = plots.predicted_vs_true(y, scores[name], name)
@@ -406,9 +410,17 @@ def _prediction_figures(run: Run, meta: dict[str, Any], vs_base: list[dict]) -> 
             {
                 "title": f"2-D map of the features ({method.upper()})",
                 "caption": f"{meta.get('map_rows', '')} rows (all splits), coloured by "
-                + ("target" if task_type == "regression" else "label")
+                + (
+                    "target"
+                    if task_type == "regression"
+                    else "follow-up time"
+                    if task_type == "survival"
+                    else "label"
+                )
                 + "; the model's embedding next to the strongest baseline's features.",
-                "uri": plots.embedding_maps(maps, classes, task_type == "regression", method),
+                "uri": plots.embedding_maps(
+                    maps, classes, task_type in ("regression", "survival"), method
+                ),
             }
         )
     heat = sorted((run.path / "heatmaps").glob("*.png"))[:MAX_HEATMAPS]

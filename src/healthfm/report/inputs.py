@@ -152,14 +152,16 @@ def save_inputs(
     primary: str | None,
     reference: str | None,
     info: dict[str, Any],
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``report_inputs.json`` and ``report_inputs.npz`` into ``out_dir``.
 
     ``scores``: method → test scores (first seed); ``maps``: method → (2-D coordinates,
-    colour value per mapped row: class index, or the target for a regression).
+    colour value per mapped row: class index, or the target for a regression);
+    ``arrays``: more named arrays (a survival task's ``event_test``).
     """
     out_dir = Path(out_dir)
-    arrays: dict[str, np.ndarray] = {"y_test": np.asarray(y_test)}
+    arrays = {"y_test": np.asarray(y_test), **(arrays or {})}
     methods = []
     for i, (name, s) in enumerate(scores.items()):
         arrays[f"scores_{i}"] = np.asarray(s, dtype=np.float32)
@@ -254,10 +256,17 @@ def run_inputs(
     maps = {m: (embedding_map(features[m].X[keep], method), colour) for m in chosen}
     regression = bool(rows.regression)
     n_classes = len(rows.classes)
+    survival = bool(getattr(rows, "survival", False))
+    more: dict[str, Any] = {}
+    extra_arrays: dict[str, np.ndarray] = {}
+    if survival:  # events of the test rows; risk-tertile cut-points fitted on train rows
+        extra_arrays["event_test"] = np.asarray(rows.event)[te]
+        more["risk_cuts"] = getattr(result, "cuts", {}) or {}
+    kind = "regression" if regression else ("binary" if n_classes == 2 else "multiclass")
     return save_inputs(
         out_dir,
         task=rows.task,
-        task_type="regression" if regression else ("binary" if n_classes == 2 else "multiclass"),
+        task_type="survival" if survival else kind,
         classes=[str(c) for c in rows.classes],
         y_test=np.asarray(rows.y)[te],
         scores=scores,
@@ -269,5 +278,7 @@ def run_inputs(
             "map_rows": len(keep),
             "split_counts": {s: int((rows.split == s).sum()) for s in ("train", "val", "test")},
             "provenance": provenance(model_dir, seeds, n_boot, data_hash=rows.data_hash),
+            **more,
         },
+        arrays=extra_arrays,
     )

@@ -39,8 +39,10 @@ from healthfm.modality import (
     Samples,
     _unit_interval,
     assign_splits,
+    attach_survival,
     next_power_of_two,
     register_modality,
+    survival_options,
 )
 from healthfm.singlecell import tl
 from healthfm.singlecell.baselines import BASELINES, highly_variable_genes, hvg_pca, log_normalize
@@ -181,9 +183,16 @@ class SingleCellModality(Modality):
                 column=given[0],
             )
         kwargs["layer"] = options.layer
+        survival = survival_options(options)
         if not isinstance(path, str | Path):
-            return samples_from_anndata(path, options.source, **kwargs)
-        return read_h5ad(path, backed=options.backed, **kwargs)
+            samples = samples_from_anndata(path, options.source, **kwargs)
+        else:
+            samples = read_h5ad(path, backed=options.backed, **kwargs)
+        if survival is not None:  # obs time and event columns: a time-to-event task
+            samples = attach_survival(
+                samples, *_obs_columns(path, survival, samples), *survival, options.task_type
+            )
+        return samples
 
     def fit_tokenizer(
         self, samples: Samples, train_idx: np.ndarray, options: SingleCellOptions
@@ -515,3 +524,27 @@ class SingleCellModality(Modality):
 
 
 register_modality(SingleCellModality())
+
+
+def _obs_columns(path: Any, columns: tuple[str, str], samples: Samples) -> list[np.ndarray]:
+    """The ``obs`` columns ``columns`` of an AnnData (or of an ``.h5ad``, read backed: obs
+    only), in the samples' cell order."""
+    import anndata
+
+    adata = path if not isinstance(path, str | Path) else anndata.read_h5ad(path, backed="r")
+    try:
+        out = []
+        for column in columns:
+            if column not in adata.obs.columns:
+                raise DataError(
+                    f"column {column!r} is not in obs (columns: {list(adata.obs.columns)})",
+                    file=samples.source,
+                    column=f"obs/{column}",
+                )
+            series = adata.obs[column]
+            values = series.to_numpy(dtype=object)
+            out.append(np.where(series.isna().to_numpy(), None, values))
+        return out
+    finally:
+        if isinstance(path, str | Path) and getattr(adata, "file", None) is not None:
+            adata.file.close()

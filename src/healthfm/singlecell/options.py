@@ -22,6 +22,18 @@ class SingleCellOptions(Options):
         "sources: the var column or var_names holding Ensembl ids where there is one)",
     )
     label_column: str | None = option(None, "obs column of cell labels (e.g. cell_type)")
+    task_type: str = option(
+        "auto",
+        "auto / survival: --time-column and --event-column make a time-to-event task; "
+        "classification / regression refuse them",
+        choices=("auto", "classification", "regression", "survival"),
+    )
+    time_column: str | None = option(
+        None, "obs column of follow-up times (days to the event or censoring) for a survival task"
+    )
+    event_column: str | None = option(
+        None, "obs column of event indicators (true/1: observed, false/0: censored)"
+    )
     group_column: str | None = option(
         None, "obs column of the split unit (donor, sample); default: each cell"
     )

@@ -132,6 +132,12 @@ def evaluate(
     if task:
         rows.task = task
     protocol = modality.evaluation_protocol(options)
+    if rows.survival:  # time-to-event: the Cox probe and survival metrics
+        from healthfm.evaluate.survival import describe_rows, survival_protocol
+
+        protocol = survival_protocol(protocol)
+        if echo:
+            print(describe_rows(rows))
     seeds = list(seeds) if seeds else list(protocol.seeds)
     report = Progress(
         "evaluate",
@@ -161,7 +167,9 @@ def evaluate(
         else:
             emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
             used = pooling or encoder.pooling
-        name, untrained = _method_name(modality, encoder, spec, used, rows.regression, features)
+        name, untrained = _method_name(
+            modality, encoder, spec, used, rows.regression, features, rows.survival
+        )
         origin = pretrained_on(training_info(encoder))
         features[name] = Features(
             emb,
@@ -175,7 +183,12 @@ def evaluate(
     if include_baselines:
         t = time.perf_counter()
         report.say("baselines ...")
-        for name, feats in modality.baseline_features(samples, rows).items():
+        baselines = modality.baseline_features(samples, rows)
+        if rows.survival:  # every baseline's features under the Cox probe
+            from healthfm.evaluate.survival import survival_features
+
+            baselines = survival_features(baselines)
+        for name, feats in baselines.items():
             # The same features under a ridge probe for a regression: say so in the name.
             features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
             report.say(
@@ -219,7 +232,7 @@ def evaluate(
         )
         result.rows += ft_rows
         result.scores.update(ft_scores)
-    if not rows.regression:  # k-NN and clustering rows score classes
+    if not rows.regression and not rows.survival:  # k-NN and clustering rows score classes
         result.rows += modality.extra_evaluations(
             {
                 "features": features,
@@ -294,10 +307,11 @@ def _method_name(
     pooling: str,
     regression: bool,
     taken: dict[str, Any],
+    survival: bool = False,
 ) -> tuple[str, str]:
     # "tiny-mean+logreg" and its untrained control's "tiny-untrained-mean+logreg"; two
     # models of the same name are told apart by their folders ("tiny@other-mean+logreg").
-    probe = "ridge" if regression else "logreg"
+    probe = "cox" if survival else "ridge" if regression else "logreg"
     # The modality's template names healthfm's own pretraining ("tiny-mae-cls+logreg"); a
     # published model is named by its entry alone ("phikon-cls+logreg").
     template = (

@@ -339,7 +339,7 @@ def finetune(
         line = ", ".join(
             f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
             for k, v in test_metrics.items()
-            if k in ("auroc", "balanced_accuracy", "r2", "rmse")
+            if k in ("auroc", "balanced_accuracy", "r2", "rmse", "c_index")
         )
         print(
             f"wrote {result.out}: best epoch {best_epoch} of {len(history)}, val loss "
@@ -650,7 +650,22 @@ def _score(
     test_idx = data.splits["test"]
     # Resample groups (identical sequences, a donor's cells), as evaluate does.
     groups = np.asarray(data.samples.groups)[test_idx].astype(str)
-    if data.spec["task"] == "regression":
+    if data.spec["task"] == "survival":  # Harrell's / Uno's C, td-AUROC of the risks
+        from healthfm.evaluate.survival import survival_metrics
+
+        time, event = data.targets[:, 0].astype(np.float64), data.targets[:, 1] > 0
+        fit = data.splits["train"]
+        metrics = survival_metrics(
+            time[test_idx],
+            event[test_idx],
+            scores,
+            train_time=time[fit],
+            train_event=event[fit],
+            n_boot=n_boot,
+            seed=seed,
+            groups=groups,
+        )
+    elif data.spec["task"] == "regression":
         y = np.asarray(data.samples.labels[test_idx], dtype=np.float64)
         metrics = regression_metrics(y, scores, n_boot=n_boot, seed=seed, groups=groups)
     else:
