@@ -870,8 +870,12 @@ class SurvivalProtocol:
         n_boot: int,
         model_hash: str | None,
         modality: str,
+        progress: Any = None,
     ):
-        """Fit and score the Cox probe of every method; one row per metric and seed."""
+        """Fit and score the Cox probe of every method; one row per metric and seed.
+
+        ``progress`` (a :class:`~healthfm.evaluate.progress.Progress`) counts the fits.
+        """
         import time as clock
 
         from healthfm.evaluate.paired import Prediction, is_control
@@ -893,6 +897,11 @@ class SurvivalProtocol:
         runs = [
             (k, seed) for k in ks for seed in (seeds if (k != "all" or self.resplit) else seeds[:1])
         ]
+        if progress is not None:
+            progress.start(
+                len(runs) * len(features),
+                plan=f"Cox probes: {len(features)} methods x {len(runs)} runs (k, seed)",
+            )
         for k, seed in runs:
             tr, va = self._splits(rows, seed)
             if k != "all":
@@ -914,6 +923,8 @@ class SurvivalProtocol:
                     context.grid,
                     refit=self.refit,
                 )
+                if progress is not None:
+                    progress.update(note=f"{method}, seed {seed}")
                 packed = np.column_stack([probe.risk, probe.surv])
                 scorer = context.scorer(rows.y[te], rows.event[te], packed, groups_te)
                 metric_ci = _bootstrapped(scorer, len(te), n_boot, seed, groups_te)
