@@ -257,7 +257,15 @@ def read_mhist(path: str | Path) -> TileSet:
             raise DataError(f"MHIST annotations lack column {col!r}", file=csv, column=col)
     image_dir = path / "images" if (path / "images").is_dir() else path
     names = table["Image Name"].cast(pl.Utf8).to_numpy().astype(str)
-    paths = np.array([str(image_dir / n) for n in names])
+    # An image name is a path inside the data set: '..', absolute or a link out is refused.
+    from healthfm.fsutil import confined
+
+    paths = np.array(
+        [
+            str(confined(image_dir, n, "image name", file=csv, column="Image Name", row=i))
+            for i, n in enumerate(names)
+        ]
+    )
     exists = np.array([Path(p).is_file() for p in paths])
     if not exists.all():
         bad = int(np.flatnonzero(~exists)[0])

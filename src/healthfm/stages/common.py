@@ -92,8 +92,37 @@ def is_healthfm_file(path: str | Path) -> bool:
     return False
 
 
-def check_output_file(out: str | Path, input_path: str | Path | None = None) -> Path:
-    """Refuse an output file path healthfm may not write: the input itself, or an
+def input_paths(*inputs: Any) -> tuple[Path, ...]:
+    """The paths a command reads, for :func:`healthfm.fsutil.check_not_input`: plain
+    paths, lists of them, and the folder of a ``NAME:DIR`` model spec (in-memory inputs and
+    ``None`` are skipped)."""
+    from healthfm.encoders.base import split_spec
+
+    found: list[Path] = []
+    for item in inputs:
+        if isinstance(item, list | tuple):
+            found.extend(input_paths(*item))
+        elif isinstance(item, str | Path) and str(item):
+            try:
+                found.append(Path(split_spec(item)[1]))
+            except ConfigError:  # an unknown NAME: the path as given
+                found.append(Path(item))
+        elif getattr(item, "folder", None) is not None:  # a loaded encoder
+            found.append(Path(item.folder))
+        elif getattr(item, "sources", None) is not None:  # a corpus
+            found.extend(input_paths(*[getattr(s, "path", None) for s in item.sources]))
+    return tuple(found)
+
+
+#: Output suffixes that name a file: such an --out that is an existing folder is refused.
+FILE_SUFFIXES = (".parquet", ".npy", ".h5ad", ".csv", ".json", ".html")
+
+
+def check_output_file(
+    out: str | Path, input_path: str | Path | None = None, model: Any = None
+) -> Path:
+    """Refuse an output file path healthfm may not write: an input (the data, the model
+    folder, whatever path or link leads to it), a folder where a file is named, or an
     existing file it did not write (a folder output, e.g. per-slide HDF5, passes).
 
     Raises
@@ -101,11 +130,16 @@ def check_output_file(out: str | Path, input_path: str | Path | None = None) -> 
     ConfigError
         Naming the path and what to do.
     """
+    from healthfm.fsutil import check_not_input, check_path_text
+
     out = Path(out)
-    on_disk = isinstance(input_path, str | Path)  # not an in-memory AnnData
-    if on_disk and out.exists() and out.resolve() == Path(input_path).resolve():
+    check_path_text(out)
+    # An in-memory AnnData or encoder is no path; the model folder is an input too.
+    check_not_input(out, input_paths(input_path, model), "--out")
+    if out.is_dir() and out.suffix.lower() in FILE_SUFFIXES:
         raise ConfigError(
-            "--out is the input itself; healthfm never replaces its input (choose another --out)",
+            f"--out names a {out.suffix} file but is an existing folder; give a file name "
+            "(healthfm never replaces a folder with a file)",
             file=out,
             column="out",
         )

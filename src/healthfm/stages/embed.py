@@ -123,7 +123,7 @@ def embed(
     Path
         What was written.
     """
-    out = check_output_file(out, input_path)
+    out = check_output_file(out, input_path, model_dir)
     if part_rows is not None and part_rows < 1:
         raise ConfigError(f"--part-rows must be positive, not {part_rows}", column="part_rows")
     dist = init_distributed(device)
@@ -187,6 +187,11 @@ def _embed(
             {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
              "rows": n, "part_rows": size}
         )  # fmt: skip
+    if not parts:  # "embedded 0 rows", exit 0, is no result
+        raise DataError(
+            "the input has no rows to embed (an empty file, or no label rows); nothing was written",
+            file=input_path if isinstance(input_path, str | Path) else None,
+        )
     plan = {
         "healthfm_embed": PLAN_FORMAT,
         "model_hash": attrs["model_hash"],

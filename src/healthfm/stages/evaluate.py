@@ -20,7 +20,7 @@ from healthfm.errors import ConfigError
 from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.results import ResultRow, write_results
-from healthfm.fsutil import check_output_parent
+from healthfm.fsutil import check_output_parent, owned_outputs
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
@@ -100,6 +100,8 @@ def evaluate(
     """
     t0 = time.perf_counter()
     out_dir = check_output_parent(out_dir, "evaluate --out folder")  # not a file: it gets files
+    with owned_outputs(out_dir, "the evaluate --out folder") as outputs:
+        outputs.claim(out_dir / "results.json")  # before any work: never a user's file
     specs = list(model_dir) if isinstance(model_dir, list | tuple) else [model_dir]
     specs = [m for m in specs if m is not None]
     encoders = [load_encoder(m, modality_name) for m in specs]
@@ -216,17 +218,18 @@ def evaluate(
         if r.extra.get("control") == UNTRAINED:
             r.model_hash = None
 
-    # Outputs.
-    write_results(out_dir / "results.json", result.rows + comparison.rows)
-    written = protocol.write_outputs(
-        out_dir,
-        result,
-        rows,
-        {"seeds": seeds, "n_boot": n_boot, "total_seconds": time.perf_counter() - t0},
-    )
-    written.append(
-        write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
-    )
+    # Outputs: only files healthfm wrote there are replaced; each is listed in the marker.
+    with owned_outputs(out_dir, "the evaluate --out folder"):
+        write_results(out_dir / "results.json", result.rows + comparison.rows)
+        written = protocol.write_outputs(
+            out_dir,
+            result,
+            rows,
+            {"seeds": seeds, "n_boot": n_boot, "total_seconds": time.perf_counter() - t0},
+        )
+        written.append(
+            write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
+        )
     if echo:
         for method, _, _encoder in model_methods:
             origin = features[method].extra.get("pretrained_on")

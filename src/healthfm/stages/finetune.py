@@ -59,12 +59,12 @@ from healthfm.evaluate.task_head import (
     to_scores,
     with_task_head,
 )
-from healthfm.fsutil import atomic_dir, check_output_dir
+from healthfm.fsutil import atomic_dir, check_output_dir, check_run_dir
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
-from healthfm.stages.common import check_split_source
+from healthfm.stages.common import check_split_source, input_paths
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
 from healthfm.train.trainer import TrainConfig, Trainer
@@ -188,6 +188,7 @@ def finetune(
     stop_at_epoch: int | None = None,
     device: str | None = None,
     strategy: str = "ddp",
+    overwrite: bool = False,
 ) -> FinetuneResult | None:
     """Fine-tune a model folder on the labelled input and write the result to ``out``.
 
@@ -228,6 +229,9 @@ def finetune(
     strategy
         Under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and
         optimizer state sharded over the processes).
+    overwrite
+        Start afresh over a run folder holding an earlier run's checkpoints (without it,
+        and without ``resume``, such a folder is refused: its checkpoints are kept).
 
     Returns
     -------
@@ -252,7 +256,9 @@ def finetune(
         )
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
-    check_output_dir(out, "model folder")  # before any work: never a user's folder
+    # Before any work: never a user's folder, nor the base or the data it reads.
+    check_output_dir(out, "model folder", inputs=input_paths(model_dir, input_path))
+    check_run_dir(run_dir, resume, overwrite)  # an interrupted run is never discarded silently
     # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
     base_spec = str(model_dir)
     base_name, model_dir = split_spec(base_spec)
