@@ -61,6 +61,16 @@ def _split_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _accept_split_change(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accept-split-change",
+        action="store_true",
+        help="score a model on its own pretraining data with another split than it was "
+        "pretrained with (salt, fractions, group column, split file): refused without it, "
+        "recorded in the results with it",
+    )
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
@@ -275,6 +285,7 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         help="skip the controls (the model untrained; the model with the strongest baseline)",
     )
     _split_options(p)
+    _accept_split_change(p)
 
     p = sub.add_parser("demo", help="pretrain, embed and evaluate on the bundled real data")
     p.add_argument("--modality", default="dna", choices=names)
@@ -384,6 +395,7 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="start afresh, discarding an earlier run's epoch checkpoints in the run folder",
     )
+    _accept_split_change(p)
     p.add_argument(
         "--stop-at-epoch",
         type=POSITIVE,
@@ -460,6 +472,7 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         run_dir=run_dir,
         resume=args.resume,
         overwrite=args.overwrite,
+        accept_split_change=args.accept_split_change,
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
         strategy=args.strategy,
@@ -684,6 +697,7 @@ def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | Non
             include_baselines=not args.no_baselines,
             finetuned=args.finetuned or (),
             controls=not args.no_controls,
+            accept_split_change=args.accept_split_change,
         )
     elif args.command == "finetune":
         _run_finetune(args, opts)
@@ -812,12 +826,30 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
+class Terminated(SystemExit):
+    """SIGTERM outside training (which checkpoints on it): unwind, so every partial output
+    is removed by the code that made it, then exit 128 + 15."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: typed errors become one clear line and exit code 2;
     any other error one line too (exit 1), its traceback in a log file it names."""
     argv = sys.argv[1:] if argv is None else argv
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(argv)
+    except Terminated as exc:
+        print("healthfm: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
+        return int(exc.code)
     except TrainingInterrupted as exc:  # checkpointed on SIGTERM / SIGUSR1: resumable
         print(f"healthfm: {exc}", file=sys.stderr)
         return 128 + exc.signal if exc.signal else 1
@@ -842,6 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         # Under torchrun an error can leave the process group up; free it before exit
         # (see healthfm.train.distributed.shutdown), without waiting for the other ranks.
         dist = sys.modules.get("torch.distributed")

@@ -32,6 +32,7 @@ from healthfm.modality import (
 )
 from healthfm.report import write_run_report
 from healthfm.stages.common import (
+    check_split_change,
     check_split_source,
     finetuned_folders,
     split_of_models,
@@ -56,6 +57,7 @@ def evaluate(
     echo: bool = True,
     finetuned=(),
     controls: bool = True,
+    accept_split_change: bool = False,
 ) -> list[ResultRow]:
     """Probe a model's embeddings next to the modality's baselines on the same rows.
 
@@ -91,6 +93,11 @@ def evaluate(
     finetuned
         Fine-tuned model / LoRA adapter folders whose own task-head predictions are scored
         on the same test rows (a fine-tuned ``model_dir`` adds its own).
+    accept_split_change
+        Score a model on its own pretraining data with a split other than the one it was
+        pretrained with (salt, fractions, group column, split file); refused without it
+        (:func:`~healthfm.stages.common.check_split_change`); every row then records it in
+        ``split_change_accepted``.
 
     Returns
     -------
@@ -122,8 +129,13 @@ def evaluate(
     # The rows the task is scored on, their split and targets.
     check_input_modality(modality, input_path, model=bool(encoders))
     samples = modality.read(input_path, options)
-    for encoder in encoders:
+    changed: list[str] = []  # a split other than the model's on its own data, accepted
+    for spec, encoder in zip(specs, encoders, strict=True):
         check_split_source(encoder, modality, samples)
+        fields = check_split_change(
+            encoder, modality, samples, salt, fractions, options, accept_split_change
+        )
+        changed += [f"{spec}: {f}" for f in fields]
     rows = modality.evaluation_rows(samples, options, salt, fractions, ft_dirs)
     if task:
         rows.task = task
@@ -218,6 +230,9 @@ def evaluate(
         if r.extra.get("control") == UNTRAINED:
             r.model_hash = None
 
+    if changed:  # every row says its test split may hold pretraining samples
+        for row in result.rows + comparison.rows:
+            row.extra["split_change_accepted"] = "; ".join(changed)
     # Outputs: only files healthfm wrote there are replaced; each is listed in the marker.
     with owned_outputs(out_dir, "the evaluate --out folder"):
         write_results(out_dir / "results.json", result.rows + comparison.rows)

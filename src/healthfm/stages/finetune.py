@@ -64,7 +64,7 @@ from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modal
 from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
-from healthfm.stages.common import check_split_source, input_paths
+from healthfm.stages.common import check_split_change, check_split_source, input_paths
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
 from healthfm.train.trainer import TrainConfig, Trainer
@@ -189,6 +189,7 @@ def finetune(
     device: str | None = None,
     strategy: str = "ddp",
     overwrite: bool = False,
+    accept_split_change: bool = False,
 ) -> FinetuneResult | None:
     """Fine-tune a model folder on the labelled input and write the result to ``out``.
 
@@ -232,6 +233,9 @@ def finetune(
     overwrite
         Start afresh over a run folder holding an earlier run's checkpoints (without it,
         and without ``resume``, such a folder is refused: its checkpoints are kept).
+    accept_split_change
+        Fine-tune on the model's own pretraining data with another split (refused without
+        it); the written folder's provenance records ``split_change_accepted``.
 
     Returns
     -------
@@ -283,6 +287,9 @@ def finetune(
     check_input_modality(modality, input_path)
     samples = modality.read(input_path, options)
     check_split_source(model_dir, modality, samples)
+    split_changed = check_split_change(
+        model_dir, modality, samples, salt, fractions, options, accept_split_change
+    )
     with contextlib.ExitStack() as stack:
         # The rows, their split and targets: the modality's own rows, or one per sample.
         task_input = modality.task_input(samples, options, base, salt, fractions)
@@ -340,6 +347,8 @@ def finetune(
     provenance = _provenance(
         result, config, base_spec, base, data, task_input.info, salt, fractions
     )
+    if split_changed:  # a split other than the base's pretraining split, accepted knowingly
+        provenance["split_change_accepted"] = split_changed
     _write(final, peft_model, result.out, base, base_spec, data.spec, config, info, provenance)
     if echo:
         line = ", ".join(
