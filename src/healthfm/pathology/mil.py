@@ -206,8 +206,8 @@ def _find_h5(features_dir: Path, slide_id: str, where: dict[str, Any] | None = N
     slide id leading outside it (``..``, absolute, a link) is a DataError naming the row."""
     from healthfm.fsutil import confined
 
-    for sub in (".", "patches", "features"):
-        cand = confined(features_dir, f"{sub}/{slide_id}.h5", "slide id", **(where or {}))
+    for sub in (features_dir, features_dir / "patches", features_dir / "features"):
+        cand = confined(sub, f"{slide_id}.h5", "slide id", **(where or {}))
         if cand.is_file():
             return cand
     return None
@@ -348,7 +348,7 @@ def _evaluate_slides(
         h5 = _find_h5(features_dir, sid, {"file": labels_csv, "column": slide_column, "row": row})
         if h5 is None:
             raise DataError(
-                f"no features file {sid}.h5 for slide {sid!r}",
+                f"no features file {sid}.h5 for slide {str(sid)!r}",
                 file=features_dir,
                 column=slide_column,
                 row=row,
