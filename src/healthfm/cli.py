@@ -771,6 +771,28 @@ def _info(model_dir: str | None) -> None:
                 f"{name:<8} {p['d_model']:>7} {p['n_layers']:>6} {p['n_heads']:>5} {p['d_ff']:>5}   {n / 1e6:.2f} M"
             )
         return
+    from healthfm.encoders import split_spec
+
+    name, folder = split_spec(model_dir)
+    if name != "healthfm":  # NAME:DIR of a published model: its loader reads the folder
+        from healthfm.encoders import load_encoder
+
+        if not folder.is_dir():
+            raise ConfigError(
+                f"the {name} model folder does not exist", file=folder, column="model"
+            )
+        enc = load_encoder(model_dir)
+        facts = {
+            "name": enc.name,
+            "modality": enc.modality,
+            "dim": enc.dim,
+            "pooling": enc.pooling,
+            "max_len": enc.max_len,
+            "folder": str(folder),
+            "model_hash": enc.model_hash,
+        }
+        print(json.dumps(facts, indent=2, default=str))
+        return
     from healthfm.loader import load
 
     model = load(model_dir)

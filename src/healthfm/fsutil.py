@@ -730,36 +730,6 @@ def check_run_dir(
         )
 
 
-# ---------------------------------------------------------------- pickles
-def torch_load_tensors(path: str | Path, error: type = ModelError) -> Any:
-    """``torch.load(path, weights_only=True)``; a file that wants to run code (pickles
-    anything but tensors and plain containers) is refused in those words, never with
-    torch's advice to load it with ``weights_only=False``.
-
-    Raises
-    ------
-    error
-        (a :class:`~healthfm.errors.ModelError` by default) naming the file.
-    """
-    import pickle
-    import re
-
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)|global[: ]+([\w.]+)", str(exc))
-        name = next((g for g in (found.groups() if found else ()) if g), None)
-        what = f" ({name})" if name else ""
-        raise error(
-            f"the file wants to run code{what} when it is read and is refused: healthfm "
-            "reads only tensors from a pickle (convert it to safetensors, or re-save the "
-            "state dict alone)",
-            file=path,
-        ) from None
-
-
 # ---------------------------------------------------------------- results folders
 class _Ledger:
     """The files healthfm wrote into a folder it does not own, kept in the folder's

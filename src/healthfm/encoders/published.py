@@ -117,7 +117,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            from healthfm.fsutil import torch_load_tensors
+            from healthfm.model.pretrained import torch_load_tensors
 
             state = torch_load_tensors(path)
     except ModelError:

@@ -18,7 +18,7 @@ import torch
 
 from healthfm.errors import DataError
 from healthfm.fsutil import json_hash, sha256_file
-from healthfm.pathology.reader import IMAGE_SUFFIXES, check_rgb, read_image
+from healthfm.pathology.reader import IMAGE_SUFFIXES, check_rgb, check_tile_size, read_image
 from healthfm.pathology.tokenizer import resize_batch
 
 #: Kather 2016 file names: "<tile id>_<source image>.tif_Row_<r>_Col_<c>.tif".
@@ -96,7 +96,8 @@ class TileSet:
                 raise DataError(
                     f"cannot read PatchCamelyon tiles: {exc}", file=path, column="x"
                 ) from exc
-            check_rgb(data[0] if len(data) else np.zeros((1, 1, 3), np.uint8), path)
+            if len(data):
+                check_tile_size(check_rgb(data[0], path), path)
             tiles = torch.from_numpy(data)
             if tiles.shape[1] != size:
                 tiles = resize_batch(tiles, size)

@@ -22,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from healthfm.errors import CheckpointError
-from healthfm.fsutil import atomic_dir, sha256_file, torch_load_tensors
+from healthfm.fsutil import atomic_dir, sha256_file
+from healthfm.model.pretrained import torch_load_tensors
 
 STATE_NAME = "trainer_state.json"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
