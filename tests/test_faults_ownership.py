@@ -116,7 +116,9 @@ def test_a_users_file_in_a_healthfm_folder_is_refused_by_name(tmp_path, capsys):
 def test_marker_lists_every_file_it_wrote(tmp_path):
     assert _run(["tokenize", "dna", promoters(), "--out", tmp_path / "s"])[0] == 0
     marker = json.loads((tmp_path / "s" / MARKER_NAME).read_text())
-    on_disk = {str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("*") if p.is_file()}
+    on_disk = {
+        str(p.relative_to(tmp_path / "s")) for p in (tmp_path / "s").rglob("*") if p.is_file()
+    }
     assert set(marker["files"]) == on_disk - {MARKER_NAME}
 
 
@@ -221,7 +223,7 @@ def test_tile_never_replaces_a_file_it_did_not_write(tmp_path):
     (out / "thumbnails" / "s1.png").write_bytes(b"mine")
     from healthfm.fsutil import atomic_write_bytes
 
-    with pytest.raises(ConfigError, match="thumbnails/s1.png"):  # noqa: SIM117
+    with pytest.raises(ConfigError, match=r"thumbnails/s1\.png"):
         with owned_outputs(out, "the tile --out folder", ours=is_healthfm_file):
             atomic_write_bytes(out / "thumbnails" / "s1.png", b"tile's")
     assert (out / "thumbnails" / "s1.png").read_bytes() == b"mine"
@@ -502,7 +504,7 @@ def test_split_file_content_is_compared(tmp_path):
     class Samples:
         source = str(tmp_path / "meds")
         data_hash = "d" * 64
-        info: dict = {}
+        info = None
 
     model = tmp_path / "model"
     model.mkdir()
@@ -512,7 +514,7 @@ def test_split_file_content_is_compared(tmp_path):
         "split_source": {"source": "metadata/subject_splits.parquet", "sha256": "a" * 64},
     }))  # fmt: skip
     assert split_changes(model, Modality("a" * 64), Samples(), None, None) == []
-    (field, then, now), = split_changes(model, Modality("b" * 64), Samples(), None, None)
+    ((field, then, now),) = split_changes(model, Modality("b" * 64), Samples(), None, None)
     assert field.startswith("split_source") and then == "a" * 64 and now == "b" * 64
     # A corpus model evaluated on another data set (transfer): never refused.
     Samples.data_hash, Samples.source = "e" * 64, str(tmp_path / "elsewhere")
@@ -548,24 +550,258 @@ def test_check_output_dir_unit(tmp_path):
         check_output_dir(tmp_path / "old")  # a marker that lists nothing owns nothing
 
 
+# ------------------------------------------------------------------ 4. readers: garbage in
+def _h5ad(path: Path, X, mutate=None) -> Path:
+    import anndata as ad
+    import h5py
+    import pandas as pd
+
+    n, g = X.shape
+    obs = pd.DataFrame({"label": ["a", "b"] * (n // 2)}, index=[f"c{i}" for i in range(n)])
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(g)])).write_h5ad(path)
+    if mutate is not None:
+        with h5py.File(path, "r+") as handle:
+            mutate(handle)
+    return path
+
+
+def _counts(n=20, g=12):
+    X = np.random.default_rng(0).poisson(2, (n, g)).astype(np.float32)
+    X[:, 0] += 1
+    return X
+
+
+def _bad_indices(handle):
+    idx = handle["X/indices"][:]
+    idx[3] = 10**6
+    handle["X/indices"][...] = idx
+
+
+def _no_attrs(handle):
+    for key in list(handle["X"].attrs):
+        del handle["X"].attrs[key]
+
+
+def _byte_strings(handle):
+    shape = handle["X"].shape
+    del handle["X"]
+    handle.create_dataset("X", data=np.full(shape, b"1"))
+    handle["X"].attrs["encoding-type"] = "array"
+    handle["X"].attrs["encoding-version"] = "0.2.0"
+
+
+H5AD_CASES = {
+    "complex": (lambda: _counts().astype(np.complex64) + 1j, None, "complex"),
+    "overflow 3e38": (lambda: _huge(), None, "beyond"),
+    "sparse index out of range": (lambda: _sparse(_counts()), _bad_indices, "out of range"),
+    "missing X": (lambda: _sparse(_counts()), lambda h: h.__delitem__("X"), "X"),
+    "X without encoding": (lambda: _sparse(_counts()), _no_attrs, "cannot read"),
+    "byte strings": (lambda: _counts(), _byte_strings, "not numbers"),
+}
+
+
+def _sparse(X):
+    import scipy.sparse as sp
+
+    return sp.csr_matrix(X)
+
+
+def _huge():
+    X = _counts()
+    X[:, 1] = 3e38
+    return _sparse(X)
+
+
+@pytest.mark.parametrize("case", list(H5AD_CASES))
+def test_malformed_h5ad_is_one_clear_line(tmp_path, case, capsys):
+    make, mutate, words = H5AD_CASES[case]
+    path = _h5ad(tmp_path / "bad.h5ad", make(), mutate)
+    before = tree(tmp_path)
+    rc, err = _run(["pretrain", "singlecell", path, "--out", tmp_path / "m", *FAST], capsys)
+    assert rc == 2 and words in err and str(path) in err and one_line(err), err
+    assert tree(tmp_path) == before  # no model, no run folder, no lock, no .parts
+
+
+def test_float16_h5ad_is_read_exactly(tmp_path):
+    from healthfm.modality import get_modality
+
+    X = _counts()
+    m = get_modality("singlecell")
+    half = m.read(_h5ad(tmp_path / "h.h5ad", X.astype(np.float16)), {})
+    full = m.read(_h5ad(tmp_path / "f.h5ad", X), {})
+    np.testing.assert_array_equal(half.payload.totals, full.payload.totals)
+
+
+def _labels(path: Path, rows) -> Path:
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(
+        {
+            "subject_id": pa.array([r[0] for r in rows], pa.int64()),
+            "prediction_time": pa.array(
+                [dt.datetime(2020, 1, 1) + dt.timedelta(days=r[1]) for r in rows],
+                pa.timestamp("us"),
+            ),
+            "boolean_value": pa.array([r[2] for r in rows], pa.bool_()),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def test_labels_with_opposite_values_for_one_prediction_time(tmp_path):
+    from healthfm.ehr.reader import read_labels
+
+    path = _labels(tmp_path / "l.parquet", [(1, 0, True), (2, 0, False), (1, 0, False)])
+    with pytest.raises(DataError, match="different labels") as err:
+        read_labels(path)
+    assert err.value.column == "boolean_value" and err.value.row == 2
+    read_labels(_labels(tmp_path / "ok.parquet", [(1, 0, True), (1, 1, False)]))
+
+
+def test_an_empty_label_file_is_an_error_not_zero_rows(tmp_path):
+    from healthfm.ehr.reader import read_labels
+
+    with pytest.raises(DataError, match="no rows"):
+        read_labels(_labels(tmp_path / "l.parquet", []))
+
+
+def test_a_1x1_tile_is_refused(tmp_path):
+    from PIL import Image
+
+    from healthfm.pathology.reader import read_image
+
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(tmp_path / "t.png")
+    with pytest.raises(DataError, match="1 × 1 pixels"):
+        read_image(tmp_path / "t.png")
+
+
+def test_huge_config_dimensions_are_refused_before_allocating(tmp_path):
+    import resource
+
+    from healthfm.errors import ModelError
+    from healthfm.model.pretrained import load, save_pretrained
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import tiny_model
+
+    folder = tmp_path / "m"
+    save_pretrained(tiny_model(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(d_model=1 << 16, d_ff=1 << 20, vocab_size=1 << 20)
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = json.loads((folder / MARKER_NAME).read_text())
+    digest = hashlib.sha256((folder / "config.json").read_bytes()).hexdigest()
+    marker["sha256"]["config.json"] = digest
+    (folder / MARKER_NAME).write_text(json.dumps(marker))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match="does not describe these weights"):
+        load(folder)  # 64 GiB of token table if it were allocated
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20  # < 1 GiB
+
+
+def test_info_of_a_published_folder(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from nt_folders import write_folder
+
+    folder = write_folder(tmp_path / "nt")
+    rc = main(["info", f"nucleotide-transformer:{folder}"])
+    out = capsys.readouterr().out
+    assert rc == 0 and '"modality": "dna"' in out
+    rc, err = _run(["info", f"nucleotide-transformer:{tmp_path / 'absent'}"], capsys)
+    assert rc == 2 and "nucleotide-transformer model folder does not exist" in err
+    # And that published folder is a user's folder: pretrain --out never replaces it.
+    before = tree(folder)
+    rc, err = _run(["pretrain", "dna", promoters(), "--out", folder, *FAST], capsys)
+    assert rc == 2 and tree(folder) == before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_baselines_and_controls_fit_on_empty_constant_and_missing_columns(seed):
+    """The MEDS-Tab crash: a column with no observed value in a few-shot subset reached the
+    trees' binning ('window shape cannot be larger than input array shape')."""
+    from healthfm.ehr.evaluation import _fit_gbm, _fit_gbm_regressor
+    from healthfm.evaluate.controls import _gbm_validation
+
+    rng = np.random.default_rng(seed)
+    n = 48
+    y = np.arange(n) % 2
+    X = rng.normal(size=(n, 5))
+    X[:, 0] = np.nan  # never observed
+    X[:, 1] = 3.0  # constant
+    X[: n // 2, 2] = np.nan  # observed only in some rows
+    X[5, 3] = np.inf
+    tr, va = np.arange(0, 32), np.arange(32, n)
+    for cols in (slice(None), [0], [0, 1]):  # all-missing only; constant only
+        Z = X[:, cols]
+        score = _gbm_validation(Z, y, tr, va, regression=False, seed=seed)
+        assert np.isfinite(score)
+        proba, _ = _fit_gbm(Z[tr], y[tr], Z[va], y[va], Z[va], seed=seed)
+        assert proba.shape == (len(va), 2) and np.isfinite(proba).all()
+        pred, _ = _fit_gbm_regressor(Z[tr], y[tr] * 1.0, Z[va], y[va] * 1.0, Z[va], seed=seed)
+        assert np.isfinite(pred).all()
+    empty = np.zeros((n, 0))
+    assert np.isfinite(_gbm_validation(empty, y, tr, va, regression=False, seed=seed))
+
+
 def test_fault_class_count():
     """The classes of fault this suite injects (for the report): each one is asserted."""
     assert len(FAULT_CLASSES) == len(set(FAULT_CLASSES))
 
 
 FAULT_CLASSES = [
-    "lookalike model folder as --out", "user file inside healthfm folder", "input as --out",
-    "input via symlink as --out", "input inside --out", "NAME:DIR base as --out",
-    "checkpoints without --resume (pretrain)", "checkpoints without --resume (finetune)",
-    "evaluate over a user's results.json", "report over a user's page",
-    "tile over a user's thumbnail", "embed --out is a folder", "non-UTF-8 --out",
-    "read-only --out (chmod)", "EROFS", "ENOSPC", "EACCES", "full disk before work",
-    "OSError during work", "unexpected exception", "concurrent run (same process)",
-    "concurrent run (other process)", "kill -9 holding the lock", "SIGTERM preparing",
+    "lookalike model folder as --out",
+    "user file inside healthfm folder",
+    "input as --out",
+    "input via symlink as --out",
+    "input inside --out",
+    "NAME:DIR base as --out",
+    "checkpoints without --resume (pretrain)",
+    "checkpoints without --resume (finetune)",
+    "evaluate over a user's results.json",
+    "report over a user's page",
+    "tile over a user's thumbnail",
+    "embed --out is a folder",
+    "non-UTF-8 --out",
+    "read-only --out (chmod)",
+    "EROFS",
+    "ENOSPC",
+    "EACCES",
+    "full disk before work",
+    "OSError during work",
+    "unexpected exception",
+    "concurrent run (same process)",
+    "concurrent run (other process)",
+    "kill -9 holding the lock",
+    "SIGTERM preparing",
     "SIGTERM training",
-    "slide id ..", "slide id absolute", "slide id symlink", "MHIST image name ..",
-    "tile source outside", "corpus source name ..", "changed split salt",
-    "changed split file", "transfer not refused", "pickle that runs code",
+    "slide id ..",
+    "slide id absolute",
+    "slide id symlink",
+    "MHIST image name ..",
+    "tile source outside",
+    "corpus source name ..",
+    "changed split salt",
+    "changed split file",
+    "transfer not refused",
+    "pickle that runs code",
     "marker without file list",
+    "complex h5ad",
+    "3e38 counts",
+    "sparse index out of range",
+    "missing X",
+    "X without encoding",
+    "byte-string X",
+    "float16 X",
+    "duplicate opposite labels",
+    "empty label file",
+    "1x1 tile",
+    "huge config.json",
+    "info NAME:DIR",
+    "GBM on all-missing columns",
+    "GBM on constant columns",
+    "GBM on no columns",
 ]
-np.random.default_rng(0)  # keep numpy imported for the readers' tests below
