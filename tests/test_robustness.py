@@ -90,7 +90,11 @@ def test_own_outputs_are_replaced_and_a_lookalike_never(tmp_path, capsys):
     (old / "README.md").write_text("published")
     rc, err = _run(["pretrain", "dna", promoters(), "--out", old, *FAST], capsys)
     assert rc == 2 and "not written by healthfm" in err
-    assert sorted(p.name for p in old.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in old.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _run(["tokenize", "dna", promoters(), "--out", empty])[0] == 0

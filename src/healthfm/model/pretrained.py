@@ -175,8 +175,9 @@ def check_shapes_first(config: ModelConfig, weights: Path) -> None:
                 file=weights.parent / CONFIG_NAME,
                 column=name,
             )
-    implied, held = sum(int(np.prod(s)) for s in shapes.values()), sum(
-        int(np.prod(s)) for s in stored.values()
+    implied, held = (
+        sum(int(np.prod(s)) for s in shapes.values()),
+        sum(int(np.prod(s)) for s in stored.values()),
     )
     if implied > 2 * held + (1 << 20):
         raise ModelError(
