@@ -482,6 +482,18 @@ def test_another_split_salt_on_pretraining_data_is_refused(tmp_path, dna_model, 
     assert rc == 2 and "split_salt" in err
 
 
+def test_another_group_column_on_pretraining_data_is_refused(tmp_path, capsys):
+    data = ROOT / "src" / "healthfm" / "data" / "singlecell" / "pbmc68k_counts.h5ad"
+    model = tmp_path / "sc"
+    argv = ["pretrain", "singlecell", data, "--out", model, "--group-column", "phase",
+            "--max-length", "64", *FAST]  # fmt: skip
+    assert _run(argv)[0] == 0
+    rc, err = _run(["evaluate", model, data, "--out", tmp_path / "r", "--label-column",
+                    "bulk_labels", "--n-boot", "0"], capsys)  # fmt: skip
+    assert rc == 2 and "group_column" in err and "--group-column phase" in err and one_line(err)
+    assert not (tmp_path / "r").exists()
+
+
 def test_another_data_set_is_a_transfer_and_not_refused(tmp_path, dna_model):
     table = pl.read_csv(promoters(), separator="\t")
     other = tmp_path / "other.tsv"
@@ -786,6 +798,7 @@ FAULT_CLASSES = [
     "corpus source name ..",
     "changed split salt",
     "changed split file",
+    "changed group column",
     "transfer not refused",
     "pickle that runs code",
     "marker without file list",

@@ -248,11 +248,16 @@ def check_split_change(
     if not changes or accept:
         return [name for name, _, _ in changes]
     name, then, now = changes[0]
+    field = name.split(" ")[0]
+    fix = {
+        "split_salt": f"--split-salt {then}",
+        "group_column": f"--group-column {then}" if then else "no --group-column",
+        "split_fractions": "the model's fractions",
+    }.get(field, "the split file it recorded")
     raise ConfigError(
         f"the model was pretrained on this data with {name} {then!r}, this run uses {now!r}: "
-        "its test split would hold samples the model was pretrained on; use the model's split "
-        "(drop the option, or restore the file), or pass --accept-split-change to score it "
-        "knowingly (the results then record it)",
+        f"its test split would hold samples the model was pretrained on; use {fix}, or pass "
+        "--accept-split-change to score it knowingly (the results then record it)",
         file=getattr(samples, "source", None) if isinstance(samples.source, str | Path) else None,
         column=name.split(" ")[0],
     )
