@@ -52,7 +52,8 @@ def split_of_models(
         raise ConfigError(
             "the models were pretrained on different splits "
             f"({'; '.join(f'salt {s!r} {f}' for s, f in sorted(recorded))}); no test split is "
-            "held out from all of them: pass --split-salt to choose one knowingly"
+            "held out from all of them: pass --split-salt to choose one knowingly (with "
+            "--accept-split-change, since the others were pretrained on part of its test split)"
         )
     if salt is None and recorded:
         salt, recorded_fractions = next(iter(recorded))
