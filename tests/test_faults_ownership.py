@@ -171,6 +171,8 @@ def test_interrupted_run_checkpoints_are_kept_without_resume_or_overwrite(tmp_pa
     assert rc == 2 and "--resume" in err and "--overwrite" in err and one_line(err)
     assert tree(run) == before and not out.exists()
     assert _run([*args, "--resume"])[0] == 0 and (out / "model.safetensors").is_file()
+    # A finished run's checkpoints are no unfinished work: the same command runs again.
+    assert _run(args)[0] == 0
     # --overwrite discards them knowingly (and finishes a fresh run).
     assert _run([*args, "--stop-at", "2", "--overwrite", "--seed", "1"])[0] == 0
 

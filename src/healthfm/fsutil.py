@@ -707,20 +707,41 @@ def output_lock(out: str | Path, what: str = "--out") -> Iterator[Path]:
 
 # ---------------------------------------------------------------- run folders
 def check_run_dir(
-    run_dir: str | Path | None, resume: bool, overwrite: bool, what: str = "run folder"
-) -> None:
-    """Refuse to start afresh over a run folder holding checkpoints, unless ``resume``
-    (continue it) or ``overwrite`` (discard it knowingly) is given.
+    run_dir: str | Path | None,
+    resume: bool,
+    overwrite: bool,
+    what: str = "run folder",
+    out: str | Path | None = None,
+) -> bool:
+    """Refuse to start afresh over a run folder holding the checkpoints of an interrupted
+    run, unless ``resume`` (continue it) or ``overwrite`` (discard it knowingly) is given.
+
+    A run that finished wrote its result, ``out`` (a folder with healthfm's marker, written
+    after its last checkpoint): its checkpoints are no unfinished work, and a new run may
+    start afresh over them.
+
+    Returns
+    -------
+    bool
+        Whether a fresh start should discard the checkpoints there (``overwrite``, or a
+        finished run's).
 
     Raises
     ------
     ConfigError
         Naming the run folder and the two flags.
     """
-    if run_dir is None or resume or overwrite:
-        return
+    if run_dir is None or resume:
+        return False
     root = Path(run_dir) / "checkpoints"
-    found = sorted(p.name for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    found = [p for p in root.glob("step-*") if p.is_dir()] if root.is_dir() else []
+    if not found or overwrite:
+        return bool(found)
+    latest = max(p.stat().st_mtime for p in found)
+    result = Path(out) / MARKER_NAME if out is not None else None
+    if result is not None and result.is_file() and result.stat().st_mtime >= latest:
+        return True  # finished: its model folder was written after its last checkpoint
+    found = sorted((p.name for p in found), key=lambda n: (len(n), n))
     if found:
         raise ConfigError(
             f"the {what} holds the checkpoints of an earlier run ({len(found)}, latest "

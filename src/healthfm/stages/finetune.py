@@ -262,7 +262,7 @@ def finetune(
     config = config or FinetuneConfig()
     # Before any work: never a user's folder, nor the base or the data it reads.
     check_output_dir(out, "model folder", inputs=input_paths(model_dir, input_path))
-    check_run_dir(run_dir, resume, overwrite)  # an interrupted run is never discarded silently
+    check_run_dir(run_dir, resume, overwrite, out=out)  # an interrupted run is kept
     # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
     base_spec = str(model_dir)
     base_name, model_dir = split_spec(base_spec)

@@ -128,9 +128,9 @@ def pretrain(
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("the run folder exists and is a file", file=run_dir, column="run_dir")
-    check_run_dir(run_dir, resume, overwrite)  # an interrupted run is never discarded silently
-    if overwrite and not resume and init_distributed().is_main:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # discarded knowingly
+    # An interrupted run is never discarded silently; a finished one's checkpoints may go.
+    if check_run_dir(run_dir, resume, overwrite, out=out) and init_distributed().is_main:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     for path in _input_paths(input_path):
         check_input_modality(modality, path, model=False)
     new_run_dir = not run_dir.exists()
