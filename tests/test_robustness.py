@@ -76,18 +76,25 @@ def test_out_at_a_file_is_refused_without_leftovers(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no .notes.txt.old-*
 
 
-def test_own_outputs_and_earlier_versions_outputs_are_replaced(tmp_path, capsys):
+def test_own_outputs_are_replaced_and_a_lookalike_never(tmp_path, capsys):
     store = tmp_path / "store"
     assert _run(["tokenize", "dna", promoters(), "--out", store])[0] == 0
     assert (store / MARKER_NAME).is_file()
     assert _run(["tokenize", "dna", promoters(), "--out", store])[0] == 0
-    # A model folder an earlier version wrote (no marker) is recognised by its layout.
+    # A folder that merely looks like a model folder (a downloaded Hugging Face model:
+    # config.json + model.safetensors + its own files) is a user's folder: refused, kept.
     old = tmp_path / "old_model"
     old.mkdir()
     (old / "config.json").write_text("{}")
     (old / "model.safetensors").write_bytes(b"x")
-    assert _run(["pretrain", "dna", promoters(), "--out", old, *FAST])[0] == 0
-    assert (old / MARKER_NAME).is_file() and (old / "tokenizer.json").is_file()
+    (old / "README.md").write_text("published")
+    rc, err = _run(["pretrain", "dna", promoters(), "--out", old, *FAST], capsys)
+    assert rc == 2 and "not written by healthfm" in err
+    assert sorted(p.name for p in old.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _run(["tokenize", "dna", promoters(), "--out", empty])[0] == 0

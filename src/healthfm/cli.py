@@ -7,6 +7,7 @@ modality's reader options; sub-commands that start from data take the modality n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -60,6 +61,16 @@ def _split_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _accept_split_change(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--accept-split-change",
+        action="store_true",
+        help="score a model on its own pretraining data with another split than it was "
+        "pretrained with (salt, fractions, group column, split file): refused without it, "
+        "recorded in the results with it",
+    )
+
+
 def _train_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument(
@@ -106,6 +117,12 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue from the latest checkpoint in the run folder",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh, discarding the checkpoints of an earlier run in the run folder "
+        "(without it or --resume, such a run folder is refused)",
     )
     g.add_argument(
         "--run-dir",
@@ -268,6 +285,7 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         help="skip the controls (the model untrained; the model with the strongest baseline)",
     )
     _split_options(p)
+    _accept_split_change(p)
 
     p = sub.add_parser("demo", help="pretrain, embed and evaluate on the bundled real data")
     p.add_argument("--modality", default="dna", choices=names)
@@ -374,6 +392,12 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
         "--resume", action="store_true", help="continue from the latest epoch checkpoint"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh, discarding an earlier run's epoch checkpoints in the run folder",
+    )
+    _accept_split_change(p)
+    p.add_argument(
         "--stop-at-epoch",
         type=POSITIVE,
         default=None,
@@ -448,6 +472,8 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
         n_boot=args.n_boot,
         run_dir=run_dir,
         resume=args.resume,
+        overwrite=args.overwrite,
+        accept_split_change=args.accept_split_change,
         stop_at_epoch=args.stop_at_epoch,
         device=args.device,
         strategy=args.strategy,
@@ -528,12 +554,6 @@ def _model_modality(argv: list[str]) -> str | None:
 
 def run(argv: list[str]) -> int:
     """Run the CLI on ``argv``; return the exit code."""
-    from healthfm.stages.embed import embed
-    from healthfm.stages.evaluate import evaluate
-    from healthfm.stages.pretrain import pretrain
-    from healthfm.stages.tokenize import tokenize
-    from healthfm.train.trainer import TrainConfig
-
     model_modality = _model_modality(argv)
     args = build_parser(model_modality).parse_args(argv)
     logging.basicConfig(
@@ -541,6 +561,52 @@ def run(argv: list[str]) -> int:
     )
     on_data = args.command in ("tokenize", "pretrain")  # MODALITY INPUT; else MODEL INPUT
     opts = _options(args, args.modality if on_data else model_modality)
+    with _output_guard(args):
+        return _run_command(args, opts, model_modality)
+
+
+#: Arguments that name what a command reads (every other path argument is an output).
+_INPUT_ARGS = ("input", "model", "models", "paths", "runs", "finetuned", "slides", "labels")
+
+
+@contextlib.contextmanager
+def _output_guard(args: argparse.Namespace):
+    """Before any work, for a command with ``--out``: the output is none of its inputs
+    (whatever path or link leads there), its location is writable with free space, and no
+    other run writes it (a lock held until the command ends: a second run fails at once,
+    naming the first)."""
+    from healthfm.fsutil import check_not_input, check_path_text, check_writable, output_lock
+
+    out = getattr(args, "out", None)
+    if not isinstance(out, str) or not out:
+        yield
+        return
+    check_path_text(out)
+    inputs = []
+    for name in _INPUT_ARGS:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        inputs.extend(str(v) for v in values if isinstance(v, str) and v)
+    from healthfm.stages.common import input_paths
+
+    # Equality only here (a report may go into the run folder it reads): the stages that
+    # replace a folder as a whole refuse an input inside it as well.
+    resolved_out = os.path.realpath(out)
+    for given in input_paths(*inputs):
+        if os.path.realpath(given) == resolved_out:
+            check_not_input(out, [given], "--out")
+    check_writable(out, "--out")
+    with output_lock(out):
+        yield
+
+
+def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | None) -> int:
+    from healthfm.stages.embed import embed
+    from healthfm.stages.evaluate import evaluate
+    from healthfm.stages.pretrain import pretrain
+    from healthfm.stages.tokenize import tokenize
+    from healthfm.train.trainer import TrainConfig
+
     if args.command == "tokenize":
         store = tokenize(
             args.modality,
@@ -584,6 +650,7 @@ def run(argv: list[str]) -> int:
             strategy=args.strategy,
             temperature=args.temperature,
             held_out=tuple(args.holdout_source),
+            overwrite=args.overwrite,
         )
         from healthfm.train.distributed import shutdown
 
@@ -631,6 +698,7 @@ def run(argv: list[str]) -> int:
             include_baselines=not args.no_baselines,
             finetuned=args.finetuned or (),
             controls=not args.no_controls,
+            accept_split_change=args.accept_split_change,
         )
     elif args.command == "finetune":
         _run_finetune(args, opts)
@@ -704,6 +772,28 @@ def _info(model_dir: str | None) -> None:
                 f"{name:<8} {p['d_model']:>7} {p['n_layers']:>6} {p['n_heads']:>5} {p['d_ff']:>5}   {n / 1e6:.2f} M"
             )
         return
+    from healthfm.encoders import split_spec
+
+    name, folder = split_spec(model_dir)
+    if name != "healthfm":  # NAME:DIR of a published model: its loader reads the folder
+        from healthfm.encoders import load_encoder
+
+        if not folder.is_dir():
+            raise ConfigError(
+                f"the {name} model folder does not exist", file=folder, column="model"
+            )
+        enc = load_encoder(model_dir)
+        facts = {
+            "name": enc.name,
+            "modality": enc.modality,
+            "dim": enc.dim,
+            "pooling": enc.pooling,
+            "max_len": enc.max_len,
+            "folder": str(folder),
+            "model_hash": enc.model_hash,
+        }
+        print(json.dumps(facts, indent=2, default=str))
+        return
     from healthfm.loader import load
 
     model = load(model_dir)
@@ -720,11 +810,69 @@ def _info(model_dir: str | None) -> None:
     )
 
 
+def crash_log_dir() -> Path:
+    """Where a command's unexpected error leaves its full traceback: ``$HEALTHFM_LOG_DIR``,
+    else ``$XDG_CACHE_HOME/healthfm/logs`` (``~/.cache/healthfm/logs``)."""
+    if os.environ.get("HEALTHFM_LOG_DIR"):
+        return Path(os.environ["HEALTHFM_LOG_DIR"])
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "healthfm" / "logs"
+
+
+def _write_crash_log(argv: list[str]) -> str:
+    """Write the current exception's traceback to a new log file; return its path (or
+    a note that it could not be written)."""
+    import tempfile
+    import time
+    import traceback
+
+    text = (
+        f"healthfm {' '.join(argv)}\n{time.strftime('%Y-%m-%dT%H:%M:%S%z')} pid {os.getpid()}\n\n"
+        + traceback.format_exc()
+    )
+    for folder in (crash_log_dir(), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(
+                prefix=f"healthfm-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log", dir=folder
+            )
+            with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as handle:
+                handle.write(text)
+            return name
+        except OSError:
+            continue
+    return "nowhere (no writable log folder)"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+class Terminated(SystemExit):
+    """SIGTERM outside training (which checkpoints on it): unwind, so every partial output
+    is removed by the code that made it, then exit 128 + 15."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: typed errors become one clear line and exit code 2."""
+    """Console-script entry point: typed errors become one clear line and exit code 2;
+    any other error one line too (exit 1), its traceback in a log file it names."""
     argv = sys.argv[1:] if argv is None else argv
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return run(argv)
+    except Terminated as exc:
+        print("healthfm: terminated (SIGTERM); partial outputs removed", file=sys.stderr)
+        return int(exc.code)
     except TrainingInterrupted as exc:  # checkpointed on SIGTERM / SIGUSR1: resumable
         print(f"healthfm: {exc}", file=sys.stderr)
         return 128 + exc.signal if exc.signal else 1
@@ -734,7 +882,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("healthfm: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only folder met during the work
+        from healthfm.fsutil import explain_os_error
+
+        log = _write_crash_log(argv)
+        print(f"healthfm: error: {explain_os_error(exc)} (traceback: {log})", file=sys.stderr)
+        return 2
+    except Exception as exc:  # never a traceback on a user's terminal
+        log = _write_crash_log(argv)
+        print(
+            f"healthfm: internal error: {type(exc).__name__}: {_one_line(exc)} (the full "
+            f"traceback is in {log}; please report it)",
+            file=sys.stderr,
+        )
+        return 1
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         # Under torchrun an error can leave the process group up; free it before exit
         # (see healthfm.train.distributed.shutdown), without waiting for the other ranks.
         dist = sys.modules.get("torch.distributed")

@@ -53,7 +53,8 @@ def _rows(df: pl.DataFrame, t_minutes: list[int], max_len: int, shared: bool = T
             {
                 "subject_id": [int(df["subject_id"][0])] * len(t_minutes),
                 "prediction_time": [T0 + timedelta(minutes=m) for m in t_minutes],
-                "boolean_value": [i % 2 == 0 for i in range(len(t_minutes))],
+                # One label per prediction time (a repeated time repeats its label).
+                "boolean_value": [m % 2 == 0 for m in t_minutes],
             },
             schema_overrides={"prediction_time": pl.Datetime("us")},
         )

@@ -149,7 +149,7 @@ def test_not_a_model_folder(tmp_path):
 
 
 def test_failed_save_keeps_previous(tmp_path, monkeypatch):
-    folder = _saved(tmp_path)
+    folder = _saved(tmp_path, checksums=True)  # a folder without the marker is never replaced
     before = (folder / "model.safetensors").read_bytes()
     import healthfm.model.pretrained as pre
 

@@ -115,15 +115,11 @@ def _tuned_gbm(estimator: type, xtr, ytr, seed: int, score) -> tuple[float, Any,
 
 def _observed_columns(xtr, *others):
     """Drop the columns with no value in any training row (a few-shot draw of MEDS-Tab
-    features: a code nobody of the k had): scikit-learn's binning fails on them, and they
-    carry nothing a tree could split on."""
-    dense = not hasattr(xtr, "tocsc")
-    if not dense or not np.issubdtype(np.asarray(xtr).dtype, np.floating):
-        return (xtr, *others)
-    keep = ~np.all(np.isnan(xtr), axis=0)
-    if keep.all():
-        return (xtr, *others)
-    return (xtr[:, keep], *(x[:, keep] for x in others))
+    features: a code nobody of the k had): the shared guard of every baseline / control
+    fit (:func:`healthfm.evaluate.fit_guard.fit_columns`)."""
+    from healthfm.evaluate.fit_guard import fit_columns
+
+    return fit_columns(xtr, *others)
 
 
 def _fit_gbm(

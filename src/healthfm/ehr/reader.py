@@ -630,6 +630,8 @@ def read_labels(
                 column="subject_id",
             )
         _check_time_type(table.schema.field("prediction_time").type, f, "prediction_time")
+        if table.num_rows == 0:  # else "embedded 0 rows", exit 0: no result at all
+            raise DataError("the label file has no rows", file=f, column="subject_id")
         present = [c for c in LABEL_VALUE_COLUMNS if c in table.column_names]
         with_values = [c for c in present if table.column(c).null_count < len(table)]
         survival = column is None and _is_survival(with_values, task_type, f)
@@ -711,6 +713,23 @@ def read_labels(
                 before,
             )
     df = df.sort(["subject_id", "prediction_time", "row"])
+    # One (subject, prediction time) with different labels: which one is the truth?
+    key = ["subject_id", "prediction_time"]
+    clash = df.filter(pl.col("label").n_unique().over(key) > 1)
+    if len(clash):
+        first = clash.head(1)
+        rows = clash.filter(
+            (pl.col("subject_id") == first["subject_id"][0])
+            & (pl.col("prediction_time") == first["prediction_time"][0])
+        )["row"].to_list()
+        raise DataError(
+            f"subject {first['subject_id'][0]} at {first['prediction_time'][0]} has "
+            f"{len(rows)} rows with different labels (rows {rows[:5]}); keep one label per "
+            "(subject_id, prediction_time)",
+            file=path,
+            column=column,
+            row=int(rows[1]),
+        )
     if survival:
         log.info(
             "%s: time-to-event labels (boolean_value = event observed, float_value = days to "

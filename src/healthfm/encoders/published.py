@@ -117,7 +117,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from healthfm.model.pretrained import torch_load_tensors
+
+            state = torch_load_tensors(path)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(
             f"cannot read weights ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",

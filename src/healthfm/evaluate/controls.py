@@ -79,14 +79,19 @@ def _gbm_validation(X, y, tr, va, regression: bool, seed: int) -> float:
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.metrics import roc_auc_score
 
+    from healthfm.evaluate.fit_guard import fit_columns
+
+    # Columns with no observed training value (MEDS-Tab codes nobody in the train rows
+    # had) break the trees' binning: the shared guard drops them.
+    xtr, xva = fit_columns(X[tr], X[va])
     leaf = int(max(1, min(20, len(tr) // 8)))
     if regression:
         est = HistGradientBoostingRegressor(max_iter=100, min_samples_leaf=leaf, random_state=seed)
-        est.fit(X[tr], y[tr])
-        return -float(np.sqrt(np.mean((est.predict(X[va]) - y[va]) ** 2)))
+        est.fit(xtr, y[tr])
+        return -float(np.sqrt(np.mean((est.predict(xva) - y[va]) ** 2)))
     est = HistGradientBoostingClassifier(max_iter=100, min_samples_leaf=leaf, random_state=seed)
-    est.fit(X[tr], y[tr])
-    proba = est.predict_proba(X[va])
+    est.fit(xtr, y[tr])
+    proba = est.predict_proba(xva)
     present = [c for c in np.unique(y[va]) if c in est.classes_]
     if len(present) < 2:
         return 0.5

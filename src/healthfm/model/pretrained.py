@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -137,6 +138,55 @@ def load_state_strict(module: torch.nn.Module, weights: str | Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
+def check_shapes_first(config: ModelConfig, weights: Path) -> None:
+    """Compare the tensors ``config`` implies with those ``weights`` holds, from the
+    safetensors header alone, before the model is built: a ``config.json`` with huge
+    dimensions is refused without allocating gigabytes.
+
+    The model is laid out on the ``meta`` device (no memory); a config whose model cannot
+    be laid out there is checked when the weights load instead.
+
+    Raises
+    ------
+    ModelError
+        Naming the first tensor whose shape differs (or that one side lacks).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            stored = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return  # an unreadable file is reported when it is loaded, naming it
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in FoundationModel(config).state_dict().items()}
+    except ConfigError:
+        raise
+    except Exception:  # not every module lays out on meta
+        return
+    for name, shape in shapes.items():
+        if name in stored and stored[name] != shape:
+            raise ModelError(
+                f"config.json implies tensor {name} of shape {list(shape)}, the weights hold "
+                f"{list(stored[name])}: the config does not describe these weights",
+                file=weights.parent / CONFIG_NAME,
+                column=name,
+            )
+    implied, held = (
+        sum(int(np.prod(s)) for s in shapes.values()),
+        sum(int(np.prod(s)) for s in stored.values()),
+    )
+    if implied > 2 * held + (1 << 20):
+        raise ModelError(
+            f"config.json implies {implied:,} parameters, the weights hold {held:,}: the "
+            "config does not describe these weights",
+            file=weights.parent / CONFIG_NAME,
+        )
+
+
 def load(path: str | Path, modality: str | None = None) -> FoundationModel:
     """Load a model folder written by :func:`save_pretrained`.
 
@@ -168,6 +218,7 @@ def load(path: str | Path, modality: str | None = None) -> FoundationModel:
             column="modality",
         )
     try:
+        check_shapes_first(config, path / WEIGHTS_NAME)  # before any memory is allocated
         model = FoundationModel(config)
     except ConfigError as exc:  # e.g. an objective whose package is not imported
         raise ModelError(exc.message, file=path / CONFIG_NAME, column=exc.column) from exc
@@ -222,3 +273,33 @@ def verify_model_folder(path: str | Path, known: dict[str, str] | None = None) -
         MARKER_NAME,
     )
     return False
+
+
+# ---------------------------------------------------------------- pickles
+def torch_load_tensors(path: str | Path, error: type = ModelError) -> Any:
+    """``torch.load(path, weights_only=True)``; a file that wants to run code (pickles
+    anything but tensors and plain containers) is refused in those words, never with
+    torch's advice to load it with ``weights_only=False``.
+
+    Raises
+    ------
+    error
+        (a :class:`~healthfm.errors.ModelError` by default) naming the file.
+    """
+    import pickle
+    import re
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)|global[: ]+([\w.]+)", str(exc))
+        name = next((g for g in (found.groups() if found else ()) if g), None)
+        what = f" ({name})" if name else ""
+        raise error(
+            f"the file wants to run code{what} when it is read and is refused: healthfm "
+            "reads only tensors from a pickle (convert it to safetensors, or re-save the "
+            "state dict alone)",
+            file=path,
+        ) from None

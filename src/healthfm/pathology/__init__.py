@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -104,6 +105,7 @@ def _tile_pairs(h5s: list[Path]) -> list[tuple[Path, Path]]:
     for h5 in h5s:
         grid, _ = read_tiles_h5(h5)
         src = grid.attrs.get("source")
+        src = _slide_of_source(src, h5) if src else src
         if not src or not Path(src).is_file():
             raise DataError(
                 "tile file does not name an existing slide in its 'source' attribute "
@@ -113,6 +115,25 @@ def _tile_pairs(h5s: list[Path]) -> list[tuple[Path, Path]]:
             )
         pairs.append((h5, Path(src)))
     return pairs
+
+
+def _slide_of_source(source: Any, h5: Path) -> Path:
+    """The slide a tile file's ``source`` attribute names: ``healthfm tile`` records the
+    slide's absolute path; a relative one is confined to the tile file's folder. Either
+    must be a slide file (by suffix), never another file a hostile tile file points at."""
+    from healthfm.fsutil import confined
+
+    text = str(source)
+    path = Path(text) if os.path.isabs(text) else confined(h5.parent, text, "slide", file=h5)
+    real = Path(os.path.realpath(path))
+    if real.suffix.lower() not in SLIDE_SUFFIXES or path.suffix.lower() not in SLIDE_SUFFIXES:
+        raise DataError(
+            f"the tile file's 'source' {text!r} is not a slide file ({', '.join(SLIDE_SUFFIXES)}); "
+            "healthfm reads only slides through it",
+            file=h5,
+            column="source",
+        )
+    return path
 
 
 def is_slide_input(path: str | Path) -> bool:

@@ -58,16 +58,37 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--label-column", default="label")
 
 
+def _is_tile_file(path) -> bool:
+    """A Trident-layout tile ``.h5`` (``coords``): one healthfm tile wrote (before the
+    folder's marker listed its files), so tile may replace it."""
+    if str(path).lower().endswith(".h5"):
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as handle:
+                return "coords" in handle
+        except Exception:  # unreadable: not ours
+            return False
+    return False
+
+
 def run_command(args: argparse.Namespace) -> bool:
     """Run ``args.command`` if it is ``tile`` or ``evaluate-slides``; True when it was."""
     if args.command == "tile":
+        from healthfm.fsutil import check_output_parent, owned_outputs
         from healthfm.pathology.tiling import find_slides, tile_slide
 
-        for slide in find_slides(args.input):
-            h5, grid = tile_slide(
-                slide, args.out, args.mpp, args.size, args.overlap, args.min_tissue, args.slide_mpp
-            )
-            print(f"{slide.name}: {len(grid)} tiles of {args.size} px at {args.mpp} µm/px -> {h5}")
+        check_output_parent(args.out, "tile --out folder")
+        # Only files tile wrote (listed in the folder's marker, or a tile .h5) are replaced.
+        with owned_outputs(args.out, "the tile --out folder", ours=_is_tile_file):
+            for slide in find_slides(args.input):
+                h5, grid = tile_slide(
+                    slide, args.out, args.mpp, args.size, args.overlap, args.min_tissue,
+                    args.slide_mpp,
+                )  # fmt: skip
+                print(
+                    f"{slide.name}: {len(grid)} tiles of {args.size} px at {args.mpp} µm/px -> {h5}"
+                )
         return True
     if args.command == "evaluate-slides":
         from healthfm.pathology.mil import evaluate_slides

@@ -9,6 +9,7 @@ embeddings + logistic regression, on the same splits.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -200,12 +201,13 @@ def predict_abmil(
 # ---------------------------------------------------------------------- slide evaluation
 
 
-def _find_h5(features_dir: Path, slide_id: str) -> Path | None:
-    for cand in (
-        features_dir / f"{slide_id}.h5",
-        features_dir / "patches" / f"{slide_id}.h5",
-        features_dir / "features" / f"{slide_id}.h5",
-    ):
+def _find_h5(features_dir: Path, slide_id: str, where: dict[str, Any] | None = None) -> Path | None:
+    """``<slide_id>.h5`` in the features folder (or its ``patches/`` / ``features/``); a
+    slide id leading outside it (``..``, absolute, a link) is a DataError naming the row."""
+    from healthfm.fsutil import confined
+
+    for sub in (features_dir, features_dir / "patches", features_dir / "features"):
+        cand = confined(sub, f"{slide_id}.h5", "slide id", **(where or {}))
         if cand.is_file():
             return cand
     return None
@@ -214,13 +216,20 @@ def _find_h5(features_dir: Path, slide_id: str) -> Path | None:
 def _find_thumbnail(features_dir: Path, slide_id: str, attrs: dict[str, Any]) -> Path | None:
     """The plain thumbnail written by ``healthfm tile``: by slide id beside the features,
     or by the tile file's ``name`` / ``savetodir`` attributes."""
+    from healthfm.fsutil import confined
+
     names = [slide_id] + ([str(attrs["name"])] if attrs.get("name") else [])
     roots = [features_dir, features_dir.parent]
     if attrs.get("savetodir"):
         roots.append(Path(str(attrs["savetodir"])).parent)
     for root in roots:
         for name in names:
-            cand = root / "thumbnails" / f"{name}.raw.png"
+            # Names and folders from the tile file stay inside the features' folder.
+            try:
+                rel = os.path.relpath(root / "thumbnails" / f"{name}.raw.png", features_dir.parent)
+                cand = confined(features_dir.parent, rel)
+            except DataError:
+                continue
             if cand.is_file():
                 return cand
     return None
@@ -298,14 +307,29 @@ def evaluate_slides(
         ``results.json``, ``attention/<slide>.h5`` (coords + attention of the seed-0
         model, every slide) and ``heatmaps/<slide>.png`` when a thumbnail is found.
     """
-    from healthfm.evaluate.metrics import classification_metrics
-    from healthfm.evaluate.probe import align_proba, fit_linear_probe
-    from healthfm.fsutil import sha256_file
-    from healthfm.pathology.split import stratified_pool_split, stratified_split
-    from healthfm.pathology.tiling import draw_grid, read_tiles_h5, write_png, write_tiles_h5
+    from healthfm.fsutil import owned_outputs
 
     t0 = time.perf_counter()
     features_dir, out_dir, labels_csv = Path(features_dir), Path(out_dir), Path(labels_csv)
+    # Only files healthfm wrote into --out (listed in its marker) are ever replaced.
+    with owned_outputs(out_dir, "the evaluate-slides --out folder") as outputs:
+        outputs.claim(out_dir / "results.json")
+        return _evaluate_slides(
+            model_dir, features_dir, labels_csv, out_dir, seeds, n_boot, slide_column,
+            label_column, epochs, echo, t0,
+        )  # fmt: skip
+
+
+def _evaluate_slides(
+    model_dir, features_dir, labels_csv, out_dir, seeds, n_boot, slide_column, label_column,
+    epochs, echo, t0,
+) -> list[ResultRow]:  # fmt: skip
+    from healthfm.evaluate.metrics import classification_metrics
+    from healthfm.evaluate.probe import align_proba, fit_linear_probe
+    from healthfm.fsutil import confined, sha256_file
+    from healthfm.pathology.split import stratified_pool_split, stratified_split
+    from healthfm.pathology.tiling import draw_grid, read_tiles_h5, write_png, write_tiles_h5
+
     if model_dir is not None and (Path(model_dir) / "config.json").is_file():
         from healthfm.model.pretrained import read_config
 
@@ -321,10 +345,10 @@ def evaluate_slides(
     ids, labels, splits = read_slide_labels(labels_csv, slide_column, label_column)
     bags, grids = [], []
     for row, sid in enumerate(ids):
-        h5 = _find_h5(features_dir, sid)
+        h5 = _find_h5(features_dir, sid, {"file": labels_csv, "column": slide_column, "row": row})
         if h5 is None:
             raise DataError(
-                f"no features file {sid}.h5 for slide {sid!r}",
+                f"no features file {sid}.h5 for slide {str(sid)!r}",
                 file=features_dir,
                 column=slide_column,
                 row=row,
@@ -400,7 +424,7 @@ def evaluate_slides(
             _, attns = predict_abmil(mil, bags)
             for sid, grid, attn in zip(ids, grids, attns, strict=True):
                 write_tiles_h5(
-                    out_dir / "attention" / f"{sid}.h5",
+                    confined(out_dir / "attention", f"{sid}.h5", "slide id", file=labels_csv),
                     grid,
                     datasets={"attention": attn.astype(np.float32)},
                 )
@@ -417,7 +441,7 @@ def evaluate_slides(
                         )
                     )
                     write_png(
-                        out_dir / "heatmaps" / f"{sid}.png",
+                        confined(out_dir / "heatmaps", f"{sid}.png", "slide id", file=labels_csv),
                         draw_grid(low, ds, grid.coords, int(grid.attrs["patch_size_level0"]), attn),
                     )
     names = ["balanced_accuracy", "macro_f1", "auroc", "accuracy"]

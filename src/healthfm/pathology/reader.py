@@ -433,7 +433,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError("image file not found", file=path) from exc
     except Exception as exc:
         raise DataError(f"unreadable image (corrupt or not an image?): {exc}", file=path) from exc
-    return check_rgb(arr, path)
+    return check_tile_size(check_rgb(arr, path), path)
 
 
 _MODE_WORDS = {
@@ -446,6 +446,22 @@ _MODE_WORDS = {
     "1": "binary",
     "CMYK": "CMYK",
 }
+
+
+#: A tile smaller than this a side holds no tissue structure (it is smaller than any
+#: model's patch; resized to the model's input it is one colour): refused, not embedded.
+MIN_TILE_SIDE = 8
+
+
+def check_tile_size(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:
+    """Return ``arr`` unless a side is under :data:`MIN_TILE_SIDE` pixels (DataError)."""
+    if arr.ndim >= 2 and min(arr.shape[:2]) < MIN_TILE_SIDE:
+        raise DataError(
+            f"tile is {arr.shape[1]} × {arr.shape[0]} pixels; a tile needs at least "
+            f"{MIN_TILE_SIDE} pixels a side (a 1 × 1 image would be embedded as one colour)",
+            file=path,
+        )
+    return arr
 
 
 def check_rgb(arr: np.ndarray, path: str | Path | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 
 from healthfm.errors import DataError
 from healthfm.fsutil import json_hash, sha256_file
-from healthfm.pathology.reader import IMAGE_SUFFIXES, check_rgb, read_image
+from healthfm.pathology.reader import IMAGE_SUFFIXES, check_rgb, check_tile_size, read_image
 from healthfm.pathology.tokenizer import resize_batch
 
 #: Kather 2016 file names: "<tile id>_<source image>.tif_Row_<r>_Col_<c>.tif".
@@ -96,7 +96,8 @@ class TileSet:
                 raise DataError(
                     f"cannot read PatchCamelyon tiles: {exc}", file=path, column="x"
                 ) from exc
-            check_rgb(data[0] if len(data) else np.zeros((1, 1, 3), np.uint8), path)
+            if len(data):
+                check_tile_size(check_rgb(data[0], path), path)
             tiles = torch.from_numpy(data)
             if tiles.shape[1] != size:
                 tiles = resize_batch(tiles, size)
@@ -257,7 +258,15 @@ def read_mhist(path: str | Path) -> TileSet:
             raise DataError(f"MHIST annotations lack column {col!r}", file=csv, column=col)
     image_dir = path / "images" if (path / "images").is_dir() else path
     names = table["Image Name"].cast(pl.Utf8).to_numpy().astype(str)
-    paths = np.array([str(image_dir / n) for n in names])
+    # An image name is a path inside the data set: '..', absolute or a link out is refused.
+    from healthfm.fsutil import confined
+
+    paths = np.array(
+        [
+            str(confined(image_dir, n, "image name", file=csv, column="Image Name", row=i))
+            for i, n in enumerate(names)
+        ]
+    )
     exists = np.array([Path(p).is_file() for p in paths])
     if not exists.all():
         bad = int(np.flatnonzero(~exists)[0])

@@ -652,8 +652,23 @@ def write_page(context: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
+def is_healthfm_report(path: str | Path) -> bool:
+    """Whether a file is a page ``healthfm report`` wrote (its generator tag), so a later
+    report may replace it."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return b'<meta name="generator" content="healthfm' in head
+
+
 def report_command(paths: list[str], out: str | Path) -> Path:
-    """``healthfm report``: write the page; print its verdicts and warnings."""
+    """``healthfm report``: write the page; print its verdicts and warnings. An existing
+    ``out`` is replaced only if it is a report healthfm wrote."""
+    from healthfm.fsutil import claim_output_file
+
+    claim_output_file(out, "report file", ours=is_healthfm_report)  # before any work
     context = build_context(list(paths))
     written = write_page(context, out)
     for section in context["sections"]:

@@ -137,6 +137,11 @@ class CountMatrix:
         return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, len(self.genes)))
 
 
+#: No cell holds this many molecules; totals (and squares of values) beyond it overflow
+#: the float32 arithmetic downstream (normalisation, baselines) to inf.
+MAX_TOTAL = 1e15
+
+
 class H5Rows:
     """The count matrix of an ``.h5ad`` on disk, opened on demand: rows by slice or by
     increasing positions (anndata's backed sparse dataset, or the h5py dataset of a dense
@@ -195,7 +200,10 @@ def _to_csr(x: Any) -> sp.csr_matrix:
     if sp.issparse(x):
         out = x.tocsr()
     else:
-        out = sp.csr_matrix(np.asarray(x))
+        dense = np.asarray(x)
+        if dense.dtype == np.float16:  # scipy.sparse has no float16: widen (exact)
+            dense = dense.astype(np.float32)
+        out = sp.csr_matrix(dense)
     if out.dtype != np.float32:
         out = out.astype(np.float32)
     out.sum_duplicates()
@@ -308,6 +316,62 @@ def _obs_column(adata, column: str, source: Path | str, what: str) -> Any:
     return col
 
 
+def _check_dtype(x: Any, source: Path | str, field_name: str) -> None:
+    """Expression values must be real numbers: a complex matrix (its imaginary part would
+    be dropped), byte strings or objects are refused, naming the matrix and its dtype."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return
+    kind = np.dtype(dtype).kind
+    if kind == "c":
+        raise DataError(
+            f"the expression matrix is complex-valued ({dtype}); healthfm would drop the "
+            "imaginary part: store real counts",
+            file=source,
+            column=field_name,
+        )
+    if kind not in "biuf":
+        raise DataError(
+            f"the expression matrix holds {dtype} values, not numbers (byte strings or "
+            "objects); store numeric counts",
+            file=source,
+            column=field_name,
+        )
+
+
+def _check_structure(
+    block: sp.csr_matrix, positions: np.ndarray, barcodes: np.ndarray, n_genes: int,
+    source: Path | str, field_name: str,
+) -> None:  # fmt: skip
+    """A CSR block whose column indices or row pointers are out of range is refused
+    before any value is read through them (numba / C code would read out of bounds)."""
+    indptr, indices = block.indptr, block.indices
+    bad_ptr = (
+        len(indptr) != block.shape[0] + 1
+        or indptr[0] != 0
+        or indptr[-1] != len(indices)
+        or (np.diff(indptr) < 0).any()
+    )
+    if bad_ptr:
+        raise DataError(
+            "the sparse matrix's row pointers (indptr) are inconsistent: a damaged file",
+            file=source,
+            column=f"{field_name}/indptr",
+            row=int(positions[0]),
+        )
+    bad = (indices < 0) | (indices >= n_genes)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(indptr, k, side="right") - 1)
+        raise DataError(
+            f"sparse column index {int(indices[k])} is out of range for {n_genes} genes "
+            f"(cell {str(barcodes[positions[row]])!r}); a damaged file",
+            file=source,
+            column=f"{field_name}/indices",
+            row=int(positions[row]),
+        )
+
+
 def validate_block(
     block: sp.csr_matrix,
     positions: np.ndarray,
@@ -326,6 +390,7 @@ def validate_block(
         On NaN/inf, negative or (unless ``normalized``) non-integer values, or a cell with
         no expressed gene; the message names an example cell (barcode) and gene.
     """
+    _check_structure(block, positions, barcodes, len(genes), source, field_name)
     data = block.data
     row_of = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
 
@@ -367,7 +432,19 @@ def validate_block(
             column=field_name,
             row=str(cell),
         )
-    return np.asarray(block.sum(axis=1), dtype=np.float64).reshape(-1), expressed
+    # Summed in float64 (float32 sums of huge counts overflow to inf), then bounded.
+    sums = np.bincount(row_of, weights=data.astype(np.float64), minlength=block.shape[0])
+    big = np.flatnonzero(~(sums < MAX_TOTAL))
+    if big.size:
+        cell = barcodes[positions[big[0]]]
+        raise DataError(
+            f"the counts of cell {str(cell)!r} sum to {sums[big[0]]:.3g}, beyond {MAX_TOTAL:.0e}: no "
+            "cell holds that many molecules, and float32 arithmetic would overflow to inf",
+            file=source,
+            column=field_name,
+            row=str(cell),
+        )
+    return sums, expressed
 
 
 def _matrix_of(adata, layer: str | None, source: Path | str) -> Any:
@@ -450,6 +527,7 @@ def samples_from_anndata(
             row=row,
         )
     x = _matrix_of(adata, layer, source)
+    _check_dtype(x, source, field_name)
     backed = bool(getattr(adata, "isbacked", False)) and layer is None
     if backed:
         matrix = CountMatrix(

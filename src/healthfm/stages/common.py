@@ -52,7 +52,8 @@ def split_of_models(
         raise ConfigError(
             "the models were pretrained on different splits "
             f"({'; '.join(f'salt {s!r} {f}' for s, f in sorted(recorded))}); no test split is "
-            "held out from all of them: pass --split-salt to choose one knowingly"
+            "held out from all of them: pass --split-salt to choose one knowingly (with "
+            "--accept-split-change, since the others were pretrained on part of its test split)"
         )
     if salt is None and recorded:
         salt, recorded_fractions = next(iter(recorded))
@@ -92,8 +93,37 @@ def is_healthfm_file(path: str | Path) -> bool:
     return False
 
 
-def check_output_file(out: str | Path, input_path: str | Path | None = None) -> Path:
-    """Refuse an output file path healthfm may not write: the input itself, or an
+def input_paths(*inputs: Any) -> tuple[Path, ...]:
+    """The paths a command reads, for :func:`healthfm.fsutil.check_not_input`: plain
+    paths, lists of them, and the folder of a ``NAME:DIR`` model spec (in-memory inputs and
+    ``None`` are skipped)."""
+    from healthfm.encoders.base import split_spec
+
+    found: list[Path] = []
+    for item in inputs:
+        if isinstance(item, list | tuple):
+            found.extend(input_paths(*item))
+        elif isinstance(item, str | Path) and str(item):
+            try:
+                found.append(Path(split_spec(item)[1]))
+            except ConfigError:  # an unknown NAME: the path as given
+                found.append(Path(item))
+        elif getattr(item, "folder", None) is not None:  # a loaded encoder
+            found.append(Path(item.folder))
+        elif getattr(item, "sources", None) is not None:  # a corpus
+            found.extend(input_paths(*[getattr(s, "path", None) for s in item.sources]))
+    return tuple(found)
+
+
+#: Output suffixes that name a file: such an --out that is an existing folder is refused.
+FILE_SUFFIXES = (".parquet", ".npy", ".h5ad", ".csv", ".json", ".html")
+
+
+def check_output_file(
+    out: str | Path, input_path: str | Path | None = None, model: Any = None
+) -> Path:
+    """Refuse an output file path healthfm may not write: an input (the data, the model
+    folder, whatever path or link leads to it), a folder where a file is named, or an
     existing file it did not write (a folder output, e.g. per-slide HDF5, passes).
 
     Raises
@@ -101,11 +131,16 @@ def check_output_file(out: str | Path, input_path: str | Path | None = None) -> 
     ConfigError
         Naming the path and what to do.
     """
+    from healthfm.fsutil import check_not_input, check_path_text
+
     out = Path(out)
-    on_disk = isinstance(input_path, str | Path)  # not an in-memory AnnData
-    if on_disk and out.exists() and out.resolve() == Path(input_path).resolve():
+    check_path_text(out)
+    # An in-memory AnnData or encoder is no path; the model folder is an input too.
+    check_not_input(out, input_paths(input_path, model), "--out")
+    if out.is_dir() and out.suffix.lower() in FILE_SUFFIXES:
         raise ConfigError(
-            "--out is the input itself; healthfm never replaces its input (choose another --out)",
+            f"--out names a {out.suffix} file but is an existing folder; give a file name "
+            "(healthfm never replaces a folder with a file)",
             file=out,
             column="out",
         )
@@ -117,6 +152,116 @@ def check_output_file(out: str | Path, input_path: str | Path | None = None) -> 
             column="out",
         )
     return out
+
+
+def _pretraining_match(info: dict[str, Any], samples: Any) -> int | None:
+    """Which pretraining source ``samples`` is (0 for a single-source model, the corpus
+    index otherwise), by content hash or by the same path; None for data the model never
+    trained on (a transfer evaluation), or a corpus source held out whole."""
+    import os
+
+    def same_place(recorded: Any) -> bool:
+        if not recorded or not isinstance(samples.source, str | Path):
+            return False
+        a, b = str(recorded), str(samples.source)
+        return a == b or (
+            os.path.isabs(a) and os.path.realpath(a) == os.path.realpath(os.path.abspath(b))
+        )
+
+    current = getattr(samples, "data_hash", None)
+    corpus = (info.get("corpus") or {}).get("sources") or []
+    for i, source in enumerate(corpus):
+        hit = (current and source.get("data_hash") == current) or same_place(source.get("source"))
+        if hit:
+            return None if source.get("split") == "val" else i
+    if len(corpus) <= 1:
+        hit = (current and info.get("data_hash") == current) or same_place(info.get("source"))
+        return 0 if hit else None
+    return None
+
+
+def split_changes(
+    model_dir: Any,
+    modality: Any,
+    samples: Any,
+    salt: str | None,
+    fractions: Any,
+    options: Any = None,
+) -> list[tuple[str, Any, Any]]:
+    """How the split used now differs from the one the model was pretrained with, on the
+    same data: ``(field, recorded, now)`` for the split file's SHA-256, the salt, the
+    fractions and the group column. Empty for other data (transfer) and published models."""
+    if model_dir is None:
+        return []
+    info = training_info(model_dir)
+    if not info or "split_salt" not in info:
+        return []
+    index = _pretraining_match(info, samples)
+    if index is None:
+        return []
+    changes = []
+    recorded = info.get("split_source") or {"source": "hash"}
+    now = modality.split_source(samples)
+    by_file = now.get("source", "hash") != "hash"
+    if index == 0 and recorded.get("source", "hash") != "hash":
+        if now.get("sha256") and now.get("sha256") != recorded.get("sha256"):
+            changes.append(
+                (f"split_source ({recorded['source']} SHA-256)", recorded.get("sha256"),
+                 now.get("sha256"))
+            )  # fmt: skip
+    elif index == 0 and by_file:
+        changes.append(("split_source", "hash", now.get("source")))
+    if not by_file:
+        if salt is not None and salt != info.get("split_salt"):
+            changes.append(("split_salt", info.get("split_salt"), salt))
+        own = info.get("split_fractions")
+        if fractions is not None and own is not None:
+            if [round(float(f), 9) for f in fractions] != [round(float(f), 9) for f in own]:
+                changes.append(("split_fractions", list(own), list(fractions)))
+        group_now = (getattr(samples, "info", None) or {}).get("group_column")
+        if group_now is None and options is not None:
+            group_now = getattr(options, "group_column", None)
+        group_then = (info.get("options") or {}).get("group_column")
+        if "group_column" in (info.get("options") or {}) and group_now != group_then:
+            changes.append(("group_column", group_then, group_now))
+    return changes
+
+
+def check_split_change(
+    model_dir: Any,
+    modality: Any,
+    samples: Any,
+    salt: str | None,
+    fractions: Any,
+    options: Any = None,
+    accept: bool = False,
+) -> list[str]:
+    """Refuse a split that differs from the model's pretraining split on the same data
+    (its test split would hold samples the model was pretrained on), naming the field;
+    with ``accept``, return the changed fields (the caller records them in its rows).
+
+    Raises
+    ------
+    ConfigError
+        Naming the field, both values and ``--accept-split-change``.
+    """
+    changes = split_changes(model_dir, modality, samples, salt, fractions, options)
+    if not changes or accept:
+        return [name for name, _, _ in changes]
+    name, then, now = changes[0]
+    field = name.split(" ")[0]
+    fix = {
+        "split_salt": f"--split-salt {then}",
+        "group_column": f"--group-column {then}" if then else "no --group-column",
+        "split_fractions": "the model's fractions",
+    }.get(field, "the split file it recorded")
+    raise ConfigError(
+        f"the model was pretrained on this data with {name} {then!r}, this run uses {now!r}: "
+        f"its test split would hold samples the model was pretrained on; use {fix}, or pass "
+        "--accept-split-change to score it knowingly (the results then record it)",
+        file=getattr(samples, "source", None) if isinstance(samples.source, str | Path) else None,
+        column=name.split(" ")[0],
+    )
 
 
 def check_split_source(model_dir: Any, modality: Any, samples: Any) -> None:

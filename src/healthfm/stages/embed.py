@@ -21,6 +21,7 @@ of processes, and each is batched on its own, so N processes write what one writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,9 +39,9 @@ from tqdm.auto import tqdm
 
 from healthfm.encoders import Encoder, describe, load_encoder
 from healthfm.errors import ConfigError, DataError
-from healthfm.fsutil import atomic_file, atomic_write_json, json_hash, sha256_file
+from healthfm.fsutil import atomic_file, atomic_write_json, json_hash, owned_outputs, sha256_file
 from healthfm.modality import EmbeddingInput, check_input_modality, get_modality
-from healthfm.stages.common import check_output_file
+from healthfm.stages.common import check_output_file, is_healthfm_file
 from healthfm.train.distributed import DistInfo, barrier, init_distributed, shutdown
 
 log = logging.getLogger("healthfm")
@@ -123,17 +124,26 @@ def embed(
     Path
         What was written.
     """
-    out = check_output_file(out, input_path)
+    out = check_output_file(out, input_path, model_dir)
     if part_rows is not None and part_rows < 1:
         raise ConfigError(f"--part-rows must be positive, not {part_rows}", column="part_rows")
     dist = init_distributed(device)
     if not dist.is_main:  # one voice: the other ranks' reports would repeat rank 0's
         log.setLevel(logging.ERROR)
+    # A folder output (one .h5 per slide): only files embed wrote there are replaced; one
+    # process lists them in the folder's marker (under torchrun the tile-file check alone).
+    folder_out = (out.is_dir() or not out.suffix) and not dist.distributed
+    guard = (
+        owned_outputs(out, "the embed --out folder", ours=is_healthfm_file)
+        if folder_out
+        else contextlib.nullcontext()
+    )
     try:
-        result = _embed(
-            dist, model_dir, input_path, out, options, pooling, batch_size, bf16,
-            modality_name, echo, resume, part_rows, compile,
-        )  # fmt: skip
+        with guard:
+            result = _embed(
+                dist, model_dir, input_path, out, options, pooling, batch_size, bf16,
+                modality_name, echo, resume, part_rows, compile,
+            )  # fmt: skip
     except BaseException:
         shutdown(dist, barrier=False)
         raise
@@ -187,6 +197,11 @@ def _embed(
             {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
              "rows": n, "part_rows": size}
         )  # fmt: skip
+    if not parts:  # "embedded 0 rows", exit 0, is no result
+        raise DataError(
+            "the input has no rows to embed (an empty file, or no label rows); nothing was written",
+            file=input_path if isinstance(input_path, str | Path) else None,
+        )
     plan = {
         "healthfm_embed": PLAN_FORMAT,
         "model_hash": attrs["model_hash"],

@@ -21,7 +21,7 @@ from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_featur
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.progress import Progress, format_seconds, progress_enabled
 from healthfm.evaluate.results import ResultRow, write_results
-from healthfm.fsutil import check_output_parent
+from healthfm.fsutil import check_output_parent, owned_outputs
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
@@ -33,6 +33,7 @@ from healthfm.modality import (
 )
 from healthfm.report import write_run_report
 from healthfm.stages.common import (
+    check_split_change,
     check_split_source,
     finetuned_folders,
     split_of_models,
@@ -58,6 +59,7 @@ def evaluate(
     finetuned=(),
     controls: bool = True,
     progress: bool | None = None,
+    accept_split_change: bool = False,
 ) -> list[ResultRow]:
     """Probe a model's embeddings next to the modality's baselines on the same rows.
 
@@ -97,6 +99,11 @@ def evaluate(
         Report on stderr what is being done (the plan, each embedding and baseline, then a
         counter of probe fits with an ETA: a bar on a terminal, a line every 20 s
         otherwise). Default: with ``echo``, unless ``HEALTHFM_PROGRESS=0``.
+    accept_split_change
+        Score a model on its own pretraining data with a split other than the one it was
+        pretrained with (salt, fractions, group column, split file); refused without it
+        (:func:`~healthfm.stages.common.check_split_change`); every row then records it in
+        ``split_change_accepted``.
 
     Returns
     -------
@@ -106,6 +113,8 @@ def evaluate(
     """
     t0 = time.perf_counter()
     out_dir = check_output_parent(out_dir, "evaluate --out folder")  # not a file: it gets files
+    with owned_outputs(out_dir, "the evaluate --out folder") as outputs:
+        outputs.claim(out_dir / "results.json")  # before any work: never a user's file
     specs = list(model_dir) if isinstance(model_dir, list | tuple) else [model_dir]
     specs = [m for m in specs if m is not None]
     encoders = [load_encoder(m, modality_name) for m in specs]
@@ -126,8 +135,13 @@ def evaluate(
     # The rows the task is scored on, their split and targets.
     check_input_modality(modality, input_path, model=bool(encoders))
     samples = modality.read(input_path, options)
-    for encoder in encoders:
+    changed: list[str] = []  # a split other than the model's on its own data, accepted
+    for spec, encoder in zip(specs, encoders, strict=True):
         check_split_source(encoder, modality, samples)
+        fields = check_split_change(
+            encoder, modality, samples, salt, fractions, options, accept_split_change
+        )
+        changed += [f"{spec}: {f}" for f in fields]
     rows = modality.evaluation_rows(samples, options, salt, fractions, ft_dirs)
     if task:
         rows.task = task
@@ -256,20 +270,24 @@ def evaluate(
         if r.extra.get("control") == UNTRAINED:
             r.model_hash = None
 
-    # Outputs.
     report.say(
         f"probes done in {format_seconds(time.perf_counter() - t0)}; writing the results and the report"
     )
-    write_results(out_dir / "results.json", result.rows + comparison.rows)
-    written = protocol.write_outputs(
-        out_dir,
-        result,
-        rows,
-        {"seeds": seeds, "n_boot": n_boot, "total_seconds": time.perf_counter() - t0},
-    )
-    written.append(
-        write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
-    )
+    if changed:  # every row says its test split may hold pretraining samples
+        for row in result.rows + comparison.rows:
+            row.extra["split_change_accepted"] = "; ".join(changed)
+    # Outputs: only files healthfm wrote there are replaced; each is listed in the marker.
+    with owned_outputs(out_dir, "the evaluate --out folder"):
+        write_results(out_dir / "results.json", result.rows + comparison.rows)
+        written = protocol.write_outputs(
+            out_dir,
+            result,
+            rows,
+            {"seeds": seeds, "n_boot": n_boot, "total_seconds": time.perf_counter() - t0},
+        )
+        written.append(
+            write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
+        )
     if echo:
         for method, _, _encoder in model_methods:
             origin = features[method].extra.get("pretrained_on")

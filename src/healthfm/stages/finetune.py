@@ -59,12 +59,12 @@ from healthfm.evaluate.task_head import (
     to_scores,
     with_task_head,
 )
-from healthfm.fsutil import atomic_dir, check_output_dir
+from healthfm.fsutil import atomic_dir, check_output_dir, check_run_dir
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
 from healthfm.model.pretrained import save_pretrained
-from healthfm.stages.common import check_split_source
+from healthfm.stages.common import check_split_change, check_split_source, input_paths
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
 from healthfm.train.trainer import TrainConfig, Trainer
@@ -188,6 +188,8 @@ def finetune(
     stop_at_epoch: int | None = None,
     device: str | None = None,
     strategy: str = "ddp",
+    overwrite: bool = False,
+    accept_split_change: bool = False,
 ) -> FinetuneResult | None:
     """Fine-tune a model folder on the labelled input and write the result to ``out``.
 
@@ -228,6 +230,12 @@ def finetune(
     strategy
         Under torchrun: "ddp" (replicas) or "fsdp" (FSDP2: parameters, gradients and
         optimizer state sharded over the processes).
+    overwrite
+        Start afresh over a run folder holding an earlier run's checkpoints (without it,
+        and without ``resume``, such a folder is refused: its checkpoints are kept).
+    accept_split_change
+        Fine-tune on the model's own pretraining data with another split (refused without
+        it); the written folder's provenance records ``split_change_accepted``.
 
     Returns
     -------
@@ -252,7 +260,9 @@ def finetune(
         )
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
-    check_output_dir(out, "model folder")  # before any work: never a user's folder
+    # Before any work: never a user's folder, nor the base or the data it reads.
+    check_output_dir(out, "model folder", inputs=input_paths(model_dir, input_path))
+    check_run_dir(run_dir, resume, overwrite, out=out)  # an interrupted run is kept
     # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
     base_spec = str(model_dir)
     base_name, model_dir = split_spec(base_spec)
@@ -277,6 +287,9 @@ def finetune(
     check_input_modality(modality, input_path)
     samples = modality.read(input_path, options)
     check_split_source(model_dir, modality, samples)
+    split_changed = check_split_change(
+        model_dir, modality, samples, salt, fractions, options, accept_split_change
+    )
     with contextlib.ExitStack() as stack:
         # The rows, their split and targets: the modality's own rows, or one per sample.
         task_input = modality.task_input(samples, options, base, salt, fractions)
@@ -334,6 +347,8 @@ def finetune(
     provenance = _provenance(
         result, config, base_spec, base, data, task_input.info, salt, fractions
     )
+    if split_changed:  # a split other than the base's pretraining split, accepted knowingly
+        provenance["split_change_accepted"] = split_changed
     _write(final, peft_model, result.out, base, base_spec, data.spec, config, info, provenance)
     if echo:
         line = ", ".join(

@@ -27,7 +27,7 @@ from healthfm.corpus import (
     sampling_probabilities,
 )
 from healthfm.errors import ConfigError, DataError
-from healthfm.fsutil import check_output_dir, json_hash
+from healthfm.fsutil import check_output_dir, check_run_dir, json_hash
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
@@ -76,6 +76,7 @@ def pretrain(
     strategy: str = "ddp",
     temperature: float = 1.0,
     held_out: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> Path:
     """Pretrain a model on the train split of an input and write the model folder.
 
@@ -113,6 +114,9 @@ def pretrain(
         Sampling temperature over a corpus' sources (:mod:`healthfm.corpus`).
     held_out
         Names of corpus sources held out whole (their samples give the held-out loss).
+    overwrite
+        Start afresh over a run folder holding an earlier run's checkpoints (without it,
+        and without ``resume``, such a folder is refused: its checkpoints are kept).
 
     Under torchrun every rank calls this; rank 0 builds (or reuses) the batch sources while
     the others wait, then all train; only rank 0 writes the model folder.
@@ -120,10 +124,13 @@ def pretrain(
     modality = get_modality(modality) if isinstance(modality, str) else modality
     train_config = (train_config or TrainConfig()).validate()
     # Before any work: an --out that is a user's folder or file is refused, not replaced.
-    out = check_output_dir(out, "model folder")
+    out = check_output_dir(out, "model folder", inputs=tuple(_input_paths(input_path)))
     run_dir = Path(run_dir) if run_dir is not None else out.with_name(out.name + ".run")
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError("the run folder exists and is a file", file=run_dir, column="run_dir")
+    # An interrupted run is never discarded silently; a finished one's checkpoints may go.
+    if check_run_dir(run_dir, resume, overwrite, out=out) and init_distributed().is_main:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     for path in _input_paths(input_path):
         check_input_modality(modality, path, model=False)
     new_run_dir = not run_dir.exists()

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from healthfm.corpus import CorpusSpec, corpus_from_inputs
-from healthfm.fsutil import atomic_dir, check_output_dir
+from healthfm.fsutil import atomic_dir, check_output_dir, confined
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
@@ -40,7 +40,10 @@ def tokenize(
     from healthfm.encoders import load_encoder
 
     modality = get_modality(modality) if isinstance(modality, str) else modality
-    check_output_dir(out, "token store folder")  # before any work: never a user's folder
+    from healthfm.stages.common import input_paths
+
+    # Before any work: never a user's folder, nor an input (the data, the --model folder).
+    check_output_dir(out, "token store folder", inputs=input_paths(input_path, model_dir))
     options = modality.options(options)
     corpus = corpus_from_inputs(input_path, expand=modality.expand_input)
     if not corpus.single:
@@ -86,5 +89,9 @@ def _tokenize_corpus(
     with atomic_dir(out, kind="token_stores", manifest=False) as tmp:
         for spec, samples, _ in parts:
             modality.check_input(samples, tokenizer)
-            stores.append(modality.tokenize(tokenizer, samples, tmp / spec.name).path.name)
+            # A source name from a manifest is data: its store stays inside --out.
+            where = confined(
+                tmp, spec.name, "corpus source name", file=corpus.manifest, column="name"
+            )
+            stores.append(modality.tokenize(tokenizer, samples, where).path.name)
     return TokenStore(out / stores[0])

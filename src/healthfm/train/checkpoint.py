@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from healthfm.errors import CheckpointError
 from healthfm.fsutil import atomic_dir, sha256_file
+from healthfm.model.pretrained import torch_load_tensors
 
 STATE_NAME = "trainer_state.json"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
@@ -152,8 +153,8 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
             )
     try:
         model = load_file(path / "model.safetensors")
-        optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        optimizer = torch_load_tensors(path / "optimizer.pt", CheckpointError)
+        rng = torch_load_tensors(path / "rng.pt", CheckpointError)
     except (
         SafetensorError,
         RuntimeError,
