@@ -315,9 +315,10 @@ def test_the_ehr_demo_evaluates_a_survival_task_after_the_binary_one():
     from healthfm.ehr.demo import demo_spec
 
     spec = demo_spec(quick=True)
-    ((data, options, folder),) = spec.evaluations
+    ((data, options, folder, seeds),) = spec.transfer
+    assert seeds is None  # the demo's seeds
     assert (data / "task_labels").is_dir()
     assert folder == "survival" and Path(options["labels"]).is_file()
     assert read_labels(options["labels"]).survival
     assert len(spec.description) == 3  # pretrain, EHRSHOT, the survival task
-    assert demo_spec(quick=True, survival_task=None).evaluations == ()
+    assert demo_spec(quick=True, survival_task=None).transfer == ()
