@@ -554,13 +554,18 @@ def test_lora_under_fsdp_stops_resumes_and_matches_one_process(work, tmp_path):
         assert h["train_loss"] == pytest.approx(r["train_loss"], rel=1e-4)
 
 
-def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(work, tmp_path):
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_only_with_overwrite(work, tmp_path):
     base, data = work["root"] / "base", work["data"]
     kw = {"n_boot": 10, "echo": False, "run_dir": tmp_path / "run"}
     three = FinetuneConfig(**{**RESUME.__dict__, "epochs": 3})
     two = FinetuneConfig(**{**RESUME.__dict__, "epochs": 2})
     finetune(base, data, tmp_path / "a", {}, three, **kw)  # leaves an epoch-3 checkpoint
-    assert finetune(base, data, tmp_path / "b", {}, two, stop_at_epoch=1, **kw) is None
+    # Another run over that run folder: refused without --overwrite (never discarded silently).
+    with pytest.raises(ConfigError, match="--overwrite"):
+        finetune(base, data, tmp_path / "b", {}, two, stop_at_epoch=1, **kw)
+    assert (
+        finetune(base, data, tmp_path / "b", {}, two, stop_at_epoch=1, overwrite=True, **kw) is None
+    )
     resumed = finetune(base, data, tmp_path / "b", {}, two, resume=True, **kw)
     ref = finetune(base, data, tmp_path / "ref", {}, two, n_boot=10, echo=False)
     assert resumed.history == ref.history and len(ref.history) == 2
