@@ -308,7 +308,7 @@ def test_pickle_weights_load_and_malicious_pickle_is_refused(tmp_path):
             return (os.system, (f"touch {sentinel}",))
 
     torch.save({"esm.embeddings.word_embeddings.weight": Payload()}, folder / "pytorch_model.bin")
-    with pytest.raises(ModelError, match="wants to run code.*refused") as err:
+    with pytest.raises(ModelError, match=r"wants to run code.*refused") as err:
         load_encoder(f"nucleotide-transformer:{folder}")
     assert "pytorch_model.bin" in str(err.value) and not sentinel.exists()
 

@@ -560,6 +560,6 @@ def test_malicious_pickle_is_refused(folders, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text((folders["uni"][0] / "config.json").read_text())
     torch.save({"cls_token": _Exploit(str(marker))}, bad / "pytorch_model.bin")
-    with pytest.raises(ModelError, match="wants to run code.*refused"):
+    with pytest.raises(ModelError, match=r"wants to run code.*refused"):
         load_encoder(f"uni:{bad}")
     assert not marker.exists()

@@ -51,7 +51,7 @@ def test_safe_unpickle_refuses_code(tmp_path):
 
 def test_weights_only_refuses_pickled_code(tmp_path):
     torch.save({"w": torch.ones(2), "evil": Evil()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ModelError, match="wants to run code.*refused"):
+    with pytest.raises(ModelError, match=r"wants to run code.*refused"):
         read_state_dict(tmp_path / "pytorch_model.bin")
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "nested.pt")
     assert set(read_state_dict(tmp_path / "nested.pt")) == {"w"}

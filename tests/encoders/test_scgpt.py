@@ -263,7 +263,7 @@ def test_errors(folders, model, tmp_path):
     shutil.copytree(folders["flash"], evil)
     evil_obj = type("Evil", (), {"__reduce__": lambda self: (os.system, ("echo pwned",))})()
     (evil / "best_model.pt").write_bytes(pickle.dumps({"x": evil_obj}))
-    with pytest.raises(ModelError, match="wants to run code.*refused"):
+    with pytest.raises(ModelError, match=r"wants to run code.*refused"):
         load_encoder(f"scgpt:{evil}")
     # A mis-shaped tensor.
     mis = tmp_path / "mis"
