@@ -45,7 +45,7 @@ def demo_spec(quick: bool = False) -> DemoSpec:
         transfer=((promoters(), {"label_column": "label"}, "promoters", None),),
         seeds=seeds,
         n_boot=200 if quick else 1000,
-        minutes=2 if quick else 9,
+        minutes=1.5 if quick else 4,
         description=(
             f"pretraining a tiny DNA model (masked nucleotides) on {WINDOW}-base windows of "
             f"3 Klebsiella genomes, {HELD_OUT_GENOME} held out ({steps} steps)",
