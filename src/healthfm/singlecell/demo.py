@@ -43,7 +43,7 @@ def demo_spec(modality: Any, quick: bool) -> DemoSpec:
         evaluate_options=dict(OPTIONS),
         seeds=seeds,
         n_boot=200 if quick else 1000,
-        minutes=2 if quick else 6,
+        minutes=2 if quick else 5,
         description=(
             "pretraining a tiny rank-value model on a corpus of both bundled cell files "
             f"(PBMC 68k + CellTypist sample, two gene panels; PBMC test cells held out), {steps} "
