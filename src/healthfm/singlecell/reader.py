@@ -188,6 +188,41 @@ class H5Rows:
         return {**self.__dict__, "_file": None, "_x": None}
 
 
+def validate_matrix(
+    matrix: CountMatrix, keys: np.ndarray, source: Any, total_column: str | None, totals: Any
+) -> None:
+    """Validate every block of ``matrix`` (:func:`validate_block`, streamed), then set its
+    library sizes (the ``total_column`` values given as ``totals``, each positive and finite,
+    else the cells' sums) and ``extra["n_expressed"]``: shared by the ``.h5ad`` and
+    TileDB-SOMA readers."""
+    sums = np.empty(len(keys), dtype=np.float64)
+    expressed = np.empty(len(keys), dtype=np.int64)
+    for positions, block in matrix.blocks():
+        sums[positions], expressed[positions] = validate_block(
+            block,
+            positions,
+            keys,
+            matrix.genes,
+            normalized=matrix.normalized,
+            source=source,
+            field_name=matrix.field,
+        )
+    if totals is not None:
+        totals = np.asarray(totals, dtype=np.float64)
+        bad = np.flatnonzero(~(totals > 0) | ~np.isfinite(totals))
+        if bad.size:
+            raise DataError(
+                f"library size must be positive, got {totals[bad[0]]!r}",
+                file=source,
+                column=f"obs/{total_column}",
+                row=str(keys[bad[0]]),
+            )
+    else:
+        totals = sums
+    matrix.totals = totals
+    matrix.extra["n_expressed"] = expressed
+
+
 def _sparse_dataset(group: Any) -> Any:
     try:
         from anndata.io import sparse_dataset
@@ -549,32 +584,13 @@ def samples_from_anndata(
         raise DataError(
             f"matrix shape {x.shape} does not match obs × var", file=source, column=field_name
         )
-    sums = np.empty(len(barcodes), dtype=np.float64)
-    expressed = np.empty(len(barcodes), dtype=np.int64)
-    for positions, block in matrix.blocks():
-        sums[positions], expressed[positions] = validate_block(
-            block,
-            positions,
-            barcodes,
-            genes,
-            normalized=normalized,
-            source=source,
-            field_name=field_name,
-        )
-    if total_column is not None:
-        totals = _obs_column(adata, total_column, source, "total").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~(totals > 0) | ~np.isfinite(totals))
-        if bad.size:
-            raise DataError(
-                f"library size must be positive, got {totals[bad[0]]!r}",
-                file=source,
-                column=f"obs/{total_column}",
-                row=str(barcodes[bad[0]]),
-            )
-    else:
-        totals = sums
-    matrix.totals = totals
-    matrix.extra["n_expressed"] = expressed
+    validate_matrix(
+        matrix,
+        barcodes,
+        source,
+        total_column,
+        _obs_column(adata, total_column, source, "total") if total_column is not None else None,
+    )
     if gene_column is None:
         # Candidate gene identifiers for a tokenizer that picks its own column (published
         # models: symbols or Ensembl ids); the chosen one is reported.

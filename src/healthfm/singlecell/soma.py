@@ -34,7 +34,7 @@ import scipy.sparse as sp
 
 from healthfm.errors import ConfigError, DataError
 from healthfm.modality import Samples
-from healthfm.singlecell.reader import CountMatrix, validate_block
+from healthfm.singlecell.reader import CountMatrix, validate_matrix
 
 log = logging.getLogger("healthfm")
 
@@ -368,32 +368,13 @@ def _read(
         normalized=normalized,
         backed=rows,
     )
-    sums = np.empty(len(keys), dtype=np.float64)
-    expressed = np.empty(len(keys), dtype=np.int64)
-    for positions, block in matrix.blocks():
-        sums[positions], expressed[positions] = validate_block(
-            block,
-            positions,
-            keys,
-            genes,
-            normalized=normalized,
-            source=source,
-            field_name=field_name,
-        )
-    if total_column is not None:
-        totals = obs_values(total_column, "total").to_numpy(dtype=np.float64)
-        bad = np.flatnonzero(~(totals > 0) | ~np.isfinite(totals))
-        if bad.size:
-            raise DataError(
-                f"library size must be positive, got {totals[bad[0]]!r}",
-                file=source,
-                column=f"obs/{total_column}",
-                row=str(keys[bad[0]]),
-            )
-    else:
-        totals = sums
-    matrix.totals = totals
-    matrix.extra["n_expressed"] = expressed
+    validate_matrix(
+        matrix,
+        keys,
+        source,
+        total_column,
+        obs_values(total_column, "total") if total_column is not None else None,
+    )
     matrix.extra["experiment"] = exp  # held open while the samples live
     labels = None
     categorical = False
