@@ -451,10 +451,14 @@ def _corpus_text(info: dict[str, Any]) -> str | None:
     def one(s: dict[str, Any]) -> str:
         tokens = s.get("tokens_seen")
         seen = f", {tokens:,} tokens seen" if isinstance(tokens, int) else ""
-        return (
-            f"{s.get('name')} ({s.get('n_train', 0):,} train samples{seen}, "
-            f"p = {float(s.get('probability', 0)):.2f})"
+        n, items = s.get("n_train", 0), s.get("n_train_items")
+        # A genome's samples are records; what training draws from are their windows.
+        what = (
+            f"{n:,} train records, {items:,} windows"
+            if isinstance(items, int) and items != n
+            else f"{n:,} train samples"
         )
+        return f"{s.get('name')} ({what}{seen}, p = {float(s.get('probability', 0)):.2f})"
 
     return f"{len(sources)} sources: " + "; ".join(one(s) for s in sources)
 
