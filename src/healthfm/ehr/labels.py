@@ -30,6 +30,24 @@ __all__ = ["main", "next_value_labels"]
 MAX_HORIZON_DAYS = 73_050.0
 
 
+def check_prediction_times(
+    times: pl.DataFrame, times_source: str | Path | None, meds_dir: str | Path
+) -> list[Path]:
+    """Refuse prediction times without ``subject_id`` / ``prediction_time`` or with nulls
+    (naming the row); return the MEDS folder's data shards (refused when there are none).
+    Shared by the label builders (next values, time-to-event)."""
+    for column in ("subject_id", "prediction_time"):
+        if column not in times.columns:
+            raise DataError(f"missing column {column!r}", file=times_source, column=column)
+        null = times[column].is_null().arg_true()
+        if len(null):
+            raise DataError(f"null {column}", file=times_source, column=column, row=int(null[0]))
+    data_files = sorted(Path(meds_dir).glob("data/**/*.parquet"))
+    if not data_files:
+        raise DataError("no data/**/*.parquet shards", file=meds_dir)
+    return data_files
+
+
 def next_value_labels(
     meds_dir: str | Path,
     times: pl.DataFrame,
@@ -69,15 +87,7 @@ def next_value_labels(
         raise ConfigError(
             f"--horizon-days must be in (0, {MAX_HORIZON_DAYS:g}] (200 years), got {horizon_days}"
         )
-    for column in ("subject_id", "prediction_time"):
-        if column not in times.columns:
-            raise DataError(f"missing column {column!r}", file=times_source, column=column)
-        null = times[column].is_null().arg_true()
-        if len(null):
-            raise DataError(f"null {column}", file=times_source, column=column, row=int(null[0]))
-    data_files = sorted(Path(meds_dir).glob("data/**/*.parquet"))
-    if not data_files:
-        raise DataError("no data/**/*.parquet shards", file=meds_dir)
+    data_files = check_prediction_times(times, times_source, meds_dir)
     values = (
         pl.scan_parquet(data_files)
         .filter((pl.col("code") == code) & pl.col("numeric_value").is_not_null())

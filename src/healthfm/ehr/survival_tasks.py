@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from healthfm.ehr.labels import check_prediction_times
 from healthfm.errors import DataError
 
 __all__ = ["main", "time_to_event_labels", "write_labels"]
@@ -76,15 +77,7 @@ def time_to_event_labels(
         the data have no shards, or no prediction time is followed by an event.
     """
     codes = [codes] if isinstance(codes, str) else list(codes)
-    for column in ("subject_id", "prediction_time"):
-        if column not in times.columns:
-            raise DataError(f"missing column {column!r}", file=times_source, column=column)
-        null = times[column].is_null().arg_true()
-        if len(null):
-            raise DataError(f"null {column}", file=times_source, column=column, row=int(null[0]))
-    files = sorted(Path(meds_dir).glob("data/**/*.parquet"))
-    if not files:
-        raise DataError("no data/**/*.parquet shards", file=meds_dir)
+    files = check_prediction_times(times, times_source, meds_dir)
     scan = pl.scan_parquet(files).select(
         pl.col("subject_id").cast(pl.Int64),
         pl.col("time").cast(pl.Datetime("us")),
