@@ -89,8 +89,7 @@ def site(tmp_path_factory) -> Path:
             "-m",
             "mkdocs",
             "build",
-            "--strict",
-            "--quiet",
+            "--strict",  # never with --quiet: it hides the warnings --strict counts
             "-f",
             "mkdocs.yml",
             "-d",
