@@ -51,7 +51,7 @@ def _render(path: list[str], level: int) -> list[str]:
     title = " ".join(["healthfm", *path])
     lines = [f"{'#' * level} `{title}`", "", "```text", text.rstrip(), "```", ""]
     for name in _subcommands(text):
-        lines += _render([*path, name], min(level + 1, 4))
+        lines += _render([*path, name], min(level + 1, 6))
     return lines
 
 
@@ -59,4 +59,4 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     """Replace the marker on the CLI page with the rendered help of every sub-command."""
     if MARKER not in markdown:
         return markdown
-    return markdown.replace(MARKER, "\n".join(_render([], 2)))
+    return markdown.replace(MARKER, "\n".join(_render([], 3)))
