@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   -> creates .venv, installs healthfm, runs `healthfm demo` on the bundled data
-#   make test   -> creates .venv, installs healthfm + test tools, runs ruff, the import
-#                  contracts (lint-imports, pyproject.toml) and the whole test suite
+#   make test   -> creates .venv, installs healthfm + test tools, builds the docs site
+#                  (mkdocs --strict), runs ruff, the import contracts (lint-imports,
+#                  pyproject.toml) and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY      = $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test lint format bench env clean browser constraints
+.PHONY: demo test docs lint format bench env clean browser constraints
 
 # constraints.txt pins every dependency to the versions CI tested (the package's own
 # requirements stay ranges): a fresh clone installs the stack the suite passed on.
@@ -36,7 +37,14 @@ browser:
 	  && (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null; } \
 	  || echo "warning: chromium not installed; the report's browser test will skip" >&2
 
-test: env browser
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a warning (a broken link or
+# anchor, a docstring the API reference cannot read) fails the build. tests/test_docs.py checks
+# the built pages' links and opens each in headless Chromium.
+# No --quiet: it silences the warnings that --strict counts, and a broken build passes.
+docs: env
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: env browser docs
 	$(VENV)/bin/ruff check src tests benchmarks scripts
 	$(VENV)/bin/ruff format --check src tests benchmarks scripts
 	PYTHONPATH=src $(VENV)/bin/lint-imports --no-logo
@@ -59,4 +67,4 @@ bench: env
 	$(PY) benchmarks/bench_finetune.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT)
+	rm -rf $(VENV) $(DEMO_OUT) site

@@ -16,11 +16,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from browser import chromium_or_skip, run_browser
 from healthfm.cli import main
 from healthfm.datasets import promoters
 from healthfm.errors import DataError
@@ -58,49 +58,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chromium():
-    """The chromium binary; installed with apt-get when missing (skipped only if impossible)."""
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe:
-        return exe
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        pytest.skip(
-            "chromium is not installed and cannot be installed here (needs root and apt-get): "
-            "apt-get install chromium"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(
-        "apt-get update -q && apt-get install -y -q chromium",
-        shell=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    exe = shutil.which("chromium")
-    if not exe:
-        pytest.skip(f"installing chromium with apt-get failed: {proc.stderr[-400:]}")
-    return exe
-
-
-def _browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",  # root in CI containers
-            "--disable-gpu",
-            "--no-first-run",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            # Nothing resolves: a request that left the file could not succeed anyway.
-            "--host-resolver-rules=MAP * ~NOTFOUND",
-            "--enable-logging=stderr",
-            "--v=0",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    """The chromium binary (tests/browser.py); skipped only if it cannot be installed."""
+    return chromium_or_skip()
 
 
 RECORDER = """<script>
@@ -146,7 +105,7 @@ def _check_page(exe: str, page: Path, tmp: Path) -> dict:
     )
     probe = tmp / "check.html"
     probe.write_text(copy)
-    proc = _browser(
+    proc = run_browser(
         exe, tmp / "profile-check", "--virtual-time-budget=15000", "--dump-dom", probe.as_uri()
     )
     found = re.search(r'<pre id="__check">(.*?)</pre>', proc.stdout, re.S)
@@ -205,7 +164,7 @@ def test_report_in_headless_chromium(run_dir, chromium, tmp_path):
     artefacts = Path(os.environ.get("HEALTHFM_TEST_ARTIFACTS", ROOT / "test-artifacts"))
     artefacts.mkdir(parents=True, exist_ok=True)
     shot = artefacts / "report_dna_small.png"
-    proc = _browser(
+    proc = run_browser(
         chromium,
         tmp_path / "profile-shot",
         "--window-size=1280,2400",
