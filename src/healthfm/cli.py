@@ -13,11 +13,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
 from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS, TASK_POOLINGS
 from healthfm.options import Flag, add_flags, config_values
+
+if TYPE_CHECKING:
+    from healthfm.train.trainer import TrainConfig
 
 
 def _number(kind: type, low: float, strict: bool = False):
@@ -128,7 +132,7 @@ def _train_options(parser: argparse.ArgumentParser) -> None:
     add_flags(parser.add_argument_group("training"), PRETRAIN_FLAGS, TrainConfig)
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     """The pretraining settings of parsed ``pretrain`` flags."""
     from healthfm.train.trainer import TrainConfig
 

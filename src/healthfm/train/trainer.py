@@ -9,7 +9,8 @@ groups, linear warm-up then cosine (or constant) learning rate, gradient accumul
 clipping, bf16 autocast, a *batch plan* (which rows make each global batch; each batch is
 cut into one part per accumulation micro-step and process), held-out evaluation with
 optional early stopping and best-weights restore, a progress bar, a JSONL log, atomic
-checkpoints and exact resume. Single process by default; under torchrun each rank trains
+checkpoints and exact resume (the bar, the log and the ETA lines are
+:mod:`healthfm.train.progress`; the checkpoint files :mod:`healthfm.train.checkpoint`). Single process by default; under torchrun each rank trains
 on its part of every global batch, replicated (DDP) or sharded (FSDP2), see
 :mod:`healthfm.train.distributed`.
 
