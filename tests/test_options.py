@@ -56,3 +56,35 @@ def test_every_modality_has_typed_options():
         assert modality.options(opts) is opts  # typed options pass through
         with pytest.raises(ConfigError):
             modality.options({"no_such_option": 1})
+
+
+def test_training_and_finetuning_flags_come_from_their_dataclasses():
+    # The pretrain / finetune flags are generated from TrainConfig / FinetuneConfig: parsing
+    # no flag gives the dataclass defaults (warm-up: 10% of the steps; the parser dump
+    # compared before and after the change is in the issue 22 report), a flag sets its field.
+    from healthfm.cli import FINETUNE_FLAGS, _train_config, build_parser
+    from healthfm.options import config_values
+    from healthfm.stages.finetune import FinetuneConfig
+    from healthfm.train.trainer import TrainConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["pretrain", "dna", "in.csv", "--out", "m"])
+    assert _train_config(args) == TrainConfig(warmup_steps=100)
+    assert (args.preset, args.strategy, args.resume, args.run_dir) == ("tiny", "ddp", False, None)
+    args = parser.parse_args(
+        ["pretrain", "dna", "in.csv", "--out", "m", "--steps", "30", "--pack", "--lr", "0.01"]
+    )
+    assert _train_config(args) == TrainConfig(steps=30, warmup_steps=3, pack=True, lr=0.01)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["pretrain", "dna", "in.csv", "--out", "m", "--steps", "0"])
+
+    args = parser.parse_args(["finetune", "m", "in.csv", "--out", "f"])
+    assert FinetuneConfig(**config_values(args, FINETUNE_FLAGS, FinetuneConfig)) == (
+        FinetuneConfig()
+    )
+    args = parser.parse_args(
+        ["finetune", "m", "in.csv", "--out", "f", "--lora", "--no-class-weight", "--seed", "4"]
+    )
+    config = FinetuneConfig(**config_values(args, FINETUNE_FLAGS, FinetuneConfig))
+    assert config == FinetuneConfig(lora=True, class_weight=False, seed=4)
+    assert (args.n_boot, args.strategy, args.stop_at_epoch) == (1000, "ddp", None)

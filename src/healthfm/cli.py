@@ -13,10 +13,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
 from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS, TASK_POOLINGS
+from healthfm.options import Flag, add_flags, config_values
+
+if TYPE_CHECKING:
+    from healthfm.train.trainer import TrainConfig
 
 
 def _number(kind: type, low: float, strict: bool = False):
@@ -71,83 +76,70 @@ def _accept_split_change(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_options(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training")
-    g.add_argument(
-        "--preset", default="tiny", choices=list(PRESETS), help="backbone size (default: tiny)"
-    )
-    g.add_argument("--steps", type=POSITIVE, default=1000, help="optimizer steps (default: 1000)")
-    g.add_argument(
-        "--batch-size", type=POSITIVE, default=64, help="global batch size in samples (default: 64)"
-    )
-    g.add_argument(
-        "--micro-batch-size",
+#: ``healthfm pretrain``'s training flags, in ``--help`` order: TrainConfig fields (their
+#: defaults are the dataclass's) and the run's own (checkpoint folder, resume, strategy).
+PRETRAIN_FLAGS: dict[str, Flag] = {
+    "preset": Flag("backbone size (default: tiny)", default="tiny", choices=list(PRESETS)),
+    "steps": Flag("optimizer steps (default: 1000)", type=POSITIVE),
+    "batch_size": Flag("global batch size in samples (default: 64)", type=POSITIVE),
+    "micro_batch_size": Flag(
+        "samples per forward pass per process (gradient accumulation when smaller)",
         type=POSITIVE,
-        default=None,
-        help="samples per forward pass per process (gradient accumulation when smaller)",
-    )
-    g.add_argument(
-        "--lr", type=POSITIVE_FLOAT, default=1e-3, help="peak learning rate (default: 1e-3)"
-    )
-    g.add_argument(
-        "--warmup-steps",
-        type=NON_NEGATIVE,
-        default=None,
-        help="linear warm-up steps (default: 10%% of steps)",
-    )
-    g.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
-    g.add_argument("--grad-clip", type=NON_NEGATIVE_FLOAT, default=1.0)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument(
-        "--eval-every", type=NON_NEGATIVE, default=200, help="held-out loss every N steps"
-    )
-    g.add_argument(
-        "--checkpoint-every", type=NON_NEGATIVE, default=500, help="checkpoint every N steps"
-    )
-    g.add_argument(
-        "--checkpoint-minutes",
-        type=NON_NEGATIVE_FLOAT,
-        default=30.0,
-        help="also checkpoint every N minutes of training (default: 30; 0: only by steps); "
+    ),
+    "lr": Flag("peak learning rate (default: 1e-3)", type=POSITIVE_FLOAT),
+    # None: 10% of the steps (see _train_config), not TrainConfig's fixed 100.
+    "warmup_steps": Flag(
+        "linear warm-up steps (default: 10%% of steps)", type=NON_NEGATIVE, default=None
+    ),
+    "weight_decay": Flag(type=NON_NEGATIVE_FLOAT),
+    "grad_clip": Flag(type=NON_NEGATIVE_FLOAT),
+    "bf16": Flag("bf16 autocast"),
+    "seed": Flag(type=int),
+    "eval_every": Flag("held-out loss every N steps", type=NON_NEGATIVE),
+    "checkpoint_every": Flag("checkpoint every N steps", type=NON_NEGATIVE),
+    "checkpoint_minutes": Flag(
+        "also checkpoint every N minutes of training (default: 30; 0: only by steps); "
         "SIGTERM / SIGUSR1 checkpoint and stop at once",
-    )
-    g.add_argument("--num-workers", type=NON_NEGATIVE, default=0, help="DataLoader workers")
-    g.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the latest checkpoint in the run folder",
-    )
-    g.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh, discarding the checkpoints of an earlier run in the run folder "
+        type=NON_NEGATIVE_FLOAT,
+    ),
+    "num_workers": Flag("DataLoader workers", type=NON_NEGATIVE),
+    "resume": Flag("continue from the latest checkpoint in the run folder", action="store_true"),
+    "overwrite": Flag(
+        "start afresh, discarding the checkpoints of an earlier run in the run folder "
         "(without it or --resume, such a run folder is refused)",
-    )
-    g.add_argument(
-        "--run-dir",
-        default=None,
-        help="checkpoints, token stores and train_log.jsonl (default: OUT.run)",
-    )
-    g.add_argument(
-        "--stop-at",
-        type=POSITIVE,
-        default=None,
-        help="stop at this step (checkpointed); continue later with --resume",
-    )
-    g.add_argument(
-        "--strategy",
+        action="store_true",
+    ),
+    "run_dir": Flag("checkpoints, token stores and train_log.jsonl (default: OUT.run)"),
+    "stop_at": Flag(
+        "stop at this step (checkpointed); continue later with --resume", type=POSITIVE
+    ),
+    "strategy": Flag(
+        "under torchrun: ddp (full replicas) or fsdp (FSDP2: shard parameters, gradients, "
+        "optimizer state); checkpoints load with either (default: ddp)",
         default="ddp",
         choices=["ddp", "fsdp"],
-        help="under torchrun: ddp (full replicas) or fsdp (FSDP2: shard parameters, gradients, "
-        "optimizer state); checkpoints load with either (default: ddp)",
-    )
-    g.add_argument(
-        "--pack",
-        action="store_true",
-        help="pack samples into full rows with block-diagonal attention instead of padding "
-        "(faster when lengths are skewed; masked/causal objectives)",
-    )
+    ),
+    "pack": Flag(
+        "pack samples into full rows with block-diagonal attention instead of padding "
+        "(faster when lengths are skewed; masked/causal objectives)"
+    ),
+}
+
+
+def _train_options(parser: argparse.ArgumentParser) -> None:
+    from healthfm.train.trainer import TrainConfig
+
+    add_flags(parser.add_argument_group("training"), PRETRAIN_FLAGS, TrainConfig)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The pretraining settings of parsed ``pretrain`` flags."""
+    from healthfm.train.trainer import TrainConfig
+
+    values = config_values(args, PRETRAIN_FLAGS, TrainConfig)
+    if values["warmup_steps"] is None:
+        values["warmup_steps"] = max(1, args.steps // 10)
+    return TrainConfig(**values)
 
 
 def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
@@ -159,7 +151,20 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     names = modality_names()
+    _tokenize_parser(sub, names)
+    _pretrain_parser(sub, names)
+    parents = [_modality_parent(model_modality)] if model_modality else []
+    _embed_parser(sub, parents)
+    _evaluate_parser(sub, parents)
+    _small_parsers(sub, names)
+    for name in names:  # commands a modality adds of its own (Modality.add_commands)
+        get_modality(name).add_commands(sub)
+    _finetune_parser(sub, parents)
+    return parser
 
+
+def _tokenize_parser(sub, names: list[str]) -> None:
+    """``healthfm tokenize MODALITY INPUT... --out STORE``."""
     p = sub.add_parser("tokenize", help="tokenize an input into a memory-mapped token store")
     msub = p.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name in names:
@@ -178,6 +183,9 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         )
         _split_options(q)
 
+
+def _pretrain_parser(sub, names: list[str]) -> None:
+    """``healthfm pretrain MODALITY INPUT... --out MODEL`` and the training flags."""
     p = sub.add_parser("pretrain", help="pretrain a model on the train split of an input")
     msub = p.add_subparsers(dest="modality", required=True, metavar="MODALITY")
     for name in names:
@@ -207,7 +215,9 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         _train_options(q)
         _split_options(q)
 
-    parents = [_modality_parent(model_modality)] if model_modality else []
+
+def _embed_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """``healthfm embed MODEL INPUT --out FILE``."""
     p = sub.add_parser("embed", parents=parents, help="embed every sample of an input with a model")
     p.add_argument("model", help="model folder")
     p.add_argument("input", help="input file or folder")
@@ -242,6 +252,9 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
         help="torch.compile the forward pass (token inputs; pays on large inputs only)",
     )
 
+
+def _evaluate_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """``healthfm evaluate [MODEL] INPUT --out DIR``."""
     p = sub.add_parser(
         "evaluate", parents=parents, help="linear probe of the model next to baselines, with CIs"
     )
@@ -287,6 +300,9 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     _split_options(p)
     _accept_split_change(p)
 
+
+def _small_parsers(sub, names: list[str]) -> None:
+    """``demo``, ``report``, ``models`` and ``info``."""
     p = sub.add_parser("demo", help="pretrain, embed and evaluate on the bundled real data")
     p.add_argument("--modality", default="dna", choices=names)
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
@@ -304,15 +320,71 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
-    for name in names:  # commands a modality adds of its own (Modality.add_commands)
-        get_modality(name).add_commands(sub)
-    _finetune_parser(sub, parents)
-    return parser
 
 
 # ---------------------------------------------------------------------- finetune (issue 7)
+#: ``healthfm finetune``'s flags after MODEL INPUT --out, in ``--help`` order: FinetuneConfig
+#: fields (their defaults are the dataclass's) and the run's own (bootstrap, checkpoints).
+FINETUNE_FLAGS: dict[str, Flag] = {
+    "task": Flag(
+        "default: binary for two classes, regression for >20 numeric values, survival "
+        "for time-to-event labels (a Cox head), else classification",
+        choices=["classification", "binary", "regression", "survival"],
+    ),
+    "lora": Flag("train LoRA adapters (peft) instead of every weight"),
+    "lora_rank": Flag("LoRA rank (default: 8)", type=POSITIVE),
+    "lora_alpha": Flag("LoRA alpha (default: 2 x rank)", type=float),
+    "lora_dropout": Flag(type=float),
+    "merge": Flag("with --lora: write a plain model folder, adapter folded in"),
+    "freeze_layers": Flag("freeze the input embedder and the first N blocks", type=NON_NEGATIVE),
+    "epochs": Flag("most epochs (default: 10)", type=POSITIVE),
+    "patience": Flag("early stopping on val loss (default: 3 epochs)", type=POSITIVE),
+    "lr": Flag("peak learning rate (default: 1e-3 full, 3e-3 LoRA)", type=POSITIVE_FLOAT),
+    "weight_decay": Flag(type=NON_NEGATIVE_FLOAT),
+    "batch_size": Flag(type=POSITIVE),
+    "no_class_weight": Flag(
+        "do not weight classes by inverse frequency",
+        action="store_true",
+        field="class_weight",
+        invert=True,
+    ),
+    "head_init": Flag(
+        "task head start: random (default) or the frozen linear probe (LP-FT)",
+        choices=["random", "probe"],
+    ),
+    "pooling": Flag(
+        "default: the model's; attention: learned (for fixed-length sequences)",
+        choices=TASK_POOLINGS,
+    ),
+    "bf16": Flag(),
+    "seed": Flag(type=int),
+    "n_boot": Flag("bootstrap resamples of the test metrics", type=NON_NEGATIVE, default=1000),
+    "run_dir": Flag("per-epoch checkpoints (default: OUT.run); --no-checkpoints to skip"),
+    "no_checkpoints": Flag("do not checkpoint epochs", action="store_true"),
+    "resume": Flag("continue from the latest epoch checkpoint", action="store_true"),
+    "overwrite": Flag(
+        "start afresh, discarding an earlier run's epoch checkpoints in the run folder",
+        action="store_true",
+    ),
+}
+#: ... and after --accept-split-change.
+FINETUNE_RUN_FLAGS: dict[str, Flag] = {
+    "stop_at_epoch": Flag(
+        "stop after this epoch (checkpointed); continue later with --resume", type=POSITIVE
+    ),
+    "device": Flag("default: cuda when available", choices=["cpu", "cuda"]),
+    "strategy": Flag(
+        "under torchrun: ddp (full replicas) or fsdp (FSDP2 sharding) (default: ddp)",
+        default="ddp",
+        choices=["ddp", "fsdp"],
+    ),
+}
+
+
 def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     """``healthfm finetune`` (full or LoRA) and ``evaluate --finetuned``."""
+    from healthfm.stages.finetune import FinetuneConfig
+
     p = sub.add_parser(
         "finetune",
         parents=parents,
@@ -323,95 +395,9 @@ def _finetune_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--out", required=True, help="model folder to write (adapter folder with --lora)"
     )
-    p.add_argument(
-        "--task",
-        choices=["classification", "binary", "regression", "survival"],
-        default=None,
-        help="default: binary for two classes, regression for >20 numeric values, survival "
-        "for time-to-event labels (a Cox head), else classification",
-    )
-    p.add_argument(
-        "--lora", action="store_true", help="train LoRA adapters (peft) instead of every weight"
-    )
-    p.add_argument("--lora-rank", type=POSITIVE, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="with --lora: write a plain model folder, adapter folded in",
-    )
-    p.add_argument(
-        "--freeze-layers",
-        type=NON_NEGATIVE,
-        default=0,
-        help="freeze the input embedder and the first N blocks",
-    )
-    p.add_argument("--epochs", type=POSITIVE, default=10, help="most epochs (default: 10)")
-    p.add_argument(
-        "--patience",
-        type=POSITIVE,
-        default=3,
-        help="early stopping on val loss (default: 3 epochs)",
-    )
-    p.add_argument(
-        "--lr",
-        type=POSITIVE_FLOAT,
-        default=None,
-        help="peak learning rate (default: 1e-3 full, 3e-3 LoRA)",
-    )
-    p.add_argument("--weight-decay", type=NON_NEGATIVE_FLOAT, default=0.01)
-    p.add_argument("--batch-size", type=POSITIVE, default=32)
-    p.add_argument(
-        "--no-class-weight", action="store_true", help="do not weight classes by inverse frequency"
-    )
-    p.add_argument(
-        "--head-init",
-        choices=["random", "probe"],
-        default="random",
-        help="task head start: random (default) or the frozen linear probe (LP-FT)",
-    )
-    p.add_argument(
-        "--pooling",
-        choices=TASK_POOLINGS,
-        default=None,
-        help="default: the model's; attention: learned (for fixed-length sequences)",
-    )
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--n-boot", type=NON_NEGATIVE, default=1000, help="bootstrap resamples of the test metrics"
-    )
-    p.add_argument(
-        "--run-dir",
-        default=None,
-        help="per-epoch checkpoints (default: OUT.run); --no-checkpoints to skip",
-    )
-    p.add_argument("--no-checkpoints", action="store_true", help="do not checkpoint epochs")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the latest epoch checkpoint"
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh, discarding an earlier run's epoch checkpoints in the run folder",
-    )
+    add_flags(p, FINETUNE_FLAGS, FinetuneConfig)
     _accept_split_change(p)
-    p.add_argument(
-        "--stop-at-epoch",
-        type=POSITIVE,
-        default=None,
-        help="stop after this epoch (checkpointed); continue later with --resume",
-    )
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available"
-    )
-    p.add_argument(
-        "--strategy",
-        default="ddp",
-        choices=["ddp", "fsdp"],
-        help="under torchrun: ddp (full replicas) or fsdp (FSDP2 sharding) (default: ddp)",
-    )
+    add_flags(p, FINETUNE_RUN_FLAGS, FinetuneConfig)
     _add_unless_defined(
         p,
         "--few-shot",
@@ -442,23 +428,7 @@ def _run_finetune(args: argparse.Namespace, opts: dict) -> None:
     from healthfm.stages.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(
-        task=args.task,
-        lora=args.lora,
-        lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
-        merge=args.merge,
-        freeze_layers=args.freeze_layers,
-        epochs=args.epochs,
-        patience=args.patience,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        class_weight=not args.no_class_weight,
-        head_init=args.head_init,
-        pooling=args.pooling,
-        bf16=args.bf16,
-        seed=args.seed,
+        **config_values(args, FINETUNE_FLAGS, FinetuneConfig),
         few_shot=_one_few_shot(args.few_shot),
     )
     run_dir = None if args.no_checkpoints else (args.run_dir or f"{args.out.rstrip('/')}.run")
@@ -601,105 +571,14 @@ def _output_guard(args: argparse.Namespace):
 
 
 def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | None) -> int:
-    from healthfm.stages.embed import embed
-    from healthfm.stages.evaluate import evaluate
-    from healthfm.stages.pretrain import pretrain
-    from healthfm.stages.tokenize import tokenize
-    from healthfm.train.trainer import TrainConfig
-
     if args.command == "tokenize":
-        store = tokenize(
-            args.modality,
-            args.input[0] if len(args.input) == 1 else args.input,
-            args.out,
-            opts,
-            args.model,
-            salt=args.split_salt or DEFAULT_SALT,
-        )
-        print(f"wrote {store}")
+        _run_tokenize(args, opts)
     elif args.command == "pretrain":
-        config = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size,
-            lr=args.lr,
-            warmup_steps=args.warmup_steps
-            if args.warmup_steps is not None
-            else max(1, args.steps // 10),
-            weight_decay=args.weight_decay,
-            grad_clip=args.grad_clip,
-            bf16=args.bf16,
-            seed=args.seed,
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            checkpoint_minutes=args.checkpoint_minutes,
-            num_workers=args.num_workers,
-            pack=args.pack,
-        )
-        out = pretrain(
-            args.modality,
-            args.input[0] if len(args.input) == 1 else args.input,
-            args.out,
-            opts,
-            preset=args.preset,
-            train_config=config,
-            resume=args.resume,
-            run_dir=args.run_dir,
-            salt=args.split_salt or DEFAULT_SALT,
-            stop_at=args.stop_at,
-            strategy=args.strategy,
-            temperature=args.temperature,
-            held_out=tuple(args.holdout_source),
-            overwrite=args.overwrite,
-        )
-        from healthfm.train.distributed import shutdown
-
-        shutdown()  # under torchrun: every rank is past the final barrier
-        if os.environ.get("RANK", "0") != "0":
-            pass  # under torchrun only rank 0 reports
-        elif (Path(out) / "training_info.json").exists():
-            info = json.loads((Path(out) / "training_info.json").read_text())
-            print(
-                f"wrote {out}: {info['steps']} steps, train loss {info['train_loss']:.4f}, "
-                f"val loss {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 4)}, "
-                f"{info['wall_seconds']:.0f} s"
-            )
-        else:
-            print(
-                f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
-            )
+        _run_pretrain(args, opts)
     elif args.command == "embed":
-        embed(
-            args.model,
-            args.input,
-            args.out,
-            opts,
-            args.pooling,
-            args.batch_size,
-            args.bf16,
-            echo=True,
-            resume=args.resume,
-            part_rows=args.part_rows,
-            device=args.device,
-            compile=args.compile,
-        )
+        _run_embed(args, opts)
     elif args.command == "evaluate":
-        models, data = _evaluate_paths(args.paths, args.models)
-        evaluate(
-            models,
-            data,
-            args.out,
-            opts,
-            seeds=args.seeds,
-            n_boot=args.n_boot,
-            pooling=args.pooling,
-            batch_size=args.batch_size,
-            salt=args.split_salt,
-            include_baselines=not args.no_baselines,
-            finetuned=args.finetuned or (),
-            controls=not args.no_controls,
-            accept_split_change=args.accept_split_change,
-        )
+        _run_evaluate(args, opts)
     elif args.command == "finetune":
         _run_finetune(args, opts)
     elif args.command == "demo":
@@ -717,6 +596,97 @@ def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | Non
     elif not any(get_modality(name).run_command(args) for name in modality_names()):
         raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
+
+
+def _run_tokenize(args: argparse.Namespace, opts: dict) -> None:
+    from healthfm.stages.tokenize import tokenize
+
+    store = tokenize(
+        args.modality,
+        args.input[0] if len(args.input) == 1 else args.input,
+        args.out,
+        opts,
+        args.model,
+        salt=args.split_salt or DEFAULT_SALT,
+    )
+    print(f"wrote {store}")
+
+
+def _run_pretrain(args: argparse.Namespace, opts: dict) -> None:
+    from healthfm.stages.pretrain import pretrain
+
+    out = pretrain(
+        args.modality,
+        args.input[0] if len(args.input) == 1 else args.input,
+        args.out,
+        opts,
+        preset=args.preset,
+        train_config=_train_config(args),
+        resume=args.resume,
+        run_dir=args.run_dir,
+        salt=args.split_salt or DEFAULT_SALT,
+        stop_at=args.stop_at,
+        strategy=args.strategy,
+        temperature=args.temperature,
+        held_out=tuple(args.holdout_source),
+        overwrite=args.overwrite,
+    )
+    from healthfm.train.distributed import shutdown
+
+    shutdown()  # under torchrun: every rank is past the final barrier
+    if os.environ.get("RANK", "0") != "0":
+        pass  # under torchrun only rank 0 reports
+    elif (Path(out) / "training_info.json").exists():
+        info = json.loads((Path(out) / "training_info.json").read_text())
+        print(
+            f"wrote {out}: {info['steps']} steps, train loss {info['train_loss']:.4f}, "
+            f"val loss {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 4)}, "
+            f"{info['wall_seconds']:.0f} s"
+        )
+    else:
+        print(
+            f"stopped before the last step; checkpoints in {args.run_dir or str(out) + '.run'} (use --resume)"
+        )
+
+
+def _run_embed(args: argparse.Namespace, opts: dict) -> None:
+    from healthfm.stages.embed import embed
+
+    embed(
+        args.model,
+        args.input,
+        args.out,
+        opts,
+        args.pooling,
+        args.batch_size,
+        args.bf16,
+        echo=True,
+        resume=args.resume,
+        part_rows=args.part_rows,
+        device=args.device,
+        compile=args.compile,
+    )
+
+
+def _run_evaluate(args: argparse.Namespace, opts: dict) -> None:
+    from healthfm.stages.evaluate import evaluate
+
+    models, data = _evaluate_paths(args.paths, args.models)
+    evaluate(
+        models,
+        data,
+        args.out,
+        opts,
+        seeds=args.seeds,
+        n_boot=args.n_boot,
+        pooling=args.pooling,
+        batch_size=args.batch_size,
+        salt=args.split_salt,
+        include_baselines=not args.no_baselines,
+        finetuned=args.finetuned or (),
+        controls=not args.no_controls,
+        accept_split_change=args.accept_split_change,
+    )
 
 
 def _models(name: str | None, as_json: bool) -> None:

@@ -174,3 +174,100 @@ class Options:
     def replace(self: T, **changes: Any) -> T:
         """A copy with some options changed."""
         return dataclasses.replace(self, **changes)
+
+
+#: A :class:`Flag` default meaning "the settings dataclass field's own default".
+FIELD_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a settings dataclass (``TrainConfig``, ``FinetuneConfig``).
+
+    Flags are listed, in ``--help`` order, in a mapping from the argparse ``dest`` to a
+    :class:`Flag`; :func:`add_flags` generates them and :func:`config_values` reads the
+    parsed values back into the dataclass's fields, so no flag is copied by hand.
+
+    Attributes
+    ----------
+    help, type, choices, metavar, nargs
+        As in ``argparse.add_argument`` (left out when None).
+    default
+        The flag's default; by default the dataclass field's own (negated for ``invert``;
+        a flag that is not a field: False for a switch, else None).
+    action
+        "store_true" for a switch; a boolean field defaulting to False gets it anyway.
+    field
+        The dataclass field the flag sets, when not its ``dest``; "" for a flag of the
+        command rather than of the settings (``--resume``).
+    invert
+        The field is the negation of the switch (``--no-class-weight`` sets
+        ``class_weight=False``).
+    """
+
+    help: str | None = None
+    type: Any = None
+    default: Any = FIELD_DEFAULT
+    choices: Any = None
+    metavar: str | None = None
+    nargs: str | None = None
+    action: str | None = None
+    field: str | None = None
+    invert: bool = False
+
+    def field_of(self, dest: str, config: type) -> str | None:
+        """The field of ``config`` this flag sets, or None."""
+        name = dest if self.field is None else self.field
+        return name if name and name in {f.name for f in dataclasses.fields(config)} else None
+
+
+def _field_default(config: type, name: str) -> Any:
+    f = next(f for f in dataclasses.fields(config) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{config.__name__}.{name} has no default to give its flag")
+
+
+def add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flags: Mapping[str, Flag],
+    config: type,
+) -> None:
+    """Add ``flags`` (dest → :class:`Flag`, in order) of the settings dataclass ``config``.
+
+    The flag is ``--`` and the dest in kebab case; its default is the field's unless the
+    :class:`Flag` gives one.
+    """
+    for dest, flag in flags.items():
+        field = flag.field_of(dest, config)
+        default = flag.default
+        if default is FIELD_DEFAULT and field is not None:
+            default = _field_default(config, field)
+            default = not default if flag.invert else default
+        elif default is FIELD_DEFAULT:
+            default = False if flag.action == "store_true" else None
+        action = flag.action
+        if action is None and isinstance(default, bool) and not default:
+            action = "store_true"
+        kwargs: dict[str, Any] = {"default": default}
+        for key in ("type", "choices", "metavar", "nargs", "help"):
+            if getattr(flag, key) is not None:
+                kwargs[key] = getattr(flag, key)
+        if action is not None:
+            kwargs["action"] = action
+        parser.add_argument("--" + dest.replace("_", "-"), **kwargs)
+
+
+def config_values(
+    args: argparse.Namespace, flags: Mapping[str, Flag], config: type
+) -> dict[str, Any]:
+    """The fields of ``config`` that ``flags`` set, read from parsed ``args``."""
+    values = {}
+    for dest, flag in flags.items():
+        field = flag.field_of(dest, config)
+        if field is not None:
+            value = getattr(args, dest)
+            values[field] = not value if flag.invert else value
+    return values

@@ -612,26 +612,7 @@ def read_labels(
         raise DataError("label file does not exist", file=path)
     frames = []
     for f in files:
-        try:
-            table = pq.read_table(f)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"cannot read label parquet: {exc}", file=f) from exc
-        for name in ("subject_id", "prediction_time"):
-            if name not in table.column_names:
-                raise DataError(
-                    f"required MEDS label column is missing (found {table.column_names})",
-                    file=f,
-                    column=name,
-                )
-        if not pa.types.is_integer(table.schema.field("subject_id").type):
-            raise DataError(
-                f"must be int64, found {table.schema.field('subject_id').type}",
-                file=f,
-                column="subject_id",
-            )
-        _check_time_type(table.schema.field("prediction_time").type, f, "prediction_time")
-        if table.num_rows == 0:  # else "embedded 0 rows", exit 0: no result at all
-            raise DataError("the label file has no rows", file=f, column="subject_id")
+        table = _read_label_table(f)
         present = [c for c in LABEL_VALUE_COLUMNS if c in table.column_names]
         with_values = [c for c in present if table.column(c).null_count < len(table)]
         survival = column is None and _is_survival(with_values, task_type, f)
@@ -656,22 +637,7 @@ def read_labels(
             raise DataError(
                 f"label column is missing (found {table.column_names})", file=f, column=chosen
             )
-        df = pl.from_arrow(table.select(["subject_id", "prediction_time", chosen]))
-        assert isinstance(df, pl.DataFrame)
-        df = df.rename({chosen: "label"}).with_columns(
-            pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").dt.cast_time_unit("us")
-        )
-        for name in ("subject_id", "prediction_time", "label"):
-            nulls = df[name].is_null()
-            if nulls.any():
-                raise _row_error(
-                    "null values are not allowed", f, chosen if name == "label" else name, df, nulls
-                )
-        if df["label"].dtype.is_float():
-            bad = df["label"].is_nan() | df["label"].is_infinite()
-            if bad.any():
-                raise _row_error("NaN / inf label values", f, chosen, df, bad)
-        frames.append(df)
+        frames.append(_label_frame(table, f, chosen))
         column = chosen
     assert column is not None
     kinds = {"event" in frame.columns for frame in frames}
@@ -692,28 +658,92 @@ def read_labels(
             column="boolean_value",
         )
     if subjects is not None:
-        joined = df.join(
-            subjects.select("subject_id", "birth_us"),
-            on="subject_id",
-            how="left",
-            maintain_order="left",
-        )
-        known = df["subject_id"].is_in(subjects["subject_id"].implode())
-        if not known.all():
-            raise _row_error(
-                "labels for a subject that is not in the MEDS data", path, "subject_id", df, ~known
-            )
-        before = (joined["prediction_time"].cast(pl.Int64) < joined["birth_us"]).fill_null(False)
-        if before.any():
-            raise _row_error(
-                "prediction_time is before the subject's MEDS_BIRTH",
-                path,
-                "prediction_time",
-                df,
-                before,
-            )
+        _check_subjects(df, subjects, path)
     df = df.sort(["subject_id", "prediction_time", "row"])
-    # One (subject, prediction time) with different labels: which one is the truth?
+    _check_one_label(df, path, column)
+    if survival:
+        log.info(
+            "%s: time-to-event labels (boolean_value = event observed, float_value = days to "
+            "the event or censoring): %d rows, %d events",
+            path,
+            len(df),
+            int(df["event"].sum()),
+        )
+    return Labels(source=path, frame=df, column=column, survival=survival)
+
+
+def _read_label_table(f: Path) -> pa.Table:
+    """A label parquet file, its ``subject_id`` and ``prediction_time`` checked, not empty."""
+    try:
+        table = pq.read_table(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read label parquet: {exc}", file=f) from exc
+    for name in ("subject_id", "prediction_time"):
+        if name not in table.column_names:
+            raise DataError(
+                f"required MEDS label column is missing (found {table.column_names})",
+                file=f,
+                column=name,
+            )
+    if not pa.types.is_integer(table.schema.field("subject_id").type):
+        raise DataError(
+            f"must be int64, found {table.schema.field('subject_id').type}",
+            file=f,
+            column="subject_id",
+        )
+    _check_time_type(table.schema.field("prediction_time").type, f, "prediction_time")
+    if table.num_rows == 0:  # else "embedded 0 rows", exit 0: no result at all
+        raise DataError("the label file has no rows", file=f, column="subject_id")
+    return table
+
+
+def _label_frame(table: pa.Table, f: Path, chosen: str) -> pl.DataFrame:
+    """``subject_id``, ``prediction_time`` (µs) and ``label`` (column ``chosen``) of one
+    file; nulls and NaN / inf labels are errors naming the row."""
+    df = pl.from_arrow(table.select(["subject_id", "prediction_time", chosen]))
+    assert isinstance(df, pl.DataFrame)
+    df = df.rename({chosen: "label"}).with_columns(
+        pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").dt.cast_time_unit("us")
+    )
+    for name in ("subject_id", "prediction_time", "label"):
+        nulls = df[name].is_null()
+        if nulls.any():
+            raise _row_error(
+                "null values are not allowed", f, chosen if name == "label" else name, df, nulls
+            )
+    if df["label"].dtype.is_float():
+        bad = df["label"].is_nan() | df["label"].is_infinite()
+        if bad.any():
+            raise _row_error("NaN / inf label values", f, chosen, df, bad)
+    return df
+
+
+def _check_subjects(df: pl.DataFrame, subjects: pl.DataFrame, path: Path) -> None:
+    """Every label's subject is in the data, and no prediction time precedes its birth."""
+    joined = df.join(
+        subjects.select("subject_id", "birth_us"),
+        on="subject_id",
+        how="left",
+        maintain_order="left",
+    )
+    known = df["subject_id"].is_in(subjects["subject_id"].implode())
+    if not known.all():
+        raise _row_error(
+            "labels for a subject that is not in the MEDS data", path, "subject_id", df, ~known
+        )
+    before = (joined["prediction_time"].cast(pl.Int64) < joined["birth_us"]).fill_null(False)
+    if before.any():
+        raise _row_error(
+            "prediction_time is before the subject's MEDS_BIRTH",
+            path,
+            "prediction_time",
+            df,
+            before,
+        )
+
+
+def _check_one_label(df: pl.DataFrame, path: Path, column: str) -> None:
+    """One (subject, prediction time) with different labels: which one is the truth?"""
     key = ["subject_id", "prediction_time"]
     clash = df.filter(pl.col("label").n_unique().over(key) > 1)
     if len(clash):
@@ -730,15 +760,6 @@ def read_labels(
             column=column,
             row=int(rows[1]),
         )
-    if survival:
-        log.info(
-            "%s: time-to-event labels (boolean_value = event observed, float_value = days to "
-            "the event or censoring): %d rows, %d events",
-            path,
-            len(df),
-            int(df["event"].sum()),
-        )
-    return Labels(source=path, frame=df, column=column, survival=survival)
 
 
 #: A MEDS label file with both of these columns holding values is a time-to-event label.

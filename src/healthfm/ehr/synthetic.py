@@ -116,176 +116,255 @@ def simulate(n_subjects: int = 1500, seed: int = 0) -> tuple[pl.DataFrame, dict[
         MEDS events (sorted by subject, time; static rows first) and the label frames
         by task name.
     """
+    # One generator for everything: the steps below draw from it in a fixed order (the
+    # order of the draws is the data set: reordering them changes every event).
     rng = np.random.default_rng(seed)
-    n = n_subjects
-    sid = np.arange(1, n + 1, dtype=np.int64) * 7 + 10_000
-    birth = START - (rng.uniform(25, 85, n) * 365.25 * US_PER_DAY).astype("timedelta64[us]")
-    frail = rng.normal(0, 1, n)
-    smoke = rng.choice(
-        np.array(["never", "former", "current"], dtype=object), n, p=[0.55, 0.28, 0.17]
-    )
-    female = rng.random(n) < 0.52
     rows = _Rows([], [], [], [], [])
-    rows.add(sid[female], np.full(female.sum(), "NaT", "datetime64[us]"), OTHER["sex_f"][0])
-    rows.add(sid[~female], np.full((~female).sum(), "NaT", "datetime64[us]"), OTHER["sex_m"][0])
-    rows.add(sid, birth, "MEDS_BIRTH")
-    has = {k: np.zeros(n, bool) for k in DX}
-    onset = {k: np.full(n, np.datetime64("NaT"), "datetime64[us]") for k in DX}
-    dx_recorded = {k: np.zeros(n, bool) for k in DX}
-    on_rx = {k: np.zeros(n, bool) for k in RX}
-    creat = rng.normal(0.9, 0.12, n).clip(0.5)
-    a1c = rng.normal(5.4, 0.3, n)
-    weight = rng.normal(80, 14, n)
-    decomp = np.zeros(n)
-    alive = np.ones(n, bool)
-    last_adm = np.full(n, -100)
-    smoker = np.where(smoke == "current", 1.0, np.where(smoke == "former", 0.5, 0.0))
-    first_visit = np.ones(n, bool)
-    adm_times: list[tuple[np.ndarray, np.ndarray]] = []
+    people = _Cohort.draw(n_subjects, rng, rows)
     for m in range(MONTHS):
         month_start = START + np.timedelta64(int(m * 30.44), "D").astype("timedelta64[us]")
-        age = (month_start - birth).astype(np.int64) / US_PER_DAY / 365.25
+        age = (month_start - people.birth).astype(np.int64) / US_PER_DAY / 365.25
         a = (age - 60) / 10
-        # Disease onsets (monthly hazards).
+        people.progress(rng, month_start, a)
+        people.visit(rng, rows, m, month_start, a)
+        people.admit(rng, rows, m, month_start, a)
+        people.die(rng, rows, m, month_start, a)
+    events = _events(rows)
+    labels = _labels(events, rng)
+    return events, labels
+
+
+@dataclass
+class _Cohort:
+    """The simulated subjects' state, one array entry per subject, month after month."""
+
+    n: int
+    sid: np.ndarray
+    birth: np.ndarray
+    frail: np.ndarray
+    smoke: np.ndarray
+    smoker: np.ndarray
+    has: dict[str, np.ndarray]
+    onset: dict[str, np.ndarray]
+    dx_recorded: dict[str, np.ndarray]
+    on_rx: dict[str, np.ndarray]
+    creat: np.ndarray
+    a1c: np.ndarray
+    weight: np.ndarray
+    decomp: np.ndarray
+    alive: np.ndarray
+    last_adm: np.ndarray
+    first_visit: np.ndarray
+
+    @classmethod
+    def draw(cls, n: int, rng: np.random.Generator, rows: _Rows) -> _Cohort:
+        """``n`` subjects at the start, their sex and birth written to ``rows``."""
+        sid = np.arange(1, n + 1, dtype=np.int64) * 7 + 10_000
+        birth = START - (rng.uniform(25, 85, n) * 365.25 * US_PER_DAY).astype("timedelta64[us]")
+        frail = rng.normal(0, 1, n)
+        smoke = rng.choice(
+            np.array(["never", "former", "current"], dtype=object), n, p=[0.55, 0.28, 0.17]
+        )
+        female = rng.random(n) < 0.52
+        rows.add(sid[female], np.full(female.sum(), "NaT", "datetime64[us]"), OTHER["sex_f"][0])
+        rows.add(sid[~female], np.full((~female).sum(), "NaT", "datetime64[us]"), OTHER["sex_m"][0])
+        rows.add(sid, birth, "MEDS_BIRTH")
+        return cls(
+            n=n,
+            sid=sid,
+            birth=birth,
+            frail=frail,
+            smoke=smoke,
+            smoker=np.where(smoke == "current", 1.0, np.where(smoke == "former", 0.5, 0.0)),
+            has={k: np.zeros(n, bool) for k in DX},
+            onset={k: np.full(n, np.datetime64("NaT"), "datetime64[us]") for k in DX},
+            dx_recorded={k: np.zeros(n, bool) for k in DX},
+            on_rx={k: np.zeros(n, bool) for k in RX},
+            creat=rng.normal(0.9, 0.12, n).clip(0.5),
+            a1c=rng.normal(5.4, 0.3, n),
+            weight=rng.normal(80, 14, n),
+            decomp=np.zeros(n),
+            alive=np.ones(n, bool),
+            last_adm=np.full(n, -100),
+            first_visit=np.ones(n, bool),
+        )
+
+    def progress(self, rng: np.random.Generator, month_start: np.datetime64, a: np.ndarray) -> None:
+        """A month of disease: onsets (monthly hazards), then the latent trajectories."""
+        n, has, frail, on_rx = self.n, self.has, self.frail, self.on_rx
         haz = {
             "htn": _sig(-6.3 + 0.55 * a + 0.5 * frail),
             "dm": _sig(-7.0 + 0.35 * a + 0.6 * frail + 0.3 * has["htn"]),
             "ckd": _sig(-7.6 + 0.5 * a + 0.9 * has["dm"] + 0.8 * has["htn"] + 0.3 * frail),
             "hf": _sig(-7.3 + 0.6 * a + 0.9 * has["htn"] + 1.0 * has["ckd"] + 0.4 * frail),
-            "copd": _sig(-8.0 + 0.4 * a + 2.2 * smoker + 0.3 * frail),
+            "copd": _sig(-8.0 + 0.4 * a + 2.2 * self.smoker + 0.3 * frail),
         }
         for k, h in haz.items():
-            new = alive & ~has[k] & (rng.random(n) < h)
+            new = self.alive & ~has[k] & (rng.random(n) < h)
             has[k] |= new
-            onset[k] = np.where(new, month_start, onset[k])
-        # Latent trajectories.
-        creat += (
+            self.onset[k] = np.where(new, month_start, self.onset[k])
+        self.creat += (
             0.004 + 0.02 * has["ckd"] + 0.01 * has["dm"] * ~on_rx["dm"] + rng.normal(0, 0.01, n)
         )
-        a1c += np.where(
-            has["dm"], 0.05 * (~on_rx["dm"]) - 0.02 * on_rx["dm"], -0.01 * (a1c - 5.4)
+        self.a1c += np.where(
+            has["dm"], 0.05 * (~on_rx["dm"]) - 0.02 * on_rx["dm"], -0.01 * (self.a1c - 5.4)
         ) + rng.normal(0, 0.03, n)
-        a1c = np.where(has["dm"], a1c.clip(6.2, 12), a1c.clip(4.6, 6.1))
-        decomp = 0.8 * decomp + has["hf"] * rng.gamma(
+        self.a1c = np.where(has["dm"], self.a1c.clip(6.2, 12), self.a1c.clip(4.6, 6.1))
+        self.decomp = 0.8 * self.decomp + has["hf"] * rng.gamma(
             0.6, 0.5 + 0.3 * has["ckd"] + 0.2 * (~on_rx["hf"]), n
         )
-        weight += rng.normal(0, 0.3, n)
-        # Outpatient visit.
+        self.weight += rng.normal(0, 0.3, n)
+
+    def visit(
+        self,
+        rng: np.random.Generator,
+        rows: _Rows,
+        m: int,
+        month_start: np.datetime64,
+        a: np.ndarray,
+    ) -> None:
+        """Outpatient visits of month ``m``: vitals, labs, diagnoses and prescriptions."""
+        n, sid, has, on_rx, decomp = self.n, self.sid, self.has, self.on_rx, self.decomp
         burden = sum(has[k].astype(float) for k in DX)
-        visit = alive & (rng.random(n) < 0.05 + 0.05 * burden + 0.1 * (m - last_adm == 1))
+        visit = self.alive & (rng.random(n) < 0.05 + 0.05 * burden + 0.1 * (m - self.last_adm == 1))
         vi = np.flatnonzero(visit)
-        if len(vi):
-            day = (
-                month_start
-                + (rng.integers(0, 28, len(vi)) * DAY)
-                + rng.integers(8, 17, len(vi)) * 3_600_000_000
-            )
-            rows.add(sid[vi], day, OTHER["op"][0])
-            fv = vi[first_visit[vi]]
-            rows.add(sid[fv], day[first_visit[vi]], OTHER["smoke"][0], text=smoke[fv])
-            first_visit[vi] = False
-            sbp = (
-                122
-                + 18 * has["htn"][vi]
-                - 12 * on_rx["htn"][vi]
-                + 4 * a[vi]
-                + rng.normal(0, 9, len(vi))
-            )
-            rows.add(sid[vi], day + 60_000_000, LABS["sbp"][0], sbp)
-            rows.add(
-                sid[vi],
-                day + 60_000_000,
-                LABS["hr"][0],
-                72 + 8 * decomp[vi] + rng.normal(0, 8, len(vi)),
-            )
-            rows.add(sid[vi], day + 60_000_000, LABS["weight"][0], weight[vi] + 2.5 * decomp[vi])
-            lab = vi[(rng.random(len(vi)) < 0.4 + 0.4 * (burden[vi] > 0))]
-            ld = day[np.isin(vi, lab)] + 1_800_000_000
-            rows.add(sid[lab], ld, LABS["creat"][0], creat[lab] * rng.lognormal(0, 0.05, len(lab)))
-            dm_lab = lab[has["dm"][lab] | (rng.random(len(lab)) < 0.2)]
-            rows.add(
-                sid[dm_lab],
-                ld[np.isin(lab, dm_lab)],
-                LABS["a1c"][0],
-                a1c[dm_lab] + rng.normal(0, 0.15, len(dm_lab)),
-            )
-            hf_lab = lab[has["hf"][lab] & (rng.random(len(lab)) < 0.6)]
-            rows.add(
-                sid[hf_lab],
-                ld[np.isin(lab, hf_lab)],
-                LABS["bnp"][0],
-                np.exp(
-                    5.5
-                    + 0.9 * decomp[hf_lab]
-                    + 0.5 * has["ckd"][hf_lab]
-                    + rng.normal(0, 0.3, len(hf_lab))
-                ),
-            )
-            # Diagnoses get recorded (and treated) at visits, with some delay.
-            for k in DX:
-                rec = vi[has[k][vi] & (dx_recorded[k][vi] | (rng.random(len(vi)) < 0.7))]
-                dx_recorded[k][rec] = True
-                rows.add(sid[rec], day[np.isin(vi, rec)] + 120_000_000, DX[k][0])
-                if k in RX:
-                    start_rx = rec[~on_rx[k][rec] & (rng.random(len(rec)) < 0.8)]
-                    on_rx[k][start_rx] = True
-                    refill = rec[on_rx[k][rec]]
-                    rows.add(sid[refill], day[np.isin(vi, refill)] + 180_000_000, RX[k][0])
-        # Admissions.
+        if not len(vi):
+            return
+        day = (
+            month_start
+            + (rng.integers(0, 28, len(vi)) * DAY)
+            + rng.integers(8, 17, len(vi)) * 3_600_000_000
+        )
+        rows.add(sid[vi], day, OTHER["op"][0])
+        fv = vi[self.first_visit[vi]]
+        rows.add(sid[fv], day[self.first_visit[vi]], OTHER["smoke"][0], text=self.smoke[fv])
+        self.first_visit[vi] = False
+        sbp = (
+            122
+            + 18 * has["htn"][vi]
+            - 12 * on_rx["htn"][vi]
+            + 4 * a[vi]
+            + rng.normal(0, 9, len(vi))
+        )
+        rows.add(sid[vi], day + 60_000_000, LABS["sbp"][0], sbp)
+        rows.add(
+            sid[vi],
+            day + 60_000_000,
+            LABS["hr"][0],
+            72 + 8 * decomp[vi] + rng.normal(0, 8, len(vi)),
+        )
+        rows.add(sid[vi], day + 60_000_000, LABS["weight"][0], self.weight[vi] + 2.5 * decomp[vi])
+        lab = vi[(rng.random(len(vi)) < 0.4 + 0.4 * (burden[vi] > 0))]
+        ld = day[np.isin(vi, lab)] + 1_800_000_000
+        rows.add(sid[lab], ld, LABS["creat"][0], self.creat[lab] * rng.lognormal(0, 0.05, len(lab)))
+        dm_lab = lab[has["dm"][lab] | (rng.random(len(lab)) < 0.2)]
+        rows.add(
+            sid[dm_lab],
+            ld[np.isin(lab, dm_lab)],
+            LABS["a1c"][0],
+            self.a1c[dm_lab] + rng.normal(0, 0.15, len(dm_lab)),
+        )
+        hf_lab = lab[has["hf"][lab] & (rng.random(len(lab)) < 0.6)]
+        rows.add(
+            sid[hf_lab],
+            ld[np.isin(lab, hf_lab)],
+            LABS["bnp"][0],
+            np.exp(
+                5.5
+                + 0.9 * decomp[hf_lab]
+                + 0.5 * has["ckd"][hf_lab]
+                + rng.normal(0, 0.3, len(hf_lab))
+            ),
+        )
+        # Diagnoses get recorded (and treated) at visits, with some delay.
+        for k in DX:
+            rec = vi[has[k][vi] & (self.dx_recorded[k][vi] | (rng.random(len(vi)) < 0.7))]
+            self.dx_recorded[k][rec] = True
+            rows.add(sid[rec], day[np.isin(vi, rec)] + 120_000_000, DX[k][0])
+            if k in RX:
+                start_rx = rec[~on_rx[k][rec] & (rng.random(len(rec)) < 0.8)]
+                on_rx[k][start_rx] = True
+                refill = rec[on_rx[k][rec]]
+                rows.add(sid[refill], day[np.isin(vi, refill)] + 180_000_000, RX[k][0])
+
+    def admit(
+        self,
+        rng: np.random.Generator,
+        rows: _Rows,
+        m: int,
+        month_start: np.datetime64,
+        a: np.ndarray,
+    ) -> None:
+        """Inpatient admissions of month ``m``: the stay's diagnosis, labs and discharge."""
+        sid, has, decomp = self.sid, self.has, self.decomp
         h_adm = _sig(
             -6.4
             + 1.3 * decomp
             + 0.7 * has["ckd"]
-            + 0.9 * has["copd"] * (smoke == "current")
+            + 0.9 * has["copd"] * (self.smoke == "current")
             + 0.35 * a
-            + 0.3 * frail
-            + 0.9 * (creat > 1.8)
+            + 0.3 * self.frail
+            + 0.9 * (self.creat > 1.8)
         )
-        adm = alive & (rng.random(n) < h_adm)
+        adm = self.alive & (rng.random(self.n) < h_adm)
         ai = np.flatnonzero(adm)
-        if len(ai):
-            t_adm = (
-                month_start
-                + rng.integers(0, 28, len(ai)) * DAY
-                + rng.integers(0, 24, len(ai)) * 3_600_000_000
-            )
-            rows.add(sid[ai], t_adm, OTHER["ip"][0])
-            hfx = has["hf"][ai] & (decomp[ai] > 0.8)
-            rows.add(sid[ai[hfx]], t_adm[hfx] + 600_000_000, OTHER["hfx"][0])
-            rows.add(sid[ai[~hfx]], t_adm[~hfx] + 600_000_000, OTHER["pna"][0])
-            rows.add(
-                sid[ai],
-                t_adm + 1_800_000_000,
-                LABS["creat"][0],
-                creat[ai] * 1.2 * rng.lognormal(0, 0.08, len(ai)),
-            )
-            rows.add(
-                sid[ai],
-                t_adm + 1_800_000_000,
-                LABS["na"][0],
-                138 - 3 * decomp[ai] + rng.normal(0, 2.5, len(ai)),
-            )
-            rows.add(sid[ai], t_adm + rng.integers(2, 9, len(ai)) * DAY, OTHER["dc"][0])
-            adm_times.append((sid[ai], t_adm))
-            last_adm[ai] = m
-            decomp[ai] *= 0.3
-        # Deaths.
+        if not len(ai):
+            return
+        t_adm = (
+            month_start
+            + rng.integers(0, 28, len(ai)) * DAY
+            + rng.integers(0, 24, len(ai)) * 3_600_000_000
+        )
+        rows.add(sid[ai], t_adm, OTHER["ip"][0])
+        hfx = has["hf"][ai] & (decomp[ai] > 0.8)
+        rows.add(sid[ai[hfx]], t_adm[hfx] + 600_000_000, OTHER["hfx"][0])
+        rows.add(sid[ai[~hfx]], t_adm[~hfx] + 600_000_000, OTHER["pna"][0])
+        rows.add(
+            sid[ai],
+            t_adm + 1_800_000_000,
+            LABS["creat"][0],
+            self.creat[ai] * 1.2 * rng.lognormal(0, 0.08, len(ai)),
+        )
+        rows.add(
+            sid[ai],
+            t_adm + 1_800_000_000,
+            LABS["na"][0],
+            138 - 3 * decomp[ai] + rng.normal(0, 2.5, len(ai)),
+        )
+        rows.add(sid[ai], t_adm + rng.integers(2, 9, len(ai)) * DAY, OTHER["dc"][0])
+        self.last_adm[ai] = m
+        decomp[ai] *= 0.3
+
+    def die(
+        self,
+        rng: np.random.Generator,
+        rows: _Rows,
+        m: int,
+        month_start: np.datetime64,
+        a: np.ndarray,
+    ) -> None:
+        """Deaths of month ``m`` (age, heart failure, CKD, a recent admission)."""
+        has = self.has
         h_death = _sig(
             -9.6
             + 0.9 * a
             + 1.0 * has["hf"]
             + 0.6 * has["ckd"]
-            + 1.2 * (m - last_adm <= 1)
-            + 0.3 * frail
+            + 1.2 * (m - self.last_adm <= 1)
+            + 0.3 * self.frail
         )
-        die = alive & (rng.random(n) < h_death)
+        die = self.alive & (rng.random(self.n) < h_death)
         di = np.flatnonzero(die)
         rows.add(
-            sid[di],
+            self.sid[di],
             month_start + 27 * DAY + rng.integers(0, 24, len(di)) * 3_600_000_000,
             "MEDS_DEATH",
         )
-        alive &= ~die
+        self.alive &= ~die
+
+
+def _events(rows: _Rows) -> pl.DataFrame:
+    """The MEDS events of ``rows``, without those after a death, by subject and time."""
     events = pl.DataFrame(
         {
             "subject_id": np.concatenate(rows.sid),
@@ -308,9 +387,7 @@ def simulate(n_subjects: int = 1500, seed: int = 0) -> tuple[pl.DataFrame, dict[
         )
         .drop("death")
     )
-    events = events.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
-    labels = _labels(events, rng)
-    return events, labels
+    return events.sort(["subject_id", "time"], nulls_last=False, maintain_order=True)
 
 
 def _labels(

@@ -83,6 +83,56 @@ class EncodedShard:
         )
 
 
+def _value_bins(
+    values: list[pl.DataFrame],
+    code_ids: dict[str, int],
+    vocab: set[str],
+    n_bins: int,
+    min_count: int,
+) -> dict[str, list[float]]:
+    """Cut points of every vocabulary code with at least ``min_count`` sampled values:
+    the distinct ``n_bins``-quantiles of its value sample."""
+    bins: dict[str, list[float]] = {}
+    sample = _bottom_k(values)
+    names = pl.Series("code", list(code_ids), dtype=pl.String)
+    vals = sample.with_columns(names.gather(sample["cid"])).filter(
+        pl.col("code").is_in(list(vocab))
+    )
+    qs = [(b + 1) / n_bins for b in range(n_bins - 1)]
+    per_code = (
+        vals.group_by("code")
+        .agg(
+            pl.len().alias("n"),
+            *[
+                pl.col("numeric_value").quantile(q, "linear").alias(f"q{j}")
+                for j, q in enumerate(qs)
+            ],
+        )
+        .filter(pl.col("n") >= min_count)
+    )
+    for row in per_code.sort("code").iter_rows(named=True):
+        edges = sorted({float(row[f"q{j}"]) for j in range(len(qs))})
+        bins[row["code"]] = edges
+    return bins
+
+
+def _text_tokens(
+    text_counts: dict[tuple[str, str], int], vocab: set[str], min_text_count: int
+) -> list[list[str]]:
+    """The (code, text) pairs seen at least ``min_text_count`` times, most frequent first."""
+    tc = pl.DataFrame(
+        {
+            "code": [c for c, _ in text_counts],
+            "text_value": [t for _, t in text_counts],
+            "len": list(text_counts.values()),
+        },
+        schema={"code": pl.String, "text_value": pl.String, "len": pl.Int64},
+    )
+    tc = tc.filter((pl.col("len") >= min_text_count) & pl.col("code").is_in(list(vocab)))
+    tc = tc.sort(["len", "code", "text_value"], descending=[True, False, False])
+    return [[c, t] for c, t in tc.select("code", "text_value").iter_rows()]
+
+
 @register_tokenizer
 class MedsTokenizer(Tokenizer):
     """Tokenizer of MEDS events (see the module docstring for the encoding).
@@ -241,41 +291,8 @@ class MedsTokenizer(Tokenizer):
             counts = counts.head(max_codes)
         codes = counts["code"].to_list()
         vocab = set(codes)
-        bins: dict[str, list[float]] = {}
-        if values:
-            sample = _bottom_k(values)
-            names = pl.Series("code", list(code_ids), dtype=pl.String)
-            vals = sample.with_columns(names.gather(sample["cid"])).filter(
-                pl.col("code").is_in(list(vocab))
-            )
-            qs = [(b + 1) / n_bins for b in range(n_bins - 1)]
-            per_code = (
-                vals.group_by("code")
-                .agg(
-                    pl.len().alias("n"),
-                    *[
-                        pl.col("numeric_value").quantile(q, "linear").alias(f"q{j}")
-                        for j, q in enumerate(qs)
-                    ],
-                )
-                .filter(pl.col("n") >= min_count)
-            )
-            for row in per_code.sort("code").iter_rows(named=True):
-                edges = sorted({float(row[f"q{j}"]) for j in range(len(qs))})
-                bins[row["code"]] = edges
-        texts: list[list[str]] = []
-        if text_counts:
-            tc = pl.DataFrame(
-                {
-                    "code": [c for c, _ in text_counts],
-                    "text_value": [t for _, t in text_counts],
-                    "len": list(text_counts.values()),
-                },
-                schema={"code": pl.String, "text_value": pl.String, "len": pl.Int64},
-            )
-            tc = tc.filter((pl.col("len") >= min_text_count) & pl.col("code").is_in(list(vocab)))
-            tc = tc.sort(["len", "code", "text_value"], descending=[True, False, False])
-            texts = [[c, t] for c, t in tc.select("code", "text_value").iter_rows()]
+        bins = _value_bins(values, code_ids, vocab, n_bins, min_count) if values else {}
+        texts = _text_tokens(text_counts, vocab, min_text_count) if text_counts else []
         settings = {
             "min_count": min_count,
             "max_codes": max_codes,

@@ -245,8 +245,6 @@ def compare(
         Delta rows (``row_type: "delta"``) and one verdict line per task (per ``k``
         for a few-shot grid; only the last ``k`` gets a verdict line).
     """
-    from healthfm import __version__
-
     out = Comparison()
     if not predictions or n_boot <= 0:
         return out
@@ -258,67 +256,29 @@ def compare(
     ks = list(by_k)
     for k in ks:
         preds = by_k[k]
-        methods = list(dict.fromkeys(p.method for p in preds))
-        info = {p.method: p for p in preds}
-        baselines = [m for m in methods if info[m].is_baseline]
-        models = [m for m in methods if not info[m].is_baseline]
-        if not baselines or not models:
+        pairing = _pairing(preds, primary)
+        if pairing is None:
             continue
-        val = {
-            m: float(np.nanmean([p.val_score for p in preds if p.method == m]))
-            if any(np.isfinite(p.val_score) for p in preds if p.method == m)
-            else float("nan")
-            for m in methods
-        }
-        reference, on_val = _choose(baselines, val, primary)
-        real_models = [m for m in models if not info[m].control]
-        pairs = [(m, reference, "strongest baseline") for m in models]
-        best = None
-        if len(real_models) > 1:
-            best, _ = _choose(real_models, val, primary)
-            pairs += [(m, best, "best model") for m in real_models if m != best]
-
-        # Metric values of every (method, seed) on the full sample and on every resample.
-        scorers = {
-            (p.method, p.seed): scorer(y, p.scores, metrics, groups)
-            if scorer is not None
-            else _Scorer(y, p.scores, metrics, regression)
-            for p in preds
-        }
-        names = [m for m in metrics if all(m in s.names for s in scorers.values())]
-        point = {key: s(np.ones((1, len(y)), dtype=np.int32)) for key, s in scorers.items()}
-        boots: dict[tuple, dict[str, list[np.ndarray]]] = {
-            key: {m: [] for m in names} for key in scorers
-        }
-        for w in bootstrap_weights(len(y), n_boot, seed=PAIRED_SEED, groups=groups):
-            for key, s in scorers.items():
-                vals = s(w)
-                for m in names:
-                    boots[key][m].append(vals[m])
-        seeds_of = {m: [p.seed for p in preds if p.method == m] for m in methods}
-
-        m_count = max(1, len(real_models))
+        names, point, boots = _resampled_metrics(
+            preds, y, groups, metrics, regression, n_boot, scorer
+        )
+        seeds_of = {m: [p.seed for p in preds if p.method == m] for m in pairing.methods}
+        m_count = max(1, len(pairing.real_models))
         primary_rows: list[ResultRow] = []
-        for model, ref, kind in pairs:
+        for model, ref, kind in pairing.pairs:
             for metric in names:
                 a_pt, a_bs = _averaged(point, boots, model, seeds_of[model], metric)
                 b_pt, b_bs = _averaged(point, boots, ref, seeds_of[ref], metric)
                 diff = a_bs - b_bs
                 valid = diff[np.isfinite(diff)]
-                sign = _better(metric)
-                if valid.size:
-                    lo, hi = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-                    worse = int(np.sum(sign * valid <= 0))
-                    p_value = (1 + worse) / (1 + valid.size)
-                else:
-                    lo = hi = p_value = float("nan")
+                lo, hi, p_value = _interval(valid, _better(metric), alpha)
                 row_extra = {
                     "row_type": "delta",
                     "model": model,
                     "reference": ref,
                     "reference_kind": kind,
-                    "reference_chosen_on": "validation" if on_val else "first baseline",
-                    "reference_val_score": val.get(ref),
+                    "reference_chosen_on": "validation" if pairing.on_val else "first baseline",
+                    "reference_val_score": pairing.val.get(ref),
                     "model_value": a_pt,
                     "reference_value": b_pt,
                     "p_value": float(p_value),
@@ -329,57 +289,187 @@ def compare(
                     "seeds_reference": seeds_of[ref],
                     "seed_combination": "mean over seeds within each paired resample",
                     "primary": metric == primary,
-                    "control": info[model].control,
+                    "control": pairing.info[model].control,
                     **({"k": k} if k is not None else {}),
                     **(extra or {}),
                 }
-                row = ResultRow(
-                    task=task,
-                    method=f"{model} − {ref}",
-                    is_baseline=False,
-                    metric=metric,
-                    value=a_pt - b_pt,
-                    ci_low=float(lo),
-                    ci_high=float(hi),
-                    n_test=len(y),
-                    seed=-1,
+                row = _delta_row(
+                    task,
+                    model,
+                    ref,
+                    metric,
+                    a_pt - b_pt,
+                    lo,
+                    hi,
+                    len(y),
+                    row_extra,
                     model_hash=model_hash,
                     data_hash=data_hash,
-                    healthfm_version=__version__,
-                    extra=row_extra,
                 )
                 if metric == primary:
                     level = 1 - alpha / (m_count if kind == "strongest baseline" else 1)
-                    if level != 1 - alpha and valid.size:
-                        vlo, vhi = np.percentile(
-                            valid, [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-                        )
-                    else:
-                        vlo, vhi = lo, hi
-                    row.extra["verdict_level"] = level
-                    row.extra["verdict_ci_low"] = float(vlo)
-                    row.extra["verdict_ci_high"] = float(vhi)
-                    row.extra["verdict"] = _verdict(sign, vlo, vhi, kind)
-                    if kind == "strongest baseline" and not info[model].control:
+                    _add_verdict(row, valid, level, alpha, lo, hi, kind)
+                    if kind == "strongest baseline" and not pairing.info[model].control:
                         primary_rows.append(row)
                 out.rows.append(row)
-        if len(primary_rows) > 1:
-            for row, ph in zip(
-                primary_rows, _holm([r.extra["p_value"] for r in primary_rows]), strict=True
-            ):
-                row.extra["p_holm"] = ph
+        _add_holm(primary_rows)
         if k == ks[-1]:
             out.verdicts += [
                 verdict_line(r.to_dict())
                 for r in out.rows
                 if r.extra.get("primary") and r.extra.get("k", None) == k
             ]
-            if not on_val:
+            if not pairing.on_val:
                 out.notes.append(
                     f"  note: no validation score of {primary} for the baselines of {task}; "
-                    f"the first baseline ({reference}) is the reference"
+                    f"the first baseline ({pairing.reference}) is the reference"
                 )
     return out
+
+
+@dataclass
+class _Pairing:
+    """Which method is compared to which, for the predictions of one few-shot size."""
+
+    methods: list[str]
+    info: dict[str, Prediction]
+    val: dict[str, float]
+    reference: str
+    on_val: bool
+    real_models: list[str]
+    pairs: list[tuple[str, str, str]]
+
+
+def _pairing(preds: list[Prediction], primary: str) -> _Pairing | None:
+    """Every model against the strongest baseline (and, with several real models, every
+    other one against the best of them); None without a baseline or a model."""
+    methods = list(dict.fromkeys(p.method for p in preds))
+    info = {p.method: p for p in preds}
+    baselines = [m for m in methods if info[m].is_baseline]
+    models = [m for m in methods if not info[m].is_baseline]
+    if not baselines or not models:
+        return None
+    val = {
+        m: float(np.nanmean([p.val_score for p in preds if p.method == m]))
+        if any(np.isfinite(p.val_score) for p in preds if p.method == m)
+        else float("nan")
+        for m in methods
+    }
+    reference, on_val = _choose(baselines, val, primary)
+    real_models = [m for m in models if not info[m].control]
+    pairs = [(m, reference, "strongest baseline") for m in models]
+    if len(real_models) > 1:
+        best, _ = _choose(real_models, val, primary)
+        pairs += [(m, best, "best model") for m in real_models if m != best]
+    return _Pairing(methods, info, val, reference, on_val, real_models, pairs)
+
+
+def _resampled_metrics(
+    preds: list[Prediction],
+    y: np.ndarray,
+    groups: np.ndarray,
+    metrics: list[str],
+    regression: bool,
+    n_boot: int,
+    scorer: Any,
+) -> tuple[list[str], dict[tuple, dict], dict[tuple, dict[str, list[np.ndarray]]]]:
+    """Metric values of every (method, seed) on the full sample and on every resample.
+
+    Returns the metrics every scorer reads, the full-sample values and the per-resample
+    values (one array per block of resamples), keyed by (method, seed).
+    """
+    scorers = {
+        (p.method, p.seed): scorer(y, p.scores, metrics, groups)
+        if scorer is not None
+        else _Scorer(y, p.scores, metrics, regression)
+        for p in preds
+    }
+    names = [m for m in metrics if all(m in s.names for s in scorers.values())]
+    point = {key: s(np.ones((1, len(y)), dtype=np.int32)) for key, s in scorers.items()}
+    boots: dict[tuple, dict[str, list[np.ndarray]]] = {
+        key: {m: [] for m in names} for key in scorers
+    }
+    for w in bootstrap_weights(len(y), n_boot, seed=PAIRED_SEED, groups=groups):
+        for key, s in scorers.items():
+            vals = s(w)
+            for m in names:
+                boots[key][m].append(vals[m])
+    return names, point, boots
+
+
+def _add_holm(primary_rows: list[ResultRow]) -> None:
+    """Holm-adjusted p-values of the models against the strongest baseline (when several)."""
+    if len(primary_rows) > 1:
+        for row, ph in zip(
+            primary_rows, _holm([r.extra["p_value"] for r in primary_rows]), strict=True
+        ):
+            row.extra["p_holm"] = ph
+
+
+def _interval(valid: np.ndarray, sign: float, alpha: float) -> tuple[float, float, float]:
+    """Percentile interval of the paired differences and the one-sided bootstrap p-value."""
+    if valid.size:
+        lo, hi = np.percentile(valid, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+        worse = int(np.sum(sign * valid <= 0))
+        p_value = (1 + worse) / (1 + valid.size)
+    else:
+        lo = hi = p_value = float("nan")
+    return lo, hi, p_value
+
+
+def _delta_row(
+    task: str,
+    model: str,
+    ref: str,
+    metric: str,
+    value: float,
+    lo: float,
+    hi: float,
+    n_test: int,
+    extra: dict[str, Any],
+    *,
+    model_hash: str | None,
+    data_hash: str | None,
+) -> ResultRow:
+    """The result row of ``model − ref`` on ``metric``."""
+    from healthfm import __version__
+
+    return ResultRow(
+        task=task,
+        method=f"{model} − {ref}",
+        is_baseline=False,
+        metric=metric,
+        value=value,
+        ci_low=float(lo),
+        ci_high=float(hi),
+        n_test=n_test,
+        seed=-1,
+        model_hash=model_hash,
+        data_hash=data_hash,
+        healthfm_version=__version__,
+        extra=extra,
+    )
+
+
+def _add_verdict(
+    row: ResultRow,
+    valid: np.ndarray,
+    level: float,
+    alpha: float,
+    lo: float,
+    hi: float,
+    kind: str,
+) -> None:
+    """The verdict of a primary row at ``level`` (Bonferroni over the models against the
+    strongest baseline): its interval and the words."""
+    if level != 1 - alpha and valid.size:
+        vlo, vhi = np.percentile(valid, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    else:
+        vlo, vhi = lo, hi
+    row.extra["verdict_level"] = level
+    row.extra["verdict_ci_low"] = float(vlo)
+    row.extra["verdict_ci_high"] = float(vhi)
+    row.extra["verdict"] = _verdict(_better(row.metric), vlo, vhi, kind)
 
 
 def _averaged(

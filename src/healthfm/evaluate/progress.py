@@ -17,6 +17,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+# One duration format for training and evaluation lines (re-exported here).
+from healthfm.train.progress import format_seconds
+
 __all__ = ["Progress", "format_seconds", "progress_enabled"]
 
 
@@ -25,16 +28,6 @@ def progress_enabled(asked: bool | None) -> bool:
     if asked is not None:
         return bool(asked)
     return os.environ.get("HEALTHFM_PROGRESS", "1").strip().lower() not in ("0", "false", "no")
-
-
-def format_seconds(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
-    s = round(max(0.0, float(seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
 
 
 class Progress:

@@ -883,14 +883,7 @@ class SurvivalProtocol:
 
         te = rows.indices("test")
         seeds = list(seeds)
-        fit_rows = rows.indices("train") if self.refit == "train" else rows.split != "test"
-        fit_idx = np.flatnonzero(fit_rows) if fit_rows.dtype == bool else fit_rows
-        context = SurvivalContext(
-            train_time=rows.y[fit_idx],
-            train_event=rows.event[fit_idx],
-            horizons=horizons_from(rows.y[fit_idx]),
-            grid=ibs_grid(rows.y[fit_idx]),
-        )
+        context = self._context(rows)
         groups_te = bootstrap_units(np.asarray(rows.groups)[te])
         result_rows, predictions, scores, cuts = [], [], {}, {}
         ks = list(self.few_shot) if self.few_shot else ["all"]
@@ -954,18 +947,7 @@ class SurvivalProtocol:
                     data_hash=rows.data_hash,
                     wall_seconds=feats.seconds + clock.perf_counter() - t0,
                     extra={
-                        "n_train": len(tr),
-                        "n_val": len(va),
-                        "n_events_train": int(rows.event[tr].sum()),
-                        "n_events_test": int(rows.event[te].sum()),
-                        "best_alpha": probe.best_alpha,
-                        "best_l1_ratio": probe.best_l1_ratio,
-                        "val_c_index": probe.val_score,
-                        "n_nonzero": probe.n_nonzero,
-                        "horizons_days": [float(h) for h in context.horizons],
-                        "modality": modality,
-                        "task_type": "survival",
-                        "probe": "coxnet",
+                        **self._probe_extra(rows.event, tr, va, te, probe, context, modality),
                         **({} if ks == ["all"] else {"k": k}),
                         **self.row_extra,
                         **feats.extra,
@@ -974,6 +956,44 @@ class SurvivalProtocol:
         return SurvivalResult(
             result_rows, scores, predictions, primary=self.primary, survival=context, cuts=cuts
         )
+
+    def _context(self, rows: Any) -> SurvivalContext:
+        """Training follow-up of the rows the probe is finally fit on (train, or train and
+        val when refitting on both): the censoring model, horizons and Brier-score grid."""
+        fit_rows = rows.indices("train") if self.refit == "train" else rows.split != "test"
+        fit_idx = np.flatnonzero(fit_rows) if fit_rows.dtype == bool else fit_rows
+        return SurvivalContext(
+            train_time=rows.y[fit_idx],
+            train_event=rows.event[fit_idx],
+            horizons=horizons_from(rows.y[fit_idx]),
+            grid=ibs_grid(rows.y[fit_idx]),
+        )
+
+    @staticmethod
+    def _probe_extra(
+        event: np.ndarray,
+        tr: np.ndarray,
+        va: np.ndarray,
+        te: np.ndarray,
+        probe: Any,
+        context: SurvivalContext,
+        modality: str,
+    ) -> dict[str, Any]:
+        """The fields a Cox probe's rows carry: split sizes, events, the chosen penalty."""
+        return {
+            "n_train": len(tr),
+            "n_val": len(va),
+            "n_events_train": int(event[tr].sum()),
+            "n_events_test": int(event[te].sum()),
+            "best_alpha": probe.best_alpha,
+            "best_l1_ratio": probe.best_l1_ratio,
+            "val_c_index": probe.val_score,
+            "n_nonzero": probe.n_nonzero,
+            "horizons_days": [float(h) for h in context.horizons],
+            "modality": modality,
+            "task_type": "survival",
+            "probe": "coxnet",
+        }
 
     @staticmethod
     def _few_shot(rows: Any, idx: np.ndarray, k: int, seed: int) -> np.ndarray:

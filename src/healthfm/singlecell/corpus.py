@@ -166,6 +166,56 @@ def resolve_min_sources(min_sources: int | None, gene_set: str | None, n_sources
     return int(min_sources or 1)
 
 
+def _check_one_gene_id_kind(parts: list[tuple[Samples, np.ndarray]]) -> None:
+    """Choose each source's gene identifiers; all Ensembl ids or none (one vocabulary)."""
+    kinds = {str(samples.source): choose_gene_ids(samples) for samples, _ in parts}
+    if len(set(kinds.values())) > 1:
+        ens = [k for k, v in kinds.items() if v == "ensembl"]
+        other = [k for k, v in kinds.items() if v != "ensembl"]
+        raise DataError(
+            f"the sources name genes differently: Ensembl ids in {', '.join(ens)}; other "
+            f"identifiers (symbols?) in {', '.join(other)}. One vocabulary needs one kind: "
+            "give each source the gene column of Ensembl ids (gene_column), or map them first",
+            file=other[0],
+            column="var_names",
+        )
+
+
+def _training_sources(parts: list[tuple[Samples, np.ndarray]], min_sources: int) -> list[int]:
+    """Positions of the sources with training cells (at least ``min_sources`` of them).
+
+    Sources without training cells (held out whole: split "val" / "test") are tokenized
+    later but take no part in the vocabulary (neither their panels nor their counts).
+    """
+    training = [k for k, (_, idx) in enumerate(parts) if len(idx) > 0]
+    if not training:
+        raise DataError("no source has training cells", file=parts[0][0].source)
+    if min_sources > len(training):
+        raise ConfigError(
+            f"min_sources={min_sources} but only {len(training)} source(s) have training cells",
+            column="min_sources",
+        )
+    return training
+
+
+def _gene_stats(
+    parts: list[tuple[Samples, np.ndarray]],
+    matrices: list[CountMatrix],
+    training: list[int],
+    target_sum: float,
+    medians: bool,
+) -> CorpusGeneStats:
+    """Per-gene statistics over the training cells of the training sources, block by block."""
+    stats = CorpusGeneStats(
+        [matrices[k].genes for k in training], target_sum=target_sum, medians=medians
+    )
+    for s, k in enumerate(training):
+        idx = np.asarray(parts[k][1], dtype=np.int64)
+        for positions, block in matrices[k].blocks(idx):
+            stats.add(s, block, matrices[k].totals[positions])
+    return stats
+
+
 def fit_corpus(
     parts: list[tuple[Samples, np.ndarray]],
     tokenizer_class: type[CellTokenizer],
@@ -211,38 +261,13 @@ def fit_corpus(
         No source with training cells, sources with identifiers of different kinds, an
         empty vocabulary, or a source the vocabulary covers too little of.
     """
-    kinds = {str(samples.source): choose_gene_ids(samples) for samples, _ in parts}
-    if len(set(kinds.values())) > 1:
-        ens = [k for k, v in kinds.items() if v == "ensembl"]
-        other = [k for k, v in kinds.items() if v != "ensembl"]
-        raise DataError(
-            f"the sources name genes differently: Ensembl ids in {', '.join(ens)}; other "
-            f"identifiers (symbols?) in {', '.join(other)}. One vocabulary needs one kind: "
-            "give each source the gene column of Ensembl ids (gene_column), or map them first",
-            file=other[0],
-            column="var_names",
-        )
+    _check_one_gene_id_kind(parts)
     target_sum = float(kwargs.pop("target_sum", 10_000.0))
-    # Sources without training cells (held out whole: split "val" / "test") are tokenized
-    # later but take no part in the vocabulary (neither their panels nor their counts).
-    training = [k for k, (_, idx) in enumerate(parts) if len(idx) > 0]
-    if not training:
-        raise DataError("no source has training cells", file=parts[0][0].source)
-    if min_sources > len(training):
-        raise ConfigError(
-            f"min_sources={min_sources} but only {len(training)} source(s) have training cells",
-            column="min_sources",
-        )
+    training = _training_sources(parts, min_sources)
     matrices = [_matrix(samples) for samples, _ in parts]
-    stats = CorpusGeneStats(
-        [matrices[k].genes for k in training],
-        target_sum=target_sum,
-        medians=issubclass(tokenizer_class, RankValueTokenizer),
+    stats = _gene_stats(
+        parts, matrices, training, target_sum, issubclass(tokenizer_class, RankValueTokenizer)
     )
-    for s, k in enumerate(training):
-        idx = np.asarray(parts[k][1], dtype=np.int64)
-        for positions, block in matrices[k].blocks(idx):
-            stats.add(s, block, matrices[k].totals[positions])
     if max_length is None:
         longest = max(
             int(np.max(matrices[k].extra["n_expressed"][np.asarray(parts[k][1], dtype=np.int64)]))

@@ -215,20 +215,10 @@ def read_soma(
         raise
 
 
-def _read(
-    exp: Any,
-    source: str | Path,
-    *,
-    measurement: str,
-    x_layer: str,
-    obs_filter: str | None,
-    gene_column: str | None,
-    label_column: str | None,
-    group_column: str | None,
-    total_column: str | None,
-    normalized: bool,
-) -> Samples:
-    soma = _tiledbsoma()
+def _x_array(
+    exp: Any, source: str | Path, measurement: str, x_layer: str, soma: Any
+) -> tuple[Any, str]:
+    """The measurement's sparse X layer and its name (``ms/<measurement>/X/<layer>``)."""
     if measurement not in exp.ms:
         raise DataError(
             f"measurement {measurement!r} not found (measurements: {sorted(exp.ms.keys())})",
@@ -249,8 +239,21 @@ def _read(
         raise DataError(
             "the X layer is not a sparse array (SparseNDArray)", file=source, column=field_name
         )
+    return array, field_name
 
-    # Genes: one var column, unique and non-empty.
+
+def _genes(
+    ms: Any,
+    source: str | Path,
+    measurement: str,
+    gene_column: str | None,
+    array: Any,
+    field_name: str,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Genes: one var column, unique and non-empty, in joinid order.
+
+    Returns the gene identifiers, their var joinids and the var column they come from.
+    """
     var_columns = [f.name for f in ms.var.schema]
     if gene_column is None:
         found = [c for c in DEFAULT_GENE_COLUMNS if c in var_columns]
@@ -296,10 +299,23 @@ def _read(
             file=source,
             column=field_name,
         )
+    return genes, var["soma_joinid"].to_numpy(), gene_column
 
-    # Cells: obs (filtered), the columns asked for, in joinid order.
+
+def _cells(
+    exp: Any,
+    source: str | Path,
+    obs_filter: str | None,
+    wanted: dict[str, str | None],
+    array: Any,
+    field_name: str,
+    soma: Any,
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """Cells: obs (filtered), the columns asked for, in joinid order; unique cell ids.
+
+    Returns obs, the cells' X rows (joinids) and their ids.
+    """
     obs_columns = [f.name for f in exp.obs.schema]
-    wanted = {"label": label_column, "group": group_column, "total": total_column}
     for what, column in wanted.items():
         if column is not None and column not in obs_columns:
             raise DataError(
@@ -346,6 +362,29 @@ def _read(
             column=f"obs/{OBS_ID_COLUMN}",
             row=str(name),
         )
+    return obs, joinids, keys
+
+
+def _read(
+    exp: Any,
+    source: str | Path,
+    *,
+    measurement: str,
+    x_layer: str,
+    obs_filter: str | None,
+    gene_column: str | None,
+    label_column: str | None,
+    group_column: str | None,
+    total_column: str | None,
+    normalized: bool,
+) -> Samples:
+    soma = _tiledbsoma()
+    array, field_name = _x_array(exp, source, measurement, x_layer, soma)
+    genes, var_joinids, gene_column = _genes(
+        exp.ms[measurement], source, measurement, gene_column, array, field_name
+    )
+    wanted = {"label": label_column, "group": group_column, "total": total_column}
+    obs, joinids, keys = _cells(exp, source, obs_filter, wanted, array, field_name, soma)
 
     def obs_values(column: str, what: str) -> pd.Series:
         col = obs[column]
@@ -360,7 +399,7 @@ def _read(
             )
         return col
 
-    rows = SomaRows(array, joinids, var["soma_joinid"].to_numpy())
+    rows = SomaRows(array, joinids, var_joinids)
     matrix = CountMatrix(
         genes=genes,
         totals=np.zeros(len(keys)),

@@ -24,10 +24,13 @@ from safetensors.torch import load_file, save_file
 from healthfm.errors import CheckpointError
 from healthfm.fsutil import atomic_dir, sha256_file
 from healthfm.model.pretrained import torch_load_tensors
+from healthfm.train import distributed as D
 
 STATE_NAME = "trainer_state.json"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+#: Prefix of the best weights' tensors in a checkpoint (runs with early stopping).
+BEST = "best::"
 
 
 def checkpoint_dirs(root: str | Path) -> list[Path]:
@@ -165,3 +168,39 @@ def load_checkpoint(path: str | Path, expect: dict[str, Any] | None = None) -> d
     ) as exc:
         raise CheckpointError(f"cannot read checkpoint: {exc}", file=path) from exc
     return {"state": state, "model": model, "optimizer": optimizer, "rng": rng}
+
+
+def latest_checkpoint(root: Path, info: D.DistInfo) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None.
+
+    Collective: the main process first removes what a killed save left behind, then
+    every rank looks (after a barrier, so none sees a half-removed folder).
+    """
+    if info.is_main:
+        clean_temporary(root)
+    D.barrier(info)
+    found = checkpoint_dirs(root)
+    return found[-1] if found else None
+
+
+def with_best(
+    model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: the model's, and the best weights under :data:`BEST`."""
+    best = {BEST + n: D.full_tensor(v) for n, v in (best_state or {}).items()}
+    return {**model_state, **best}
+
+
+def split_best(
+    tensors: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A checkpoint's tensors as (model weights, best weights without their prefix)."""
+    weights = {k: v for k, v in tensors.items() if not k.startswith(BEST)}
+    best = {k[len(BEST) :]: v for k, v in tensors.items() if k.startswith(BEST)}
+    return weights, best
+
+
+def restore_rng(rng: dict[str, Any], info: D.DistInfo) -> None:
+    """Continue this rank's torch RNG stream (the first rank's when the process count changed)."""
+    ranks = rng.get("ranks") or [rng["torch"]]
+    torch.set_rng_state(ranks[info.rank] if len(ranks) == info.world_size else ranks[0])

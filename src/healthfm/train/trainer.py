@@ -9,7 +9,8 @@ groups, linear warm-up then cosine (or constant) learning rate, gradient accumul
 clipping, bf16 autocast, a *batch plan* (which rows make each global batch; each batch is
 cut into one part per accumulation micro-step and process), held-out evaluation with
 optional early stopping and best-weights restore, a progress bar, a JSONL log, atomic
-checkpoints and exact resume. Single process by default; under torchrun each rank trains
+checkpoints and exact resume (the bar, the log and the ETA lines are
+:mod:`healthfm.train.progress`; the checkpoint files :mod:`healthfm.train.checkpoint`). Single process by default; under torchrun each rank trains
 on its part of every global batch, replicated (DDP) or sharded (FSDP2), see
 :mod:`healthfm.train.distributed`.
 
@@ -43,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from healthfm.errors import CheckpointError, ConfigError, TrainingInterrupted
 from healthfm.fsutil import json_hash
@@ -52,9 +52,12 @@ from healthfm.tokens import TokenStore
 from healthfm.train import distributed as D
 from healthfm.train.checkpoint import (
     checkpoint_dirs,
-    clean_temporary,
+    latest_checkpoint,
     load_checkpoint,
+    restore_rng,
     save_checkpoint,
+    split_best,
+    with_best,
 )
 from healthfm.train.data import (
     BatchSource,
@@ -65,15 +68,13 @@ from healthfm.train.data import (
     seed_of,
 )
 from healthfm.train.objectives import prepare
+from healthfm.train.progress import LOG_NAME, TrainProgress, plan_line, truncate_log
 
-LOG_NAME = "train_log.jsonl"
 SCHEDULES = ("cosine", "constant")
 #: Signals that checkpoint and stop a run (schedulers send them before a kill).
 STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)
 )
-#: Prefix of the best weights' tensors in a checkpoint (runs with early stopping).
-BEST = "best::"
 
 
 @dataclass
@@ -471,26 +472,6 @@ class Trainer:
         if self.info.is_main and self.config.report:
             print(f"{self.name}: {text}", file=sys.stderr, flush=True)
 
-    def _early_eta(self, at: int, first_step: int, end: int, t_start: float) -> bool:
-        """The estimated wall time after the first steps (at step ``at``, or sooner once a
-        step took 30 s), with how to shrink a long run on a CPU; True once said."""
-        done = self.step - first_step
-        elapsed = time.perf_counter() - t_start
-        if done <= 0 or (self.step < at and elapsed < 30.0) or self.step >= end:
-            return False
-        total = elapsed / done * (end - first_step)
-        text = (
-            f"first {done} step(s) took {_duration(elapsed)}: the {end - first_step} steps "
-            f"will take about {_duration(total)} (ETA {_duration(total - elapsed)})"
-        )
-        if self.info.device.type == "cpu" and total > 15 * 60:
-            text += (
-                "; without a GPU, shrink the run: fewer --steps, a smaller --batch-size "
-                "or --max-length (the time of a step grows with both)"
-            )
-        self._say(text)
-        return True
-
     def plan(self) -> dict[str, Any]:
         """Steps, global batch and context of the run, and the token slots they make."""
         context = getattr(getattr(self.model, "config", None), "max_len", None)
@@ -503,84 +484,27 @@ class Trainer:
     def _fit(self, resumed: bool, stop_at: int | None) -> dict[str, Any]:
         cfg = self.config
         self.model.train()
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            disable=not (show and self.info.is_main),
-            desc=self.name,
-            unit="step",
-            dynamic_ncols=True,
-        )
         per_epoch = self.batches.steps_per_epoch if cfg.epochs is not None else None
         end = cfg.steps if stop_at is None else min(stop_at * (per_epoch or 1), cfg.steps)
-        plan = self.plan()
-        tokens = (
-            f" × {plan['context']} tokens = {_si(plan['tokens'])} token slots"
-            if plan.get("tokens")
-            else ""
-        )
-        every = [f"every {cfg.checkpoint_every} steps"] if cfg.checkpoint_every else []
-        if cfg.checkpoint_minutes:
-            every.append(f"every {cfg.checkpoint_minutes:g} min")
-        where = f" in {self.checkpoint_root}" if self.run_dir is not None else ""
+        progress = self._progress(end)
         self._say(
-            f"plan: {plan['steps']} steps × batch {plan['batch_size']}{tokens}"
-            + (f"; checkpoints {' and '.join(every)}{where}" if every and where else "")
+            plan_line(
+                self.plan(),
+                cfg.checkpoint_every,
+                cfg.checkpoint_minutes,
+                self.checkpoint_root if self.run_dir is not None else None,
+            )
         )
-        window_loss, window_steps, window_tokens = 0.0, 0, 0
-        epoch_loss, epoch_rows = 0.0, 0
-        t_window = t_start = time.perf_counter()
         self._last_save = time.monotonic()
-        tokens_total = 0
-        last_loss = float("nan")
+        epoch_loss, epoch_rows = 0.0, 0
         val_loss = None
-        first_step = self.step
-        # Throughput and ETA: after the first log window, then about every tenth of the run.
-        report_every = max(cfg.log_every, (end - first_step) // 10, 1)
-        next_report = first_step + cfg.log_every
-        # ... and once early, before the first window ends (a slow CPU run: see _early_eta).
-        early: int | None = first_step + min(3, cfg.log_every - 1) if cfg.log_every > 1 else None
         loader = self._worker_loader(end) if cfg.num_workers > 0 else None
         self._prefetch = iter(loader) if loader is not None else None
         while self.step < end and not self.early_stopped:
             result = self.train_step()
-            last_loss = result["loss"]
-            window_loss += last_loss
-            window_steps += 1
-            window_tokens += result["tokens"]
-            epoch_loss += last_loss * result["rows"]
+            progress.step_done(self.step, result)
+            epoch_loss += result["loss"] * result["rows"]
             epoch_rows += result["rows"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if early is not None and self._early_eta(early, first_step, end, t_start):
-                early = None
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                elapsed = time.perf_counter() - t_window
-                tokens_total += window_tokens
-                done = self.step - first_step
-                steps_per_s = done / max(time.perf_counter() - t_start, 1e-9)
-                eta = (end - self.step) / steps_per_s if steps_per_s > 0 else None
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": window_loss / window_steps,
-                        "lr": cfg.lr_at(self.step - 1),
-                        "grad_norm": result["grad_norm"],
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                        "steps_per_s": steps_per_s,
-                        "eta_s": eta,
-                    }
-                )
-                if self.step >= next_report and self.step < end:
-                    self._say(
-                        f"step {self.step}/{end}: loss {window_loss / window_steps:.4f}, "
-                        f"{window_tokens / max(elapsed, 1e-9):,.0f} tokens/s, "
-                        f"{steps_per_s:.2f} steps/s, ETA {_duration(eta)}"
-                    )
-                    next_report = self.step + report_every
-                window_loss, window_steps, window_tokens = 0.0, 0, 0
-                t_window = time.perf_counter()
             # Evaluation and checkpoints count steps, or epochs at epoch ends.
             if per_epoch is None:
                 count, at_end = self.step, True
@@ -592,51 +516,91 @@ class Trainer:
                 and cfg.eval_every
                 and (count % cfg.eval_every == 0 or self.step == cfg.steps)
             ):
-                val_loss = evaluated = self.evaluate()
-                if val_loss is not None:
-                    self._log({"step": self.step, "val_loss": val_loss})
-                    self._early_stopping(val_loss, count)
+                val_loss = evaluated = self._held_out_step(count)
             if per_epoch is not None and at_end:
-                row = {"epoch": count, "train_loss": epoch_loss / max(epoch_rows, 1)}
-                row["val_loss"] = evaluated
-                self.history.append(row)
+                self._end_epoch(count, epoch_loss / max(epoch_rows, 1), evaluated)
                 epoch_loss, epoch_rows = 0.0, 0
-                if self.on_epoch_end is not None and self.info.is_main:
-                    self.on_epoch_end(row)
-            signalled, timed = self._stop_now(at_end)
-            due = cfg.checkpoint_every and count % cfg.checkpoint_every == 0
-            if signalled or (
-                at_end and (due or timed or self.step in (cfg.steps, end) or self.early_stopped)
-            ):
-                self.save()
-            if signalled:
-                bar.close()
-                self._prefetch = None
-                name = signal.Signals(self._signal).name if self._signal else "a stop signal"
-                where = self.last_checkpoint or self.run_dir
-                self._say(f"{name} received: checkpointed step {self.step} in {where}")
-                raise TrainingInterrupted(
-                    f"stopped by {name} after step {self.step} of {cfg.steps}; the checkpoint "
-                    "is saved: run the same command with --resume to continue",
-                    file=where,
-                    signal=self._signal or 0,
-                )
-        bar.close()
+            self._checkpoint_if_due(count, at_end, end, progress)
+        progress.close()
         self._prefetch = None
         del loader  # stops the workers
         if self.step >= cfg.steps or self.early_stopped:
             self.restore_best()
-        wall = time.perf_counter() - t_start
+        return self._summary(resumed, progress, val_loss)
+
+    def _progress(self, end: int) -> TrainProgress:
+        """The bar, log window and ETA lines of a ``fit`` call from this step to ``end``."""
+        cfg = self.config
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        return TrainProgress(
+            self._say,
+            self._log,
+            cfg.lr_at,
+            name=self.name,
+            steps=cfg.steps,
+            first_step=self.step,
+            end=end,
+            log_every=cfg.log_every,
+            show_bar=bool(show and self.info.is_main),
+            on_cpu=self.info.device.type == "cpu",
+        )
+
+    def _held_out_step(self, count: int) -> float | None:
+        """The held-out value at step (epoch) ``count``: logged, and fed to early stopping."""
+        value = self.evaluate()
+        if value is not None:
+            self._log({"step": self.step, "val_loss": value})
+            self._early_stopping(value, count)
+        return value
+
+    def _end_epoch(self, epoch: int, train_loss: float, val_loss: float | None) -> None:
+        """Add epoch ``epoch``'s row to ``history`` and hand it to ``on_epoch_end``."""
+        row = {"epoch": epoch, "train_loss": train_loss}
+        row["val_loss"] = val_loss
+        self.history.append(row)
+        if self.on_epoch_end is not None and self.info.is_main:
+            self.on_epoch_end(row)
+
+    def _checkpoint_if_due(
+        self, count: int, at_end: bool, end: int, progress: TrainProgress
+    ) -> None:
+        """Save when a count, the clock, the run's end, early stopping or a signal says so;
+        after a signal, stop with :class:`TrainingInterrupted`."""
+        cfg = self.config
+        signalled, timed = self._stop_now(at_end)
+        due = cfg.checkpoint_every and count % cfg.checkpoint_every == 0
+        if signalled or (
+            at_end and (due or timed or self.step in (cfg.steps, end) or self.early_stopped)
+        ):
+            self.save()
+        if signalled:
+            progress.close()
+            self._prefetch = None
+            name = signal.Signals(self._signal).name if self._signal else "a stop signal"
+            where = self.last_checkpoint or self.run_dir
+            self._say(f"{name} received: checkpointed step {self.step} in {where}")
+            raise TrainingInterrupted(
+                f"stopped by {name} after step {self.step} of {cfg.steps}; the checkpoint "
+                "is saved: run the same command with --resume to continue",
+                file=where,
+                signal=self._signal or 0,
+            )
+
+    def _summary(
+        self, resumed: bool, progress: TrainProgress, val_loss: float | None
+    ) -> dict[str, Any]:
+        """What ``fit`` returns (see there)."""
+        wall = progress.wall_seconds()
         summary = {
             "steps": self.step,
             "resumed": resumed,
-            "train_loss": last_loss,
+            "train_loss": progress.last_loss,
             "val_loss": val_loss,
-            "tokens_per_s": tokens_total / wall if wall > 0 else None,
+            "tokens_per_s": progress.tokens_total / wall if wall > 0 else None,
             "wall_seconds": wall,
             "world_size": self.info.world_size,
         }
-        if per_epoch is not None:
+        if self.config.epochs is not None:
             summary.update(
                 epochs_run=len(self.history),
                 history=self.history,
@@ -855,7 +819,6 @@ class Trainer:
         model_state = D.full_model_state(self.model, self.info)
         if self.frozen:
             model_state = {n: v for n, v in model_state.items() if n in self.trainable}
-        best = {BEST + n: D.full_tensor(v) for n, v in (self.best_state or {}).items()}
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.info)
         rng_states = D.gather_objects(torch.get_rng_state(), self.info)
         if self.info.is_main:
@@ -879,7 +842,7 @@ class Trainer:
             path = save_checkpoint(
                 self.checkpoint_root,
                 number,
-                {**model_state, **best},
+                with_best(model_state, self.best_state),
                 optimizer_state,
                 state,
                 keep=self.config.keep_checkpoints,
@@ -893,17 +856,12 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> bool:
         """Restore the latest (or the given) checkpoint; False if there is none."""
         if path is None:
-            if self.info.is_main:
-                clean_temporary(self.checkpoint_root)  # leftovers of a save that was killed
-            D.barrier(self.info)
-            found = checkpoint_dirs(self.checkpoint_root)
-            if not found:
+            path = latest_checkpoint(self.checkpoint_root, self.info)
+            if path is None:
                 return False
-            path = found[-1]
         ckpt = load_checkpoint(path, expect=self.identity)
         state = ckpt["state"]
-        weights = {k: v for k, v in ckpt["model"].items() if not k.startswith(BEST)}
-        best = {k[len(BEST) :]: v for k, v in ckpt["model"].items() if k.startswith(BEST)}
+        weights, best = split_best(ckpt["model"])
         try:
             D.load_full_state(
                 self.model,
@@ -915,11 +873,7 @@ class Trainer:
             self.best_state = {n: D.like(v, self.trainable[n]) for n, v in best.items()} or None
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint does not fit this model: {exc}", file=path) from exc
-        # Each rank continues its own RNG stream when the process count is unchanged.
-        ranks = ckpt["rng"].get("ranks") or [ckpt["rng"]["torch"]]
-        torch.set_rng_state(
-            ranks[self.info.rank] if len(ranks) == self.info.world_size else ranks[0]
-        )
+        restore_rng(ckpt["rng"], self.info)
         self.step = int(state.get("optimizer_step", state["step"]))
         self.position = int(state["position"])
         self.history = list(state.get("history", []))
@@ -930,7 +884,7 @@ class Trainer:
         self.early_stopped = patience is not None and self.since_best >= patience
         self.last_checkpoint = Path(path)
         if self.info.is_main and self.run_dir is not None:
-            _truncate_log(self.run_dir / LOG_NAME, self.step)
+            truncate_log(self.run_dir / LOG_NAME, self.step)
         return True
 
     def discard_checkpoints(self) -> list[Path]:
@@ -959,40 +913,11 @@ class Trainer:
         return plain
 
 
-def _si(n: int) -> str:
-    """1234567 -> '1.2 M'."""
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return str(n)
-
-
-def _duration(seconds: float | None) -> str:
-    """Seconds as '1 h 02 min', '3 min 05 s', '12 s'."""
-    if seconds is None or not math.isfinite(seconds):
-        return "unknown"
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
-
-
 def _n_tokens(batch: dict[str, torch.Tensor]) -> int:
     # Real tokens of a token batch; rows of any other batch.
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return len(next(iter(batch.values())))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    # A resumed run repeats the steps after its checkpoint: drop their old log rows.
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-    path.write_text("".join(r + "\n" for r in kept))
 
 
 def _jsonable(obj: Any) -> Any:
