@@ -63,6 +63,8 @@ def make_base(path, data, seed: int = 0, d_model: int = 32):
     return path
 
 
+#: Floors for the fine-tuned head on the XOR table (how they were set: see the test below).
+TUNED_AUROC_FLOOR, TUNED_OVER_PROBE = 0.80, 0.10
 FULL = FinetuneConfig(head_init="random", epochs=40, patience=10, lr=3e-3, batch_size=32)
 LORA = FinetuneConfig(lora=True, lora_rank=4, head_init="random", epochs=3, lr=3e-3, batch_size=64)
 
@@ -111,7 +113,11 @@ def test_full_finetune_beats_frozen_probe_in_one_results_file(work, tmp_path):
     )
     auroc = {r.method: r.value for r in rows if r.metric == "auroc"}
     probe, tuned = auroc["model-mean+logreg"], auroc["model-finetune-full"]
-    assert tuned > 0.9 and tuned > probe + 0.15, auroc
+    # Thresholds from the measured spread, with a margin. Over data and model seeds 0-4
+    # (this machine, one thread): fine-tuned AUROC 0.970-1.000, frozen probe 0.642-0.751, gap
+    # >= 0.257; the same seed 0 gave 0.891 on a fresh machine (issue 22), a shift of 0.08 from
+    # CPU and library versions. 0.80 and a gap of 0.10 leave about 0.09 below the worst seen.
+    assert tuned > TUNED_AUROC_FLOOR and tuned > probe + TUNED_OVER_PROBE, auroc
     saved = json.loads((tmp_path / "ev" / "results.json").read_text())
     ft = [r for r in saved if r["method"] == "model-finetune-full"]
     assert ft and all(r["ci_low"] <= r["value"] <= r["ci_high"] for r in ft)

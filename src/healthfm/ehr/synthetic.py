@@ -403,7 +403,7 @@ def _labels(
                 "prediction_time"
             ),
         )
-        .unique()
+        .unique(maintain_order=True)  # row order feeds the draws below
         .filter(pl.col("prediction_time") + year <= end)
     )
     visits = (
