@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import healthfm
-from healthfm.encoders import describe, entries, load_encoder
+from healthfm.encoders import describe, entries
 from healthfm.errors import DataError, ModelError
+from healthfm.loader import load_encoder
 
 msgpack = pytest.importorskip("msgpack")
 from safetensors.torch import load_file, save_file  # noqa: E402

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -561,19 +560,11 @@ def _task_name(path: Path) -> str:
     )
 
 
-def _training_info(model_dir: Path) -> dict[str, Any]:
-    # A LoRA adapter folder records the split of its base model in its reference file.
-    from healthfm.evaluate.adapters import BASE_REF
-
-    for name in ("training_info.json", BASE_REF):
-        if (model_dir / name).exists():
-            return json.loads((model_dir / name).read_text())
-    return {}
-
-
 def _check_split(model_dir, split: np.ndarray, evaluation: tuple, row_splits) -> Any:
     """``model_dir``, after checking that its fine-tuning never trained on a held-out row."""
-    info = _training_info(Path(model_dir))
+    from healthfm.loader import read_training_info
+
+    info = read_training_info(model_dir)
     salt, fractions = info.get("split_salt"), info.get("split_fractions")
     if salt is None or fractions is None:
         return model_dir

@@ -273,7 +273,8 @@ def finetuned_ehr_rows(
     from healthfm.evaluate.metrics import classification_metrics, regression_metrics
     from healthfm.evaluate.probe import align_proba
     from healthfm.evaluate.results import rows_from_metrics
-    from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
+    from healthfm.evaluate.task_head import predict, task_spec
+    from healthfm.loader import load_finetuned
 
     te = np.flatnonzero(split == "held_out")
     held = Labels(labels.source, labels.frame[te], labels.column)

@@ -8,7 +8,6 @@ a regression (:func:`evaluation_is_regression`).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from healthfm.errors import ConfigError, DataError, ModelError
+from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
-from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
+from healthfm.evaluate.task_head import predict, task_spec
+from healthfm.loader import finetuned_spec, load_finetuned, read_training_info
 from healthfm.modality import Modality, Samples
 from healthfm.train.data import StoreSource
 
@@ -158,17 +158,8 @@ def finetuned_rows(
 def _check_test_split(
     modality: Modality, samples: Samples, test_idx: np.ndarray, path: Path, salt, fractions
 ) -> None:
-    from healthfm.evaluate.adapters import BASE_REF
-
     # A model folder's split, or (a LoRA adapter folder) its base's, in its reference file.
-    info = next(
-        (
-            json.loads((path / n).read_text())
-            for n in ("training_info.json", BASE_REF)
-            if (path / n).exists()
-        ),
-        {},
-    )
+    info = read_training_info(path)
     own_salt, own_fractions = info.get("split_salt"), info.get("split_fractions")
     if salt is None or own_salt is None or own_fractions is None:
         return
@@ -196,26 +187,6 @@ def finetuned_method(model: Any, info: dict[str, Any], path: str | Path, seen: s
         method = f"{method}@{Path(path).name}"
     seen.add(method)
     return method
-
-
-def finetuned_spec(path: str | Path) -> dict[str, Any]:
-    """The task-head spec (``task``, ``classes`` ...) of a fine-tuned model or LoRA adapter
-    folder, read from its metadata without loading weights."""
-    from healthfm.evaluate.adapters import BASE_REF, is_adapter
-    from healthfm.evaluate.encoder_task import FINETUNED_REF, is_finetuned_encoder
-
-    path = Path(path)
-    # Adapters and fine-tuned encoders keep the spec at the top of their reference file.
-    own_ref = is_adapter(path) or is_finetuned_encoder(path)
-    meta = path / (BASE_REF if is_adapter(path) else FINETUNED_REF if own_ref else "config.json")
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the fine-tuned model's metadata: {exc}", file=meta) from exc
-    spec = data.get("task_head") if own_ref else (data.get("extra") or {}).get("task_head")
-    if not spec or "task" not in spec:
-        raise ModelError("not a fine-tuned model: no task_head", file=meta)
-    return spec
 
 
 def evaluation_is_regression(
@@ -253,9 +224,4 @@ def evaluation_is_regression(
 
 def read_provenance(path: Path) -> dict[str, Any]:
     """The ``finetune`` provenance of a fine-tuned model or adapter folder ({} if none)."""
-    from healthfm.evaluate.adapters import BASE_REF
-
-    for name in (BASE_REF, "training_info.json"):
-        if (path / name).is_file():
-            return json.loads((path / name).read_text()).get("finetune", {})
-    return {}
+    return read_training_info(path).get("finetune", {})

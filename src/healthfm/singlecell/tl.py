@@ -39,7 +39,8 @@ def _load(model: FoundationModel | str | Path) -> FoundationModel:
         if model.modality != "singlecell":
             raise ConfigError(f"a {model.modality!r} model cannot embed cells")
         return model
-    from healthfm.encoders import load_encoder, split_spec
+    from healthfm.encoders import split_spec
+    from healthfm.loader import load_encoder
 
     if split_spec(model)[0] != "healthfm":  # NAME:DIR of a published model (geneformer:DIR)
         return load_encoder(model, modality="singlecell")

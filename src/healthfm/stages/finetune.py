@@ -39,14 +39,7 @@ import torch
 
 from healthfm.encoders import split_spec
 from healthfm.errors import ConfigError, ModelError
-from healthfm.evaluate.encoder_task import (
-    bare_encoder,
-    base_reference,
-    encoder_blocks,
-    freeze_encoder_layers,
-    open_base,
-    save_finetuned_encoder,
-)
+from healthfm.evaluate.encoder_task import bare_encoder, encoder_blocks, freeze_encoder_layers
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.task_data import TaskData, shared_task_input, task_data
 from healthfm.evaluate.task_head import (
@@ -60,10 +53,10 @@ from healthfm.evaluate.task_head import (
     with_task_head,
 )
 from healthfm.fsutil import atomic_dir, check_output_dir, check_run_dir
+from healthfm.loader import base_reference, open_base, read_training_info, save_adapter, save_model
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
-from healthfm.model.pretrained import save_pretrained
 from healthfm.stages.common import check_split_change, check_split_source, input_paths
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
@@ -280,7 +273,7 @@ def finetune(
     _validate(config, _depth(base), base.name)
     modality = get_modality(base.modality)
     options = modality.options(options)
-    info = _training_info(model_dir)
+    info = read_training_info(model_dir)
     salt = salt or info.get("split_salt", DEFAULT_SALT)
     fractions = tuple(fractions or info.get("split_fractions", DEFAULT_FRACTIONS))
     pooling = _pooling(base, config)
@@ -574,8 +567,6 @@ def _write(
     head, base reference) for any other."""
     final.to("cpu")
     if peft_model is not None and not config.merge:
-        from healthfm.evaluate.adapters import save_adapter
-
         with atomic_dir(out, kind="lora_adapter") as tmp_out:
             save_adapter(
                 peft_model,
@@ -590,10 +581,7 @@ def _write(
     for p in final.parameters():
         p.requires_grad_(False)
     info = {**{k: v for k, v in info.items() if k not in provenance}, **provenance}
-    if isinstance(final, FoundationModel):
-        save_pretrained(final, out, base.tokenizer, info=info)
-    else:
-        save_finetuned_encoder(final, out, base_reference(base_spec, base.model_hash, out), info)
+    save_model(final, out, base, base_spec, info)
 
 
 def _validate(config: FinetuneConfig, n_layers: int | None, encoder_name: str) -> None:
@@ -693,8 +681,3 @@ def _score(
         k: {"value": float(m.value), "ci_low": float(m.ci_low), "ci_high": float(m.ci_high)}
         for k, m in metrics.items()
     }
-
-
-def _training_info(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "training_info.json"
-    return json.loads(path.read_text()) if path.exists() else {}
