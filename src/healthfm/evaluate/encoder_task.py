@@ -104,6 +104,11 @@ class EncoderTaskModel(nn.Module):
         return int(self.encoder.max_len)
 
     @property
+    def causal(self) -> bool:
+        """Whether the encoder's states never see later tokens (EHR prediction times)."""
+        return bool(getattr(self.encoder, "causal", False))
+
+    @property
     def truncate(self) -> str:
         """Which end of a too-long sample the encoder keeps."""
         return getattr(self.encoder, "truncate", "head")

@@ -18,6 +18,7 @@ from typing import Any
 from healthfm.encoders import Encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
+from healthfm.evaluate.finetuned import finetuned_rows
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.progress import Progress, format_seconds, progress_enabled
 from healthfm.evaluate.results import ResultRow, write_results
@@ -234,15 +235,8 @@ def evaluate(
     result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name, progress=report)
     report.close()
     if ft_dirs:
-        ft_rows, ft_scores = modality.finetuned_rows(
-            ft_dirs,
-            samples,
-            rows,
-            protocol.reported(rows.regression, len(rows.classes)),
-            n_boot,
-            batch_size,
-            salt,
-            fractions,
+        ft_rows, ft_scores = finetuned_rows(
+            ft_dirs, modality, samples, rows, options, protocol, n_boot, batch_size, salt, fractions
         )
         result.rows += ft_rows
         result.scores.update(ft_scores)
