@@ -44,7 +44,7 @@ def _load(model: FoundationModel | str | Path) -> FoundationModel:
 
     if split_spec(model)[0] != "healthfm":  # NAME:DIR of a published model (geneformer:DIR)
         return load_encoder(model, modality="singlecell")
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
 
     return load(model, modality="singlecell")
 
@@ -94,7 +94,7 @@ def fit(
     FoundationModel
         The trained model, with ``model.tokenizer`` set.
     """
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
     from healthfm.stages.pretrain import pretrain
     from healthfm.train.trainer import TrainConfig
 
