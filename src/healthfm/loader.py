@@ -342,7 +342,19 @@ def resolve_base_folder(out_dir: Path, base: dict[str, Any]) -> Path:
 
 def open_base(name: str, folder: Path, modality: str | None = None) -> Any:
     """A base by registry name and folder: a healthfm folder of any kind (a fine-tuned
-    one is fine-tuned further), anything else through its registry entry."""
+    one is fine-tuned further), anything else through its registry entry.
+
+    Raises
+    ------
+    ModelError
+        A LoRA adapter folder: its weights are LoRA layers on another model, no base.
+    """
+    if name == HEALTHFM and folder_kind(folder) == ADAPTER:
+        raise ModelError(
+            "a LoRA adapter is no base model: fine-tune its base, or merge it first "
+            "(healthfm finetune --lora --merge writes a plain model folder)",
+            file=folder,
+        )
     if name == HEALTHFM:
         return _open_folder(Path(folder), modality)
     return load_encoder(f"{name}:{folder}", modality)
