@@ -66,8 +66,8 @@ def pretrain_tiny(modality: str, data: Path, out: Path, extra: list[str]) -> Pat
 
 def feature_sets(model: Path, data: Path, options: dict, combine_with: str):
     """``(rows, splitter, {name: X})`` for one data set, as ``healthfm evaluate`` builds them."""
-    from healthfm.encoders import load_encoder
     from healthfm.evaluate.controls import combined_features
+    from healthfm.loader import load_encoder
     from healthfm.modality import Features, Modality, get_modality
     from healthfm.stages.common import split_of_models
 

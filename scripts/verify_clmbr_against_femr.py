@@ -111,7 +111,7 @@ import test_clmbr as T  # noqa: E402
 
 from healthfm.ehr.embed import featurize_labels  # noqa: E402
 from healthfm.ehr.reader import open_meds, read_labels, scan_meds  # noqa: E402
-from healthfm.encoders import load_encoder  # noqa: E402
+from healthfm.loader import load_encoder  # noqa: E402
 
 tmp = Path(tempfile.mkdtemp())
 folder = T.write_femr_folder(tmp / "ckpt", release=release, seed=5)

@@ -506,19 +506,9 @@ def _model_modality(argv: list[str]) -> str | None:
     if flagged is not None:
         positional = ["evaluate", flagged]
     if len(positional) >= 2 and positional[0] in ("embed", "evaluate", "finetune"):
-        from healthfm.encoders import get_entry, split_spec
-        from healthfm.evaluate.adapters import is_adapter, read_adapter_info
-        from healthfm.evaluate.encoder_task import is_finetuned_encoder, read_finetuned_info
-        from healthfm.model.pretrained import read_config
+        from healthfm.loader import folder_modality
 
-        name, folder = split_spec(positional[1])
-        if get_entry(name).modality != "any":  # a published model: its entry says
-            return get_entry(name).modality
-        if is_adapter(folder):  # a LoRA adapter folder names its base's modality
-            return read_adapter_info(folder).get("modality")
-        if is_finetuned_encoder(folder):  # so does a fine-tuned published encoder's
-            return read_finetuned_info(folder).get("modality")
-        return read_config(folder).modality
+        return folder_modality(positional[1])
     return None
 
 
@@ -631,13 +621,13 @@ def _run_pretrain(args: argparse.Namespace, opts: dict) -> None:
         held_out=tuple(args.holdout_source),
         overwrite=args.overwrite,
     )
+    from healthfm.loader import read_training_info
     from healthfm.train.distributed import shutdown
 
     shutdown()  # under torchrun: every rank is past the final barrier
     if os.environ.get("RANK", "0") != "0":
         pass  # under torchrun only rank 0 reports
-    elif (Path(out) / "training_info.json").exists():
-        info = json.loads((Path(out) / "training_info.json").read_text())
+    elif info := read_training_info(out):
         print(
             f"wrote {out}: {info['steps']} steps, train loss {info['train_loss']:.4f}, "
             f"val loss {info['val_loss'] if info['val_loss'] is None else round(info['val_loss'], 4)}, "
@@ -746,7 +736,7 @@ def _info(model_dir: str | None) -> None:
 
     name, folder = split_spec(model_dir)
     if name != "healthfm":  # NAME:DIR of a published model: its loader reads the folder
-        from healthfm.encoders import load_encoder
+        from healthfm.loader import load_encoder
 
         if not folder.is_dir():
             raise ConfigError(

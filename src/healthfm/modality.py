@@ -600,42 +600,6 @@ class Modality(ABC):
             out[name] = Features(X, baseline=True, seconds=time.perf_counter() - t)
         return out
 
-    def finetuned_rows(
-        self,
-        folders: list,
-        samples: Samples,
-        rows: EvaluationRows,
-        metrics: list[str],
-        n_boot: int,
-        batch_size: int,
-        salt: str,
-        fractions: tuple[float, float, float],
-    ) -> tuple[list, dict[str, np.ndarray]]:
-        """Rows of fine-tuned models' own predictions on the test rows (and their scores)."""
-        from healthfm.evaluate.finetuned import finetuned_rows
-
-        test_idx = rows.indices("test")
-        found = finetuned_rows(
-            folders,
-            self,
-            samples,
-            test_idx,
-            rows.classes,
-            rows.task,
-            n_boot=n_boot,
-            batch_size=batch_size,
-            metrics=metrics,
-            source_for=lambda model: self.test_source(model, samples, test_idx),
-            salt=salt,
-            fractions=tuple(fractions),
-        )
-        return found, {}
-
-    def test_source(self, model: Any, samples: Samples, indices: np.ndarray) -> Any:
-        """Where a fine-tuned model reads the test rows from: None (the default) tokenizes
-        them into a temporary token store; data that are not tokens return a batch source."""
-        return None
-
     def extra_evaluations(self, context: dict[str, Any]) -> list:
         """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).
 

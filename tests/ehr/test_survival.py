@@ -126,7 +126,7 @@ def test_no_event_after_a_prediction_time_enters_an_ehr_feature(syn_meds, ehr_mo
     from healthfm.ehr.baselines import count_features
     from healthfm.ehr.embed import featurize_labels
     from healthfm.ehr.tabular import meds_tab_features, tabularize
-    from healthfm.encoders import load_encoder
+    from healthfm.loader import load_encoder
 
     times = pl.read_parquet(syn_meds / "task_labels" / "admission_1y" / "labels.parquet")
     labels_df, _ = time_to_event_labels(syn_meds, times, ["Visit/IP", "MEDS_DEATH"])

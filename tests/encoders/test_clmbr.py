@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import healthfm
-from healthfm.encoders import describe, entries, load_encoder
+from healthfm.encoders import describe, entries
 from healthfm.errors import DataError, ModelError
+from healthfm.loader import load_encoder
 
 msgpack = pytest.importorskip("msgpack")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -554,3 +555,44 @@ def test_prediction_time_before_any_known_event_is_a_zero_row(encoder, caplog):
         out = embed_cutoffs(encoder, enc, s_idx, cut)
     assert (out[0] == 0).all() and np.abs(out[1]).sum() > 0
     assert "1 of 2 prediction times have no known event" in caplog.text
+
+
+def test_finetune_clmbr_and_score_it_with_evaluate_finetuned(ckpt, tmp_path):
+    """CLMBR-T-base fine-tunes on the bundled admission task through ``healthfm finetune``
+    and its folder is scored by ``evaluate --finetuned`` on the same held-out label rows
+    (the shared fine-tuned path: no healthfm ``config`` is read of a published model)."""
+    from healthfm.cli import main
+    from healthfm.loader import FINETUNED_ENCODER, folder_kind, load_finetuned
+
+    ft = tmp_path / "ft"
+    argv = ["finetune", f"clmbr-t-base:{ckpt}", str(CLINOSIM), "--labels", str(LABELS)]
+    assert main([*argv, "--out", str(ft), "--epochs", "1", "--few-shot", "8"]) == 0
+    assert folder_kind(ft) == FINETUNED_ENCODER
+    info = json.loads((ft / "training_info.json").read_text())["finetune"]
+    assert info["few_shot"] == 8 and info["n_train"] == 16
+    model = load_finetuned(ft)
+    assert model.name == "clmbr-t-base" and model.modality == "ehr" and model.causal
+    # The base is CLMBR's own folder, checked by its hash.
+    assert model.base_model_hash == load_encoder(f"clmbr-t-base:{ckpt}").model_hash
+
+    out = tmp_path / "eval"
+    rc = main(
+        ["evaluate", f"clmbr-t-base:{ckpt}", str(CLINOSIM), "--labels", str(LABELS),
+         "--few-shot", "all", "--seeds", "0", "--n-boot", "20", "--no-baselines",
+         "--finetuned", str(ft), "--out", str(out)]
+    )  # fmt: skip
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())
+    tuned = [r for r in rows if r["method"] == "clmbr-t-base-finetune-full-k8"]
+    assert {r["metric"] for r in tuned} == {"auroc", "auprc", "brier"}
+    held = pl.read_parquet(LABELS).join(
+        pl.read_parquet(CLINOSIM / "metadata" / "subject_splits.parquet"), on="subject_id"
+    )
+    n_held = int((held["split"] == "held_out").sum())
+    assert all(r["k"] == 8 and r["n_test"] == n_held and r["protocol"] == "ehrshot" for r in tuned)
+    assert all(r["model_folder"] == str(ft) for r in tuned)
+    # Scored on the rows fine-tuning held out: the same AUROC as fine-tuning reported.
+    auroc = next(r["value"] for r in tuned if r["metric"] == "auroc")
+    assert auroc == pytest.approx(info["test_metrics"]["auroc"]["value"], abs=1e-9)
+    pred = pl.read_parquet(out / "predictions" / "clmbr-t-base-finetune-full-k8.parquet")
+    assert len(pred) == n_held

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from healthfm.datasets import promoters
-from healthfm.encoders import Encoder, describe, entries, load_encoder, register_encoder
+from healthfm.encoders import Encoder, describe, entries, register_encoder
 from healthfm.errors import ConfigError, ModelError
+from healthfm.loader import load_encoder
 from healthfm.stages.embed import embed
 from healthfm.stages.evaluate import evaluate
 from healthfm.stages.pretrain import pretrain

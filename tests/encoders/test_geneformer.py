@@ -14,9 +14,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from healthfm.encoders import entries, load_encoder
+from healthfm.encoders import entries
 from healthfm.errors import DataError, ModelError
 from healthfm.evaluate.embed import embed_store
+from healthfm.loader import load_encoder
 from healthfm.modality import get_modality
 from healthfm.singlecell import pbmc68k
 

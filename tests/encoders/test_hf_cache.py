@@ -11,9 +11,9 @@ import torch
 import transformers
 
 from healthfm.datasets import data_path
-from healthfm.encoders import load_encoder
 from healthfm.encoders.base import resolve_folder
 from healthfm.errors import ModelError
+from healthfm.loader import load_encoder
 from healthfm.pathology.tilesets import read_tile_set
 
 KATHER = data_path("pathology", "kather2016_samples")

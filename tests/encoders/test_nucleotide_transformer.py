@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from healthfm.datasets import promoters
-from healthfm.encoders import entries, load_encoder
+from healthfm.encoders import entries
 from healthfm.errors import DataError, ModelError
+from healthfm.loader import load_encoder
 from healthfm.modality import get_modality
 from healthfm.stages.embed import embed
 from healthfm.tokens import write_store

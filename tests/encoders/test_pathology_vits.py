@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from healthfm.cli import main
 from healthfm.datasets import data_path
-from healthfm.encoders import describe, entries, load_encoder
+from healthfm.encoders import describe, entries
 from healthfm.encoders.pathology_vits import (
     HOPTIMUS_MEAN,
     HOPTIMUS_STD,
@@ -26,6 +26,7 @@ from healthfm.encoders.pathology_vits import (
 )
 from healthfm.errors import ConfigError, ModelError
 from healthfm.evaluate.embed import load_embeddings
+from healthfm.loader import load_encoder
 from healthfm.pathology.source import TileSource, embed_tiles
 from healthfm.pathology.tilesets import read_tile_set
 from healthfm.pathology.tokenizer import unpatchify

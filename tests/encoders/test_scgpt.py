@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from healthfm.encoders import entries, load_encoder
+from healthfm.encoders import entries
 from healthfm.errors import DataError, ModelError
 from healthfm.evaluate.embed import embed_store
+from healthfm.loader import load_encoder
 from healthfm.modality import get_modality
 from healthfm.singlecell import pbmc68k
 from healthfm.train.data import collate

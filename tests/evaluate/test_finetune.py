@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from healthfm import cli, pipeline
 from healthfm.errors import ConfigError, DataError, ModelError
-from healthfm.evaluate.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_REF, load_adapter
-from healthfm.evaluate.task_head import load_finetuned, predict
+from healthfm.evaluate.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from healthfm.evaluate.task_head import predict
 from healthfm.fsutil import sha256_file
+from healthfm.loader import BASE_REF, load_adapter, load_finetuned
 from healthfm.modality import assign_splits, get_modality
 from healthfm.model import FoundationModel, ModelConfig
 from healthfm.model.pretrained import load, save_pretrained

@@ -22,7 +22,7 @@ from torch import nn
 from healthfm import cli
 from healthfm.datasets import promoters
 from healthfm.dna.tokenizer import KmerTokenizer
-from healthfm.encoders import load_encoder, register_encoder
+from healthfm.encoders import register_encoder
 from healthfm.encoders.published import (
     PublishedEncoder,
     find_file,
@@ -32,11 +32,19 @@ from healthfm.encoders.published import (
     read_state_dict,
 )
 from healthfm.errors import ConfigError, ModelError
-from healthfm.evaluate.adapters import ADAPTER_CONFIG, BASE_REF, is_adapter, load_adapter
+from healthfm.evaluate.adapters import ADAPTER_CONFIG
 from healthfm.evaluate.embed import embed_store
-from healthfm.evaluate.encoder_task import FINETUNED_REF, EncoderTaskModel, lora_targets
+from healthfm.evaluate.encoder_task import EncoderTaskModel, lora_targets
 from healthfm.evaluate.task_head import predict
 from healthfm.fsutil import sha256_file
+from healthfm.loader import (
+    ADAPTER,
+    BASE_REF,
+    FINETUNED_REF,
+    folder_kind,
+    load_adapter,
+    load_encoder,
+)
 from healthfm.modality import get_modality
 from healthfm.stages.embed import embed
 from healthfm.stages.evaluate import evaluate
@@ -214,7 +222,7 @@ def test_full_finetune_reloads_to_its_own_predictions_and_embeddings(work, tmp_p
 def test_lora_adapter_records_the_base_spec_and_leaves_it_untouched(work, tmp_path):
     out, base = work["lora"].out, work["base"]
     weights_before = sha256_file(base / "model.safetensors")
-    assert is_adapter(out)
+    assert folder_kind(out) == ADAPTER
     ref = json.loads((out / BASE_REF).read_text())
     assert ref["base_model"]["spec"] == f"tinydna:{base.resolve()}"
     assert ref["base_model"]["encoder"] == "tinydna" and ref["modality"] == "dna"
@@ -345,7 +353,7 @@ def test_cli_finetunes_name_colon_dir(work, tmp_path, capsys):
     argv = ["finetune", work["spec"], str(promoters()), "--out", str(out), "--lora"]
     argv += ["--epochs", "1", "--lora-rank", "2", "--n-boot", "10", "--no-checkpoints"]
     assert cli.main(argv) == 0
-    assert is_adapter(out) and "wrote" in capsys.readouterr().out
+    assert folder_kind(out) == ADAPTER and "wrote" in capsys.readouterr().out
     # Fine-tuning a fine-tuned encoder's folder again: its base is that folder.
     argv = ["finetune", str(work["full"].out), str(promoters()), "--out", str(tmp_path / "again")]
     assert cli.main([*argv, "--epochs", "1", "--n-boot", "10", "--no-checkpoints"]) == 0

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -467,38 +466,6 @@ class EhrModality(Modality):
         )
         return out
 
-    def finetuned_rows(
-        self,
-        folders: list,
-        samples: Samples,
-        rows: EvaluationRows,
-        metrics: list[str],
-        n_boot: int,
-        batch_size: int,
-        salt: str,
-        fractions: tuple[float, float, float],
-    ) -> tuple[list, dict[str, np.ndarray]]:
-        """Fine-tuned EHR models' own predictions on the held-out label rows, at their
-        few-shot k; a model fine-tuned on any held-out row is refused."""
-        from healthfm.ehr.evaluation import meds_split_names
-        from healthfm.ehr.finetune import finetuned_ehr_rows
-
-        split = meds_split_names(rows.split)
-        return finetuned_ehr_rows(
-            [_check_split(d, split, (salt, fractions), rows.info["row_splits"]) for d in folders],
-            samples.payload["dataset"],
-            rows.info["labels"],
-            rows.y,
-            rows.classes,
-            split,
-            rows.task,
-            metrics,
-            n_boot,
-            batch_size,
-            samples.data_hash,
-            event=rows.event,
-        )
-
     def task_input(
         self,
         samples: Samples,
@@ -559,37 +526,6 @@ def _task_name(path: Path) -> str:
         if path.stem in ("labels", "0", "data") or path.stem.isdigit()
         else path.stem
     )
-
-
-def _training_info(model_dir: Path) -> dict[str, Any]:
-    # A LoRA adapter folder records the split of its base model in its reference file.
-    from healthfm.evaluate.adapters import BASE_REF
-
-    for name in ("training_info.json", BASE_REF):
-        if (model_dir / name).exists():
-            return json.loads((model_dir / name).read_text())
-    return {}
-
-
-def _check_split(model_dir, split: np.ndarray, evaluation: tuple, row_splits) -> Any:
-    """``model_dir``, after checking that its fine-tuning never trained on a held-out row."""
-    info = _training_info(Path(model_dir))
-    salt, fractions = info.get("split_salt"), info.get("split_fractions")
-    if salt is None or fractions is None:
-        return model_dir
-    if (salt, tuple(fractions)) == (evaluation[0], tuple(evaluation[1])):
-        return model_dir
-    its_split, _ = row_splits(salt, fractions)
-    leaked = (split == "held_out") & (its_split != "held_out")
-    if leaked.any():
-        raise ConfigError(
-            f"{model_dir} was fine-tuned with split salt {salt!r} and fractions {fractions}, "
-            f"which put {int(leaked.sum())} of this evaluation's held-out rows in its train or "
-            f"tuning split; evaluate with --split-salt {salt}",
-            file=Path(model_dir),
-            column="split_salt",
-        )
-    return model_dir
 
 
 register_modality(EhrModality())

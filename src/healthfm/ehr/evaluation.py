@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -512,6 +512,8 @@ class EhrshotProtocol:
     seeds = (0, 1, 2, 3, 4)
     #: EHRSHOT's headline metric (verdicts, the strongest baseline chosen on tuning rows).
     primary = "auroc"
+    #: Fields of the rows it adds beyond its probes' (fine-tuned models' own rows).
+    row_extra: ClassVar[dict[str, str]] = {"protocol": "ehrshot"}
 
     def __init__(self, few_shot: Any = None) -> None:
         self.few_shot = few_shot

@@ -18,9 +18,7 @@ as flat arrays (int32 ids, float64 ages).
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,12 +30,12 @@ from healthfm.ehr.reader import Labels, MedsDataset, iter_batches
 from healthfm.ehr.tokenizer import MedsTokenizer
 from healthfm.errors import ConfigError, DataError
 from healthfm.modality import Samples, TaskInput
+from healthfm.model.config import ModelConfig
 from healthfm.tokenizer import PAD_ID
 
 __all__ = [
     "LabelWindows",
     "ehr_task_input",
-    "finetuned_ehr_rows",
     "label_values",
     "label_windows",
 ]
@@ -167,6 +165,18 @@ def label_windows(
             column="subject_id",
             row=int(labels.frame["row"][row]),
         )
+    if (lengths == 0).any():
+        # A tokenizer without a start token (CLMBR's) knows no event of such a row: its
+        # task head would read padding. FEMR refuses such labels as well.
+        row = int(np.flatnonzero(lengths == 0)[0])
+        raise DataError(
+            f"label subject {int(subjects[row])} has no event the model's vocabulary knows "
+            f"at or before its prediction time ({int((lengths == 0).sum())} such label rows); "
+            "drop these labels to fine-tune or score this model on them",
+            file=labels.source,
+            column="prediction_time",
+            row=int(labels.frame["row"][row]),
+        )
     ids = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32)
     ages = np.concatenate(age_parts) if age_parts else np.zeros(0)
     # The rows: tokenizer, context, and every label's subject and prediction time.
@@ -175,6 +185,24 @@ def label_windows(
     h.update(np.ascontiguousarray(times_us, dtype=np.int64).tobytes())
     digest = h.hexdigest()
     return LabelWindows(ids, ages, starts, lengths, use_times, digest, subjects, shared)
+
+
+def is_causal(model: Any) -> bool:
+    """Whether a model's states never see later tokens: healthfm's causal objective, or an
+    encoder (a published one, or a task model on one) that declares ``causal``."""
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        return bool(config.causal)
+    return bool(getattr(model, "causal", False))
+
+
+def uses_times(model: Any) -> bool:
+    """Whether a model reads the age of every token: healthfm's ``use_times``, or a
+    tokenizer that fills ``times`` (CLMBR's)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        return bool(config.use_times)
+    return "times" in getattr(model.tokenizer, "fields", ())
 
 
 def subject_positions(samples: Samples, subject_ids: np.ndarray) -> np.ndarray:
@@ -201,13 +229,14 @@ def ehr_task_input(
     samples
         The MEDS subjects (:meth:`EhrModality.read`).
     model
-        A causal model with its tokenizer.
+        A causal model with its tokenizer: healthfm's, or any encoder that declares
+        ``causal`` (a published one such as CLMBR, or a task model on one).
     labels
         The label rows.
     subject_splits
         "train" / "val" / "test" of every subject in ``samples.keys`` order.
     """
-    if not model.config.causal:
+    if not is_causal(model):
         raise ConfigError(
             "fine-tuning at prediction times needs a causal EHR model (its states must not "
             "see later tokens)",
@@ -234,138 +263,5 @@ def ehr_task_input(
             "time_column": "float_value",
             "event_column": "boolean_value",
         }
-    source = label_windows(
-        ds, model.tokenizer, labels, model.config.max_len, model.config.use_times
-    )
+    source = label_windows(ds, model.tokenizer, labels, model.max_len, uses_times(model))
     return TaskInput(rows, split_names, source, {"labels": str(labels.source)})
-
-
-def finetuned_ehr_rows(
-    model_dirs: list[str | Path],
-    ds: MedsDataset,
-    labels: Labels,
-    y: np.ndarray,
-    classes: np.ndarray,
-    split: np.ndarray,
-    task: str,
-    metrics: list[str],
-    n_boot: int = 1000,
-    batch_size: int = 32,
-    data_hash: str | None = None,
-    event: np.ndarray | None = None,
-) -> tuple[list[Any], dict[str, np.ndarray]]:
-    """Rows of fine-tuned EHR models' own predictions on the ``held_out`` label rows.
-
-    Same rows, metrics and subject bootstrap as the EHRSHOT probe and baselines; ``k`` is
-    the model's few-shot k (``all`` when it was fine-tuned on every row). ``y`` holds class
-    indices into ``classes`` (the evaluation's sorted label values), or the targets of a
-    regression (``classes`` empty), which only a regression model can score, or the
-    follow-up times of a survival task (``event`` given), which only a survival (Cox)
-    model can score: Harrell's / Uno's C and time-dependent AUROC of its risks.
-
-    Returns
-    -------
-    (list of ResultRow, dict)
-        The rows, and each method's held-out probabilities.
-    """
-    from healthfm.ehr.evaluation import positive_scores
-    from healthfm.evaluate.finetuned import finetuned_method, read_provenance
-    from healthfm.evaluate.metrics import classification_metrics, regression_metrics
-    from healthfm.evaluate.probe import align_proba
-    from healthfm.evaluate.results import rows_from_metrics
-    from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
-
-    te = np.flatnonzero(split == "held_out")
-    held = Labels(labels.source, labels.frame[te], labels.column)
-    groups = labels.subject_ids[te]
-    rows: list[Any] = []
-    final: dict[str, np.ndarray] = {}
-    seen: set[str] = set()
-    for path in model_dirs:
-        t = time.perf_counter()
-        model = load_finetuned(path)
-        spec = task_spec(model)
-        if model.config.modality != "ehr":
-            raise ConfigError(
-                f"{path} is a fine-tuned {model.config.modality!r} model, not an EHR one"
-            )
-        head_classes = np.asarray(spec.get("classes") or [])
-        regression = len(classes) == 0 and event is None
-        if (spec["task"] == "survival") != (event is not None):
-            wanted = "time-to-event labels" if spec["task"] == "survival" else "a Cox head"
-            raise ConfigError(
-                f"{path} has a {spec['task']} head and {labels.column} of this label file "
-                f"is {'time-to-event' if event is not None else 'not time-to-event'}: it "
-                f"needs {wanted}",
-                file=Path(path),
-            )
-        if event is None and (
-            (spec["task"] == "regression") != regression or not np.isin(head_classes, classes).all()
-        ):
-            wanted = "a regression" if regression else f"the classes {classes.tolist()[:10]}"
-            raise ConfigError(
-                f"{path} predicts {spec['task']} classes {spec.get('classes')}, not "
-                f"{wanted} of {labels.column} in this label file",
-                file=Path(path),
-            )
-        info = read_provenance(Path(path))
-        method = finetuned_method(model, info, path, seen)
-        source = label_windows(
-            ds, model.tokenizer, held, model.config.max_len, model.config.use_times
-        )
-        out = predict(model, source, batch_size=batch_size)
-        seed = int(info.get("config", {}).get("seed", 0))
-        if event is not None:
-            from healthfm.evaluate.survival import survival_metrics
-
-            fit = np.flatnonzero(split == "train")
-            p = out
-            m = survival_metrics(
-                y[te],
-                event[te],
-                p,
-                train_time=y[fit],
-                train_event=event[fit],
-                n_boot=n_boot,
-                seed=seed,
-                groups=groups,
-                metrics=metrics,
-            )
-        elif regression:
-            p = out
-            m = regression_metrics(
-                y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
-            )
-        else:
-            p = positive_scores(align_proba(out, head_classes, classes))
-            m = classification_metrics(
-                y[te], p, n_boot=n_boot, seed=seed, groups=groups, metrics=metrics
-            )
-        final[method] = p
-        rows += rows_from_metrics(
-            m,
-            names=list(metrics),
-            task=task,
-            method=method,
-            is_baseline=False,
-            n_test=len(te),
-            seed=seed,
-            model_hash=getattr(model, "model_hash", None),
-            data_hash=data_hash,
-            wall_seconds=time.perf_counter() - t,
-            extra={
-                "k": info.get("few_shot") or "all",
-                "n_train": info.get("n_train"),
-                "n_tuning": info.get("n_val"),
-                "n_test_subjects": len(np.unique(groups)),
-                "modality": "ehr",
-                "protocol": "ehrshot",
-                "finetune_method": info.get("method"),
-                "trainable_parameters": info.get("trainable_parameters"),
-                "finetune_wall_seconds": info.get("wall_seconds"),
-                "best_epoch": info.get("best_epoch"),
-                "base_model_hash": info.get("base_model_hash"),
-                "model_folder": str(path),
-            },
-        )
-    return rows, final

@@ -4,15 +4,17 @@
 finetune). healthfm's own :class:`~healthfm.model.heads.FoundationModel` implements it;
 published models (Geneformer, scGPT, Nucleotide Transformer, Phikon, UNI, CLMBR ...) are
 native re-implementations (:class:`~healthfm.encoders.published.PublishedEncoder`) that
-read their authors' folder layouts. :func:`load_encoder` opens a healthfm model folder,
-a LoRA adapter folder, or ``NAME:DIR`` of any entry of the registry
+read their authors' folder layouts, registered with :func:`register_encoder`
 (:func:`~healthfm.encoders.registry.entries`; ``healthfm models`` prints it).
+
+A leaf package: it imports no stage, evaluation, loader or modality contract.
+:func:`healthfm.loader.load_encoder` opens a healthfm model folder, a fine-tuned or LoRA
+adapter folder, or ``NAME:DIR`` of any entry.
 """
 
 from healthfm.encoders.base import (
     Encoder,
     describe,
-    load_encoder,
     register_encoder,
     split_spec,
 )
@@ -24,7 +26,6 @@ __all__ = [
     "describe",
     "entries",
     "get_entry",
-    "load_encoder",
     "register_encoder",
     "register_entry",
     "split_spec",

@@ -1,4 +1,9 @@
-"""The Encoder contract and the registry of encoder loaders."""
+"""The Encoder contract and the registry of encoder loaders.
+
+A leaf: it imports nothing of healthfm above the models. Opening a spec (a folder of any
+kind, ``NAME:DIR``) is :func:`healthfm.loader.load_encoder`'s work; this module resolves
+what the user typed (:func:`split_spec`, :func:`resolve_folder`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from healthfm.encoders.registry import EncoderEntry, entries, get_entry, register_entry
+from healthfm.encoders.registry import EncoderEntry, entries, register_entry
 from healthfm.errors import ConfigError, ModelError
 
 
@@ -65,9 +70,10 @@ def describe(encoder: Encoder) -> dict[str, Any]:
     }
 
 
-def register_encoder(name: str, loader: Callable[[Path], Encoder], **facts: Any) -> None:
+def register_encoder(name: str, loader: Callable[[Path], Encoder] | None, **facts: Any) -> None:
     """Register a loader for ``NAME:DIR`` (a folder layout); ``facts`` fill the other
-    :class:`~healthfm.encoders.registry.EncoderEntry` fields for ``healthfm models``."""
+    :class:`~healthfm.encoders.registry.EncoderEntry` fields for ``healthfm models``.
+    ``loader`` None: healthfm's own folders, which :mod:`healthfm.loader` opens."""
     defaults = {
         "modality": "any",
         "architecture": "",
@@ -83,25 +89,12 @@ def register_encoder(name: str, loader: Callable[[Path], Encoder], **facts: Any)
     register_entry(EncoderEntry(name=name, loader=loader, **{**defaults, **facts}))
 
 
-def _healthfm_folder(path: Path) -> Encoder:
-    from healthfm.evaluate.adapters import is_adapter, load_adapter
-    from healthfm.evaluate.encoder_task import is_finetuned_encoder, load_finetuned_encoder
-    from healthfm.loader import load
-
-    if is_adapter(path):
-        model = load_adapter(path)
-    elif is_finetuned_encoder(path):  # a fine-tuned published encoder, on its base folder
-        model = load_finetuned_encoder(path)
-    else:
-        model = load(path)
-    if model.tokenizer is None:
-        raise ModelError("model folder has no tokenizer.json", file=path)
-    return model
-
-
+# healthfm's own folders (pretrained, fine-tuned, LoRA adapters): listed here with the
+# published models, opened by healthfm.loader (which knows every kind of folder), so that
+# the registry imports nothing above it.
 register_encoder(
     "healthfm",
-    _healthfm_folder,
+    None,
     architecture="healthfm transformer (any preset), or a LoRA adapter onto one",
     files=("config.json", "model.safetensors", "tokenizer.json", "training_info.json"),
     preprocessing="the tokenizer fitted at pretraining (tokenizer.json)",
@@ -193,29 +186,3 @@ def resolve_folder(path: str | Path) -> Path:
             "is gated) or give its folder",
             file=text,
         ) from None
-
-
-def load_encoder(spec: str | Path | Any, modality: str | None = None) -> Encoder:
-    """Load an encoder: a healthfm model or LoRA adapter folder, ``NAME:DIR`` for a
-    registered loader, or an already loaded :class:`Encoder` (returned as it is).
-
-    Parameters
-    ----------
-    spec
-        The folder, ``NAME:DIR``, or an encoder. ``DIR`` may also be a Hugging Face hub
-        id in the local cache (``phikon:owkin/phikon``) or a cache repo folder
-        (``.../models--owkin--phikon``); see :func:`resolve_folder`.
-    modality
-        The modality the caller expects; another one is a ``ModelError``.
-    """
-    if isinstance(spec, Encoder):
-        encoder = spec
-    else:
-        name, path = split_spec(spec)
-        encoder = get_entry(name).loader(resolve_folder(path))
-    if modality is not None and encoder.modality != modality:
-        raise ModelError(
-            f"this is a {encoder.modality!r} model, not a {modality!r} one",
-            file=None if isinstance(spec, Encoder) else str(spec),
-        )
-    return encoder

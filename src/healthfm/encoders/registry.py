@@ -55,7 +55,8 @@ class EncoderEntry:
     citation
         The paper to cite.
     loader
-        ``loader(path) -> Encoder``.
+        ``loader(path) -> Encoder``; None for healthfm's own folders (opened by
+        :func:`healthfm.loader.load_encoder`, which tells their kinds apart).
     extra
         The pip extra it needs beyond healthfm's own dependencies (None: none).
     """
@@ -71,7 +72,7 @@ class EncoderEntry:
     gated: bool
     source: str
     citation: str
-    loader: Callable[[Path], Any] = field(repr=False, compare=False)
+    loader: Callable[[Path], Any] | None = field(repr=False, compare=False)
     extra: str | None = None
 
 

@@ -1,4 +1,4 @@
-"""Task models on any encoder, and the folders fine-tuning one writes.
+"""Task models on any encoder, and the layer rule fine-tuning one follows.
 
 healthfm's own :class:`~healthfm.model.heads.FoundationModel` carries its task head inside
 (``config.extra["task_head"]``). Any other encoder — a published model's native
@@ -22,38 +22,21 @@ The layer rule fine-tuning applies to such an encoder:
   ``out_proj`` of an ``nn.MultiheadAttention`` is never a target: that module reads its
   weight directly, so a LoRA layer there would never run.
 
-What the written folders record of their base (:func:`base_reference`): the encoder's
-registry name and folder (``spec`` ``NAME:DIR``), the folder relative to the output's
-parent (base and output moved together still load), and the base's ``model_hash``,
-checked on load (:func:`load_base`): a missing or changed base folder is a
-:class:`~healthfm.errors.ModelError`.
-
-A fully fine-tuned encoder's folder (:func:`save_finetuned_encoder`) holds
-``model.safetensors`` (the encoder's and the head's weights, ``encoder.*`` and
-``task_head.*``), ``healthfm_finetuned.json`` (the base reference, task head and modality)
-and ``training_info.json`` (the provenance and split, as healthfm's own fine-tuned
-folders); :func:`load_finetuned_encoder` rebuilds the architecture (and the dictionaries)
-from the base folder and loads the weights strictly.
+The folders fine-tuning such an encoder writes (the encoder's and the head's weights, a
+reference to the base folder, checked by hash when loaded) are written and opened by
+:mod:`healthfm.loader`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from healthfm.errors import ConfigError, ModelError
-from healthfm.fsutil import atomic_dir, sha256_file
-
-FINETUNED_REF = "healthfm_finetuned.json"
-WEIGHTS_NAME = "model.safetensors"
-INFO_NAME = "training_info.json"
 
 
 class EncoderTaskModel(nn.Module):
@@ -119,6 +102,11 @@ class EncoderTaskModel(nn.Module):
     def max_len(self) -> int:
         """Longest input the encoder takes."""
         return int(self.encoder.max_len)
+
+    @property
+    def causal(self) -> bool:
+        """Whether the encoder's states never see later tokens (EHR prediction times)."""
+        return bool(getattr(self.encoder, "causal", False))
 
     @property
     def truncate(self) -> str:
@@ -242,187 +230,3 @@ def lora_targets(model: EncoderTaskModel, first_layer: int = 0) -> list[str]:
             column="lora",
         )
     return [f"encoder.{n}" for n in names]
-
-
-# ---------------------------------------------------------------------------- the base
-
-
-def base_reference(spec: str | Path, model_hash: str | None, out: Path) -> dict[str, Any]:
-    """What an output folder records of its base: registry name, folder (absolute and
-    relative to the output's parent), ``spec`` ``NAME:DIR`` and ``model_hash``."""
-    from healthfm.encoders import split_spec
-
-    name, folder = split_spec(spec)
-    folder = folder.resolve()
-    try:
-        relative = os.path.relpath(folder, Path(out).resolve().parent)
-    except ValueError:  # another drive (Windows)
-        relative = None
-    return {
-        "encoder": name,
-        "spec": str(folder) if name == "healthfm" else f"{name}:{folder}",
-        "path": str(folder),
-        "relative_path": relative,
-        "model_hash": model_hash,
-    }
-
-
-def _is_base_folder(folder: Path, name: str) -> bool:
-    if name == "healthfm":
-        return (folder / "config.json").is_file() or (folder / FINETUNED_REF).is_file()
-    return folder.is_dir()
-
-
-def resolve_base_folder(out_dir: Path, base: dict[str, Any]) -> Path:
-    """The recorded base folder: relative to the output's parent first (moved together),
-    then the absolute path."""
-    name = base.get("encoder", "healthfm")
-    if base.get("relative_path"):
-        candidate = (Path(out_dir).resolve().parent / base["relative_path"]).resolve()
-        if _is_base_folder(candidate, name):
-            return candidate
-    return Path(base["path"])
-
-
-def open_base(name: str, folder: Path, modality: str | None = None) -> Any:
-    """Load a base by registry name and folder: a healthfm model folder as
-    :func:`healthfm.load` does, anything else through :func:`~healthfm.encoders.load_encoder`."""
-    if name == "healthfm" and not is_finetuned_encoder(folder):
-        from healthfm.loader import load
-
-        return load(folder, modality=modality)
-    from healthfm.encoders import load_encoder
-
-    return load_encoder(folder if name == "healthfm" else f"{name}:{folder}", modality)
-
-
-def load_base(
-    out_dir: Path, base: dict[str, Any], ref_file: Path, base_dir: str | Path | None = None
-) -> Any:
-    """The base an output folder was trained from, its ``model_hash`` checked.
-
-    Raises
-    ------
-    ModelError
-        The base folder is gone (moved or deleted), or holds other weights than those the
-        output was trained on.
-    """
-    name = base.get("encoder", "healthfm")
-    folder = Path(base_dir) if base_dir is not None else resolve_base_folder(out_dir, base)
-    if name != "healthfm" and not folder.is_dir():
-        raise ModelError(
-            f"the base model folder {folder} ({name}) is missing: moved or deleted? Put it "
-            f"back, or keep it next to {Path(out_dir).name} as when fine-tuned",
-            file=ref_file,
-            column="base_model.path",
-        )
-    model = open_base(name, folder)
-    expected = base.get("model_hash")
-    if expected is not None and model.model_hash != expected:
-        kind = "adapter" if ref_file.name != FINETUNED_REF else "fine-tuned model"
-        raise ModelError(
-            f"this {kind} was trained on base model {expected[:12]}…, but {folder} holds "
-            f"{str(model.model_hash)[:12]}…; load it onto the model it was fine-tuned from",
-            file=ref_file,
-            column="base_model.model_hash",
-        )
-    return model
-
-
-# ---------------------------------------------------------------------------- the folder
-
-
-def is_finetuned_encoder(path: str | Path) -> bool:
-    """Whether ``path`` is the folder of a fully fine-tuned (non-healthfm) encoder."""
-    return (Path(path) / FINETUNED_REF).is_file()
-
-
-def read_finetuned_info(path: str | Path) -> dict[str, Any]:
-    """``healthfm_finetuned.json`` of a fine-tuned encoder's folder, validated."""
-    ref_path = Path(path) / FINETUNED_REF
-    if not ref_path.is_file():
-        raise ModelError(f"not a fine-tuned encoder folder: {FINETUNED_REF} is missing", file=path)
-    try:
-        ref = json.loads(ref_path.read_text())
-        _ = ref["base_model"]["path"], ref["base_model"]["encoder"], ref["task_head"]["task"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ModelError(f"invalid {FINETUNED_REF}: {exc}", file=ref_path) from exc
-    return ref
-
-
-def save_finetuned_encoder(
-    model: EncoderTaskModel, out: str | Path, base: dict[str, Any], info: dict[str, Any]
-) -> Path:
-    """Write a fine-tuned encoder's folder atomically (see the module doc).
-
-    Parameters
-    ----------
-    model
-        The trained task model (unwrapped, LoRA merged).
-    out
-        The folder; replaced as a whole if it exists.
-    base
-        :func:`base_reference` of the base.
-    info
-        Provenance for ``training_info.json``.
-    """
-    from safetensors.torch import save_file
-
-    from healthfm.model.pretrained import _healthfm_version
-
-    out = Path(out)
-    # Clones: tied weights (one storage under two names) are refused by safetensors.
-    state = {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
-    ref = {
-        "format": "healthfm.finetuned-encoder/1",
-        "base_model": base,
-        "name": model.name,
-        "modality": model.modality,
-        "task_head": model.head_spec,
-    }
-    with atomic_dir(out) as tmp:
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        (tmp / FINETUNED_REF).write_text(json.dumps(ref, indent=2, default=str) + "\n")
-        (tmp / INFO_NAME).write_text(
-            json.dumps({"healthfm_version": _healthfm_version(), **info}, indent=2, default=str)
-            + "\n"
-        )
-    return out
-
-
-def load_finetuned_encoder(
-    path: str | Path, base_dir: str | Path | None = None
-) -> EncoderTaskModel:
-    """Load a fine-tuned encoder's folder: the base architecture (and dictionaries) from
-    the recorded base folder, the fine-tuned weights strictly.
-
-    Parameters
-    ----------
-    path
-        The folder written by ``healthfm finetune NAME:DIR ...``.
-    base_dir
-        The base folder; the recorded one by default.
-
-    Returns
-    -------
-    EncoderTaskModel
-        In eval mode, frozen, ``.folder`` the folder, ``.model_hash`` the SHA-256 of its
-        weights, ``.base_model_hash`` the base's.
-    """
-    from healthfm.encoders.published import load_weights, read_state_dict
-
-    path = Path(path)
-    ref = read_finetuned_info(path)
-    base = load_base(path, ref["base_model"], path / FINETUNED_REF, base_dir)
-    model = encoder_with_head(base, ref["task_head"], copy_encoder=False)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ModelError("model.safetensors is missing", file=weights)
-    load_weights(model, read_state_dict(weights), weights)
-    model.folder = path
-    model.model_hash = sha256_file(weights)
-    model.base_model_hash = base.model_hash
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model

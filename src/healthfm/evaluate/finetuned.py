@@ -1,14 +1,20 @@
 """Fine-tuned models inside evaluations: their own predictions as result rows.
 
-``healthfm evaluate --finetuned`` scores fine-tuned model folders and LoRA adapters next
-to the frozen probe and the baselines: same samples, same test split, same metrics and
-bootstrap (:func:`finetuned_rows`); the fine-tuned models decide whether the evaluation is
-a regression (:func:`evaluation_is_regression`).
+``healthfm evaluate --finetuned`` scores fine-tuned model folders, fine-tuned published
+encoders and LoRA adapters next to the frozen probe and the baselines: same rows, same
+test split, same metrics and bootstrap (:func:`finetuned_rows`), for every modality and
+every kind of base (healthfm's own or a published encoder). The fine-tuned models decide
+whether the evaluation is a regression (:func:`evaluation_is_regression`).
+
+What differs between modalities is only where a model reads the rows from: the rows the
+modality builds for fine-tuning (:meth:`~healthfm.modality.Modality.task_input`: EHR label
+rows at their prediction times, image tiles), else the samples tokenized by the model's
+tokenizer; and what differs between protocols is their metrics and, for the survival
+metrics, the rows the censoring weights are fitted on (the protocol's ``refit``).
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -16,12 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from healthfm.errors import ConfigError, DataError, ModelError
+from healthfm.errors import ConfigError, DataError
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.probe import infer_task
 from healthfm.evaluate.results import ResultRow, rows_from_metrics
-from healthfm.evaluate.task_head import load_finetuned, predict, task_spec
-from healthfm.modality import Modality, Samples
+from healthfm.evaluate.task_head import predict, task_spec
+from healthfm.loader import finetuned_spec, load_finetuned, read_training_info
+from healthfm.modality import EvaluationRows, Modality, Samples, TaskInput
+from healthfm.options import Options
 from healthfm.train.data import StoreSource
 
 
@@ -29,161 +37,251 @@ def finetuned_rows(
     model_dirs: list[str | Path],
     modality: Modality,
     samples: Samples,
-    test_idx: np.ndarray,
-    classes: np.ndarray,
-    task: str,
+    rows: EvaluationRows,
+    options: Options,
+    protocol: Any,
     n_boot: int = 1000,
     batch_size: int = 128,
-    metrics: list[str] | None = None,
-    source_for: Any = None,
     salt: str | None = None,
-    fractions=None,
-) -> list[ResultRow]:
-    """Result rows of fine-tuned models' own predictions on the test split.
+    fractions: tuple[float, float, float] | None = None,
+) -> tuple[list[ResultRow], dict[str, np.ndarray]]:
+    """Result rows of fine-tuned models' own predictions on the evaluation's test rows.
 
     Used by :func:`healthfm.stages.evaluate.evaluate` to put LoRA and full fine-tuning next to
-    the probe and the baselines: same samples, same test split, same metrics and
-    bootstrap. Method names are ``<preset>-finetune-<full|lora|lora-merged>`` (plus
-    ``@<folder>`` when two models share one).
+    the probe and the baselines. Method names are ``<name>-finetune-<full|lora|lora-merged>``
+    (plus ``-k<k>`` for a few-shot model, ``@<folder>`` when two models share one).
 
     Parameters
     ----------
     model_dirs
-        Fine-tuned model folders and/or LoRA adapter folders.
-    modality, samples
-        The evaluated input.
-    test_idx
-        Indices of the test split.
-    classes
-        The evaluation's sorted class names (the probe's class order).
-    task
-        Task name of the rows.
-    source_for
-        ``f(model) -> BatchSource`` over the test samples, in ``test_idx`` order, for data
-        that are not token sequences (tiles); by default the test samples are tokenized
-        into a temporary token store.
+        Fine-tuned model folders (healthfm's or a published encoder's) and/or LoRA adapter
+        folders.
+    modality, samples, rows, options
+        The evaluated input and the rows the task is scored on
+        (:meth:`~healthfm.modality.Modality.evaluation_rows`).
+    protocol
+        The evaluation's protocol: its reported metrics (``reported``); a survival
+        protocol's ``refit`` ("train": the censoring weights are fitted on the train rows,
+        else on every non-test row); a protocol that names itself in ``row_extra`` (EHRSHOT)
+        gets its few-shot fields on the rows and resamples the rows' own groups.
     salt, fractions
         The evaluation's split. A model fine-tuned under another split that put any of
-        these test samples in its train or val split is refused (``ConfigError``).
-    """
-    from healthfm.evaluate.probe import align_proba
+        these test rows in its train or val split is refused (``ConfigError``).
 
-    rows: list[ResultRow] = []
+    Returns
+    -------
+    (list of ResultRow, dict)
+        The rows, and each method's test scores (P(class 1) of a binary task, the class
+        probabilities, the predicted values or the risks) for the protocol's outputs.
+    """
+    metrics = list(protocol.reported(rows.regression, len(rows.classes)))
+    test_idx = rows.indices("test")
+    found: list[ResultRow] = []
+    scores: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     for path in model_dirs:
         t = time.perf_counter()
         model = load_finetuned(path)
         spec = task_spec(model)
-        info = read_provenance(Path(path))
-        method = finetuned_method(model, info, path, seen)
-        _check_test_split(modality, samples, test_idx, Path(path), salt, fractions)
-        source = source_for(model) if source_for is not None else None
-        if source is not None:
-            scores = predict(model, source, batch_size=batch_size)
-        else:
-            modality.check_input(samples, model.tokenizer)
-            with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
-                store = modality.tokenize(model.tokenizer, samples, Path(tmp) / "store", test_idx)
-                truncate = getattr(model, "truncate", None) or getattr(modality, "truncate", "head")
-                source = StoreSource(store, model.max_len, truncate)
-                scores = predict(model, source, batch_size=batch_size)
-        seed = int(info.get("config", {}).get("seed", 0))
-        groups = np.asarray(samples.groups)[test_idx].astype(str)
-        target = samples.info.get("survival")
-        if (spec["task"] == "survival") != (target is not None):
-            raise ConfigError(
-                f"{path} has a {spec['task']} head; "
-                + (
-                    "these time-to-event labels need a survival (Cox) head"
-                    if target is not None
-                    else "these labels are not time-to-event"
-                ),
-                file=Path(path),
-            )
-        if target is not None:  # Harrell's / Uno's C, td-AUROC of the predicted risks
-            from healthfm.evaluate.survival import survival_metrics
-
-            fit = np.setdiff1d(np.arange(len(samples)), test_idx)  # IPCW: the non-test rows
-            result = survival_metrics(
-                target["time"][test_idx],
-                target["event"][test_idx],
-                scores,
-                train_time=target["time"][fit],
-                train_event=target["event"][fit],
-                n_boot=n_boot,
-                seed=seed,
-                groups=groups,
-            )
-        elif spec["task"] == "regression":
-            y = np.asarray(samples.labels[test_idx], dtype=np.float64)
-            result = regression_metrics(y, scores, n_boot=n_boot, seed=seed, groups=groups)
-        else:
-            head_classes = np.asarray(spec["classes"])
-            unknown = head_classes[~np.isin(head_classes, classes)]
-            if unknown.size:
-                raise DataError(
-                    f"the fine-tuned model predicts classes {unknown.tolist()[:5]} absent from "
-                    "this input's labels",
-                    file=samples.source,
-                    column=samples.label_column,
-                )
-            proba = align_proba(scores, head_classes, classes)
-            y = np.searchsorted(classes, samples.labels[test_idx])
-            result = classification_metrics(y, proba, n_boot=n_boot, seed=seed, groups=groups)
-        wall = time.perf_counter() - t
-        rows += rows_from_metrics(
+        info = read_training_info(path)
+        provenance = info.get("finetune", {})
+        method = finetuned_method(model, provenance, path, seen)
+        _check_head(model, spec, modality, rows, Path(path))
+        own_salt, own_fractions = _own_split(info, salt, fractions)
+        task_input = modality.task_input(samples, options, model, own_salt, own_fractions)
+        _check_test_split(
+            modality, samples, test_idx, Path(path), task_input, info, salt, fractions
+        )
+        predicted = _predict(modality, samples, test_idx, model, task_input, batch_size)
+        seed = int(provenance.get("config", {}).get("seed", 0))
+        result, scores[method] = _score(
+            spec, rows, test_idx, predicted, protocol, metrics, n_boot, seed
+        )
+        found += rows_from_metrics(
             result,
-            names=[n for n in result if metrics is None or n in metrics],
-            task=task,
+            names=metrics,
+            task=rows.task,
             method=method,
             is_baseline=False,
             n_test=len(test_idx),
             seed=seed,
             model_hash=getattr(model, "model_hash", None),
             data_hash=samples.data_hash,
-            wall_seconds=wall,
-            extra={
-                "finetune_method": info.get("method"),
-                "trainable_parameters": info.get("trainable_parameters"),
-                "finetune_wall_seconds": info.get("wall_seconds"),
-                "best_epoch": info.get("best_epoch"),
-                "base_model_hash": info.get("base_model_hash"),
-                "modality": modality.name,
-                "model_folder": str(path),
-            },
+            wall_seconds=time.perf_counter() - t,
+            extra=_row_extra(protocol, provenance, modality, rows, test_idx, path),
         )
-    return rows
+    return found, scores
+
+
+def _check_head(
+    model: Any, spec: dict[str, Any], modality: Modality, rows: EvaluationRows, path: Path
+) -> None:
+    """Refuse a model of another modality, or whose head does not predict these rows'
+    targets (survival or not, regression or not, classes among the rows')."""
+    if model.modality != modality.name:
+        raise ConfigError(
+            f"{path} is a fine-tuned {model.modality!r} model, not a {modality.name!r} one",
+            file=path,
+        )
+    if (spec["task"] == "survival") != rows.survival:
+        raise ConfigError(
+            f"{path} has a {spec['task']} head; "
+            + (
+                "these time-to-event labels need a survival (Cox) head"
+                if rows.survival
+                else "these labels are not time-to-event"
+            ),
+            file=path,
+        )
+    if not rows.survival and (spec["task"] == "regression") != rows.regression:
+        wanted = "a regression" if rows.regression else "classes"
+        raise ConfigError(
+            f"{path} has a {spec['task']} head; this evaluation's labels need {wanted}",
+            file=path,
+        )
+    if spec["task"] in ("classification", "binary"):
+        head_classes = np.asarray(spec["classes"])
+        unknown = head_classes[~np.isin(head_classes, rows.classes)]
+        if unknown.size:
+            raise DataError(
+                f"the fine-tuned model predicts classes {unknown.tolist()[:5]} absent from "
+                "this input's labels",
+                file=path,
+            )
+
+
+def _own_split(
+    info: dict[str, Any], salt: str | None, fractions
+) -> tuple[str | None, tuple[float, float, float] | None]:
+    """The split a model was fine-tuned with (its folder's record), else the evaluation's."""
+    own_salt, own_fractions = info.get("split_salt"), info.get("split_fractions")
+    if own_salt is None or own_fractions is None:
+        return salt, fractions
+    return own_salt, tuple(own_fractions)
 
 
 def _check_test_split(
-    modality: Modality, samples: Samples, test_idx: np.ndarray, path: Path, salt, fractions
+    modality: Modality,
+    samples: Samples,
+    test_idx: np.ndarray,
+    path: Path,
+    task_input: TaskInput | None,
+    info: dict[str, Any],
+    salt: str | None,
+    fractions,
 ) -> None:
-    from healthfm.evaluate.adapters import BASE_REF
-
-    # A model folder's split, or (a LoRA adapter folder) its base's, in its reference file.
-    info = next(
-        (
-            json.loads((path / n).read_text())
-            for n in ("training_info.json", BASE_REF)
-            if (path / n).exists()
-        ),
-        {},
-    )
+    """Refuse a model fine-tuned under another split that put any of the evaluation's test
+    rows in its train or val split (``task_input`` was built under the model's split)."""
     own_salt, own_fractions = info.get("split_salt"), info.get("split_fractions")
     if salt is None or own_salt is None or own_fractions is None:
         return
     if (own_salt, tuple(own_fractions)) == (salt, tuple(fractions)):
         return
-    own = np.asarray(modality.split(samples, own_salt, tuple(own_fractions))).astype(str)
+    if task_input is not None:  # the modality's own rows (EHR label rows, tiles)
+        own = np.asarray(task_input.split_names).astype(str)
+    else:  # one row per sample
+        own = np.asarray(modality.split(samples, own_salt, tuple(own_fractions))).astype(str)
     leaked = own[test_idx] != "test"
     if leaked.any():
         raise ConfigError(
             f"{path} was fine-tuned with split salt {own_salt!r} and fractions {own_fractions}, "
-            f"which put {int(leaked.sum())} of this evaluation's test samples in its train or "
+            f"which put {int(leaked.sum())} of this evaluation's test rows in its train or "
             f"val split; evaluate with --split-salt {own_salt}",
             file=path,
             column="split_salt",
         )
+
+
+def _predict(
+    modality: Modality,
+    samples: Samples,
+    test_idx: np.ndarray,
+    model: Any,
+    task_input: TaskInput | None,
+    batch_size: int,
+) -> np.ndarray:
+    """The model's predictions of the test rows: read from the modality's fine-tuning rows,
+    else from the test samples tokenized by the model's tokenizer."""
+    if task_input is not None:
+        return predict(model, task_input.source, test_idx, batch_size=batch_size)
+    modality.check_input(samples, model.tokenizer)
+    with tempfile.TemporaryDirectory(prefix="healthfm-ft-eval-") as tmp:
+        store = modality.tokenize(model.tokenizer, samples, Path(tmp) / "store", test_idx)
+        truncate = getattr(model, "truncate", None) or getattr(modality, "truncate", "head")
+        return predict(model, StoreSource(store, model.max_len, truncate), batch_size=batch_size)
+
+
+def _few_shot_protocol(protocol: Any) -> bool:
+    """Whether the protocol names itself on its rows (EHRSHOT): its fine-tuned rows then
+    carry its few-shot fields, and resample the rows' own groups (the subjects) as its
+    probes do; other protocols resample the groups as strings, as their probes do."""
+    return "protocol" in (getattr(protocol, "row_extra", None) or {})
+
+
+def _score(
+    spec: dict[str, Any],
+    rows: EvaluationRows,
+    test_idx: np.ndarray,
+    predicted: np.ndarray,
+    protocol: Any,
+    metrics: list[str],
+    n_boot: int,
+    seed: int,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The metrics (with bootstrap CIs) of a model's test predictions, and the scores the
+    protocol's outputs keep."""
+    groups = np.asarray(rows.groups)[test_idx]
+    if not _few_shot_protocol(protocol):
+        groups = groups.astype(str)
+    boot = {"n_boot": n_boot, "seed": seed, "groups": groups, "metrics": metrics}
+    if rows.survival:  # Harrell's / Uno's C, td-AUROC of the predicted risks
+        from healthfm.evaluate.survival import survival_metrics
+
+        # The censoring distribution of the IPC weights: from the rows the protocol fits on.
+        fit = rows.indices("train") if getattr(protocol, "refit", None) == "train" else None
+        fit = np.flatnonzero(rows.split != "test") if fit is None else fit
+        train = {"train_time": rows.y[fit], "train_event": rows.event[fit]}
+        y, event = rows.y[test_idx], rows.event[test_idx]
+        return survival_metrics(y, event, predicted, **train, **boot), predicted
+    if rows.regression:
+        y = np.asarray(rows.y[test_idx], dtype=np.float64)
+        return regression_metrics(y, predicted, **boot), predicted
+    from healthfm.evaluate.probe import align_proba
+
+    proba = align_proba(predicted, np.asarray(spec["classes"]), rows.classes)
+    kept = proba[:, 1] if proba.shape[1] == 2 else proba  # P(class 1) of a binary task
+    return classification_metrics(rows.y[test_idx], proba, **boot), kept
+
+
+def _row_extra(
+    protocol: Any,
+    provenance: dict[str, Any],
+    modality: Modality,
+    rows: EvaluationRows,
+    test_idx: np.ndarray,
+    path: str | Path,
+) -> dict[str, Any]:
+    """What a fine-tuned model's rows record: its fine-tuning, and (a few-shot protocol)
+    its ``k`` and row counts, as the protocol's probe rows do."""
+    tuned = {
+        "finetune_method": provenance.get("method"),
+        "trainable_parameters": provenance.get("trainable_parameters"),
+        "finetune_wall_seconds": provenance.get("wall_seconds"),
+        "best_epoch": provenance.get("best_epoch"),
+        "base_model_hash": provenance.get("base_model_hash"),
+    }
+    if not _few_shot_protocol(protocol):
+        return {**tuned, "modality": modality.name, "model_folder": str(path)}
+    return {
+        "k": provenance.get("few_shot") or "all",
+        "n_train": provenance.get("n_train"),
+        "n_tuning": provenance.get("n_val"),
+        "n_test_subjects": len(np.unique(np.asarray(rows.groups)[test_idx])),
+        "modality": modality.name,
+        **protocol.row_extra,
+        **tuned,
+        "model_folder": str(path),
+    }
 
 
 def finetuned_method(model: Any, info: dict[str, Any], path: str | Path, seen: set[str]) -> str:
@@ -196,26 +294,6 @@ def finetuned_method(model: Any, info: dict[str, Any], path: str | Path, seen: s
         method = f"{method}@{Path(path).name}"
     seen.add(method)
     return method
-
-
-def finetuned_spec(path: str | Path) -> dict[str, Any]:
-    """The task-head spec (``task``, ``classes`` ...) of a fine-tuned model or LoRA adapter
-    folder, read from its metadata without loading weights."""
-    from healthfm.evaluate.adapters import BASE_REF, is_adapter
-    from healthfm.evaluate.encoder_task import FINETUNED_REF, is_finetuned_encoder
-
-    path = Path(path)
-    # Adapters and fine-tuned encoders keep the spec at the top of their reference file.
-    own_ref = is_adapter(path) or is_finetuned_encoder(path)
-    meta = path / (BASE_REF if is_adapter(path) else FINETUNED_REF if own_ref else "config.json")
-    try:
-        data = json.loads(meta.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the fine-tuned model's metadata: {exc}", file=meta) from exc
-    spec = data.get("task_head") if own_ref else (data.get("extra") or {}).get("task_head")
-    if not spec or "task" not in spec:
-        raise ModelError("not a fine-tuned model: no task_head", file=meta)
-    return spec
 
 
 def evaluation_is_regression(
@@ -253,9 +331,4 @@ def evaluation_is_regression(
 
 def read_provenance(path: Path) -> dict[str, Any]:
     """The ``finetune`` provenance of a fine-tuned model or adapter folder ({} if none)."""
-    from healthfm.evaluate.adapters import BASE_REF
-
-    for name in (BASE_REF, "training_info.json"):
-        if (path / name).is_file():
-            return json.loads((path / name).read_text()).get("finetune", {})
-    return {}
+    return read_training_info(path).get("finetune", {})

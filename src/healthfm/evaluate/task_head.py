@@ -15,7 +15,6 @@ functions here take either (the "task model").
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,29 +63,6 @@ def with_task_head(base: Any, spec: dict[str, Any], copy_encoder: bool = True) -
     model.tokenizer = getattr(base, "tokenizer", None)
     model.folder = getattr(base, "folder", None)
     model.model_hash = getattr(base, "model_hash", None)
-    return model
-
-
-def load_finetuned(
-    path: str | Path, base_dir: str | Path | None = None, merge: bool = False
-) -> Any:
-    """Load a fine-tuned model folder (healthfm's, or a fine-tuned encoder's), or a LoRA
-    adapter folder onto its base model."""
-    from healthfm.evaluate.adapters import is_adapter, load_adapter
-    from healthfm.evaluate.encoder_task import is_finetuned_encoder, load_finetuned_encoder
-
-    if is_adapter(path):
-        return load_adapter(path, base_dir, merge=merge)
-    if is_finetuned_encoder(path):
-        return load_finetuned_encoder(path, base_dir)
-    from healthfm.loader import load
-
-    model = load(path)
-    if task_spec(model) is None:
-        raise ModelError(
-            "not a fine-tuned model: config.json has no extra.task_head",
-            file=Path(path) / "config.json",
-        )
     return model
 
 

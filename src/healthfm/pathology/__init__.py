@@ -488,12 +488,6 @@ class PathologyModality(Modality):
         rows.info["embeddings"] = (samples, emb)
         return emb
 
-    def test_source(self, model: Any, samples: Samples, indices: np.ndarray) -> TileSource:
-        """Fine-tuned tile classifiers read the test tiles decoded, not augmented."""
-        return TileSource(
-            samples.payload, _model_tokenizer(model), indices, augment=False, cache=False
-        )
-
     # ------------------------------------------------------------------ fine-tuning, demo
     def task_input(
         self,

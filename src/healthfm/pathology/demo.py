@@ -77,7 +77,7 @@ def demo_spec(quick: bool = False) -> DemoSpec:
 def mil_step(out: Path, model_dir: Path, kather: Path, slide: Path, n_boot: int) -> list:
     """Bags of the slide's tile embeddings (positives: inserted Kather tumour tiles), gated
     ABMIL vs mean pooling, and how often attention finds the inserted tiles."""
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
     from healthfm.pathology import MODALITY, TileSource, embed_tiles
     from healthfm.pathology.mil import evaluate_slides
     from healthfm.pathology.tiling import read_tiles_h5

@@ -39,11 +39,12 @@ def _load(model: FoundationModel | str | Path) -> FoundationModel:
         if model.modality != "singlecell":
             raise ConfigError(f"a {model.modality!r} model cannot embed cells")
         return model
-    from healthfm.encoders import load_encoder, split_spec
+    from healthfm.encoders import split_spec
+    from healthfm.loader import load_encoder
 
     if split_spec(model)[0] != "healthfm":  # NAME:DIR of a published model (geneformer:DIR)
         return load_encoder(model, modality="singlecell")
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
 
     return load(model, modality="singlecell")
 
@@ -93,7 +94,7 @@ def fit(
     FoundationModel
         The trained model, with ``model.tokenizer`` set.
     """
-    from healthfm.model.pretrained import load
+    from healthfm.loader import load
     from healthfm.stages.pretrain import pretrain
     from healthfm.train.trainer import TrainConfig
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,28 +9,14 @@ from healthfm.errors import ConfigError, DataError
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT
 
 
-def training_info(model_dir: str | Path | Any) -> dict[str, Any]:
-    """A model folder's ``training_info.json`` (a LoRA adapter folder: its base reference,
-    which records the base's split); empty for anything else."""
-    from healthfm.evaluate.adapters import BASE_REF
-
-    if not isinstance(model_dir, str | Path):
-        folder = getattr(model_dir, "folder", None)
-        if folder is None:
-            return {}
-        model_dir = folder
-    for name in ("training_info.json", BASE_REF):
-        path = Path(model_dir) / name
-        if path.exists():
-            return json.loads(path.read_text())
-    return {}
-
-
 def split_of_model(
     model_dir: Any, salt: str | None, fractions
 ) -> tuple[str, tuple[float, float, float]]:
     """The split to use: the given salt / fractions, else the model's, else the defaults."""
-    info = training_info(model_dir) if model_dir is not None else {}
+    # Function-level: the loader brings torch, which `healthfm tokenize` does not need.
+    from healthfm.loader import read_training_info
+
+    info = read_training_info(model_dir) if model_dir is not None else {}
     salt = salt or info.get("split_salt") or DEFAULT_SALT
     fractions = tuple(fractions or info.get("split_fractions") or DEFAULT_FRACTIONS)
     return salt, fractions
@@ -43,10 +28,12 @@ def split_of_models(
     """The split for several models: the one their pretraining recorded (so the test rows
     were held out from every one of them); two different recorded splits without an
     explicit ``salt`` are a ``ConfigError``. Published models record none."""
+    from healthfm.loader import read_training_info
+
     recorded = {
         split_of_model(m, None, None)
         for m in models
-        if training_info(m).get("split_salt") is not None
+        if read_training_info(m).get("split_salt") is not None
     }
     if salt is None and len(recorded) > 1:
         raise ConfigError(
@@ -193,7 +180,9 @@ def split_changes(
     fractions and the group column. Empty for other data (transfer) and published models."""
     if model_dir is None:
         return []
-    info = training_info(model_dir)
+    from healthfm.loader import read_training_info
+
+    info = read_training_info(model_dir)
     if not info or "split_salt" not in info:
         return []
     index = _pretraining_match(info, samples)
@@ -279,7 +268,9 @@ def check_split_source(model_dir: Any, modality: Any, samples: Any) -> None:
     """
     if model_dir is None:
         return
-    recorded = training_info(model_dir).get("split_source") or {}
+    from healthfm.loader import read_training_info
+
+    recorded = read_training_info(model_dir).get("split_source") or {}
     source = recorded.get("source")
     if not source or source == "hash":
         return

@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from healthfm.encoders import Encoder, describe, load_encoder
+from healthfm.encoders import Encoder, describe
 from healthfm.errors import ConfigError, DataError
 from healthfm.fsutil import atomic_file, atomic_write_json, json_hash, owned_outputs, sha256_file
+from healthfm.loader import load_encoder
 from healthfm.modality import EmbeddingInput, check_input_modality, get_modality
 from healthfm.stages.common import check_output_file, is_healthfm_file
 from healthfm.train.distributed import DistInfo, barrier, init_distributed, shutdown

@@ -15,13 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from healthfm.encoders import Encoder, load_encoder
+from healthfm.encoders import Encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
+from healthfm.evaluate.finetuned import finetuned_rows
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.progress import Progress, format_seconds, progress_enabled
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.fsutil import check_output_parent, owned_outputs
+from healthfm.loader import load_encoder, read_training_info
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
@@ -37,7 +39,6 @@ from healthfm.stages.common import (
     check_split_source,
     finetuned_folders,
     split_of_models,
-    training_info,
 )
 
 
@@ -184,7 +185,7 @@ def evaluate(
         name, untrained = _method_name(
             modality, encoder, spec, used, rows.regression, features, rows.survival
         )
-        origin = pretrained_on(training_info(encoder))
+        origin = pretrained_on(read_training_info(encoder))
         features[name] = Features(
             emb,
             baseline=False,
@@ -234,15 +235,8 @@ def evaluate(
     result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name, progress=report)
     report.close()
     if ft_dirs:
-        ft_rows, ft_scores = modality.finetuned_rows(
-            ft_dirs,
-            samples,
-            rows,
-            protocol.reported(rows.regression, len(rows.classes)),
-            n_boot,
-            batch_size,
-            salt,
-            fractions,
+        ft_rows, ft_scores = finetuned_rows(
+            ft_dirs, modality, samples, rows, options, protocol, n_boot, batch_size, salt, fractions
         )
         result.rows += ft_rows
         result.scores.update(ft_scores)

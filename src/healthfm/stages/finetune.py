@@ -1,25 +1,27 @@
 """The fine-tuning stage: a pretrained model + labelled input → a fine-tuned model.
 
 The base is a healthfm model folder or ``NAME:DIR`` of any registered encoder (a published
-model). Read top to bottom, :func:`finetune` loads the base model, reads the input and builds the
+model), opened by :mod:`healthfm.loader`. Read top to bottom, :func:`finetune` loads the base
+model, reads the input and builds the
 task's rows and splits (:mod:`healthfm.evaluate.task_data`), puts a task head on the base
 (:mod:`healthfm.evaluate.task_head`; LoRA adapters through :mod:`healthfm.evaluate.adapters`),
 trains it with the one training loop (:class:`healthfm.train.trainer.Trainer`: epochs,
 early stopping on the val loss, best-epoch restore, per-epoch checkpoints and exact resume,
-DDP or FSDP under torchrun), scores the test split and writes the result:
+DDP or FSDP under torchrun), scores the test split and writes the result through
+:mod:`healthfm.loader`:
 
 * full fine-tuning (and ``--lora --merge``): an ordinary model folder; ``config.json``
   records the head in ``extra["task_head"]`` (task, classes, pooling, target scaling) and
   ``model.safetensors`` holds ``task_head.weight`` / ``task_head.bias``, so
   :func:`healthfm.load` rebuilds it strictly and ``embed`` / ``evaluate`` accept it;
 * ``--lora``: a standard ``peft`` adapter folder plus a reference to the base model
-  (:mod:`healthfm.evaluate.adapters`).
+  (:func:`healthfm.loader.save_adapter`).
 
 Another encoder gets its head through
 :class:`~healthfm.evaluate.encoder_task.EncoderTaskModel` (on ``encoder.embed``); its full
 fine-tuning writes the encoder's weights, the head and a reference to the base folder
 (architecture and dictionaries), checked by hash on load
-(:func:`~healthfm.evaluate.encoder_task.save_finetuned_encoder`); its LoRA adapter names
+(:func:`healthfm.loader.save_finetuned_encoder`); its LoRA adapter names
 the base as ``NAME:DIR``. ``--freeze-layers`` and the LoRA targets follow the layer rule of
 :mod:`healthfm.evaluate.encoder_task`.
 """
@@ -39,14 +41,7 @@ import torch
 
 from healthfm.encoders import split_spec
 from healthfm.errors import ConfigError, ModelError
-from healthfm.evaluate.encoder_task import (
-    bare_encoder,
-    base_reference,
-    encoder_blocks,
-    freeze_encoder_layers,
-    open_base,
-    save_finetuned_encoder,
-)
+from healthfm.evaluate.encoder_task import bare_encoder, encoder_blocks, freeze_encoder_layers
 from healthfm.evaluate.metrics import classification_metrics, regression_metrics
 from healthfm.evaluate.task_data import TaskData, shared_task_input, task_data
 from healthfm.evaluate.task_head import (
@@ -60,10 +55,10 @@ from healthfm.evaluate.task_head import (
     with_task_head,
 )
 from healthfm.fsutil import atomic_dir, check_output_dir, check_run_dir
+from healthfm.loader import base_reference, open_base, read_training_info, save_adapter, save_model
 from healthfm.modality import DEFAULT_FRACTIONS, DEFAULT_SALT, check_input_modality, get_modality
 from healthfm.model.config import TASK_POOLINGS
 from healthfm.model.heads import FoundationModel
-from healthfm.model.pretrained import save_pretrained
 from healthfm.stages.common import check_split_change, check_split_source, input_paths
 from healthfm.train import distributed as D
 from healthfm.train.data import LabelledSource, TaskEpochs
@@ -252,35 +247,20 @@ def finetune(
     ModelError
         Unreadable model folder.
     """
-    if run_dir is None and (resume or stop_at_epoch is not None):
-        raise ConfigError(
-            "--resume and --stop-at-epoch need epoch checkpoints: drop --no-checkpoints "
-            "(or give a run folder)",
-            column="run_dir",
-        )
+    _check_checkpointing(run_dir, resume, stop_at_epoch)
     t0 = time.perf_counter()
     config = config or FinetuneConfig()
     # Before any work: never a user's folder, nor the base or the data it reads.
     check_output_dir(out, "model folder", inputs=input_paths(model_dir, input_path))
     check_run_dir(run_dir, resume, overwrite, out=out)  # an interrupted run is kept
-    # The base: a healthfm folder as healthfm.load reads it, NAME:DIR through the registry.
     base_spec = str(model_dir)
-    base_name, model_dir = split_spec(base_spec)
-    base = open_base(base_name, model_dir, modality_name)
+    model_dir, base = _open_base(base_spec, modality_name)
     dist_info = D.init_distributed(device)
     echo = echo and dist_info.is_main
-    if base.tokenizer is None:
-        raise ModelError("model folder has no tokenizer.json", file=model_dir)
-    if base.model_hash is None:  # the written folders check their base by it
-        raise ModelError(
-            f"the encoder {base.name!r} has no model_hash (its loader sets none), so a "
-            "fine-tuned folder could not check its base",
-            file=model_dir,
-        )
     _validate(config, _depth(base), base.name)
     modality = get_modality(base.modality)
     options = modality.options(options)
-    info = _training_info(model_dir)
+    info = read_training_info(model_dir)
     salt = salt or info.get("split_salt", DEFAULT_SALT)
     fractions = tuple(fractions or info.get("split_fractions", DEFAULT_FRACTIONS))
     pooling = _pooling(base, config)
@@ -297,17 +277,13 @@ def finetune(
             task_input = shared_task_input(modality, samples, base, salt, fractions, stack)
         samples, source = task_input.samples, task_input.source
         data = task_data(samples, task_input.split_names, salt, fractions, config, pooling)
-        # The task model: the base's weights, a fresh head (seeded), LoRA adapters or not.
-        torch.manual_seed(config.seed)
-        model = with_task_head(base, data.spec).to(dist_info.device)
-        init_head(model, source, data, config.head_init, config.seed, config.class_weight)
-        peft_model = _adapt(model, config)
+        model, peft_model = _task_model(base, source, data, config, dist_info.device)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         if echo:
             print(
-                f"fine-tuning ({config.method}, {data.spec['task']}): trainable parameters {trainable:,} "
-                f"of {total:,} ({100.0 * trainable / total:.2f}%)"
+                f"fine-tuning ({config.method}, {data.spec['task']}): trainable parameters "
+                f"{trainable:,} of {total:,} ({100.0 * trainable / total:.2f}%)"
             )
         # Train: epochs of the train split, early stopping on the val loss.
         run = _run_fingerprint(data, config, source, str(base.model_hash))
@@ -317,10 +293,7 @@ def finetune(
         history, best_epoch, best_loss = trainer.history, trainer.best_at, trainer.best_loss
         model.eval()
         # Score the test split (every process: under FSDP each forward pass is collective).
-        test_scores = None
-        if len(data.splits["test"]):
-            raw = raw_outputs(model, source, data.splits["test"], pooling, bf16=config.bf16)
-            test_scores = to_scores(raw, data.spec)
+        test_scores = _test_scores(model, source, data, pooling, config.bf16)
         # The plain trained model (gathered from the shards under FSDP, on rank 0).
         rebuilt: dict[str, Any] = {}
         final = trainer.export_model(lambda: _rebuild(base, data.spec, config, rebuilt))
@@ -351,17 +324,70 @@ def finetune(
         provenance["split_change_accepted"] = split_changed
     _write(final, peft_model, result.out, base, base_spec, data.spec, config, info, provenance)
     if echo:
-        line = ", ".join(
-            f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-            for k, v in test_metrics.items()
-            if k in ("auroc", "balanced_accuracy", "r2", "rmse", "c_index")
-        )
-        print(
-            f"wrote {result.out}: best epoch {best_epoch} of {len(history)}, val loss "
-            f"{best_loss:.4f}; test {line or '-'}; {result.wall_seconds:.1f} s"
-        )
+        _print_written(result)
     D.barrier(dist_info)
     return result
+
+
+def _check_checkpointing(run_dir: Any, resume: bool, stop_at_epoch: int | None) -> None:
+    if run_dir is None and (resume or stop_at_epoch is not None):
+        raise ConfigError(
+            "--resume and --stop-at-epoch need epoch checkpoints: drop --no-checkpoints "
+            "(or give a run folder)",
+            column="run_dir",
+        )
+
+
+def _task_model(
+    base: Any, source: Any, data: TaskData, config: FinetuneConfig, device: torch.device
+) -> tuple[Any, Any]:
+    """The task model: the base's weights and a fresh head (seeded, then initialised as
+    ``--head-init`` says), frozen where it is not trained; and its peft wrapper with LoRA
+    (else None)."""
+    torch.manual_seed(config.seed)
+    model = with_task_head(base, data.spec).to(device)
+    init_head(model, source, data, config.head_init, config.seed, config.class_weight)
+    return model, _adapt(model, config)
+
+
+def _test_scores(
+    model: Any, source: Any, data: TaskData, pooling: str, bf16: bool
+) -> np.ndarray | None:
+    """The trained model's scores of the test rows (None: no test row)."""
+    if not len(data.splits["test"]):
+        return None
+    raw = raw_outputs(model, source, data.splits["test"], pooling, bf16=bf16)
+    return to_scores(raw, data.spec)
+
+
+def _open_base(base_spec: str, modality_name: str | None) -> tuple[Path, Any]:
+    """The base's folder and model: a healthfm folder of any kind, or ``NAME:DIR`` through
+    the registry (:func:`healthfm.loader.open_base`); one without a tokenizer, or without a
+    ``model_hash`` that the written folder could check it by, is refused."""
+    base_name, model_dir = split_spec(base_spec)
+    base = open_base(base_name, model_dir, modality_name)
+    if base.tokenizer is None:
+        raise ModelError("model folder has no tokenizer.json", file=model_dir)
+    if base.model_hash is None:  # the written folders check their base by it
+        raise ModelError(
+            f"the encoder {base.name!r} has no model_hash (its loader sets none), so a "
+            "fine-tuned folder could not check its base",
+            file=model_dir,
+        )
+    return model_dir, base
+
+
+def _print_written(result: FinetuneResult) -> None:
+    """The one line that says what was written: best epoch, val loss, test metrics."""
+    line = ", ".join(
+        f"{k} {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+        for k, v in result.test_metrics.items()
+        if k in ("auroc", "balanced_accuracy", "r2", "rmse", "c_index")
+    )
+    print(
+        f"wrote {result.out}: best epoch {result.best_epoch} of {result.epochs_run}, val loss "
+        f"{result.best_val_loss:.4f}; test {line or '-'}; {result.wall_seconds:.1f} s"
+    )
 
 
 def _depth(base: Any) -> int | None:
@@ -574,8 +600,6 @@ def _write(
     head, base reference) for any other."""
     final.to("cpu")
     if peft_model is not None and not config.merge:
-        from healthfm.evaluate.adapters import save_adapter
-
         with atomic_dir(out, kind="lora_adapter") as tmp_out:
             save_adapter(
                 peft_model,
@@ -590,10 +614,7 @@ def _write(
     for p in final.parameters():
         p.requires_grad_(False)
     info = {**{k: v for k, v in info.items() if k not in provenance}, **provenance}
-    if isinstance(final, FoundationModel):
-        save_pretrained(final, out, base.tokenizer, info=info)
-    else:
-        save_finetuned_encoder(final, out, base_reference(base_spec, base.model_hash, out), info)
+    save_model(final, out, base, base_spec, info)
 
 
 def _validate(config: FinetuneConfig, n_layers: int | None, encoder_name: str) -> None:
@@ -693,8 +714,3 @@ def _score(
         k: {"value": float(m.value), "ci_low": float(m.ci_low), "ci_high": float(m.ci_high)}
         for k, m in metrics.items()
     }
-
-
-def _training_info(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "training_info.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -37,8 +37,6 @@ def tokenize(
     tokenizer fitted on every source's train split and one store per source,
     ``out/<name>``; the first store is returned.
     """
-    from healthfm.encoders import load_encoder
-
     modality = get_modality(modality) if isinstance(modality, str) else modality
     from healthfm.stages.common import input_paths
 
@@ -51,6 +49,8 @@ def tokenize(
     check_input_modality(modality, input_path, model=False)
     samples = modality.read(input_path, options)
     if model_dir is not None:
+        from healthfm.loader import load_encoder
+
         tokenizer = load_encoder(model_dir, modality.name).tokenizer
     else:
         train = split_indices(modality.split(samples, salt, tuple(fractions)))["train"]
@@ -68,7 +68,7 @@ def _tokenize_corpus(
     salt: str,
     fractions,
 ) -> TokenStore:
-    from healthfm.encoders import load_encoder
+    from healthfm.loader import load_encoder
 
     parts = []
     for spec in corpus.sources:
