@@ -49,7 +49,7 @@ NON_NEGATIVE_FLOAT = _number(float, 0.0)
 
 def _modality_parent(name: str) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    get_modality(name).add_arguments(parent)
+    get_modality(name).options_class.add_arguments(parent)
     return parent
 
 
@@ -304,8 +304,10 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
-    for name in names:  # commands a modality adds of its own (Modality.add_commands)
-        get_modality(name).add_commands(sub)
+    for name in names:  # commands a modality adds of its own (Modality.commands)
+        commands = get_modality(name).commands
+        if commands is not None:
+            commands.add(sub)
     _finetune_parser(sub, parents)
     return parser
 
@@ -714,7 +716,10 @@ def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | Non
         _info(args.model)
     elif args.command == "models":
         _models(args.name, args.json)
-    elif not any(get_modality(name).run_command(args) for name in modality_names()):
+    elif not any(
+        (commands := get_modality(name).commands) is not None and commands.run(args)
+        for name in modality_names()
+    ):
         raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from healthfm.encoders import entries, load_encoder
 from healthfm.errors import DataError, ModelError
-from healthfm.evaluate.embed import embed_store
+from healthfm.inference import embed_store
 from healthfm.modality import get_modality
 from healthfm.singlecell import pbmc68k
 from healthfm.train.data import collate

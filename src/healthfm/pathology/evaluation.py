@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from healthfm.evaluate.protocol import ProbeProtocol
 
 #: Reported metrics, primary first.
@@ -32,8 +34,7 @@ class TileProbeProtocol(ProbeProtocol):
 
     def write_outputs(self, out_dir: Path, result: Any, rows: Any, run_info: dict) -> list[Path]:
         """``embeddings/embeddings.parquet`` (key, embedding, label, split) + ``manifest.csv``."""
-        from healthfm.evaluate.embed import save_embeddings
-        from healthfm.pathology import _write_manifest
+        from healthfm.inference import save_embeddings
 
         if "embeddings" not in rows.info:
             return []
@@ -46,5 +47,34 @@ class TileProbeProtocol(ProbeProtocol):
             emb,
             {"label": labels.tolist(), "split": rows.split.tolist()},
         )
-        _write_manifest(folder, samples, rows.split, {})
+        write_manifest(folder, samples, rows.split, {})
         return [folder / "embeddings.parquet"]
+
+
+def write_manifest(
+    out: Path, samples: Any, splits: np.ndarray | None, attrs: dict[str, Any]
+) -> Path:
+    """eva-style manifest: one row per tile — key, origin file, label, split, embedding row.
+
+    ``samples.payload`` is the :class:`~healthfm.pathology.tilesets.TileSet`; ``attrs`` is
+    accepted for the callers' symmetry and not written.
+    """
+    import polars as pl
+
+    from healthfm.fsutil import atomic_write_bytes
+
+    tiles = samples.payload
+    origin = tiles.paths if tiles.paths is not None else tiles.keys
+    table = pl.DataFrame(
+        {
+            "key": samples.keys.astype(str),
+            "origin": np.asarray(origin).astype(str),
+            "label": samples.labels.astype(str)
+            if samples.labels is not None
+            else [""] * len(samples),
+            "split": splits.astype(str) if splits is not None else [""] * len(samples),
+            "row": np.arange(len(samples)),
+        }
+    )
+    atomic_write_bytes(out / "manifest.csv", table.write_csv().encode())
+    return out / "manifest.csv"

@@ -1,7 +1,7 @@
 """``healthfm embed``: one vector per sample (per label row, per tile) of an input, in parts
 that any number of processes share and that a killed run resumes.
 
-The work is the modality's embedding inputs (:meth:`~healthfm.modality.Modality.embedding_inputs`:
+The work is the modality's embedding inputs (:meth:`~healthfm.modality.Embedding.inputs`:
 the input itself, or one per slide). An input's rows are cut into *parts* of consecutive
 rows; a slide is one part (it is tiled by the process that embeds it). Part ``i`` belongs
 to rank ``i mod world size`` (``torchrun``; one process otherwise). Each part is written
@@ -174,7 +174,7 @@ def _embed(
     encoder.to(dist.device)
     pooling = pooling or encoder.pooling
     attrs = {**describe(encoder), "pooling": pooling}
-    inputs = modality.embedding_inputs(input_path, options, out, encoder)
+    inputs = modality.embedding.inputs(input_path, options, out, encoder)
 
     # Every rank opens the inputs it splits into rows (a backed read: metadata and
     # checks, not the data) and so computes the same plan.
@@ -187,8 +187,8 @@ def _embed(
             described.append({"name": item.name, "target": str(item.target), **_stat(item.name)})
             continue
         samples = item.open()
-        modality.prepare_embedding(encoder, samples, options)
-        n = modality.embedding_rows(samples, options)
+        modality.embedding.prepare(encoder, samples, options)
+        n = modality.embedding.n_rows(samples, options)
         size = part_rows or default_part_rows(n)
         opened[i] = samples
         for start in range(0, n, size):
@@ -292,12 +292,14 @@ def _run_parts(
         def prepare(part: Part) -> tuple[Any, Any]:
             if part.whole:  # a slide: tiled and read here, by the rank that embeds it
                 samples = inputs[part.input].open()
-                modality.prepare_embedding(encoder, samples, options)
-                rows = np.arange(modality.embedding_rows(samples, options))
+                modality.embedding.prepare(encoder, samples, options)
+                rows = np.arange(modality.embedding.n_rows(samples, options))
             else:
                 samples, rows = opened[part.input], np.arange(part.start, part.stop)
             workdir = Path(work) / f"part-{part.index:06d}"
-            return samples, modality.tokenize_part(encoder, samples, rows, options, workdir)
+            return samples, modality.embedding.tokenize_part(
+                encoder, samples, rows, options, workdir
+            )
 
         pending = reader.submit(prepare, todo[0])
         for k, part in enumerate(todo):
@@ -305,12 +307,12 @@ def _run_parts(
             if k + 1 < len(todo):
                 pending = reader.submit(prepare, todo[k + 1])
             try:
-                emb = modality.embed_part(
+                emb = modality.embedding.embed_part(
                     encoder, samples, prepared, options, pooling, batch_size, bf16, compile
                 )
                 if part.whole:
                     target = inputs[part.input].target
-                    modality.write_embeddings(target, samples, emb, attrs, options)
+                    modality.embedding.write(target, samples, emb, attrs, options)
                     _write_record(parts_dir, part, plan_id, target, len(emb))
                 else:
                     _write_part(parts_dir, part, plan_id, emb)
@@ -449,7 +451,7 @@ def _assemble(
     files = [_part_file(parts_dir, p) for p in parts]
     width = np.load(files[0], mmap_mode="r").shape[1] if parts else dim
     embeddings = PartsArray(files, [p.start for p in parts], n, width)
-    modality.write_embeddings(item.target, samples, embeddings, attrs, options)
+    modality.embedding.write(item.target, samples, embeddings, attrs, options)
 
 
 class PartsArray:

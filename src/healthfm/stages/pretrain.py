@@ -179,14 +179,17 @@ def _pretrain(
     held_out: tuple[str, ...],
 ) -> Path:
     corpus = corpus_from_inputs(
-        input_path, temperature=temperature, held_out=held_out, expand=modality.expand_input
+        input_path,
+        temperature=temperature,
+        held_out=held_out,
+        expand=modality.pretraining.expand_input,
     )
     raw_options = modality.options(options)
-    options = modality.prepare_options(raw_options, run_dir)
+    options = modality.pretraining.prepare_options(raw_options, run_dir)
     if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
         # The modality's preference (causal timelines keep their most recent tokens).
         train_config = replace(train_config, truncate=modality.truncate)
-    train_config = replace(train_config, **modality.training_overrides(options))
+    train_config = replace(train_config, **modality.pretraining.training_overrides(options))
     info = init_distributed()
     t0 = time.perf_counter()
 
@@ -206,7 +209,7 @@ def _pretrain(
         if info.is_main == rank_turn:
             for source in sources:
                 for name in ("train", "val"):
-                    source.data[name] = modality.batch_source(
+                    source.data[name] = modality.pretraining.batch_source(
                         tokenizer,
                         source.samples,
                         source.splits[name],
@@ -254,7 +257,7 @@ def _pretrain(
         train_config,
         run_dir,
         val_store=val_data if len(val_data) else None,
-        augment=modality.augmenter(tokenizer),
+        augment=modality.pretraining.augmenter(tokenizer),
         dist_info=info,
         strategy=strategy,
         batches=batches,
@@ -292,7 +295,7 @@ def _pretrain(
                 "strategy": strategy,
                 "corpus": record,
                 "pretraining_baseline": baseline,
-                **modality.pretraining_info(tokenizer, train_config, summary),
+                **modality.pretraining.info(tokenizer, train_config, summary),
             },
             card=model_card(modality.name, preset, config, summary, record, baseline),
         )
@@ -330,7 +333,7 @@ def _read_sources(
             opts = options
         else:
             workdir = run_dir / "sources" / f"{i:03d}-{_safe_name(spec.name)}"
-            opts = modality.prepare_options(
+            opts = modality.pretraining.prepare_options(
                 modality.options({**raw_options.to_dict(), **spec.options}), workdir
             )
         samples = modality.read(spec.path, opts)
@@ -461,7 +464,7 @@ def _count_baseline(
     if not n_val or trainer.val_store is None:
         return None
     n_scored = min(n_val, trainer.config.eval_batches * trainer.micro_batch_size)
-    found = modality.pretraining_baseline(
+    found = modality.pretraining.count_baseline(
         tokenizer, trainer.train_store, trainer.val_store, n_scored
     )
     if found is None:
