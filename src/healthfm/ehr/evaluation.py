@@ -208,7 +208,6 @@ def run_protocol(
         Result rows, and held-out probabilities (predictions for a regression) per
         method for ``k=all`` (or the largest k run).
     """
-    from healthfm.evaluate.probe import align_proba
 
     if regression and ks != ["all"]:
         from healthfm.errors import ConfigError
@@ -222,17 +221,7 @@ def run_protocol(
     tr = np.flatnonzero(split == "train")
     tu = np.flatnonzero(split == "tuning")
     te = np.flatnonzero(split == "held_out")
-    for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
-        if regression and len(np.unique(y[idx])) < 2:
-            raise DataError(
-                f"the {name} split has a constant target among {len(idx)} rows; the protocol "
-                "needs varying targets in train, tuning and held_out"
-            )
-        if not regression and len(np.unique(y[idx])) < 2:
-            raise DataError(
-                f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
-                f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
-            )
+    _check_splits(y, tr, tu, te, regression)
     rows: list[ResultRow] = []
     final: dict[str, np.ndarray] = {}
     if counter is not None:
@@ -252,31 +241,9 @@ def run_protocol(
                 b = tu[few_shot_indices(y[tu], int(k), seed + 10_000)]
             for method, (X, is_baseline, kind) in features.items():
                 t = time.perf_counter()
-                if regression:
-                    p, extra = _fit_regression(kind, X[a], y[a], X[b], y[b], X[te], seed)
-                    m = regression_metrics(
-                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
-                    )
-                elif kind == "gbm":
-                    proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
-                else:
-                    res = fit_linear_probe(
-                        X[a],
-                        y[a],
-                        X[b],
-                        y[b],
-                        X[te],
-                        select_metric="auroc",
-                        refit="train",
-                        seed=seed,
-                    )
-                    proba = align_proba(res.proba, res.classes, np.arange(n_classes))
-                    extra = {"best_C": res.best_C, "val_auroc": res.val_score}
-                if not regression:
-                    p = positive_scores(proba)
-                    m = classification_metrics(
-                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
-                    )
+                p, m, extra = _fit_and_score(
+                    X, kind, y, a, b, te, groups, seed, n_boot, metrics, n_classes, regression
+                )
                 wall = time.perf_counter() - t
                 if counter is not None:
                     counter.update(note=f"{method}, k={k}, seed {seed}")
@@ -314,6 +281,69 @@ def run_protocol(
             if progress:
                 print(f"      k={k} seed={seed} done", flush=True)
     return rows, final
+
+
+def _check_splits(
+    y: np.ndarray, tr: np.ndarray, tu: np.ndarray, te: np.ndarray, regression: bool
+) -> None:
+    # Every split needs varying targets (a regression) or both classes.
+    for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
+        if regression and len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has a constant target among {len(idx)} rows; the protocol "
+                "needs varying targets in train, tuning and held_out"
+            )
+        if not regression and len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
+                f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
+            )
+
+
+def _fit_and_score(
+    X: np.ndarray,
+    kind: str,
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    te: np.ndarray,
+    groups: np.ndarray,
+    seed: int,
+    n_boot: int,
+    metrics: list[str],
+    n_classes: int,
+    regression: bool,
+) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    # One method's probe fitted on rows ``a`` (tuned on ``b``), its held-out scores and
+    # their metrics, and the probe's own fields (best C, validation score ...).
+    from healthfm.evaluate.probe import align_proba
+
+    if regression:
+        p, extra = _fit_regression(kind, X[a], y[a], X[b], y[b], X[te], seed)
+        m = regression_metrics(
+            y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+        )
+    elif kind == "gbm":
+        proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
+    else:
+        res = fit_linear_probe(
+            X[a],
+            y[a],
+            X[b],
+            y[b],
+            X[te],
+            select_metric="auroc",
+            refit="train",
+            seed=seed,
+        )
+        proba = align_proba(res.proba, res.classes, np.arange(n_classes))
+        extra = {"best_C": res.best_C, "val_auroc": res.val_score}
+    if not regression:
+        p = positive_scores(proba)
+        m = classification_metrics(
+            y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+        )
+    return p, m, extra
 
 
 def _fit_regression(kind: str, xtr, ytr, xtu, ytu, xte, seed: int):

@@ -176,27 +176,7 @@ def _embed(
     attrs = {**describe(encoder), "pooling": pooling}
     inputs = modality.embedding.inputs(input_path, options, out, encoder)
 
-    # Every rank opens the inputs it splits into rows (a backed read: metadata and
-    # checks, not the data) and so computes the same plan.
-    opened: dict[int, Any] = {}
-    parts: list[Part] = []
-    described = []
-    for i, item in enumerate(inputs):
-        if item.whole:
-            parts.append(Part(len(parts), i))
-            described.append({"name": item.name, "target": str(item.target), **_stat(item.name)})
-            continue
-        samples = item.open()
-        modality.embedding.prepare(encoder, samples, options)
-        n = modality.embedding.n_rows(samples, options)
-        size = part_rows or default_part_rows(n)
-        opened[i] = samples
-        for start in range(0, n, size):
-            parts.append(Part(len(parts), i, start, min(n, start + size)))
-        described.append(
-            {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
-             "rows": n, "part_rows": size}
-        )  # fmt: skip
+    opened, parts, described = _plan_parts(modality, encoder, inputs, options, part_rows)
     if not parts:  # "embedded 0 rows", exit 0, is no result
         raise DataError(
             "the input has no rows to embed (an empty file, or no label rows); nothing was written",
@@ -254,6 +234,38 @@ def _embed(
             f"({count / max(seconds, 1e-9):,.1f}/s, read and tokenize included{procs}): {out}"
         )
     return out
+
+
+def _plan_parts(
+    modality: Any, encoder: Any, inputs: list, options: Any, part_rows: int | None
+) -> tuple[dict[int, Any], list[Part], list[dict[str, Any]]]:
+    """The parts of the run: a whole input (a slide) is one part; an input split into rows
+    is cut into parts of ``part_rows`` rows. Returns the opened inputs, the parts and
+    each input's description in the plan.
+
+    Every rank opens the inputs it splits into rows (a backed read: metadata and checks,
+    not the data) and so computes the same plan.
+    """
+    opened: dict[int, Any] = {}
+    parts: list[Part] = []
+    described = []
+    for i, item in enumerate(inputs):
+        if item.whole:
+            parts.append(Part(len(parts), i))
+            described.append({"name": item.name, "target": str(item.target), **_stat(item.name)})
+            continue
+        samples = item.open()
+        modality.embedding.prepare(encoder, samples, options)
+        n = modality.embedding.n_rows(samples, options)
+        size = part_rows or default_part_rows(n)
+        opened[i] = samples
+        for start in range(0, n, size):
+            parts.append(Part(len(parts), i, start, min(n, start + size)))
+        described.append(
+            {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
+             "rows": n, "part_rows": size}
+        )  # fmt: skip
+    return opened, parts, described
 
 
 def _run_parts(

@@ -204,20 +204,7 @@ def _pretrain(
         [(s.samples, s.splits["train"]) for s in sources], options
     )
 
-    # Batch sources: rank 0 first (it may write token stores), then the others reuse them.
-    for rank_turn in (True, False):
-        if info.is_main == rank_turn:
-            for source in sources:
-                for name in ("train", "val"):
-                    source.data[name] = modality.pretraining.batch_source(
-                        tokenizer,
-                        source.samples,
-                        source.splits[name],
-                        training=name == "train",
-                        workdir=source.workdir / name,
-                    )
-        if info.distributed and rank_turn:
-            barrier(info)
+    _open_batch_sources(modality, tokenizer, sources, info)
     # What the trainer draws from: samples, or windows cut from a genome's records.
     n_items = sum(len(s.data["train"]) for s in sources)
     if n_items < train_config.batch_size:
@@ -227,20 +214,7 @@ def _pretrain(
             column="batch_size",
         )
 
-    # Model: the preset, the modality's defaults (the widest over sources), the overrides.
-    defaults = _model_defaults(modality, tokenizer, sources)
-    overrides = dict(model_overrides or {})
-    extra = {**defaults.pop("extra", {}), **overrides.pop("extra", {})}
-    config = ModelConfig.from_preset(
-        preset,
-        modality=modality.name,
-        vocab_size=tokenizer.vocab_size,
-        objective=modality.objective,
-        pooling=modality.default_pooling,
-        truncate=train_config.truncate,
-        extra=extra,
-        **{**defaults, **overrides},
-    )
+    config = _model_config(modality, tokenizer, sources, preset, train_config, model_overrides)
     torch.manual_seed(train_config.seed)
     model = FoundationModel(config)
 
@@ -272,35 +246,105 @@ def _pretrain(
         baseline = _count_baseline(modality, tokenizer, trainer, config, n_val)
         record = _corpus_record(corpus, sources, trainer, summary["steps"])
         _say_pretraining(summary, baseline, record)
-        first = sources[0]
-        save_pretrained(
-            trained,
-            out,
-            tokenizer,
-            info={
-                **summary,
-                "data_hash": first.samples.data_hash
-                if corpus.single
-                else json_hash([s["data_hash"] for s in record["sources"]]),
-                "source": str(first.samples.source),
-                "split_salt": salt,
-                "split_source": modality.split_source(first.samples),
-                "split_fractions": list(fractions),
-                "n_train": n_train,
-                "n_val": sum(len(s.splits["val"]) for s in sources),
-                "train_config": json_safe(asdict(train_config)),
-                "options": json_safe(options.to_dict()),
-                "parameters": trained.num_parameters(),
-                "total_seconds": time.perf_counter() - t0,
-                "strategy": strategy,
-                "corpus": record,
-                "pretraining_baseline": baseline,
-                **modality.pretraining.info(tokenizer, train_config, summary),
-            },
-            card=model_card(modality.name, preset, config, summary, record, baseline),
-        )
+        _save(
+            modality, trained, out, tokenizer, config, preset, corpus, sources, record, summary,
+            baseline, train_config, options, salt, fractions, n_train, strategy, t0,
+        )  # fmt: skip
     barrier(info)  # the other ranks return once the model folder exists
     return out
+
+
+def _open_batch_sources(modality: Modality, tokenizer: Any, sources: list, info: Any) -> None:
+    # Each source's train and val batch sources: rank 0 first (it may write token stores),
+    # then the others reuse them.
+    for rank_turn in (True, False):
+        if info.is_main == rank_turn:
+            for source in sources:
+                for name in ("train", "val"):
+                    source.data[name] = modality.pretraining.batch_source(
+                        tokenizer,
+                        source.samples,
+                        source.splits[name],
+                        training=name == "train",
+                        workdir=source.workdir / name,
+                    )
+        if info.distributed and rank_turn:
+            barrier(info)
+
+
+def _model_config(
+    modality: Modality,
+    tokenizer: Any,
+    sources: list,
+    preset: str,
+    train_config: TrainConfig,
+    model_overrides: dict[str, Any] | None,
+) -> ModelConfig:
+    # Model: the preset, the modality's defaults (the widest over sources), the overrides.
+    defaults = _model_defaults(modality, tokenizer, sources)
+    overrides = dict(model_overrides or {})
+    extra = {**defaults.pop("extra", {}), **overrides.pop("extra", {})}
+    config = ModelConfig.from_preset(
+        preset,
+        modality=modality.name,
+        vocab_size=tokenizer.vocab_size,
+        objective=modality.objective,
+        pooling=modality.default_pooling,
+        truncate=train_config.truncate,
+        extra=extra,
+        **{**defaults, **overrides},
+    )
+    return config
+
+
+def _save(
+    modality: Modality,
+    trained: Any,
+    out: Path,
+    tokenizer: Any,
+    config: ModelConfig,
+    preset: str,
+    corpus: Any,
+    sources: list,
+    record: dict[str, Any],
+    summary: dict[str, Any],
+    baseline: Any,
+    train_config: TrainConfig,
+    options: Any,
+    salt: str,
+    fractions: Any,
+    n_train: int,
+    strategy: str,
+    t0: float,
+) -> None:
+    # The model folder: weights, tokenizer, training_info.json and the model card.
+    first = sources[0]
+    save_pretrained(
+        trained,
+        out,
+        tokenizer,
+        info={
+            **summary,
+            "data_hash": first.samples.data_hash
+            if corpus.single
+            else json_hash([s["data_hash"] for s in record["sources"]]),
+            "source": str(first.samples.source),
+            "split_salt": salt,
+            "split_source": modality.split_source(first.samples),
+            "split_fractions": list(fractions),
+            "n_train": n_train,
+            "n_val": sum(len(s.splits["val"]) for s in sources),
+            "train_config": json_safe(asdict(train_config)),
+            "options": json_safe(options.to_dict()),
+            "parameters": trained.num_parameters(),
+            "total_seconds": time.perf_counter() - t0,
+            "strategy": strategy,
+            "corpus": record,
+            "pretraining_baseline": baseline,
+            **modality.pretraining.info(tokenizer, train_config, summary),
+        },
+        card=model_card(modality.name, preset, config, summary, record, baseline),
+    )
 
 
 @dataclass
