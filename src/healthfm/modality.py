@@ -130,8 +130,13 @@ class EvaluationRows:
         "train" / "val" / "test" per row.
     data_hash
         Provenance of the evaluated data.
+    options
+        The modality's typed options the rows were read with.
     info
-        What the modality keeps for its own parts (the label file, cached features ...).
+        The modality's own typed record of the rows, for its own parts (EHR:
+        :class:`healthfm.ehr.modality.LabelRowsInfo`, the label rows and the features of
+        each vocabulary; pathology: :class:`healthfm.pathology.evaluation.TileRowsInfo`),
+        None by default.
     survival
         Whether the task is time-to-event (:mod:`healthfm.evaluate.survival`): ``y`` holds
         times and ``event`` whether each row's event was observed.
@@ -146,7 +151,8 @@ class EvaluationRows:
     regression: bool
     split: np.ndarray
     data_hash: str
-    info: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
+    info: Any = None
     survival: bool = False
     event: np.ndarray | None = None
 
@@ -607,7 +613,7 @@ class Modality(ABC):
                 regression=False,
                 split=split,
                 data_hash=samples.data_hash,
-                info={"options": options},
+                options=options,
                 survival=True,
                 event=target["event"],
             )
@@ -628,7 +634,7 @@ class Modality(ABC):
             regression=regression,
             split=split,
             data_hash=samples.data_hash,
-            info={"options": options},
+            options=options,
         )
 
     def evaluation_protocol(self, options: Options) -> Any:

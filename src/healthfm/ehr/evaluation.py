@@ -607,7 +607,7 @@ class EhrshotProtocol:
             predictions=predictions,
             counter=progress,
         )
-        seconds = rows.info.get("seconds_embed")
+        seconds = rows.info.seconds_embed
         for r in result_rows:
             r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
             r.extra.update(features[r.method].extra)  # e.g. a control's "control" field
@@ -635,11 +635,11 @@ class EhrshotProtocol:
 
         from healthfm.fsutil import atomic_write_text
 
-        labels = rows.info["labels"]
+        labels = rows.info.labels
         te = rows.indices("test")
         held = labels.frame[te]
         for method, p in result.scores.items():
-            if not rows.info["boolean_like"] and not rows.regression and p.ndim == 1:
+            if not rows.info.boolean_like and not rows.regression and p.ndim == 1:
                 p = np.stack([1.0 - p, p], axis=1)  # two non-boolean classes
             write_predictions(
                 Path(out_dir) / "predictions" / f"{method.replace('+', '_')}.parquet",
@@ -661,8 +661,8 @@ class EhrshotProtocol:
             "seeds": run_info["seeds"],
             "ks": self.ks(rows.regression),
             "n_boot": run_info["n_boot"],
-            "embed_seconds": rows.info.get("seconds_embed", 0.0),
-            "featurize_seconds": rows.info.get("seconds_featurize", 0.0),
+            "embed_seconds": _or_zero(rows.info.seconds_embed),
+            "featurize_seconds": _or_zero(rows.info.seconds_featurize),
             "total_seconds": run_info["total_seconds"],
         }
         atomic_write_text(
@@ -678,3 +678,8 @@ MEDS_NAMES = {"train": "train", "val": "tuning", "test": "held_out"}
 def meds_split_names(split: np.ndarray) -> np.ndarray:
     """train / val / test → train / tuning / held_out."""
     return np.array([MEDS_NAMES[s] for s in np.asarray(split).astype(str)])
+
+
+def _or_zero(seconds: float | None) -> float:
+    # A time not measured (no model embedded the rows) reads 0 in run_info.json.
+    return 0.0 if seconds is None else seconds

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,39 @@ def _data_hash(ds: MedsDataset) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class LabelRowsInfo:
+    """What EHR keeps of its evaluation rows (``EvaluationRows.info``).
+
+    Attributes
+    ----------
+    labels
+        The label rows of ``--labels``, one per evaluation row, at their prediction times.
+    boolean_like
+        Whether the label column is boolean (or 0/1): predictions are written as one
+        probability.
+    row_splits
+        ``row_splits(salt, fractions) -> (MEDS split name per label row, split per
+        subject)`` under another split (a fine-tuned model's).
+    salt, fractions
+        The evaluation's split.
+    features_by_vocabulary
+        The featurized label rows of each tokenizer (by its hash) that embedded them: the
+        count baselines count the codes of one vocabulary, whatever the model order.
+    seconds_embed, seconds_featurize
+        Wall time of the last model's embedding pass (for labels-per-second in the rows).
+    """
+
+    labels: Labels
+    boolean_like: bool
+    row_splits: Callable[[str, Any], tuple[np.ndarray, np.ndarray]]
+    salt: str
+    fractions: tuple[float, float, float]
+    features_by_vocabulary: dict[str, Any] = field(default_factory=dict)
+    seconds_embed: float | None = None
+    seconds_featurize: float | None = None
+
+
 def _labels(options: EhrOptions, samples: Samples) -> Labels:
     """The label rows of ``--labels`` (a ``ConfigError`` without it)."""
     if not options.labels:
@@ -85,14 +119,14 @@ def _featurize(
     if encoder is not None:
         tokenizer = encoder.tokenizer
     else:  # the baselines alone: a tokenizer fitted on the train subjects
-        _, of_subject = rows.info["row_splits"](rows.info["salt"], rows.info["fractions"])
+        _, of_subject = rows.info.row_splits(rows.info.salt, rows.info.fractions)
         tokenizer = modality.fit_tokenizer(
-            samples, np.flatnonzero(of_subject == "train"), rows.info.get("options")
+            samples, np.flatnonzero(of_subject == "train"), rows.options
         )
     feats = featurize_labels(
         samples.payload["dataset"],
         tokenizer,
-        rows.info["labels"],
+        rows.info.labels,
         encoder,
         pooling or (encoder.pooling if encoder is not None else "last"),
         batch_size,
@@ -101,12 +135,9 @@ def _featurize(
     # embedded so far shares one vocabulary (see EhrModality.baseline_features).
     # (A new dict, not an update in place: the untrained control restores rows.info from a
     # shallow copy.)
-    rows.info["features_by_vocabulary"] = {
-        **rows.info.get("features_by_vocabulary", {}),
-        tokenizer.hash: feats,
-    }
-    rows.info["seconds_embed"] = feats.seconds_embed
-    rows.info["seconds_featurize"] = feats.seconds_total
+    rows.info.features_by_vocabulary = {**rows.info.features_by_vocabulary, tokenizer.hash: feats}
+    rows.info.seconds_embed = feats.seconds_embed
+    rows.info.seconds_featurize = feats.seconds_total
     return feats
 
 
@@ -119,7 +150,7 @@ def _count_pass(modality: EhrModality, samples: Samples, rows: EvaluationRows) -
     depend on which model was embedded last (``--model A --model B`` and ``--model B
     --model A`` give the same baseline rows).
     """
-    by_vocabulary = rows.info.get("features_by_vocabulary") or {}
+    by_vocabulary = rows.info.features_by_vocabulary
     if len(by_vocabulary) == 1:
         return next(iter(by_vocabulary.values()))
     return _featurize(modality, None, samples, rows, None, 32)
@@ -421,14 +452,8 @@ class EhrModality(Modality):
             data_hash=samples.data_hash,
             survival=labels.survival,
             event=event,
-            info={
-                "labels": labels,
-                "boolean_like": boolean_like,
-                "row_splits": row_splits,
-                "salt": salt,
-                "fractions": tuple(fractions),
-                "options": options,
-            },
+            options=options,
+            info=LabelRowsInfo(labels, boolean_like, row_splits, salt, tuple(fractions)),
         )
 
     def evaluation_protocol(self, options: EhrOptions) -> Any:
@@ -454,11 +479,9 @@ class EhrModality(Modality):
         # MEDS-Tab's recipe (windowed counts and value aggregates, static codes, age) under
         # boosted trees; its code vocabulary is fitted on the train subjects.
         t = time.perf_counter()
-        _, of_subject = rows.info["row_splits"](rows.info["salt"], rows.info["fractions"])
+        _, of_subject = rows.info.row_splits(rows.info.salt, rows.info.fractions)
         train_subjects = samples.keys[np.asarray(of_subject) == "train"]
-        X, vocab = meds_tab_features(
-            samples.payload["dataset"], rows.info["labels"], train_subjects
-        )
+        X, vocab = meds_tab_features(samples.payload["dataset"], rows.info.labels, train_subjects)
         out["meds-tab+gbm"] = Features(
             X,
             baseline=True,
@@ -486,9 +509,9 @@ class EhrModality(Modality):
 
         split = meds_split_names(rows.split)
         return finetuned_ehr_rows(
-            [_check_split(d, split, (salt, fractions), rows.info["row_splits"]) for d in folders],
+            [_check_split(d, split, (salt, fractions), rows.info.row_splits) for d in folders],
             samples.payload["dataset"],
-            rows.info["labels"],
+            rows.info.labels,
             rows.y,
             rows.classes,
             split,

@@ -17,6 +17,7 @@ evaluation is asked to choose it (:func:`choose_pooling`).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -179,10 +180,9 @@ def control_features(
         t = time.perf_counter()
         # A modality may keep per-run state in rows.info (EHR: the count features and the
         # embedding time of the model); the control must not replace the model's.
-        saved = dict(rows.info)
+        saved = copy.copy(rows.info)
         emb = modality.embedding.embed_rows(control, samples, rows, pooling, batch_size)
-        rows.info.clear()
-        rows.info.update(saved)
+        rows.info = saved
         name = untrained_name or modality.embedding_method.format(
             preset=control.name,
             pooling=pooling,

@@ -17,6 +17,25 @@ import numpy as np
 
 from healthfm.evaluate.protocol import ProbeProtocol
 
+
+@dataclass
+class TileRowsInfo:
+    """What a tile evaluation keeps of its rows (``EvaluationRows.info``): the tiles and
+    the model's embedding of each, written beside the results (``embeddings/``).
+
+    Attributes
+    ----------
+    samples
+        The tile samples (their ``payload`` is the
+        :class:`~healthfm.pathology.tilesets.TileSet`).
+    embeddings
+        One vector per tile.
+    """
+
+    samples: Any
+    embeddings: np.ndarray
+
+
 #: Reported metrics, primary first.
 TILE_METRICS = ("balanced_accuracy", "macro_f1", "auroc", "accuracy")
 
@@ -36,9 +55,9 @@ class TileProbeProtocol(ProbeProtocol):
         """``embeddings/embeddings.parquet`` (key, embedding, label, split) + ``manifest.csv``."""
         from healthfm.inference import save_embeddings
 
-        if "embeddings" not in rows.info:
+        if not isinstance(rows.info, TileRowsInfo):
             return []
-        samples, emb = rows.info["embeddings"]
+        samples, emb = rows.info.samples, rows.info.embeddings
         folder = Path(out_dir) / "embeddings"
         labels = rows.classes[rows.y]
         save_embeddings(

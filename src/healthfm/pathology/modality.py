@@ -341,10 +341,10 @@ class PathologyEmbedding(Embedding):
         batch_size: int,
     ) -> np.ndarray:
         """Every tile's embedding (kept for ``embeddings/`` beside the results)."""
-        emb = embed_samples(
-            self.modality, encoder, samples, rows.info["options"], pooling, batch_size
-        )
-        rows.info["embeddings"] = (samples, emb)
+        emb = embed_samples(self.modality, encoder, samples, rows.options, pooling, batch_size)
+        from healthfm.pathology.evaluation import TileRowsInfo
+
+        rows.info = TileRowsInfo(samples, emb)
         return emb
 
 
