@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
-from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
+from healthfm.modality import DEFAULT_SALT, Commands, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS, TASK_POOLINGS
 
 
@@ -45,6 +45,12 @@ POSITIVE = _number(int, 1)
 NON_NEGATIVE = _number(int, 0)
 POSITIVE_FLOAT = _number(float, 0.0, strict=True)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
+
+
+def _modality_commands(names: list[str]) -> list[Commands]:
+    # The modalities' own sub-commands (Modality.commands; None for most modalities).
+    found = (get_modality(name).commands for name in names)
+    return [commands for commands in found if commands is not None]
 
 
 def _modality_parent(name: str) -> argparse.ArgumentParser:
@@ -304,10 +310,8 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model folder, or list presets")
     p.add_argument("model", nargs="?", default=None, help="model folder (omit to list presets)")
-    for name in names:  # commands a modality adds of its own (Modality.commands)
-        commands = get_modality(name).commands
-        if commands is not None:
-            commands.add(sub)
+    for commands in _modality_commands(names):  # commands a modality adds of its own
+        commands.add(sub)
     _finetune_parser(sub, parents)
     return parser
 
@@ -716,10 +720,7 @@ def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | Non
         _info(args.model)
     elif args.command == "models":
         _models(args.name, args.json)
-    elif not any(
-        (commands := get_modality(name).commands) is not None and commands.run(args)
-        for name in modality_names()
-    ):
+    elif not any(commands.run(args) for commands in _modality_commands(modality_names())):
         raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
 
