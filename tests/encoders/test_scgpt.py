@@ -170,11 +170,11 @@ def test_tokens_are_deterministic_and_drawn_like_the_authors(model):
     edges = np.quantile(row, np.linspace(0, 1, 50))
     left, right = np.digitize(row, edges), np.digitize(row, edges, right=True)
     authors = np.ceil(np.random.default_rng(0).random((400, len(row))) * (right - left) + left)
-    from healthfm.singlecell.tokenizer import _segments
+    from healthfm.singlecell.tokenizer import row_segments
 
     order = np.argsort(-row, kind="stable")
     rows = np.zeros(len(row), dtype=np.int64)
-    counts, starts, _ = _segments(rows, 1)
+    counts, starts, _ = row_segments(rows, 1)
     ours = model.tokenizer.bins(row[order], rows, np.arange(len(row)), counts, starts)
     ones = ours[row[order] == 1.0]
     assert set(np.unique(ones)) <= set(np.unique(authors[:, :60]))
