@@ -9,7 +9,7 @@ Three parts, each printing the ratios it measures in one run:
     fixed length), EHR timelines (clinosim subjects, context 2,048) and 224 px tiles
     (Kather 2016). The reference runs batches of ``--batch`` in data order (how a
     DataLoader hands them over) and sorted by length, each padded to its longest, as HF
-    does; ours is :func:`healthfm.evaluate.embed.embed_store` (length-sorted batches
+    does; ours is :func:`healthfm.inference.embed_store` (length-sorted batches
     within a token budget), also packed (several samples per row, block-diagonal
     attention) and, with ``--compile``, through ``torch.compile``. fp32 and bf16
     autocast; methods alternate round by round so background load hits all alike; the
@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from healthfm.evaluate.embed import embed_store, load_embeddings
+from healthfm.inference import embed_store, load_embeddings
 from healthfm.modality import get_modality
 from healthfm.model.config import PRESETS, ModelConfig
 from healthfm.model.heads import FoundationModel

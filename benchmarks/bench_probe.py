@@ -67,21 +67,24 @@ def pretrain_tiny(modality: str, data: Path, out: Path, extra: list[str]) -> Pat
 def feature_sets(model: Path, data: Path, options: dict, combine_with: str):
     """``(rows, splitter, {name: X})`` for one data set, as ``healthfm evaluate`` builds them."""
     from healthfm.evaluate.controls import combined_features
+    from healthfm.evaluate.protocol import ProbeProtocol
     from healthfm.loader import load_encoder
     from healthfm.modality import Features, Modality, get_modality
     from healthfm.stages.common import split_of_models
+    from healthfm.stages.evaluate import task_rule
 
     encoder = load_encoder(str(model), None)
     modality = get_modality(encoder.modality)
     opts = modality.options(options)
     salt, fractions = split_of_models([encoder], None, None)
     samples = modality.read(str(data), opts)
-    rows = modality.evaluation_rows(samples, opts, salt, fractions, [])
-    feats = {"model": Features(modality.embed_rows(encoder, samples, rows, None, 128), False)}
+    rows = modality.evaluation_rows(samples, opts, salt, fractions, task_rule([]))
+    emb = modality.embedding.embed_rows(encoder, samples, rows, None, 128)
+    feats = {"model": Features(emb, False)}
     # The featurizers' baselines (not the DNA CNN, whose features are probed like any other).
     feats.update(Modality.baseline_features(modality, samples, rows))
     feats[f"model+{combine_with}"] = combined_features(feats["model"], feats[combine_with], rows)
-    splitter = modality.evaluation_protocol(opts).splitter(rows)
+    splitter = (modality.evaluation_protocol(opts) or ProbeProtocol()).splitter(rows)
     return rows, splitter, {name: np.asarray(f.X) for name, f in feats.items()}
 
 

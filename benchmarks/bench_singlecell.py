@@ -21,7 +21,7 @@ Run (from the repository root)::
    run, outputs kept in memory in both cases), and whether the gene order is identical on
    a checked sample of cells.
 
-2. Embedding. ``healthfm.singlecell.tl.embed`` (read + validate + tokenize + embed, from
+2. Embedding. ``healthfm.scverse.tl.embed`` (read + validate + tokenize + embed, from
    an AnnData) vs a Hugging Face ``transformers`` ``BertModel`` of the same size (tiny
    preset: d=128, 4 layers, 4 heads, FFN 512) on the same token ids, batches of 128,
    padded to the longest in each batch (data order, as a DataLoader would; also reported
@@ -226,7 +226,7 @@ def bench_embed(adata, tok, batch_size: int, repeats: int) -> dict:
     from healthfm.modality import get_modality
     from healthfm.model.config import ModelConfig
     from healthfm.model.heads import FoundationModel
-    from healthfm.singlecell import tl
+    from healthfm.scverse import tl
     from healthfm.tokens import TokenStore
     from healthfm.train.data import collate
 

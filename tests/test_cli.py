@@ -9,7 +9,7 @@ import pytest
 
 from healthfm.cli import main
 from healthfm.datasets import promoters, splice
-from healthfm.evaluate.embed import load_embeddings
+from healthfm.inference import load_embeddings
 from healthfm.model.pretrained import save_pretrained
 from helpers import tiny_model
 

@@ -445,7 +445,7 @@ def test_mhist_image_names_stay_in_the_data_set(tmp_path):
 
 
 def test_tile_source_attribute_reads_only_slides(tmp_path):
-    from healthfm.pathology import _slide_of_source
+    from healthfm.pathology.modality import _slide_of_source
 
     h5 = tmp_path / "tiles" / "s.h5"
     h5.parent.mkdir()

@@ -16,11 +16,13 @@ import pytest
 
 import healthfm
 from healthfm.errors import ModelError
+from healthfm.modalities import MODALITIES as MODALITY_NAMES
 from healthfm.tokenizer import TOKENIZER_FORMAT_VERSION, tokenizer_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
-MODALITIES = ("healthfm.dna", "healthfm.ehr", "healthfm.pathology", "healthfm.singlecell")
+#: The one list of modalities (healthfm.modalities), as module names.
+MODALITIES = tuple(f"healthfm.{name}" for name in MODALITY_NAMES)
 #: What model/ may import of healthfm, besides itself (the layers below it).
 BELOW_MODEL = {"errors", "fsutil", "tokenizer"}
 
@@ -62,6 +64,98 @@ def test_model_contract_forbids_every_other_top_level_module():
     tops = {m.name for m in pkgutil.iter_modules([str(SRC / "healthfm")])}
     expected = {f"healthfm.{name}" for name in tops - BELOW_MODEL - {"model"}}
     assert set(contract["forbidden_modules"]) == expected
+
+
+def test_contracts_list_every_modality_and_no_ignore():
+    # The contracts' modality lists are the one list (healthfm.modalities), and no
+    # contract needs an ignore_imports exception.
+    contracts = {c["id"]: c for c in _contracts()}
+    assert set(contracts["modalities-independent"]["modules"]) == set(MODALITIES)
+    assert set(contracts["modalities-below-stages"]["source_modules"]) == set(MODALITIES)
+    assert set(MODALITIES) <= set(contracts["contract-imports-no-evaluation"]["forbidden_modules"])
+    assert set(MODALITIES) <= set(contracts["acyclic-siblings"]["ancestors"])
+    for contract in contracts.values():
+        assert "ignore_imports" not in contract, contract["id"]
+    # Every modality package on disk is in the list, and each keeps its class in modality.py.
+    packages = {
+        m.name
+        for m in pkgutil.iter_modules([str(SRC / "healthfm")])
+        if m.ispkg and (SRC / "healthfm" / m.name / "modality.py").is_file()
+    }
+    assert packages == set(MODALITY_NAMES)
+    assert healthfm.modality_names() == sorted(MODALITY_NAMES)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    # Every import between healthfm's files (package __init__s included, imports inside
+    # functions included), as grimp (import-linter's graph builder) reads them.
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("healthfm", cache_dir=None)
+    return {
+        module: {
+            m for m in graph.find_modules_directly_imported_by(module) if m.startswith("healthfm")
+        }
+        for module in graph.modules
+        if module.startswith("healthfm")
+    }
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+    for root in sorted(edges):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges.get(root, ()))))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_tarjan_finds_a_cycle():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(edges) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_between_any_two_files():
+    # Issue 22: 16 files sat in import cycles (the registry's loaders, the modality
+    # contract's default hooks, pathology's package and its demo). None may come back.
+    assert _cycles(_import_graph()) == []
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from healthfm.errors import ConfigError, HealthFMError, TrainingInterrupted
-from healthfm.modality import DEFAULT_SALT, get_modality, modality_names
+from healthfm.modality import DEFAULT_SALT, Commands, get_modality, modality_names
 from healthfm.model.config import POOLINGS, PRESETS, TASK_POOLINGS
 from healthfm.options import Flag, add_flags, config_values
 
@@ -52,9 +52,15 @@ POSITIVE_FLOAT = _number(float, 0.0, strict=True)
 NON_NEGATIVE_FLOAT = _number(float, 0.0)
 
 
+def _modality_commands(names: list[str]) -> list[Commands]:
+    # The modalities' own sub-commands (Modality.commands; None for most modalities).
+    found = (get_modality(name).commands for name in names)
+    return [commands for commands in found if commands is not None]
+
+
 def _modality_parent(name: str) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
-    get_modality(name).add_arguments(parent)
+    get_modality(name).options_class.add_arguments(parent)
     return parent
 
 
@@ -157,8 +163,8 @@ def build_parser(model_modality: str | None = None) -> argparse.ArgumentParser:
     _embed_parser(sub, parents)
     _evaluate_parser(sub, parents)
     _small_parsers(sub, names)
-    for name in names:  # commands a modality adds of its own (Modality.add_commands)
-        get_modality(name).add_commands(sub)
+    for commands in _modality_commands(names):  # commands a modality adds of its own
+        commands.add(sub)
     _finetune_parser(sub, parents)
     return parser
 
@@ -583,7 +589,7 @@ def _run_command(args: argparse.Namespace, opts: dict, model_modality: str | Non
         _info(args.model)
     elif args.command == "models":
         _models(args.name, args.json)
-    elif not any(get_modality(name).run_command(args) for name in modality_names()):
+    elif not any(commands.run(args) for commands in _modality_commands(modality_names())):
         raise ConfigError(f"no modality runs the command {args.command!r}")
     return 0
 

@@ -7,7 +7,9 @@ checkpoint, a configuration).
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import Any
 
 
 class HealthFMError(Exception):
@@ -75,3 +77,17 @@ class TrainingInterrupted(HealthFMError):
     def __init__(self, message: str, *, file=None, signal: int = 0) -> None:
         self.signal = signal
         super().__init__(message, file=file)
+
+
+def require(module: str, extra: str) -> Any:
+    """Import an optional dependency, or a one-line ``ConfigError`` naming the extra.
+
+    Here, at the bottom of the package, so that a modality (scVI for single-cell) and the
+    published encoders share it without importing each other.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(
+            f"this needs {module!r} ({exc}); install it with: pip install 'healthfm[{extra}]'"
+        ) from exc

@@ -5,9 +5,14 @@ that never branches on a modality's name. A modality is a set of *parts* the sta
 a reader (→ :class:`Samples`), a split, a tokenizer or image preprocessor, a batch source
 for training, the rows a task is scored on (:class:`EvaluationRows`), how those rows are
 embedded by an :class:`~healthfm.encoders.Encoder`, baseline featurizers, an evaluation
-protocol (data and small functions the shared evaluator runs), how embeddings are written,
-and a demo spec. A modality never imports the stages, the CLI or another modality; the
-defaults below serve modalities whose samples are token sequences with one label each.
+protocol (data and small functions the shared evaluator runs), and a demo spec. What only
+some modalities have is a capability object: :class:`Pretraining` (corpora, augmentation,
+batch sources, count baselines), :class:`Embedding` (rows that are not samples, how
+embeddings are written) and :class:`Commands` (sub-commands of their own).
+
+A modality never imports the stages, the CLI or another modality; the defaults below serve
+modalities whose samples are token sequences with one label each, and import nothing of
+:mod:`healthfm.evaluate` (inference, :mod:`healthfm.inference`, sits below this contract).
 """
 
 from __future__ import annotations
@@ -26,12 +31,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from healthfm.errors import ConfigError, DataError
+from healthfm.modalities import MODALITIES
 from healthfm.options import Options
 from healthfm.tokenizer import Tokenizer
 from healthfm.tokens import TokenChunk, TokenStore, write_store
 
 #: Modules that define modalities; importing one registers it.
-MODALITY_MODULES = ("healthfm.dna", "healthfm.ehr", "healthfm.pathology", "healthfm.singlecell")
+MODALITY_MODULES = tuple(f"healthfm.{name}" for name in MODALITIES)
 _MODALITIES: dict[str, Modality] = {}
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -124,8 +130,13 @@ class EvaluationRows:
         "train" / "val" / "test" per row.
     data_hash
         Provenance of the evaluated data.
+    options
+        The modality's typed options the rows were read with.
     info
-        What the modality keeps for its own parts (the label file, cached features ...).
+        The modality's own typed record of the rows, for its own parts (EHR:
+        :class:`healthfm.ehr.modality.LabelRowsInfo`, the label rows and the features of
+        each vocabulary; pathology: :class:`healthfm.pathology.evaluation.TileRowsInfo`),
+        None by default.
     survival
         Whether the task is time-to-event (:mod:`healthfm.evaluate.survival`): ``y`` holds
         times and ``event`` whether each row's event was observed.
@@ -140,7 +151,8 @@ class EvaluationRows:
     regression: bool
     split: np.ndarray
     data_hash: str
-    info: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
+    info: Any = None
     survival: bool = False
     event: np.ndarray | None = None
 
@@ -268,8 +280,201 @@ class EmbeddingInput:
 BaselineFn = Callable[[Samples, np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class TaskRule:
+    """How ``evaluate`` tells a regression from a classification (see
+    :meth:`Modality.evaluation_rows`).
+
+    The stage builds it (:func:`healthfm.stages.evaluate.task_rule`): the rule reads the
+    fine-tuned model folders, which is evaluation code the contract does not import.
+
+    Attributes
+    ----------
+    regression
+        ``regression(labels, categorical) -> bool``: whether these (non-test) labels are
+        scored as a regression: the fine-tuned models' task when any are scored, else the
+        labels' own (``categorical``: declared categorical, never a regression).
+    finetuned
+        Whether fine-tuned models are scored (their task then wins over ``--task-type``).
+    """
+
+    regression: Callable[[np.ndarray, bool], bool]
+    finetuned: bool = False
+
+
+class Pretraining:
+    """How a modality is pretrained, past its tokenizer: the defaults serve token sequences.
+
+    A modality whose pretraining differs (genome windows for DNA, image tiles cut from
+    slides for pathology) subclasses it and names the subclass in
+    :attr:`Modality.pretraining_class`; the pretrain and tokenize stages call
+    ``modality.pretraining``.
+    """
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def expand_input(self, path: Path) -> list[Path]:
+        """The sources one pretraining input stands for: itself by default (a DNA folder of
+        FASTA files is one source per genome)."""
+        return [Path(path)]
+
+    def prepare_options(self, options: Options, workdir: Path) -> Options:
+        """Reader options for a pretraining run whose working folder is ``workdir``
+        (e.g. where tiles cut from slides go)."""
+        return options
+
+    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
+        """Return a batch augmentation ``f(batch, generator) -> batch``, or ``None``."""
+        return None
+
+    def training_overrides(self, options: Options) -> dict[str, Any]:
+        """:class:`~healthfm.train.trainer.TrainConfig` fields this modality's options set
+        (e.g. the MAE mask ratio)."""
+        return {}
+
+    def batch_source(
+        self,
+        tokenizer: Tokenizer,
+        samples: Samples,
+        indices: np.ndarray,
+        *,
+        training: bool,
+        workdir: Path,
+    ) -> Any:
+        """What the trainer draws batches of ``indices`` from: a token store at ``workdir``
+        by default (reused when it already holds these samples' tokens), or any
+        :class:`~healthfm.train.data.BatchSource` (image tiles)."""
+        existing = reuse_store(workdir, tokenizer.hash, samples.data_hash)
+        return existing or self.modality.tokenize(tokenizer, samples, workdir, indices)
+
+    def info(
+        self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Extra fields for the model folder's ``training_info.json``."""
+        return {}
+
+    def count_baseline(
+        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
+    ) -> dict[str, Any] | None:
+        """A count model's held-out loss beside the pretraining held-out loss (``loss`` in
+        nats per token, ``name``, ``what``), on the same held-out samples (the first
+        ``n_val`` of ``val``). None: the stage's generic count baseline (token frequency for
+        masked objectives, bigrams for causal ones)."""
+        return None
+
+
+class Embedding:
+    """How ``healthfm embed`` (and evaluation) turn a modality's samples into vectors.
+
+    The defaults serve token sequences: one input, one row per sample, tokenized into a
+    token store and run through :func:`healthfm.inference.embed_store`. A modality whose
+    rows are not its samples (EHR label rows, DNA genome windows) or whose data are not
+    token sequences (image tiles) subclasses it and names the subclass in
+    :attr:`Modality.embedding_class`; the stages call ``modality.embedding``.
+    """
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def inputs(
+        self, path: str | Path, options: Options, out: Path, encoder: Any
+    ) -> list[EmbeddingInput]:
+        """The inputs ``healthfm embed`` writes, each with its output path: the input
+        itself by default; one per slide for a folder of slides. Opening one (reading it,
+        tiling a slide) is left to whichever process embeds it."""
+        return [EmbeddingInput(str(path), Path(out), lambda: self.modality.read(path, options))]
+
+    def prepare(self, encoder: Any, samples: Samples, options: Options) -> None:
+        """Check opened samples against the encoder once per run (vocabulary coverage;
+        EHR: read the label rows), before any part is embedded."""
+        self.modality.check_input(samples, encoder.tokenizer)
+
+    def n_rows(self, samples: Samples, options: Options) -> int:
+        """How many vectors embedding ``samples`` gives (its samples; EHR: its label rows)."""
+        return len(samples)
+
+    def tokenize_part(
+        self, encoder: Any, samples: Samples, indices: np.ndarray, options: Options, workdir: Path
+    ) -> Any:
+        """The reading and tokenizing of rows ``indices`` (CPU work the embed stage overlaps
+        with the previous part's compute): a token store in ``workdir`` by default."""
+        return self.modality.tokenize(encoder.tokenizer, samples, Path(workdir) / "store", indices)
+
+    def embed_part(
+        self,
+        encoder: Any,
+        samples: Samples,
+        part: Any,
+        options: Options,
+        pooling: str | None,
+        batch_size: int,
+        bf16: bool = False,
+        compile: bool = False,
+    ) -> np.ndarray:
+        """One float32 vector per row of a part :meth:`tokenize_part` prepared (batches by
+        a token budget, shortest first; see :func:`healthfm.inference.embed_store`);
+        ``compile``: through ``torch.compile``."""
+        from healthfm.inference import embed_store
+
+        return embed_store(encoder, part, pooling, batch_size, bf16, compile=compile)
+
+    def embed_rows(
+        self,
+        encoder: Any,
+        samples: Samples,
+        rows: EvaluationRows,
+        pooling: str | None,
+        batch_size: int,
+    ) -> np.ndarray:
+        """The encoder's vector of every evaluation row (default: of every sample)."""
+        return embed_samples(self.modality, encoder, samples, {}, pooling, batch_size)
+
+    def write(
+        self,
+        out: Path,
+        samples: Samples,
+        embeddings: np.ndarray,
+        attrs: dict[str, Any],
+        options: Options,
+    ) -> Path:
+        """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys.
+
+        ``embeddings`` may be a read-only memory map larger than memory (the assembled
+        parts of a sharded run): writers stream it in row blocks.
+        """
+        from healthfm.inference import save_embeddings
+
+        labels = samples.labels
+        columns = {"label": labels} if labels is not None else None
+        return save_embeddings(
+            out, samples.keys, embeddings, columns if out.suffix == ".parquet" else None
+        )
+
+
+class Commands:
+    """A modality's own ``healthfm`` sub-commands (pathology: ``tile``, ``mil`` ...), named
+    in :attr:`Modality.commands_class`; the CLI adds and runs them and names no modality."""
+
+    def __init__(self, modality: Modality) -> None:
+        self.modality = modality
+
+    def add(self, subparsers: Any) -> None:
+        """Add the sub-commands to the CLI's ``subparsers`` (the object
+        ``ArgumentParser.add_subparsers`` returns)."""
+
+    def run(self, args: argparse.Namespace) -> bool:
+        """Run ``args.command`` if it is one of :meth:`add`'s; True when handled."""
+        return False
+
+
 class Modality(ABC):
-    """A data modality: the parts the shared stages run (see the module docstring)."""
+    """A data modality: the parts the shared stages run (see the module docstring).
+
+    The class holds the core every modality supplies; what only some modalities have is a
+    capability object: :attr:`pretraining` (:class:`Pretraining`), :attr:`embedding`
+    (:class:`Embedding`) and :attr:`commands` (:class:`Commands`, None when it has none).
+    """
 
     name: ClassVar[str]
     #: Pretraining objective: "masked" (bidirectional) or "causal" (next token), or one a
@@ -291,15 +496,20 @@ class Modality(ABC):
     options_class: ClassVar[type[Options]] = Options
     #: What this modality's input is, in words ("a MEDS folder"), for messages.
     input_kind: ClassVar[str] = "its input"
+    #: The capability classes; an instance holds one object of each (built with it).
+    pretraining_class: ClassVar[type[Pretraining]] = Pretraining
+    embedding_class: ClassVar[type[Embedding]] = Embedding
+    commands_class: ClassVar[type[Commands] | None] = None
+
+    def __init__(self) -> None:
+        self.pretraining: Pretraining = self.pretraining_class(self)
+        self.embedding: Embedding = self.embedding_class(self)
+        self.commands: Commands | None = self.commands_class(self) if self.commands_class else None
 
     # ------------------------------------------------------------------ options, reading
     def options(self, values: Options | Mapping[str, Any] | None = None) -> Any:
         """Typed options from a dict (or as they are); an unknown name is a ``ConfigError``."""
         return self.options_class.from_dict(values)
-
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this modality's option flags (from :attr:`options_class`) to a CLI parser."""
-        self.options_class.add_arguments(parser)
 
     def looks_like(self, path: Path) -> bool | None:
         """A cheap sniff (names, suffixes, a few bytes; never a full read): whether ``path``
@@ -334,6 +544,19 @@ class Modality(ABC):
     def fit_tokenizer(self, samples: Samples, train_idx: np.ndarray, options: Options) -> Tokenizer:
         """Fit a tokenizer (or image preprocessor) on the training samples only."""
 
+    def fit_corpus_tokenizer(
+        self, parts: list[tuple[Samples, np.ndarray]], options: Options
+    ) -> Tokenizer:
+        """Fit one tokenizer on the training samples of several sources: ``parts`` holds
+        each source's samples and its training indices. One source: :meth:`fit_tokenizer`;
+        a modality whose vocabulary can span sources (genes, codes) overrides this."""
+        if len(parts) == 1:
+            return self.fit_tokenizer(parts[0][0], parts[0][1], options)
+        raise ConfigError(
+            f"the {self.name} modality cannot fit one tokenizer over {len(parts)} sources; "
+            "pretrain on one input"
+        )
+
     @abstractmethod
     def encode(
         self, tokenizer: Tokenizer, samples: Samples, indices: np.ndarray | None = None
@@ -360,158 +583,12 @@ class Modality(ABC):
             out, self.encode(tokenizer, samples, indices), tokenizer.hash, tokenizer.fields, extra
         )
 
-    # ------------------------------------------------------------------ pretraining
-    def prepare_options(self, options: Options, workdir: Path) -> Options:
-        """Reader options for a pretraining run whose working folder is ``workdir``
-        (e.g. where tiles cut from slides go)."""
-        return options
-
-    def augmenter(self, tokenizer: Tokenizer) -> Callable | None:
-        """Return a batch augmentation ``f(batch, generator) -> batch``, or ``None``."""
-        return None
-
     def model_defaults(
         self, tokenizer: Tokenizer, samples: Samples, options: Options
     ) -> dict[str, Any]:
         """Model-config fields this modality fixes (context length, value input ...); an
         ``extra`` dict is merged into ``ModelConfig.extra``."""
         return {}
-
-    def training_overrides(self, options: Options) -> dict[str, Any]:
-        """:class:`~healthfm.train.trainer.TrainConfig` fields this modality's options set
-        (e.g. the MAE mask ratio)."""
-        return {}
-
-    def batch_source(
-        self,
-        tokenizer: Tokenizer,
-        samples: Samples,
-        indices: np.ndarray,
-        *,
-        training: bool,
-        workdir: Path,
-    ) -> Any:
-        """What the trainer draws batches of ``indices`` from: a token store at ``workdir``
-        by default (reused when it already holds these samples' tokens), or any
-        :class:`~healthfm.train.data.BatchSource` (image tiles)."""
-        existing = reuse_store(workdir, tokenizer.hash, samples.data_hash)
-        return existing or self.tokenize(tokenizer, samples, workdir, indices)
-
-    def pretraining_info(
-        self, tokenizer: Tokenizer, train_config: Any, summary: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Extra fields for the model folder's ``training_info.json``."""
-        return {}
-
-    # ------------------------------------------------------------------ corpora
-    def expand_input(self, path: Path) -> list[Path]:
-        """The sources one pretraining input stands for: itself by default (a DNA folder of
-        FASTA files is one source per genome)."""
-        return [Path(path)]
-
-    def fit_corpus_tokenizer(
-        self, parts: list[tuple[Samples, np.ndarray]], options: Options
-    ) -> Tokenizer:
-        """Fit one tokenizer on the training samples of several sources: ``parts`` holds
-        each source's samples and its training indices. One source: :meth:`fit_tokenizer`;
-        a modality whose vocabulary can span sources (genes, codes) overrides this."""
-        if len(parts) == 1:
-            return self.fit_tokenizer(parts[0][0], parts[0][1], options)
-        raise ConfigError(
-            f"the {self.name} modality cannot fit one tokenizer over {len(parts)} sources; "
-            "pretrain on one input"
-        )
-
-    def pretraining_baseline(
-        self, tokenizer: Tokenizer, train: Any, val: Any, n_val: int
-    ) -> dict[str, Any] | None:
-        """A count model's held-out loss beside the pretraining held-out loss (``loss`` in
-        nats per token, ``name``, ``what``), on the same held-out samples (the first
-        ``n_val`` of ``val``). None: the stage's generic count baseline (token frequency for
-        masked objectives, bigrams for causal ones)."""
-        return None
-
-    # ------------------------------------------------------------------ embedding
-    def embedding_inputs(
-        self, path: str | Path, options: Options, out: Path, encoder: Any
-    ) -> list[EmbeddingInput]:
-        """The inputs ``healthfm embed`` writes, each with its output path: the input
-        itself by default; one per slide for a folder of slides. Opening one (reading it,
-        tiling a slide) is left to whichever process embeds it."""
-        return [EmbeddingInput(str(path), Path(out), lambda: self.read(path, options))]
-
-    def prepare_embedding(self, encoder: Any, samples: Samples, options: Options) -> None:
-        """Check opened samples against the encoder once per run (vocabulary coverage;
-        EHR: read the label rows), before any part is embedded."""
-        self.check_input(samples, encoder.tokenizer)
-
-    def embedding_rows(self, samples: Samples, options: Options) -> int:
-        """How many vectors embedding ``samples`` gives (its samples; EHR: its label rows)."""
-        return len(samples)
-
-    def tokenize_part(
-        self, encoder: Any, samples: Samples, indices: np.ndarray, options: Options, workdir: Path
-    ) -> Any:
-        """The reading and tokenizing of rows ``indices`` (CPU work the embed stage overlaps
-        with the previous part's compute): a token store in ``workdir`` by default."""
-        return self.tokenize(encoder.tokenizer, samples, Path(workdir) / "store", indices)
-
-    def embed_part(
-        self,
-        encoder: Any,
-        samples: Samples,
-        part: Any,
-        options: Options,
-        pooling: str | None,
-        batch_size: int,
-        bf16: bool = False,
-        compile: bool = False,
-    ) -> np.ndarray:
-        """One float32 vector per row of a part :meth:`tokenize_part` prepared (batches by
-        a token budget, shortest first; see :func:`healthfm.evaluate.embed.embed_store`);
-        ``compile``: through ``torch.compile``."""
-        from healthfm.evaluate.embed import embed_store
-
-        return embed_store(encoder, part, pooling, batch_size, bf16, compile=compile)
-
-    def embed_samples(
-        self,
-        encoder: Any,
-        samples: Samples,
-        options: Options,
-        pooling: str | None,
-        batch_size: int,
-        bf16: bool = False,
-    ) -> np.ndarray:
-        """Every row's vector in one call (evaluation): :meth:`prepare_embedding`, then
-        all rows as one part."""
-        options = self.options(options)
-        self.prepare_embedding(encoder, samples, options)
-        rows = np.arange(self.embedding_rows(samples, options))
-        with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
-            part = self.tokenize_part(encoder, samples, rows, options, Path(tmp))
-            return self.embed_part(encoder, samples, part, options, pooling, batch_size, bf16)
-
-    def write_embeddings(
-        self,
-        out: Path,
-        samples: Samples,
-        embeddings: np.ndarray,
-        attrs: dict[str, Any],
-        options: Options,
-    ) -> Path:
-        """Write the embeddings: parquet (key, embedding, label) or ``.npy`` + keys.
-
-        ``embeddings`` may be a read-only memory map larger than memory (the assembled
-        parts of a sharded run): writers stream it in row blocks.
-        """
-        from healthfm.evaluate.embed import save_embeddings
-
-        labels = samples.labels
-        columns = {"label": labels} if labels is not None else None
-        return save_embeddings(
-            out, samples.keys, embeddings, columns if out.suffix == ".parquet" else None
-        )
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_rows(
@@ -520,13 +597,11 @@ class Modality(ABC):
         options: Options,
         salt: str,
         fractions: tuple[float, float, float],
-        finetuned: list,
+        task_rule: TaskRule,
     ) -> EvaluationRows:
         """The labelled rows a task is scored on: one per sample by default, split by
-        :meth:`split`; a regression when the fine-tuned models are, or when the labels
-        hold many distinct numbers (the rule ``finetune`` uses)."""
-        from healthfm.evaluate.finetuned import evaluation_is_regression
-
+        :meth:`split`; a regression when ``task_rule`` says so (the fine-tuned models'
+        task, or many distinct numbers among the labels: the rule ``finetune`` uses)."""
         split = np.asarray(self.split(samples, salt, tuple(fractions))).astype(str)
         target = samples.info.get("survival")
         if target is not None:  # time and event columns: a time-to-event task
@@ -538,14 +613,14 @@ class Modality(ABC):
                 regression=False,
                 split=split,
                 data_hash=samples.data_hash,
-                info={"options": options},
+                options=options,
                 survival=True,
                 event=target["event"],
             )
         labels = require_labels(samples, np.where(split == "val", "train", split))
         pool = np.flatnonzero(split != "test")
-        regression = self.numeric_labels_regress and evaluation_is_regression(
-            labels[pool], finetuned, bool(samples.info.get("categorical_labels"))
+        regression = self.numeric_labels_regress and task_rule.regression(
+            labels[pool], bool(samples.info.get("categorical_labels"))
         )
         if regression:
             classes, y = np.array([]), labels_as_targets(samples, labels)
@@ -559,32 +634,13 @@ class Modality(ABC):
             regression=regression,
             split=split,
             data_hash=samples.data_hash,
-            info={"options": options},
+            options=options,
         )
 
     def evaluation_protocol(self, options: Options) -> Any:
-        """The evaluation protocol the shared evaluator runs
-        (:class:`healthfm.evaluate.protocol.ProbeProtocol` by default)."""
-        from healthfm.evaluate.protocol import ProbeProtocol
-
-        return ProbeProtocol()
-
-    def embed_rows(
-        self,
-        encoder: Any,
-        samples: Samples,
-        rows: EvaluationRows,
-        pooling: str | None,
-        batch_size: int,
-    ) -> np.ndarray:
-        """The encoder's vector of every evaluation row (default: of every sample)."""
-        return self.embed_samples(encoder, samples, {}, pooling, batch_size)
-
-    def pooling_candidates(self, encoder: Any) -> tuple[str, ...]:
-        """The poolings ``--pooling auto`` tries: a published encoder's own, else
-        :attr:`poolings`."""
-        offered = getattr(encoder, "poolings", None)
-        return tuple(offered) if offered else tuple(self.poolings)
+        """The evaluation protocol the shared evaluator runs, or None (the default) for the
+        shared linear probe (:class:`healthfm.evaluate.protocol.ProbeProtocol`)."""
+        return None
 
     def baselines(self) -> dict[str, BaselineFn]:
         """Baseline featurizers by method name."""
@@ -599,15 +655,6 @@ class Modality(ABC):
             X = np.asarray(featurize(samples, pool), dtype=np.float32)
             out[name] = Features(X, baseline=True, seconds=time.perf_counter() - t)
         return out
-
-    def extra_evaluations(self, context: dict[str, Any]) -> list:
-        """Extra result rows computed by the shared ``evaluate`` (kNN, clustering ...).
-
-        ``context`` holds ``features`` ({method: :class:`Features`}), ``y`` (class index
-        per sample), ``classes``, ``splits`` ({name: indices}), ``seeds``, ``n_boot``,
-        ``task``, ``samples``, ``model_hash``.
-        """
-        return []
 
     # ------------------------------------------------------------------ fine-tuning
     def task_input(
@@ -632,14 +679,25 @@ class Modality(ABC):
         """What ``healthfm demo`` runs for this modality, or None when it has no demo."""
         return None
 
-    # ------------------------------------------------------------------ CLI
-    def add_commands(self, subparsers: Any) -> None:  # noqa: B027
-        """Add this modality's own ``healthfm`` sub-commands (``tile`` ...) to the CLI's
-        ``subparsers`` (the object ``ArgumentParser.add_subparsers`` returns)."""
 
-    def run_command(self, args: argparse.Namespace) -> bool:
-        """Run ``args.command`` if it is one of :meth:`add_commands`'s; True when handled."""
-        return False
+def embed_samples(
+    modality: Modality,
+    encoder: Any,
+    samples: Samples,
+    options: Options | Mapping[str, Any] | None,
+    pooling: str | None,
+    batch_size: int,
+    bf16: bool = False,
+) -> np.ndarray:
+    """Every row's vector in one call (evaluation): the modality's
+    :meth:`Embedding.prepare`, then all rows as one part."""
+    embedding = modality.embedding
+    options = modality.options(options)
+    embedding.prepare(encoder, samples, options)
+    rows = np.arange(embedding.n_rows(samples, options))
+    with tempfile.TemporaryDirectory(prefix="healthfm-embed-") as tmp:
+        part = embedding.tokenize_part(encoder, samples, rows, options, Path(tmp))
+        return embedding.embed_part(encoder, samples, part, options, pooling, batch_size, bf16)
 
 
 def register_modality(modality: Modality) -> Modality:
@@ -823,54 +881,6 @@ def require_labels(samples: Samples, splits: np.ndarray | None = None) -> np.nda
                     column=samples.label_column,
                 )
     return samples.labels
-
-
-def attach_survival(
-    samples: Samples,
-    time: Any,
-    event: Any,
-    time_column: str,
-    event_column: str,
-    task_type: str = "auto",
-) -> Samples:
-    """Make ``samples`` a time-to-event task: validated times and events in
-    ``samples.info["survival"]``, which :meth:`Modality.evaluation_rows` reads.
-
-    ``task_type`` ("auto" or "survival") is the ``--task-type`` option; a classification
-    or regression is refused (a time column and an event column make a survival task).
-
-    Raises
-    ------
-    DataError
-        A zero, negative or missing time, an event that is not a boolean, or no event
-        (:func:`healthfm.evaluate.survival.check_survival`, naming file, column and row).
-    ConfigError
-        ``task_type`` asks for a classification or a regression.
-    """
-    from healthfm.evaluate.survival import check_survival
-
-    if task_type not in ("auto", "survival"):
-        raise ConfigError(
-            f"--time-column {time_column} and --event-column {event_column} make a "
-            f"time-to-event task, not a {task_type}: drop them, or use --task-type survival",
-            column="task_type",
-        )
-    t, e = check_survival(
-        time,
-        event,
-        file=samples.source,
-        time_column=time_column,
-        event_column=event_column,
-        keys=samples.keys,
-    )
-    samples.info["survival"] = {
-        "time": t,
-        "event": e,
-        "time_column": time_column,
-        "event_column": event_column,
-    }
-    samples.label_column = samples.label_column or time_column
-    return samples
 
 
 def survival_options(options: Any) -> tuple[str, str] | None:

@@ -299,7 +299,9 @@ def test_windows_never_cross_a_segment(tmp_path, genome):
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {})
     assert tok.max_length == 257 and m.model_defaults(tok, samples, {}) == {"max_len": 257}
-    source = m.batch_source(tok, samples, np.arange(3), training=True, workdir=tmp_path / "w")
+    source = m.pretraining.batch_source(
+        tok, samples, np.arange(3), training=True, workdir=tmp_path / "w"
+    )
     # Segments: c0 [0,10000) [10200,30000), c1, c2; windows: ceil(len/256) each.
     expected = sum(-(-n // 256) for n in (10_000, 19_800, 5_000, 700))
     assert len(source) == expected
@@ -328,7 +330,9 @@ def test_random_offsets_per_epoch_and_fixed_tiling_held_out(tmp_path, genome):
     samples, records = genome
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {})
-    train = m.batch_source(tok, samples, np.arange(3), training=True, workdir=tmp_path / "t")
+    train = m.pretraining.batch_source(
+        tok, samples, np.arange(3), training=True, workdir=tmp_path / "t"
+    )
     idx = np.arange(len(train))
     a = train.spans(idx, torch.Generator().manual_seed(1))[0]
     b = train.spans(idx, torch.Generator().manual_seed(2))[0]
@@ -337,7 +341,9 @@ def test_random_offsets_per_epoch_and_fixed_tiling_held_out(tmp_path, genome):
     assert (a != b).mean() > 0.9
     b1 = train.batch(idx[:8], torch.Generator().manual_seed(1))["ids"]
     assert torch.equal(b1, train.batch(idx[:8], torch.Generator().manual_seed(1))["ids"])
-    held = m.batch_source(tok, samples, np.arange(3), training=False, workdir=tmp_path / "v")
+    held = m.pretraining.batch_source(
+        tok, samples, np.arange(3), training=False, workdir=tmp_path / "v"
+    )
     s1, n1 = held.spans(idx, torch.Generator().manual_seed(1))
     s2, n2 = held.spans(idx, None)
     assert np.array_equal(s1, s2) and np.array_equal(n1, n2)
@@ -357,12 +363,12 @@ def test_store_reuse_and_split_stores(tmp_path, genome):
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {})
     work = tmp_path / "train"
-    first = m.batch_source(tok, samples, np.array([0, 2]), training=True, workdir=work)
+    first = m.pretraining.batch_source(tok, samples, np.array([0, 2]), training=True, workdir=work)
     stamp = (work / "bases.bin").stat().st_mtime_ns
-    again = m.batch_source(tok, samples, np.array([2, 0]), training=True, workdir=work)
+    again = m.pretraining.batch_source(tok, samples, np.array([2, 0]), training=True, workdir=work)
     assert (work / "bases.bin").stat().st_mtime_ns == stamp
     assert again.store.names == first.store.names == ["c0", "c2"]
-    other = m.batch_source(tok, samples, np.array([1]), training=False, workdir=work)
+    other = m.pretraining.batch_source(tok, samples, np.array([1]), training=False, workdir=work)
     assert other.store.names == ["c1"] and len(other) == -(-5000 // 256)
 
 
@@ -371,7 +377,9 @@ def test_kmer_windows_and_context_cap(tmp_path, genome):
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {"k": 3, "stride": 3, "window": 256})
     assert tok.max_length == 1 + (256 - 3) // 3 + 1
-    source = m.batch_source(tok, samples, np.arange(3), training=False, workdir=tmp_path / "s")
+    source = m.pretraining.batch_source(
+        tok, samples, np.arange(3), training=False, workdir=tmp_path / "s"
+    )
     idx = np.arange(len(source))
     batch = source.batch(idx, None)
     buf, lengths, _ = source.window_bases(idx)
@@ -401,8 +409,8 @@ def test_corpus_hooks(tmp_path, genome):
     folder.mkdir()
     for name in ("b.fa.gz", "a.fna", "c.2bit", "notes.txt"):
         (folder / name).write_bytes(b"")
-    assert [p.name for p in m.expand_input(folder)] == ["a.fna", "b.fa.gz", "c.2bit"]
-    assert m.expand_input(table) == [table]
+    assert [p.name for p in m.pretraining.expand_input(folder)] == ["a.fna", "b.fa.gz", "c.2bit"]
+    assert m.pretraining.expand_input(table) == [table]
 
 
 def test_tokenize_command_writes_the_genome_store(tmp_path, genome, capsys):
@@ -440,14 +448,18 @@ def test_pretraining_baseline(tmp_path, genome):
     samples, _ = genome
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {})
-    train = m.batch_source(tok, samples, np.array([0]), training=True, workdir=tmp_path / "t")
-    val = m.batch_source(tok, samples, np.array([1, 2]), training=False, workdir=tmp_path / "v")
-    result = m.pretraining_baseline(tok, train, val, len(val))
+    train = m.pretraining.batch_source(
+        tok, samples, np.array([0]), training=True, workdir=tmp_path / "t"
+    )
+    val = m.pretraining.batch_source(
+        tok, samples, np.array([1, 2]), training=False, workdir=tmp_path / "v"
+    )
+    result = m.pretraining.count_baseline(tok, train, val, len(val))
     assert result["name"] == "markov-5" and 1.9 < result["bits_per_base"] < 2.1
     assert result["nats_per_token"] == pytest.approx(result["bits_per_base"] * np.log(2))
-    assert m.pretraining_baseline(tok, object(), val, len(val)) is None
+    assert m.pretraining.count_baseline(tok, object(), val, len(val)) is None
     # The first n_val held-out windows only: what the trainer's held-out loss read.
-    few = m.pretraining_baseline(tok, train, val, 3)
+    few = m.pretraining.count_baseline(tok, train, val, 3)
     assert few["eval_bases"] == sum(val.window_bases(np.arange(3))[1]) - 3 * 5
     assert markov_baseline(train, val, order=1)["bits_per_base"] < 2.01
 
@@ -536,7 +548,9 @@ def test_pretrain_on_a_genome_and_pickled_source(tmp_path, genome):
     samples, _ = genome
     m = DnaModality()
     tok = m.fit_tokenizer(samples, np.arange(3), {"window": 64})
-    source = m.batch_source(tok, samples, np.arange(3), training=True, workdir=tmp_path / "s")
+    source = m.pretraining.batch_source(
+        tok, samples, np.arange(3), training=True, workdir=tmp_path / "s"
+    )
     copy = pickle.loads(pickle.dumps(source))  # DataLoader workers: no memory map pickled
     idx = np.arange(0, len(source), 97)
     a = source.batch(idx, torch.Generator().manual_seed(3))

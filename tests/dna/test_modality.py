@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import healthfm.dna as dna
+import healthfm.dna.modality as dna_modality
 from healthfm.dna import DnaModality, KmerTokenizer
 from healthfm.errors import ConfigError, DataError
 from healthfm.modality import assign_splits, get_modality, modality_names, split_indices
@@ -28,7 +28,7 @@ def options(*argv: str) -> dict:
     # The flags as the CLI parses them, then typed (unset flags take the dataclass defaults).
     parser = argparse.ArgumentParser()
     modality = DnaModality()
-    modality.add_arguments(parser)
+    modality.options_class.add_arguments(parser)
     return modality.options(vars(parser.parse_args(list(argv)))).to_dict()
 
 
@@ -101,7 +101,7 @@ def test_fit_encode_defaults(splice, tmp_path):
 
 
 def test_encode_chunks(monkeypatch, splice):
-    monkeypatch.setattr(dna, "CHUNK_SIZE", 1000)
+    monkeypatch.setattr(dna_modality, "CHUNK_SIZE", 1000)
     m = get_modality("dna")
     tok = KmerTokenizer(k=3)
     chunks = list(m.encode(tok, splice))
@@ -123,9 +123,12 @@ def test_model_defaults_cap(tmp_path):
 def test_augmenter(splice):
     m = get_modality("dna")
     train = np.arange(100)
-    assert m.augmenter(m.fit_tokenizer(splice, train, options("--no-reverse-complement"))) is None
+    assert (
+        m.pretraining.augmenter(m.fit_tokenizer(splice, train, options("--no-reverse-complement")))
+        is None
+    )
     tok = m.fit_tokenizer(splice, train, options())
-    augment = m.augmenter(tok)
+    augment = m.pretraining.augmenter(tok)
     chunk = tok.encode(splice.payload[:4])
     ids = torch.from_numpy(chunk.ids.astype(np.int64).reshape(4, 61))
     out = augment({"ids": ids, "attention_mask": ids != PAD_ID}, torch.Generator().manual_seed(0))

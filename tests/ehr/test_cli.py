@@ -282,3 +282,29 @@ def test_baselines_alone_without_a_model(syn_meds, tmp_path):
     assert {r.method for r in rows} == {"counts+logreg", "counts+gbm", "meds-tab+gbm"} and all(
         r.is_baseline for r in rows
     )
+
+
+def test_count_baselines_do_not_depend_on_the_model_order(model_dir, syn_meds, tmp_path):
+    # Two models of different vocabularies (min-count 5 and 1): the count baselines used to
+    # count the codes of whichever model was embedded last, so --model A --model B gave
+    # B's vocabulary and --model B --model A gave A's.
+    other = tmp_path / "other"
+    argv = ["pretrain", "ehr", str(syn_meds), "--out", str(other), "--steps", "2"]
+    assert main([*argv, "--batch-size", "8", "--min-count", "1"]) == 0
+    labels = str(syn_meds / "task_labels" / "admission_1y" / "labels.parquet")
+    run = partial(
+        evaluate,
+        input_path=syn_meds,
+        options={"labels": labels, "few_shot": ["all"]},
+        seeds=[0],
+        n_boot=20,
+        echo=False,
+        controls=False,
+    )
+
+    def baselines(rows):
+        return sorted((r.method, r.metric, f"{r.value:.12g}") for r in rows if r.is_baseline)
+
+    forward = baselines(run([model_dir, other], out_dir=tmp_path / "ab"))
+    backward = baselines(run([other, model_dir], out_dir=tmp_path / "ba"))
+    assert forward and forward == backward

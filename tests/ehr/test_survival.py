@@ -15,6 +15,7 @@ from healthfm.ehr.reader import open_meds, read_labels, scan_meds
 from healthfm.ehr.survival_tasks import time_to_event_labels, write_labels
 from healthfm.ehr.synthetic import write_meds
 from healthfm.errors import ConfigError, DataError
+from healthfm.stages.evaluate import task_rule
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,9 @@ def test_survival_label_rows_of_the_evaluation(unseen_meds):
     ehr = get_modality("ehr")
     opts = {"labels": str(unseen_meds / "task_labels" / "admission_tte" / "labels.parquet")}
     samples = ehr.read(unseen_meds, ehr.options(opts))
-    rows = ehr.evaluation_rows(samples, ehr.options(opts), "healthfm", (0.7, 0.1, 0.2), [])
+    rows = ehr.evaluation_rows(
+        samples, ehr.options(opts), "healthfm", (0.7, 0.1, 0.2), task_rule([])
+    )
     assert rows.survival and not rows.regression and rows.event.dtype == bool
     assert rows.y.dtype == np.float64 and (rows.y > 0).all() and len(rows.classes) == 0
     forced = ehr.evaluation_rows(
@@ -217,7 +220,7 @@ def test_survival_label_rows_of_the_evaluation(unseen_meds):
         ehr.options({**opts, "task_type": "classification"}),
         "healthfm",
         (0.7, 0.1, 0.2),
-        [],
+        task_rule([]),
     )
     assert not forced.survival and forced.classes.tolist() == [0, 1]
 

@@ -16,7 +16,7 @@ import torch
 
 from healthfm.encoders import entries
 from healthfm.errors import DataError, ModelError
-from healthfm.evaluate.embed import embed_store
+from healthfm.inference import embed_store
 from healthfm.loader import load_encoder
 from healthfm.modality import get_modality
 from healthfm.singlecell import pbmc68k

@@ -25,7 +25,7 @@ from healthfm.encoders.pathology_vits import (
     timm_reference,
 )
 from healthfm.errors import ConfigError, ModelError
-from healthfm.evaluate.embed import load_embeddings
+from healthfm.inference import load_embeddings
 from healthfm.loader import load_encoder
 from healthfm.pathology.source import TileSource, embed_tiles
 from healthfm.pathology.tilesets import read_tile_set

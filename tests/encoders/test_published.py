@@ -18,10 +18,9 @@ from healthfm.encoders.published import (
     load_weights,
     read_json,
     read_state_dict,
-    require,
     safe_unpickle,
 )
-from healthfm.errors import ConfigError, ModelError
+from healthfm.errors import ConfigError, ModelError, require
 
 
 class Evil:

@@ -18,7 +18,7 @@ from torch import nn
 
 from healthfm.encoders import entries
 from healthfm.errors import DataError, ModelError
-from healthfm.evaluate.embed import embed_store
+from healthfm.inference import embed_store
 from healthfm.loader import load_encoder
 from healthfm.modality import get_modality
 from healthfm.singlecell import pbmc68k
@@ -171,11 +171,11 @@ def test_tokens_are_deterministic_and_drawn_like_the_authors(model):
     edges = np.quantile(row, np.linspace(0, 1, 50))
     left, right = np.digitize(row, edges), np.digitize(row, edges, right=True)
     authors = np.ceil(np.random.default_rng(0).random((400, len(row))) * (right - left) + left)
-    from healthfm.singlecell.tokenizer import _segments
+    from healthfm.singlecell.tokenizer import row_segments
 
     order = np.argsort(-row, kind="stable")
     rows = np.zeros(len(row), dtype=np.int64)
-    counts, starts, _ = _segments(rows, 1)
+    counts, starts, _ = row_segments(rows, 1)
     ours = model.tokenizer.bins(row[order], rows, np.arange(len(row)), counts, starts)
     ones = ours[row[order] == 1.0]
     assert set(np.unique(ones)) <= set(np.unique(authors[:, :60]))

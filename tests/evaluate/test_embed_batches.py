@@ -8,7 +8,7 @@ import torch
 
 from healthfm.datasets import promoters
 from healthfm.errors import ConfigError
-from healthfm.evaluate.embed import embed_store, token_budget_batches
+from healthfm.inference import embed_store, token_budget_batches
 from healthfm.modality import get_modality
 from healthfm.model.config import ModelConfig
 from healthfm.model.heads import FoundationModel

@@ -26,6 +26,7 @@ from healthfm.evaluate.survival import (
     survival_metrics,
 )
 from healthfm.modality import Features
+from healthfm.stages.evaluate import task_rule
 
 TD = ["td_auroc_q25", "td_auroc_q50", "td_auroc_q75"]
 
@@ -332,7 +333,7 @@ def test_anndata_obs_time_and_event_make_a_survival_task():
     sc = get_modality("singlecell")
     opts = sc.options({"time_column": "os_days", "event_column": "dead", "group_column": "donor"})
     samples = sc.read(adata, opts)
-    rows = sc.evaluation_rows(samples, opts, "healthfm", (0.6, 0.2, 0.2), [])
+    rows = sc.evaluation_rows(samples, opts, "healthfm", (0.6, 0.2, 0.2), task_rule([]))
     assert rows.survival and rows.event.sum() == obs["dead"].sum()
     np.testing.assert_allclose(rows.y, obs["os_days"].to_numpy())
     adata.obs.loc["c7", "os_days"] = np.nan

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from healthfm.cli import main
-from healthfm.evaluate.embed import load_embeddings
+from healthfm.inference import load_embeddings
 from healthfm.modality import get_modality, modality_names
 from healthfm.pathology import PathologyModality
 
@@ -247,7 +247,7 @@ def test_slide_folder_embeds_a_part_per_slide_and_resumes(
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
     modality = get_modality("pathology")
-    real = type(modality).embed_part
+    real = type(modality.embedding).embed_part
     calls = []
 
     def dies_on_the_second_slide(self, *a, **k):
@@ -257,7 +257,7 @@ def test_slide_folder_embeds_a_part_per_slide_and_resumes(
         return real(self, *a, **k)
 
     out = tmp_path / "feats"
-    monkeypatch.setattr(type(modality), "embed_part", dies_on_the_second_slide)
+    monkeypatch.setattr(type(modality.embedding), "embed_part", dies_on_the_second_slide)
     assert main([*args, "--out", str(out)]) == 130  # "interrupted"
     first = out / "a.h5"
     assert first.is_file() and not (out / "b.h5").exists()

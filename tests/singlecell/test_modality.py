@@ -12,7 +12,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from healthfm.cli import main
 from healthfm.modality import get_modality
-from healthfm.singlecell import hvg_pca, log_normalize, pbmc68k, read_h5ad, stratified_splits, tl
+from healthfm.scverse import tl
+from healthfm.singlecell import hvg_pca, log_normalize, pbmc68k, read_h5ad, stratified_splits
 from healthfm.singlecell.evaluation import clustering_scores, contingency_scores
 from healthfm.tokens import TokenStore
 

@@ -21,7 +21,7 @@ import pytest
 
 from healthfm.cli import main
 from healthfm.datasets import data_path, promoters, splice
-from healthfm.evaluate.embed import load_embeddings
+from healthfm.inference import load_embeddings
 
 FAST = ["--steps", "2", "--batch-size", "8", "--eval-every", "0"]
 SRC = Path(__file__).resolve().parents[2] / "src"

@@ -33,10 +33,10 @@ from healthfm.encoders.published import (
 )
 from healthfm.errors import ConfigError, ModelError
 from healthfm.evaluate.adapters import ADAPTER_CONFIG
-from healthfm.evaluate.embed import embed_store
 from healthfm.evaluate.encoder_task import EncoderTaskModel, lora_targets
 from healthfm.evaluate.task_head import predict
 from healthfm.fsutil import sha256_file
+from healthfm.inference import embed_store
 from healthfm.loader import (
     ADAPTER,
     BASE_REF,

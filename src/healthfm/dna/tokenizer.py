@@ -220,7 +220,7 @@ class KmerTokenizer(Tokenizer):
         Keep at most this many tokens per sample (``[CLS]`` included); ``None`` keeps all.
     reverse_complement
         Whether pretraining should apply reverse-complement augmentation (read only by
-        :meth:`healthfm.dna.DnaModality.augmenter`). It is a training option, not part of
+        :meth:`healthfm.dna.modality.DnaPretraining.augmenter`). It is a training option, not part of
         the encoding, so it is left out of :attr:`hash`: flipping it does not invalidate
         token stores.
     """

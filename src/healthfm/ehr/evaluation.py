@@ -208,7 +208,6 @@ def run_protocol(
         Result rows, and held-out probabilities (predictions for a regression) per
         method for ``k=all`` (or the largest k run).
     """
-    from healthfm.evaluate.probe import align_proba
 
     if regression and ks != ["all"]:
         from healthfm.errors import ConfigError
@@ -222,17 +221,7 @@ def run_protocol(
     tr = np.flatnonzero(split == "train")
     tu = np.flatnonzero(split == "tuning")
     te = np.flatnonzero(split == "held_out")
-    for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
-        if regression and len(np.unique(y[idx])) < 2:
-            raise DataError(
-                f"the {name} split has a constant target among {len(idx)} rows; the protocol "
-                "needs varying targets in train, tuning and held_out"
-            )
-        if not regression and len(np.unique(y[idx])) < 2:
-            raise DataError(
-                f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
-                f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
-            )
+    _check_splits(y, tr, tu, te, regression)
     rows: list[ResultRow] = []
     final: dict[str, np.ndarray] = {}
     if counter is not None:
@@ -252,31 +241,9 @@ def run_protocol(
                 b = tu[few_shot_indices(y[tu], int(k), seed + 10_000)]
             for method, (X, is_baseline, kind) in features.items():
                 t = time.perf_counter()
-                if regression:
-                    p, extra = _fit_regression(kind, X[a], y[a], X[b], y[b], X[te], seed)
-                    m = regression_metrics(
-                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
-                    )
-                elif kind == "gbm":
-                    proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
-                else:
-                    res = fit_linear_probe(
-                        X[a],
-                        y[a],
-                        X[b],
-                        y[b],
-                        X[te],
-                        select_metric="auroc",
-                        refit="train",
-                        seed=seed,
-                    )
-                    proba = align_proba(res.proba, res.classes, np.arange(n_classes))
-                    extra = {"best_C": res.best_C, "val_auroc": res.val_score}
-                if not regression:
-                    p = positive_scores(proba)
-                    m = classification_metrics(
-                        y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
-                    )
+                p, m, extra = _fit_and_score(
+                    X, kind, y, a, b, te, groups, seed, n_boot, metrics, n_classes, regression
+                )
                 wall = time.perf_counter() - t
                 if counter is not None:
                     counter.update(note=f"{method}, k={k}, seed {seed}")
@@ -314,6 +281,69 @@ def run_protocol(
             if progress:
                 print(f"      k={k} seed={seed} done", flush=True)
     return rows, final
+
+
+def _check_splits(
+    y: np.ndarray, tr: np.ndarray, tu: np.ndarray, te: np.ndarray, regression: bool
+) -> None:
+    # Every split needs varying targets (a regression) or both classes.
+    for name, idx in (("train", tr), ("tuning", tu), ("held_out", te)):
+        if regression and len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has a constant target among {len(idx)} rows; the protocol "
+                "needs varying targets in train, tuning and held_out"
+            )
+        if not regression and len(np.unique(y[idx])) < 2:
+            raise DataError(
+                f"the {name} split has {len(np.unique(y[idx]))} label class(es) among "
+                f"{len(idx)} rows; the protocol needs both classes in train, tuning and held_out"
+            )
+
+
+def _fit_and_score(
+    X: np.ndarray,
+    kind: str,
+    y: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    te: np.ndarray,
+    groups: np.ndarray,
+    seed: int,
+    n_boot: int,
+    metrics: list[str],
+    n_classes: int,
+    regression: bool,
+) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    # One method's probe fitted on rows ``a`` (tuned on ``b``), its held-out scores and
+    # their metrics, and the probe's own fields (best C, validation score ...).
+    from healthfm.evaluate.probe import align_proba
+
+    if regression:
+        p, extra = _fit_regression(kind, X[a], y[a], X[b], y[b], X[te], seed)
+        m = regression_metrics(
+            y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+        )
+    elif kind == "gbm":
+        proba, extra = _fit_gbm(X[a], y[a], X[b], y[b], X[te], seed, n_classes)
+    else:
+        res = fit_linear_probe(
+            X[a],
+            y[a],
+            X[b],
+            y[b],
+            X[te],
+            select_metric="auroc",
+            refit="train",
+            seed=seed,
+        )
+        proba = align_proba(res.proba, res.classes, np.arange(n_classes))
+        extra = {"best_C": res.best_C, "val_auroc": res.val_score}
+    if not regression:
+        p = positive_scores(proba)
+        m = classification_metrics(
+            y[te], p, n_boot=n_boot, seed=seed, groups=groups[te], metrics=metrics
+        )
+    return p, m, extra
 
 
 def _fit_regression(kind: str, xtr, ytr, xtu, ytu, xte, seed: int):
@@ -579,7 +609,7 @@ class EhrshotProtocol:
             predictions=predictions,
             counter=progress,
         )
-        seconds = rows.info.get("seconds_embed")
+        seconds = rows.info.seconds_embed
         for r in result_rows:
             r.extra["labels_per_s_embed"] = (len(rows) / seconds) if seconds else None
             r.extra.update(features[r.method].extra)  # e.g. a control's "control" field
@@ -607,11 +637,11 @@ class EhrshotProtocol:
 
         from healthfm.fsutil import atomic_write_text
 
-        labels = rows.info["labels"]
+        labels = rows.info.labels
         te = rows.indices("test")
         held = labels.frame[te]
         for method, p in result.scores.items():
-            if not rows.info["boolean_like"] and not rows.regression and p.ndim == 1:
+            if not rows.info.boolean_like and not rows.regression and p.ndim == 1:
                 p = np.stack([1.0 - p, p], axis=1)  # two non-boolean classes
             write_predictions(
                 Path(out_dir) / "predictions" / f"{method.replace('+', '_')}.parquet",
@@ -633,8 +663,8 @@ class EhrshotProtocol:
             "seeds": run_info["seeds"],
             "ks": self.ks(rows.regression),
             "n_boot": run_info["n_boot"],
-            "embed_seconds": rows.info.get("seconds_embed", 0.0),
-            "featurize_seconds": rows.info.get("seconds_featurize", 0.0),
+            "embed_seconds": _or_zero(rows.info.seconds_embed),
+            "featurize_seconds": _or_zero(rows.info.seconds_featurize),
             "total_seconds": run_info["total_seconds"],
         }
         atomic_write_text(
@@ -650,3 +680,8 @@ MEDS_NAMES = {"train": "train", "val": "tuning", "test": "held_out"}
 def meds_split_names(split: np.ndarray) -> np.ndarray:
     """train / val / test → train / tuning / held_out."""
     return np.array([MEDS_NAMES[s] for s in np.asarray(split).astype(str)])
+
+
+def _or_zero(seconds: float | None) -> float:
+    # A time not measured (no model embedded the rows) reads 0 in run_info.json.
+    return 0.0 if seconds is None else seconds

@@ -74,10 +74,9 @@ from healthfm.encoders.published import (
     load_weights,
     read_json,
     read_state_dict,
-    require,
 )
 from healthfm.encoders.registry import EncoderEntry, register_entry
-from healthfm.errors import DataError, ModelError
+from healthfm.errors import DataError, ModelError, require
 from healthfm.fsutil import json_hash
 from healthfm.tokenizer import Tokenizer, register_tokenizer
 

@@ -76,8 +76,8 @@ from healthfm.fsutil import sha256_file
 from healthfm.singlecell.tokenizer import (
     TARGET_SUM,
     CellTokenizer,
-    _expressed,
-    _segments,
+    expressed_entries,
+    row_segments,
     sort_rows_desc,
     sum_duplicates,
 )
@@ -290,7 +290,7 @@ class GeneformerTokenizer(CellTokenizer):
         """Rank-value token ids (the model's own) of a block of cells."""
         col_map = self.column_map(data_genes)
         n = block.shape[0]
-        rows, _, vocab, counts = _expressed(block, col_map)
+        rows, _, vocab, counts = expressed_entries(block, col_map)
         mapped = col_map[col_map >= 0]
         if len(np.unique(mapped)) < len(mapped):
             rows, vocab, counts = sum_duplicates(rows, vocab, counts, len(self.genes))
@@ -302,7 +302,7 @@ class GeneformerTokenizer(CellTokenizer):
         )
         order = sort_rows_desc(rows, scores, n)
         vocab = vocab[order]  # rows stay grouped
-        seg_counts, _, pos = _segments(rows, n)
+        seg_counts, _, pos = row_segments(rows, n)
         special = 2 if self.version == "V2" else 0
         if special == 0 and np.any(seg_counts == 0):
             cell = keys[int(np.flatnonzero(seg_counts == 0)[0])]

@@ -46,10 +46,9 @@ from healthfm.encoders.published import (
     load_weights,
     read_json,
     read_state_dict,
-    require,
 )
 from healthfm.encoders.registry import EncoderEntry, register_entry
-from healthfm.errors import ConfigError, ModelError
+from healthfm.errors import ConfigError, ModelError, require
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

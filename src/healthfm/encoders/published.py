@@ -11,7 +11,6 @@ set anywhere in healthfm.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import pickle
 from collections.abc import Iterable, Mapping
@@ -195,16 +194,6 @@ def content_hash(tokenizer: Any) -> str:
     data = tokenizer.to_dict()
     data["config"] = {k: v for k, v in data["config"].items() if k != "files"}
     return json_hash(data)
-
-
-def require(module: str, extra: str) -> Any:
-    """Import an optional dependency, or a one-line ``ConfigError`` naming the extra."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(
-            f"this needs {module!r} ({exc}); install it with: pip install 'healthfm[{extra}]'"
-        ) from exc
 
 
 class PublishedEncoder(nn.Module):

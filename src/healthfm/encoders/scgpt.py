@@ -69,9 +69,9 @@ from healthfm.errors import ModelError
 from healthfm.fsutil import sha256_file
 from healthfm.singlecell.tokenizer import (
     CellTokenizer,
-    _expressed,
-    _segments,
+    expressed_entries,
     quantile_bins,
+    row_segments,
     sort_rows_desc,
     sum_duplicates,
 )
@@ -250,14 +250,14 @@ class ScGPTTokenizer(CellTokenizer):
         """``<cls>`` + gene ids, with ``pad_value`` then the genes' bins as values."""
         col_map = self.column_map(data_genes)
         n = block.shape[0]
-        rows, _, vocab, counts = _expressed(block, col_map)
+        rows, _, vocab, counts = expressed_entries(block, col_map)
         mapped = col_map[col_map >= 0]
         if len(np.unique(mapped)) < len(mapped):
             rows, vocab, counts = sum_duplicates(rows, vocab, counts, len(self.genes))
         values = counts.astype(np.float32)  # the authors bin the counts as they are
         order = sort_rows_desc(rows, values, n, exact=False)
         vocab, values = vocab[order], values[order]
-        seg_counts, starts, pos = _segments(rows, n)
+        seg_counts, starts, pos = row_segments(rows, n)
         bins = self.bins(values, rows, vocab, seg_counts, starts)
         room = self.max_length - 1
         lengths = np.minimum(seg_counts, room) + 1

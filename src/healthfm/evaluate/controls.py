@@ -17,11 +17,13 @@ evaluation is asked to choose it (:func:`choose_pooling`).
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import numpy as np
 
+from healthfm.evaluate.probe import standardise
 from healthfm.modality import Features
 
 #: The ``control`` field of a control's rows.
@@ -119,23 +121,6 @@ def strongest_baseline(
     return max(scores, key=lambda k: -np.inf if np.isnan(scores[k]) else scores[k]), scores
 
 
-def standardise(X: np.ndarray, fit_idx: np.ndarray, keep_missing: bool = False) -> np.ndarray:
-    """Each column centred and scaled by the mean and standard deviation of ``fit_idx``
-    (NaN-aware; a constant column scales by 1); missing values set to 0 (the mean), or
-    kept as NaN with ``keep_missing`` (boosted trees read missingness itself)."""
-    X = np.asarray(X, dtype=np.float64)
-    ref = X[fit_idx]
-    with np.errstate(invalid="ignore"):
-        present = np.isfinite(ref).any(axis=0)
-        mean = np.where(present, np.nanmean(np.where(present, ref, 0.0), axis=0), 0.0)
-        sd = np.where(present, np.nanstd(np.where(present, ref, 0.0), axis=0), 1.0)
-    sd[~(sd > 0)] = 1.0
-    out = (X - mean) / sd
-    if keep_missing:
-        return np.where(np.isinf(out), np.nan, out).astype(np.float32)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-
-
 def combined_features(model: Features, baseline: Features, rows: Any) -> Features:
     """``model ⊕ baseline``: both blocks standardised on the non-test rows, concatenated,
     under the baseline's probe (so the row compares with the baseline's own row; for
@@ -195,10 +180,9 @@ def control_features(
         t = time.perf_counter()
         # A modality may keep per-run state in rows.info (EHR: the count features and the
         # embedding time of the model); the control must not replace the model's.
-        saved = dict(rows.info)
-        emb = modality.embed_rows(control, samples, rows, pooling, batch_size)
-        rows.info.clear()
-        rows.info.update(saved)
+        saved = copy.copy(rows.info)
+        emb = modality.embedding.embed_rows(control, samples, rows, pooling, batch_size)
+        rows.info = saved
         name = untrained_name or modality.embedding_method.format(
             preset=control.name,
             pooling=pooling,
@@ -250,7 +234,7 @@ def choose_pooling(
     scores: dict[str, float] = {}
     best: tuple[float, str, np.ndarray] | None = None
     for pooling in candidates:
-        emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
+        emb = modality.embedding.embed_rows(encoder, samples, rows, pooling, batch_size)
         scores[pooling] = validation_score(Features(emb, baseline=False), rows)
         if best is None or scores[pooling] > best[0]:
             best = (scores[pooling], pooling, emb)

@@ -48,9 +48,11 @@ from healthfm.errors import ConfigError, DataError
 
 __all__ = [
     "BINARY_METRICS",
+    "MAX_UNITS",
     "MULTICLASS_METRICS",
     "REGRESSION_METRICS",
     "MetricCI",
+    "bootstrap_units",
     "bootstrap_weights",
     "classification_metrics",
     "clustering_metrics",
@@ -586,3 +588,25 @@ def clustering_metrics(labels_true: Any, labels_pred: Any) -> dict[str, float]:
         "ari": float(adjusted_rand_score(t, p)),
         "nmi": float(normalized_mutual_info_score(t, p)),
     }
+
+
+#: Most bootstrap units of a survival bootstrap: the pair matrices are units × units, so
+#: more groups (a row bootstrap of a large test set) are pooled at random into this many
+#: clusters of whole groups (see :func:`bootstrap_units`).
+MAX_UNITS = 1500
+
+
+def bootstrap_units(groups: np.ndarray, max_units: int = MAX_UNITS) -> np.ndarray:
+    """The bootstrap unit of each row: its group, or with more than ``max_units`` groups a
+    seeded random cluster of whole groups (``max_units`` clusters).
+
+    Resampling clusters of independent groups is still a cluster bootstrap (every
+    group's rows stay together); it bounds the survival scorer's units × units pair
+    matrices. Point values never depend on it.
+    """
+    g = np.asarray(groups).astype(str)
+    uniq, inverse = np.unique(g, return_inverse=True)
+    if len(uniq) <= max_units:
+        return g
+    cluster = np.random.default_rng(0).permutation(len(uniq)) % max_units
+    return cluster[inverse.reshape(-1)].astype(str)

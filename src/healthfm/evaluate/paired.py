@@ -558,7 +558,7 @@ def compare_result(
     unit = f"{len(np.unique(groups))} test groups"
     context = getattr(result, "survival", None)
     if context is not None:  # y: test times; the scores carry risk and S(t)
-        from healthfm.evaluate.survival import bootstrap_units
+        from healthfm.evaluate.metrics import bootstrap_units
 
         event = np.asarray(rows.event)[te]
         groups = bootstrap_units(groups)  # as the protocol's own intervals

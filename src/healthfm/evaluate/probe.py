@@ -55,6 +55,7 @@ __all__ = [
     "fit_linear_probe",
     "fit_ridge_probe",
     "infer_task",
+    "standardise",
 ]
 
 # Inverse regularization strengths tried by default. Features are standardized, so the
@@ -682,3 +683,20 @@ def few_shot_indices(y: Any, k: int, seed: int) -> np.ndarray:
     first = np.searchsorted(sorted_codes, sorted_codes, side="left")
     rank = np.arange(labels.size) - first
     return np.sort(perm[order[rank < k]]).astype(np.int64)
+
+
+def standardise(X: np.ndarray, fit_idx: np.ndarray, keep_missing: bool = False) -> np.ndarray:
+    """Each column centred and scaled by the mean and standard deviation of ``fit_idx``
+    (NaN-aware; a constant column scales by 1); missing values set to 0 (the mean), or
+    kept as NaN with ``keep_missing`` (boosted trees read missingness itself)."""
+    X = np.asarray(X, dtype=np.float64)
+    ref = X[fit_idx]
+    with np.errstate(invalid="ignore"):
+        present = np.isfinite(ref).any(axis=0)
+        mean = np.where(present, np.nanmean(np.where(present, ref, 0.0), axis=0), 0.0)
+        sd = np.where(present, np.nanstd(np.where(present, ref, 0.0), axis=0), 1.0)
+    sd[~(sd > 0)] = 1.0
+    out = (X - mean) / sd
+    if keep_missing:
+        return np.where(np.isinf(out), np.nan, out).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)

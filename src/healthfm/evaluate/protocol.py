@@ -254,6 +254,16 @@ class ProbeProtocol:
         """The metrics of result rows."""
         return list(REGRESSION_METRICS) if regression else list(self.metrics)
 
+    def extra_rows(self, context: dict[str, Any]) -> list[ResultRow]:
+        """More result rows of a classification task computed from every method's features
+        (single-cell: k-NN and clustering); none by default.
+
+        ``context`` holds ``features`` ({method: Features}), ``y`` (class index per row),
+        ``classes``, ``splits`` ({name: indices}), ``seeds``, ``n_boot``, ``task``,
+        ``samples`` and ``model_hash``.
+        """
+        return []
+
     def splitter(self, rows: Any):
         """``pool_split(seed) -> (probe-train, probe-val)`` over the non-test rows."""
         if self.pool_split == "stratified":

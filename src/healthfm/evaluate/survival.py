@@ -41,8 +41,15 @@ from typing import Any
 import numpy as np
 
 from healthfm.errors import ConfigError, DataError
-from healthfm.evaluate.metrics import MetricCI, _percentile_ci, bootstrap_weights
+from healthfm.evaluate.metrics import (
+    MetricCI,
+    _percentile_ci,
+    bootstrap_units,
+    bootstrap_weights,
+)
+from healthfm.evaluate.probe import standardise
 from healthfm.evaluate.protocol import ProbeResult, probe_split
+from healthfm.modality import Samples
 
 __all__ = [
     "HORIZON_QUANTILES",
@@ -52,6 +59,7 @@ __all__ = [
     "SurvivalProtocol",
     "SurvivalResult",
     "SurvivalScorer",
+    "attach_survival",
     "bootstrap_units",
     "check_survival",
     "describe_rows",
@@ -85,10 +93,6 @@ ALPHA_MIN_RATIO = 0.01
 GRID_POINTS = 20
 # Anchor rows per block of the pairwise matrices (bounds memory to block × n floats).
 _BLOCK = 2048
-#: Most bootstrap units of a survival bootstrap: the pair matrices are units × units, so
-#: more groups (a row bootstrap of a large test set) are pooled at random into this many
-#: clusters of whole groups (see :func:`bootstrap_units`).
-MAX_UNITS = 1500
 
 
 # --------------------------------------------------------------------------------------
@@ -180,20 +184,50 @@ def check_survival(
     return t, events
 
 
-def bootstrap_units(groups: np.ndarray, max_units: int = MAX_UNITS) -> np.ndarray:
-    """The bootstrap unit of each row: its group, or with more than ``max_units`` groups a
-    seeded random cluster of whole groups (``max_units`` clusters).
+def attach_survival(
+    samples: Samples,
+    time: Any,
+    event: Any,
+    time_column: str,
+    event_column: str,
+    task_type: str = "auto",
+) -> Samples:
+    """Make ``samples`` a time-to-event task: validated times and events in
+    ``samples.info["survival"]``, which :meth:`healthfm.modality.Modality.evaluation_rows` reads.
 
-    Resampling clusters of independent groups is still a cluster bootstrap (every
-    group's rows stay together); it bounds the survival scorer's units × units pair
-    matrices. Point values never depend on it.
+    ``task_type`` ("auto" or "survival") is the ``--task-type`` option; a classification
+    or regression is refused (a time column and an event column make a survival task).
+
+    Raises
+    ------
+    DataError
+        A zero, negative or missing time, an event that is not a boolean, or no event
+        (:func:`check_survival`, naming file, column and row).
+    ConfigError
+        ``task_type`` asks for a classification or a regression.
     """
-    g = np.asarray(groups).astype(str)
-    uniq, inverse = np.unique(g, return_inverse=True)
-    if len(uniq) <= max_units:
-        return g
-    cluster = np.random.default_rng(0).permutation(len(uniq)) % max_units
-    return cluster[inverse.reshape(-1)].astype(str)
+    if task_type not in ("auto", "survival"):
+        raise ConfigError(
+            f"--time-column {time_column} and --event-column {event_column} make a "
+            f"time-to-event task, not a {task_type}: drop them, or use --task-type survival",
+            column="task_type",
+        )
+    t, e = check_survival(
+        time,
+        event,
+        file=samples.source,
+        time_column=time_column,
+        event_column=event_column,
+        keys=samples.keys,
+    )
+    samples.info["survival"] = {
+        "time": t,
+        "event": e,
+        "time_column": time_column,
+        "event_column": event_column,
+    }
+    samples.label_column = samples.label_column or time_column
+    return samples
 
 
 def _num(v: Any) -> float:
@@ -594,8 +628,6 @@ class CoxProbeResult:
 
 
 def _standardise(X: np.ndarray, fit: np.ndarray) -> np.ndarray:
-    from healthfm.evaluate.controls import standardise
-
     return standardise(X, fit).astype(np.float64)
 
 

@@ -1,7 +1,7 @@
 """The pathology sub-commands of ``healthfm``: ``tile`` and ``evaluate-slides``.
 
-Registered through :meth:`healthfm.modality.Modality.add_commands` /
-:meth:`~healthfm.modality.Modality.run_command`, so the CLI names no modality. The work
+Registered through the pathology modality's :class:`~healthfm.modality.Commands` capability
+(:class:`healthfm.pathology.modality.PathologyCommands`), so the CLI names no modality. The work
 (tiling, MIL) is imported when a command runs, not when ``healthfm --help`` is built.
 """
 

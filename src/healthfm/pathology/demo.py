@@ -78,15 +78,16 @@ def mil_step(out: Path, model_dir: Path, kather: Path, slide: Path, n_boot: int)
     """Bags of the slide's tile embeddings (positives: inserted Kather tumour tiles), gated
     ABMIL vs mean pooling, and how often attention finds the inserted tiles."""
     from healthfm.loader import load
-    from healthfm.pathology import MODALITY, TileSource, embed_tiles
+    from healthfm.modality import get_modality
     from healthfm.pathology.mil import evaluate_slides
+    from healthfm.pathology.source import TileSource, embed_tiles
     from healthfm.pathology.tiling import read_tiles_h5
 
     t0 = time.perf_counter()
     model = load(model_dir, modality="pathology")
     slide_dir = out / "slide_features"
     grid, feats = read_tiles_h5(slide_dir / f"{slide.stem}.h5")
-    samples = MODALITY.read(kather, {})
+    samples = get_modality("pathology").read(kather, {})
     tumor = np.flatnonzero(samples.labels == "01_TUMOR")
     kemb = embed_tiles(
         model, TileSource(samples.payload, model.tokenizer, augment=False, cache=False)

@@ -324,50 +324,12 @@ def _evaluate_slides(
     model_dir, features_dir, labels_csv, out_dir, seeds, n_boot, slide_column, label_column,
     epochs, echo, t0,
 ) -> list[ResultRow]:  # fmt: skip
-    from healthfm.evaluate.metrics import classification_metrics
-    from healthfm.evaluate.probe import align_proba, fit_linear_probe
-    from healthfm.fsutil import confined, sha256_file
-    from healthfm.pathology.split import stratified_pool_split, stratified_split
-    from healthfm.pathology.tiling import draw_grid, read_tiles_h5, write_png, write_tiles_h5
+    from healthfm.fsutil import sha256_file
+    from healthfm.pathology.split import stratified_split
 
-    if model_dir is not None and (Path(model_dir) / "config.json").is_file():
-        from healthfm.model.pretrained import read_config
-
-        # The model is the features' provenance: one of another modality cannot be it.
-        found = read_config(model_dir).modality
-        if found != "pathology":
-            raise ModelError(
-                f"this is a {found} model; evaluate-slides needs the pathology model whose "
-                "tile features it scores (the one given to healthfm embed)",
-                file=Path(model_dir) / "config.json",
-                column="modality",
-            )
+    _check_model(model_dir)
     ids, labels, splits = read_slide_labels(labels_csv, slide_column, label_column)
-    bags, grids = [], []
-    for row, sid in enumerate(ids):
-        h5 = _find_h5(features_dir, sid, {"file": labels_csv, "column": slide_column, "row": row})
-        if h5 is None:
-            raise DataError(
-                f"no features file {sid}.h5 for slide {str(sid)!r}",
-                file=features_dir,
-                column=slide_column,
-                row=row,
-            )
-        grid, feats = read_tiles_h5(h5)
-        if feats is None:
-            raise DataError(
-                "tile file has no 'features' (run healthfm embed first)", file=h5, column="features"
-            )
-        if bags and feats.shape[1] != bags[0].shape[1]:
-            raise DataError(
-                f"features have {feats.shape[1]} dims, other slides {bags[0].shape[1]}",
-                file=h5,
-                column="features",
-            )
-        if len(feats) == 0:
-            raise DataError("slide has no tiles", file=h5, column="features")
-        bags.append(feats)
-        grids.append(grid)
+    bags, grids = _read_bags(ids, features_dir, labels_csv, slide_column)
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise DataError("slide labels hold a single class", file=labels_csv, column=label_column)
@@ -380,72 +342,20 @@ def _evaluate_slides(
     model_hash = sha256_file(Path(model_dir) / "model.safetensors") if model_dir else None
     data_hash = sha256_file(labels_csv)
     mean_feats = np.stack([b.mean(0) for b in bags])
+    task = f"{labels_csv.stem}:{label_column}"
     rows: list[ResultRow] = []
-    metrics_kw = {"n_boot": n_boot}
     predictions: list = []
     for seed in seeds:
-        tr, va = stratified_pool_split(y, pool_idx, seed)
-        t = time.perf_counter()
-        mil = fit_abmil(
-            [bags[i] for i in pool_idx], y[pool_idx], len(classes), seed=seed, epochs=epochs
-        )
-        proba, _ = predict_abmil(mil, [bags[i] for i in test_idx])
-        methods = {"gated-abmil": (proba, False, time.perf_counter() - t)}
-        t = time.perf_counter()
-        probe = fit_linear_probe(
-            mean_feats[tr], y[tr], mean_feats[va], y[va], mean_feats[test_idx], seed=seed
-        )
-        methods["mean-pool+logreg"] = (
-            align_proba(probe.proba, probe.classes, np.arange(len(classes))),
-            True,
-            time.perf_counter() - t,
-        )
-        for method, (scores, is_baseline, wall) in methods.items():
-            # ABMIL has no validation cut (it trains on the whole pool): NaN, and with one
-            # baseline there is nothing to choose between.
-            val = probe.val_metrics.get("balanced_accuracy", np.nan) if is_baseline else np.nan
-            predictions.append(Prediction(method, is_baseline, seed, scores, val))
-            metrics = classification_metrics(y[test_idx], scores, seed=seed, **metrics_kw)
-            rows += rows_from_metrics(
-                metrics,
-                names=["balanced_accuracy", "macro_f1", "auroc", "accuracy"],
-                task=f"{labels_csv.stem}:{label_column}",
-                method=method,
-                is_baseline=is_baseline,
-                n_test=len(test_idx),
-                seed=seed,
-                model_hash=model_hash,
-                data_hash=data_hash,
-                wall_seconds=wall,
-                extra={"level": "slide", "n_train": len(pool_idx), "modality": "pathology"},
-            )
+        mil, seed_rows, seed_predictions = _score_seed(
+            bags, mean_feats, y, len(classes), pool_idx, test_idx, seed, epochs, n_boot,
+            task, model_hash, data_hash,
+        )  # fmt: skip
+        rows += seed_rows
+        predictions += seed_predictions
         if seed == seeds[0]:
             # Attention of the first seed's model over every slide, saved and drawn.
-            _, attns = predict_abmil(mil, bags)
-            for sid, grid, attn in zip(ids, grids, attns, strict=True):
-                write_tiles_h5(
-                    confined(out_dir / "attention", f"{sid}.h5", "slide id", file=labels_csv),
-                    grid,
-                    datasets={"attention": attn.astype(np.float32)},
-                )
-                thumb = _find_thumbnail(features_dir, sid, grid.attrs)
-                if thumb is not None:
-                    from PIL import Image
-
-                    with Image.open(thumb) as im:
-                        low = np.asarray(im.convert("RGB"))
-                    ds = float(
-                        grid.attrs.get(
-                            "thumbnail_downsample",
-                            grid.attrs.get("level0_width", low.shape[1]) / low.shape[1],
-                        )
-                    )
-                    write_png(
-                        confined(out_dir / "heatmaps", f"{sid}.png", "slide id", file=labels_csv),
-                        draw_grid(low, ds, grid.coords, int(grid.attrs["patch_size_level0"]), attn),
-                    )
+            _save_attention(mil, bags, ids, grids, features_dir, out_dir, labels_csv)
     names = ["balanced_accuracy", "macro_f1", "auroc", "accuracy"]
-    task = f"{labels_csv.stem}:{label_column}"
     comparison = compare(
         predictions,
         y[test_idx],
@@ -480,3 +390,151 @@ def _evaluate_slides(
             f"results: {out_dir / 'results.json'}, {out_dir / 'report.html'}  ({time.perf_counter() - t0:.1f} s)"
         )
     return rows
+
+
+def _check_model(model_dir: str | Path | None) -> None:
+    # The model is the features' provenance: one of another modality cannot be it.
+    if model_dir is None or not (Path(model_dir) / "config.json").is_file():
+        return
+    from healthfm.model.pretrained import read_config
+
+    found = read_config(model_dir).modality
+    if found != "pathology":
+        raise ModelError(
+            f"this is a {found} model; evaluate-slides needs the pathology model whose "
+            "tile features it scores (the one given to healthfm embed)",
+            file=Path(model_dir) / "config.json",
+            column="modality",
+        )
+
+
+def _read_bags(
+    ids: np.ndarray, features_dir: Path, labels_csv: Path, slide_column: str
+) -> tuple[list[np.ndarray], list[Any]]:
+    # Every slide's tile features (its bag) and tile grid, checked: present, of one width,
+    # not empty.
+    from healthfm.pathology.tiling import read_tiles_h5
+
+    bags, grids = [], []
+    for row, sid in enumerate(ids):
+        h5 = _find_h5(features_dir, sid, {"file": labels_csv, "column": slide_column, "row": row})
+        if h5 is None:
+            raise DataError(
+                f"no features file {sid}.h5 for slide {str(sid)!r}",
+                file=features_dir,
+                column=slide_column,
+                row=row,
+            )
+        grid, feats = read_tiles_h5(h5)
+        if feats is None:
+            raise DataError(
+                "tile file has no 'features' (run healthfm embed first)", file=h5, column="features"
+            )
+        if bags and feats.shape[1] != bags[0].shape[1]:
+            raise DataError(
+                f"features have {feats.shape[1]} dims, other slides {bags[0].shape[1]}",
+                file=h5,
+                column="features",
+            )
+        if len(feats) == 0:
+            raise DataError("slide has no tiles", file=h5, column="features")
+        bags.append(feats)
+        grids.append(grid)
+    return bags, grids
+
+
+def _score_seed(
+    bags: list[np.ndarray],
+    mean_feats: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    pool_idx: np.ndarray,
+    test_idx: np.ndarray,
+    seed: int,
+    epochs: int,
+    n_boot: int,
+    task: str,
+    model_hash: str | None,
+    data_hash: str,
+) -> tuple[GatedABMIL, list[ResultRow], list]:
+    # One seed: gated ABMIL on the pool and mean pooling + logistic regression (probe-val
+    # cut per class), both scored on the test slides.
+    from healthfm.evaluate.metrics import classification_metrics
+    from healthfm.evaluate.probe import align_proba, fit_linear_probe
+    from healthfm.pathology.split import stratified_pool_split
+
+    tr, va = stratified_pool_split(y, pool_idx, seed)
+    t = time.perf_counter()
+    mil = fit_abmil([bags[i] for i in pool_idx], y[pool_idx], n_classes, seed=seed, epochs=epochs)
+    proba, _ = predict_abmil(mil, [bags[i] for i in test_idx])
+    methods = {"gated-abmil": (proba, False, time.perf_counter() - t)}
+    t = time.perf_counter()
+    probe = fit_linear_probe(
+        mean_feats[tr], y[tr], mean_feats[va], y[va], mean_feats[test_idx], seed=seed
+    )
+    methods["mean-pool+logreg"] = (
+        align_proba(probe.proba, probe.classes, np.arange(n_classes)),
+        True,
+        time.perf_counter() - t,
+    )
+    rows: list[ResultRow] = []
+    predictions: list = []
+    for method, (scores, is_baseline, wall) in methods.items():
+        # ABMIL has no validation cut (it trains on the whole pool): NaN, and with one
+        # baseline there is nothing to choose between.
+        val = probe.val_metrics.get("balanced_accuracy", np.nan) if is_baseline else np.nan
+        predictions.append(Prediction(method, is_baseline, seed, scores, val))
+        metrics = classification_metrics(y[test_idx], scores, seed=seed, n_boot=n_boot)
+        rows += rows_from_metrics(
+            metrics,
+            names=["balanced_accuracy", "macro_f1", "auroc", "accuracy"],
+            task=task,
+            method=method,
+            is_baseline=is_baseline,
+            n_test=len(test_idx),
+            seed=seed,
+            model_hash=model_hash,
+            data_hash=data_hash,
+            wall_seconds=wall,
+            extra={"level": "slide", "n_train": len(pool_idx), "modality": "pathology"},
+        )
+    return mil, rows, predictions
+
+
+def _save_attention(
+    mil: GatedABMIL,
+    bags: list[np.ndarray],
+    ids: np.ndarray,
+    grids: list[Any],
+    features_dir: Path,
+    out_dir: Path,
+    labels_csv: Path,
+) -> None:
+    # The model's attention over every slide's tiles (attention/<slide>.h5), drawn over
+    # the slide's thumbnail when one is found (heatmaps/<slide>.png).
+    from healthfm.fsutil import confined
+    from healthfm.pathology.tiling import draw_grid, write_png, write_tiles_h5
+
+    _, attns = predict_abmil(mil, bags)
+    for sid, grid, attn in zip(ids, grids, attns, strict=True):
+        write_tiles_h5(
+            confined(out_dir / "attention", f"{sid}.h5", "slide id", file=labels_csv),
+            grid,
+            datasets={"attention": attn.astype(np.float32)},
+        )
+        thumb = _find_thumbnail(features_dir, sid, grid.attrs)
+        if thumb is not None:
+            from PIL import Image
+
+            with Image.open(thumb) as im:
+                low = np.asarray(im.convert("RGB"))
+            ds = float(
+                grid.attrs.get(
+                    "thumbnail_downsample",
+                    grid.attrs.get("level0_width", low.shape[1]) / low.shape[1],
+                )
+            )
+            write_png(
+                confined(out_dir / "heatmaps", f"{sid}.png", "slide id", file=labels_csv),
+                draw_grid(low, ds, grid.coords, int(grid.attrs["patch_size_level0"]), attn),
+            )

@@ -167,7 +167,7 @@ def scvi_latent(
 
     import torch
 
-    from healthfm.encoders.published import require
+    from healthfm.errors import require
 
     scvi = require("scvi", "scvi")
     import anndata

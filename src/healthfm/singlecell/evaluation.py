@@ -21,6 +21,7 @@ from sklearn.cluster import KMeans
 
 from healthfm.evaluate.metrics import bootstrap_weights, classification_metrics
 from healthfm.evaluate.probe import align_proba, fit_knn_probe
+from healthfm.evaluate.protocol import ProbeProtocol
 from healthfm.evaluate.results import ResultRow
 
 KNN_K = 15
@@ -200,3 +201,12 @@ def clustering_rows(context: dict[str, Any], modality: str) -> list[ResultRow]:
                     )
                 )
     return rows
+
+
+class CellProbeProtocol(ProbeProtocol):
+    """The shared linear probe, plus k-NN probe rows and zero-shot k-means clustering rows
+    (ARI, NMI) of every method (:func:`knn_rows`, :func:`clustering_rows`)."""
+
+    def extra_rows(self, context: dict[str, Any]) -> list[ResultRow]:
+        """k-NN probe rows and clustering rows of the features in ``context``."""
+        return knn_rows(context, "singlecell") + clustering_rows(context, "singlecell")

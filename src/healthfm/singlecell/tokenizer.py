@@ -170,7 +170,7 @@ def sort_rows_desc(
     return order
 
 
-def _expressed(
+def expressed_entries(
     block: sp.csr_matrix, col_map: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Rows, data columns, vocabulary indices and counts of the expressed vocabulary genes."""
@@ -182,7 +182,7 @@ def _expressed(
     return rows[keep], cols[keep], vocab[keep], block.data[keep].astype(np.float64)
 
 
-def _segments(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_segments(rows: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-row counts, starts, and each entry's position within its row (rows sorted)."""
     counts = np.bincount(rows, minlength=n_rows)
     starts = np.cumsum(counts) - counts
@@ -389,7 +389,7 @@ class RankValueTokenizer(CellTokenizer):
         """Rank-value tokens of a block of cells."""
         col_map = self.column_map(data_genes)
         n = block.shape[0]
-        rows, _, vocab, counts = _expressed(block, col_map)
+        rows, _, vocab, counts = expressed_entries(block, col_map)
         scores = (
             counts
             / np.asarray(totals, dtype=np.float64)[rows]
@@ -398,7 +398,7 @@ class RankValueTokenizer(CellTokenizer):
         )
         order = sort_rows_desc(rows, scores, n)
         vocab = vocab[order]  # rows stay grouped: rows[order] == rows
-        seg_counts, _, pos = _segments(rows, n)
+        seg_counts, _, pos = row_segments(rows, n)
         ids, offsets, _ = _assemble(rows, vocab, pos, seg_counts, self.max_length - 1, None)
         return TokenChunk(ids=ids, offsets=offsets, keys=list(keys))
 
@@ -462,7 +462,7 @@ class BinnedTokenizer(CellTokenizer):
         """Gene tokens with per-cell quantile bins of log1p expression as values."""
         col_map = self.column_map(data_genes)
         n = block.shape[0]
-        rows, _, vocab, counts = _expressed(block, col_map)
+        rows, _, vocab, counts = expressed_entries(block, col_map)
         # float32 values: within a cell equal float32 values mean equal counts, so the
         # float32 order is exact and the bins match np.quantile on these values.
         logs = np.log1p(
@@ -470,7 +470,7 @@ class BinnedTokenizer(CellTokenizer):
         ).astype(np.float32)
         order = sort_rows_desc(rows, logs, n, exact=False)
         vocab, svals = vocab[order], logs[order]  # rows stay grouped: rows[order] == rows
-        seg_counts, starts, pos = _segments(rows, n)
+        seg_counts, starts, pos = row_segments(rows, n)
         bins = quantile_bins(svals, rows, seg_counts, starts, self.n_bins)
         values = (bins / (self.n_bins - 1)).astype(np.float32)
         ids, offsets, out_values = _assemble(

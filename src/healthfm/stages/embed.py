@@ -1,7 +1,7 @@
 """``healthfm embed``: one vector per sample (per label row, per tile) of an input, in parts
 that any number of processes share and that a killed run resumes.
 
-The work is the modality's embedding inputs (:meth:`~healthfm.modality.Modality.embedding_inputs`:
+The work is the modality's embedding inputs (:meth:`~healthfm.modality.Embedding.inputs`:
 the input itself, or one per slide). An input's rows are cut into *parts* of consecutive
 rows; a slide is one part (it is tiled by the process that embeds it). Part ``i`` belongs
 to rank ``i mod world size`` (``torchrun``; one process otherwise). Each part is written
@@ -175,29 +175,9 @@ def _embed(
     encoder.to(dist.device)
     pooling = pooling or encoder.pooling
     attrs = {**describe(encoder), "pooling": pooling}
-    inputs = modality.embedding_inputs(input_path, options, out, encoder)
+    inputs = modality.embedding.inputs(input_path, options, out, encoder)
 
-    # Every rank opens the inputs it splits into rows (a backed read: metadata and
-    # checks, not the data) and so computes the same plan.
-    opened: dict[int, Any] = {}
-    parts: list[Part] = []
-    described = []
-    for i, item in enumerate(inputs):
-        if item.whole:
-            parts.append(Part(len(parts), i))
-            described.append({"name": item.name, "target": str(item.target), **_stat(item.name)})
-            continue
-        samples = item.open()
-        modality.prepare_embedding(encoder, samples, options)
-        n = modality.embedding_rows(samples, options)
-        size = part_rows or default_part_rows(n)
-        opened[i] = samples
-        for start in range(0, n, size):
-            parts.append(Part(len(parts), i, start, min(n, start + size)))
-        described.append(
-            {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
-             "rows": n, "part_rows": size}
-        )  # fmt: skip
+    opened, parts, described = _plan_parts(modality, encoder, inputs, options, part_rows)
     if not parts:  # "embedded 0 rows", exit 0, is no result
         raise DataError(
             "the input has no rows to embed (an empty file, or no label rows); nothing was written",
@@ -257,6 +237,38 @@ def _embed(
     return out
 
 
+def _plan_parts(
+    modality: Any, encoder: Any, inputs: list, options: Any, part_rows: int | None
+) -> tuple[dict[int, Any], list[Part], list[dict[str, Any]]]:
+    """The parts of the run: a whole input (a slide) is one part; an input split into rows
+    is cut into parts of ``part_rows`` rows. Returns the opened inputs, the parts and
+    each input's description in the plan.
+
+    Every rank opens the inputs it splits into rows (a backed read: metadata and checks,
+    not the data) and so computes the same plan.
+    """
+    opened: dict[int, Any] = {}
+    parts: list[Part] = []
+    described = []
+    for i, item in enumerate(inputs):
+        if item.whole:
+            parts.append(Part(len(parts), i))
+            described.append({"name": item.name, "target": str(item.target), **_stat(item.name)})
+            continue
+        samples = item.open()
+        modality.embedding.prepare(encoder, samples, options)
+        n = modality.embedding.n_rows(samples, options)
+        size = part_rows or default_part_rows(n)
+        opened[i] = samples
+        for start in range(0, n, size):
+            parts.append(Part(len(parts), i, start, min(n, start + size)))
+        described.append(
+            {"name": item.name, "target": str(item.target), "data_hash": samples.data_hash,
+             "rows": n, "part_rows": size}
+        )  # fmt: skip
+    return opened, parts, described
+
+
 def _run_parts(
     dist: DistInfo,
     modality: Any,
@@ -293,12 +305,14 @@ def _run_parts(
         def prepare(part: Part) -> tuple[Any, Any]:
             if part.whole:  # a slide: tiled and read here, by the rank that embeds it
                 samples = inputs[part.input].open()
-                modality.prepare_embedding(encoder, samples, options)
-                rows = np.arange(modality.embedding_rows(samples, options))
+                modality.embedding.prepare(encoder, samples, options)
+                rows = np.arange(modality.embedding.n_rows(samples, options))
             else:
                 samples, rows = opened[part.input], np.arange(part.start, part.stop)
             workdir = Path(work) / f"part-{part.index:06d}"
-            return samples, modality.tokenize_part(encoder, samples, rows, options, workdir)
+            return samples, modality.embedding.tokenize_part(
+                encoder, samples, rows, options, workdir
+            )
 
         pending = reader.submit(prepare, todo[0])
         for k, part in enumerate(todo):
@@ -306,12 +320,12 @@ def _run_parts(
             if k + 1 < len(todo):
                 pending = reader.submit(prepare, todo[k + 1])
             try:
-                emb = modality.embed_part(
+                emb = modality.embedding.embed_part(
                     encoder, samples, prepared, options, pooling, batch_size, bf16, compile
                 )
                 if part.whole:
                     target = inputs[part.input].target
-                    modality.write_embeddings(target, samples, emb, attrs, options)
+                    modality.embedding.write(target, samples, emb, attrs, options)
                     _write_record(parts_dir, part, plan_id, target, len(emb))
                 else:
                     _write_part(parts_dir, part, plan_id, emb)
@@ -450,7 +464,7 @@ def _assemble(
     files = [_part_file(parts_dir, p) for p in parts]
     width = np.load(files[0], mmap_mode="r").shape[1] if parts else dim
     embeddings = PartsArray(files, [p.start for p in parts], n, width)
-    modality.write_embeddings(item.target, samples, embeddings, attrs, options)
+    modality.embedding.write(item.target, samples, embeddings, attrs, options)
 
 
 class PartsArray:

@@ -4,7 +4,7 @@ One flow for every modality: load the encoder, read the input, take the rows the
 scored on and their split (:meth:`~healthfm.modality.Modality.evaluation_rows`), embed the
 rows, compute the baselines on the same rows, run the modality's evaluation protocol
 (the shared linear probe, or EHRSHOT's few-shot grid), add fine-tuned models' own
-predictions and the modality's extra evaluations, compare every model with the strongest
+predictions and the protocol's extra rows, compare every model with the strongest
 baseline on the same test rows (:mod:`healthfm.evaluate.paired`), write ``results.json``
 (and the protocol's files) and ``report.html``, print the table and the verdicts.
 """
@@ -18,17 +18,20 @@ from typing import Any
 from healthfm.encoders import Encoder
 from healthfm.errors import ConfigError
 from healthfm.evaluate.controls import UNTRAINED, choose_pooling, control_features
-from healthfm.evaluate.finetuned import finetuned_rows
+from healthfm.evaluate.finetuned import evaluation_is_regression, finetuned_rows
 from healthfm.evaluate.paired import compare_result
 from healthfm.evaluate.progress import Progress, format_seconds, progress_enabled
+from healthfm.evaluate.protocol import ProbeProtocol
 from healthfm.evaluate.results import ResultRow, write_results
 from healthfm.fsutil import check_output_parent, owned_outputs
 from healthfm.loader import load_encoder, read_training_info
 from healthfm.modality import (
     DEFAULT_FRACTIONS,
     DEFAULT_SALT,
+    EvaluationRows,
     Features,
     Modality,
+    TaskRule,
     check_input_modality,
     get_modality,
     split_indices,
@@ -119,12 +122,7 @@ def evaluate(
     specs = list(model_dir) if isinstance(model_dir, list | tuple) else [model_dir]
     specs = [m for m in specs if m is not None]
     encoders = [load_encoder(m, modality_name) for m in specs]
-    if not encoders and modality_name is None:
-        raise ConfigError("evaluate needs a model folder or a modality")
-    kinds = sorted({e.modality for e in encoders})
-    if len(kinds) > 1:
-        raise ConfigError(f"the models take different modalities ({', '.join(kinds)})")
-    modality: Modality = get_modality(kinds[0] if encoders else modality_name)
+    modality = _one_modality(encoders, modality_name)
     options = modality.options(options)
     salt, fractions = split_of_models(encoders, salt, fractions)
     ft_dirs = list(finetuned)
@@ -136,24 +134,180 @@ def evaluate(
     # The rows the task is scored on, their split and targets.
     check_input_modality(modality, input_path, model=bool(encoders))
     samples = modality.read(input_path, options)
-    changed: list[str] = []  # a split other than the model's on its own data, accepted
+    changed = _check_splits(
+        specs, encoders, modality, samples, salt, fractions, options, accept_split_change
+    )
+    rows = modality.evaluation_rows(samples, options, salt, fractions, task_rule(ft_dirs))
+    if task:
+        rows.task = task
+    protocol = _protocol(modality, options, rows, echo)
+    seeds = list(seeds) if seeds else list(protocol.seeds)
+    report = _plan(rows, encoders, include_baselines, controls, seeds, echo, progress)
+
+    # Features of every row: the model's embedding, then the baselines'.
+    features: dict[str, Features] = {}
+    hashes: dict[str, str | None] = {}  # a model's method name (before "+") → its hash
+    model_methods = _embed_models(
+        modality, specs, encoders, samples, rows, pooling, batch_size, features, hashes, report
+    )
+    if include_baselines:
+        _add_baselines(modality, samples, rows, features, report)
+    if controls:  # what pretraining bought, and what each model adds to the baseline
+        _add_controls(modality, model_methods, samples, rows, features, batch_size, report)
+
+    # The protocol, fine-tuned models' own predictions, the protocol's extra rows.
+    # One model: every row carries its hash (as before); several: each model's rows get
+    # their own below, baselines none.
+    model_hash = getattr(encoders[0], "model_hash", None) if len(encoders) == 1 else None
+    result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name, progress=report)
+    report.close()
+    _add_more_rows(
+        modality,
+        protocol,
+        result,
+        features,
+        samples,
+        rows,
+        ft_dirs,
+        seeds,
+        n_boot,
+        batch_size,
+        salt,
+        fractions,
+        model_hash,
+    )
+
+    # Paired differences to the strongest baseline: delta rows ("A − B") and verdicts.
+    comparison = compare_result(result, rows, protocol, n_boot, model_hash, modality.name)
+    _stamp_rows(result.rows + comparison.rows, hashes, changed)
+    report.say(
+        f"probes done in {format_seconds(time.perf_counter() - t0)}; writing the results and the report"
+    )
+    written = _write_outputs(
+        out_dir, protocol, result, comparison, features, rows, specs, seeds, n_boot, t0
+    )
+    if echo:
+        _echo(features, model_methods, protocol, result, rows, comparison, out_dir, written, t0)
+    return result.rows
+
+
+def _add_more_rows(
+    modality: Modality,
+    protocol: Any,
+    result: Any,
+    features: dict[str, Features],
+    samples: Any,
+    rows: EvaluationRows,
+    ft_dirs: list,
+    seeds: list,
+    n_boot: int,
+    batch_size: int,
+    salt: str,
+    fractions: Any,
+    model_hash: str | None,
+) -> None:
+    # Fine-tuned models' own predictions on the test rows, and the protocol's extra rows.
+    if ft_dirs:
+        ft_rows, ft_scores = finetuned_rows(
+            ft_dirs,
+            modality,
+            samples,
+            rows,
+            rows.options,
+            protocol,
+            n_boot,
+            batch_size,
+            salt,
+            fractions,
+        )
+        result.rows += ft_rows
+        result.scores.update(ft_scores)
+    extra_rows = getattr(protocol, "extra_rows", None)
+    if extra_rows is not None and not rows.regression and not rows.survival:
+        # k-NN and clustering rows score classes
+        result.rows += extra_rows(
+            {
+                "features": features,
+                "y": rows.y,
+                "classes": rows.classes,
+                "splits": split_indices(rows.split),
+                "seeds": seeds,
+                "n_boot": n_boot,
+                "task": rows.task,
+                "samples": samples,
+                "model_hash": model_hash,
+            }
+        )
+
+
+def task_rule(finetuned: list) -> TaskRule:
+    """The rule :meth:`~healthfm.modality.Modality.evaluation_rows` tells a regression by:
+    the fine-tuned models' task when any are scored, else the labels' own
+    (:func:`~healthfm.evaluate.finetuned.evaluation_is_regression`)."""
+    folders = list(finetuned)
+    return TaskRule(
+        regression=lambda labels, categorical: evaluation_is_regression(
+            labels, folders, categorical
+        ),
+        finetuned=bool(folders),
+    )
+
+
+def _check_splits(
+    specs: list,
+    encoders: list,
+    modality: Modality,
+    samples: Any,
+    salt: str,
+    fractions: Any,
+    options: Any,
+    accept_split_change: bool,
+) -> list[str]:
+    # Each model's split against the input's; the accepted changes (a split other than
+    # the model's on its own data), one line per model and field.
+    changed: list[str] = []
     for spec, encoder in zip(specs, encoders, strict=True):
         check_split_source(encoder, modality, samples)
         fields = check_split_change(
             encoder, modality, samples, salt, fractions, options, accept_split_change
         )
         changed += [f"{spec}: {f}" for f in fields]
-    rows = modality.evaluation_rows(samples, options, salt, fractions, ft_dirs)
-    if task:
-        rows.task = task
-    protocol = modality.evaluation_protocol(options)
-    if rows.survival:  # time-to-event: the Cox probe and survival metrics
+    return changed
+
+
+def _one_modality(encoders: list, modality_name: str | None) -> Modality:
+    # The one modality every model takes (or the named one when there is no model).
+    if not encoders and modality_name is None:
+        raise ConfigError("evaluate needs a model folder or a modality")
+    kinds = sorted({e.modality for e in encoders})
+    if len(kinds) > 1:
+        raise ConfigError(f"the models take different modalities ({', '.join(kinds)})")
+    return get_modality(kinds[0] if encoders else modality_name)
+
+
+def _protocol(modality: Modality, options: Any, rows: EvaluationRows, echo: bool) -> Any:
+    # The modality's protocol (the shared linear probe by default); a time-to-event task
+    # runs the Cox probe and survival metrics.
+    protocol = modality.evaluation_protocol(options) or ProbeProtocol()
+    if rows.survival:
         from healthfm.evaluate.survival import describe_rows, survival_protocol
 
         protocol = survival_protocol(protocol)
         if echo:
             print(describe_rows(rows))
-    seeds = list(seeds) if seeds else list(protocol.seeds)
+    return protocol
+
+
+def _plan(
+    rows: EvaluationRows,
+    encoders: list,
+    include_baselines: bool,
+    controls: bool,
+    seeds: list,
+    echo: bool,
+    progress: bool | None,
+) -> Progress:
+    # The progress reporter, after it has said what the run will do.
     report = Progress(
         "evaluate",
         enabled=progress_enabled(progress)
@@ -166,21 +320,34 @@ def evaluate(
         f"{len(encoders)} model(s){' + baselines' if include_baselines else ''}"
         f"{' + controls' if controls and encoders else ''}, seeds {seeds}"
     )
+    return report
 
-    # Features of every row: the model's embedding, then the baselines'.
-    features: dict[str, Features] = {}
-    hashes: dict[str, str | None] = {}  # a model's method name (before "+") → its hash
-    model_methods: list[tuple[str, str, Any]] = []  # (method, its control, encoder)
+
+def _embed_models(
+    modality: Modality,
+    specs: list,
+    encoders: list,
+    samples: Any,
+    rows: EvaluationRows,
+    pooling: str | None,
+    batch_size: int,
+    features: dict[str, Features],
+    hashes: dict[str, str | None],
+    report: Progress,
+) -> list[tuple[str, str, Any]]:
+    # Every model's features of every row, added to ``features`` (and its hash to
+    # ``hashes``); returns (method, its untrained control's name, encoder) per model.
+    model_methods: list[tuple[str, str, Any]] = []
     for spec, encoder in zip(specs, encoders, strict=True):
         t = time.perf_counter()
         chosen: dict[str, Any] = {}
         if pooling == "auto":  # chosen on the validation split only
             used, pool_scores, emb = choose_pooling(
-                modality, encoder, samples, rows, modality.pooling_candidates(encoder), batch_size
+                modality, encoder, samples, rows, pooling_candidates(modality, encoder), batch_size
             )
             chosen = {"pooling_selected_on": "val", "pooling_val_scores": pool_scores}
         else:
-            emb = modality.embed_rows(encoder, samples, rows, pooling, batch_size)
+            emb = modality.embedding.embed_rows(encoder, samples, rows, pooling, batch_size)
             used = pooling or encoder.pooling
         name, untrained = _method_name(
             modality, encoder, spec, used, rows.regression, features, rows.survival
@@ -195,81 +362,92 @@ def evaluate(
         report.say(f"embedded {name}: {emb.shape[1]} features in {_took(t)}")
         hashes[name.split("+")[0]] = getattr(encoder, "model_hash", None)
         model_methods.append((name, untrained, encoder))
-    if include_baselines:
+    return model_methods
+
+
+def pooling_candidates(modality: Modality, encoder: Any) -> tuple[str, ...]:
+    """The poolings ``--pooling auto`` tries: a published encoder's own, else the
+    modality's :attr:`~healthfm.modality.Modality.poolings`."""
+    offered = getattr(encoder, "poolings", None)
+    return tuple(offered) if offered else tuple(modality.poolings)
+
+
+def _add_baselines(
+    modality: Modality,
+    samples: Any,
+    rows: EvaluationRows,
+    features: dict[str, Features],
+    report: Progress,
+) -> None:
+    report.say("baselines ...")
+    baselines = modality.baseline_features(samples, rows)
+    if rows.survival:  # every baseline's features under the Cox probe
+        from healthfm.evaluate.survival import survival_features
+
+        baselines = survival_features(baselines)
+    for name, feats in baselines.items():
+        # The same features under a ridge probe for a regression: say so in the name.
+        features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
+        report.say(
+            f"baseline {name}: {feats.X.shape[1]} features in {format_seconds(feats.seconds)}"
+        )
+
+
+def _add_controls(
+    modality: Modality,
+    model_methods: list[tuple[str, str, Any]],
+    samples: Any,
+    rows: EvaluationRows,
+    features: dict[str, Features],
+    batch_size: int,
+    report: Progress,
+) -> None:
+    for method, untrained, encoder in model_methods:
         t = time.perf_counter()
-        report.say("baselines ...")
-        baselines = modality.baseline_features(samples, rows)
-        if rows.survival:  # every baseline's features under the Cox probe
-            from healthfm.evaluate.survival import survival_features
-
-            baselines = survival_features(baselines)
-        for name, feats in baselines.items():
-            # The same features under a ridge probe for a regression: say so in the name.
-            features[name.replace("+logreg", "+ridge") if rows.regression else name] = feats
-            report.say(
-                f"baseline {name}: {feats.X.shape[1]} features in {format_seconds(feats.seconds)}"
+        used = features[method].extra["pooling"]
+        features.update(
+            control_features(
+                modality,
+                encoder,
+                samples,
+                rows,
+                features,
+                method,
+                used,
+                batch_size,
+                untrained_name=untrained,
             )
-    if controls:  # what pretraining bought, and what each model adds to the baseline
-        for method, untrained, encoder in model_methods:
-            t = time.perf_counter()
-            used = features[method].extra["pooling"]
-            features.update(
-                control_features(
-                    modality,
-                    encoder,
-                    samples,
-                    rows,
-                    features,
-                    method,
-                    used,
-                    batch_size,
-                    untrained_name=untrained,
-                )
-            )
-            report.say(f"controls of {method} in {_took(t)}")
-
-    # The protocol, fine-tuned models' own predictions, the modality's extra evaluations.
-    # One model: every row carries its hash (as before); several: each model's rows get
-    # their own below, baselines none.
-    model_hash = getattr(encoders[0], "model_hash", None) if len(encoders) == 1 else None
-    result = protocol.run(features, rows, seeds, n_boot, model_hash, modality.name, progress=report)
-    report.close()
-    if ft_dirs:
-        ft_rows, ft_scores = finetuned_rows(
-            ft_dirs, modality, samples, rows, options, protocol, n_boot, batch_size, salt, fractions
         )
-        result.rows += ft_rows
-        result.scores.update(ft_scores)
-    if not rows.regression and not rows.survival:  # k-NN and clustering rows score classes
-        result.rows += modality.extra_evaluations(
-            {
-                "features": features,
-                "y": rows.y,
-                "classes": rows.classes,
-                "splits": split_indices(rows.split),
-                "seeds": seeds,
-                "n_boot": n_boot,
-                "task": rows.task,
-                "samples": samples,
-                "model_hash": model_hash,
-            }
-        )
+        report.say(f"controls of {method} in {_took(t)}")
 
-    # Paired differences to the strongest baseline: delta rows ("A − B") and verdicts.
-    comparison = compare_result(result, rows, protocol, n_boot, model_hash, modality.name)
-    for row in result.rows + comparison.rows:
+
+def _stamp_rows(rows: list[ResultRow], hashes: dict[str, str | None], changed: list[str]) -> None:
+    # Each model's rows carry its hash (the untrained control's weights are not the
+    # model's); with an accepted split change, every row says its test split may hold
+    # pretraining samples.
+    for row in rows:
         if not row.is_baseline and row.method.split("+")[0] in hashes:
             row.model_hash = hashes[row.method.split("+")[0]]
-    for r in result.rows + comparison.rows:  # the untrained control's weights are not the model's
+    for r in rows:
         if r.extra.get("control") == UNTRAINED:
             r.model_hash = None
-
-    report.say(
-        f"probes done in {format_seconds(time.perf_counter() - t0)}; writing the results and the report"
-    )
-    if changed:  # every row says its test split may hold pretraining samples
-        for row in result.rows + comparison.rows:
+    if changed:
+        for row in rows:
             row.extra["split_change_accepted"] = "; ".join(changed)
+
+
+def _write_outputs(
+    out_dir: Path,
+    protocol: Any,
+    result: Any,
+    comparison: Any,
+    features: dict[str, Features],
+    rows: EvaluationRows,
+    specs: list,
+    seeds: list,
+    n_boot: int,
+    t0: float,
+) -> list[Path]:
     # Outputs: only files healthfm wrote there are replaced; each is listed in the marker.
     with owned_outputs(out_dir, "the evaluate --out folder"):
         write_results(out_dir / "results.json", result.rows + comparison.rows)
@@ -282,16 +460,28 @@ def evaluate(
         written.append(
             write_run_report(out_dir, features, rows, result, comparison, specs, seeds, n_boot)
         )
-    if echo:
-        for method, _, _encoder in model_methods:
-            origin = features[method].extra.get("pretrained_on")
-            if origin:
-                print(f"{method.split('+')[0]}: pretrained on {origin}")
-        print(protocol.table(result.rows, rows))
-        print(comparison.text())
-        extra = "".join(f", {p}" for p in written)
-        print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
-    return result.rows
+    return written
+
+
+def _echo(
+    features: dict[str, Features],
+    model_methods: list[tuple[str, str, Any]],
+    protocol: Any,
+    result: Any,
+    rows: EvaluationRows,
+    comparison: Any,
+    out_dir: Path,
+    written: list[Path],
+    t0: float,
+) -> None:
+    for method, _, _encoder in model_methods:
+        origin = features[method].extra.get("pretrained_on")
+        if origin:
+            print(f"{method.split('+')[0]}: pretrained on {origin}")
+    print(protocol.table(result.rows, rows))
+    print(comparison.text())
+    extra = "".join(f", {p}" for p in written)
+    print(f"results: {out_dir / 'results.json'}{extra}  ({time.perf_counter() - t0:.1f} s)")
 
 
 def pretrained_on(info: dict[str, Any]) -> str | None:

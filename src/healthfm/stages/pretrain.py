@@ -179,14 +179,17 @@ def _pretrain(
     held_out: tuple[str, ...],
 ) -> Path:
     corpus = corpus_from_inputs(
-        input_path, temperature=temperature, held_out=held_out, expand=modality.expand_input
+        input_path,
+        temperature=temperature,
+        held_out=held_out,
+        expand=modality.pretraining.expand_input,
     )
     raw_options = modality.options(options)
-    options = modality.prepare_options(raw_options, run_dir)
+    options = modality.pretraining.prepare_options(raw_options, run_dir)
     if train_config.truncate == TrainConfig.truncate and modality.truncate != train_config.truncate:
         # The modality's preference (causal timelines keep their most recent tokens).
         train_config = replace(train_config, truncate=modality.truncate)
-    train_config = replace(train_config, **modality.training_overrides(options))
+    train_config = replace(train_config, **modality.pretraining.training_overrides(options))
     info = init_distributed()
     t0 = time.perf_counter()
 
@@ -201,20 +204,7 @@ def _pretrain(
         [(s.samples, s.splits["train"]) for s in sources], options
     )
 
-    # Batch sources: rank 0 first (it may write token stores), then the others reuse them.
-    for rank_turn in (True, False):
-        if info.is_main == rank_turn:
-            for source in sources:
-                for name in ("train", "val"):
-                    source.data[name] = modality.batch_source(
-                        tokenizer,
-                        source.samples,
-                        source.splits[name],
-                        training=name == "train",
-                        workdir=source.workdir / name,
-                    )
-        if info.distributed and rank_turn:
-            barrier(info)
+    _open_batch_sources(modality, tokenizer, sources, info)
     # What the trainer draws from: samples, or windows cut from a genome's records.
     n_items = sum(len(s.data["train"]) for s in sources)
     if n_items < train_config.batch_size:
@@ -224,20 +214,7 @@ def _pretrain(
             column="batch_size",
         )
 
-    # Model: the preset, the modality's defaults (the widest over sources), the overrides.
-    defaults = _model_defaults(modality, tokenizer, sources)
-    overrides = dict(model_overrides or {})
-    extra = {**defaults.pop("extra", {}), **overrides.pop("extra", {})}
-    config = ModelConfig.from_preset(
-        preset,
-        modality=modality.name,
-        vocab_size=tokenizer.vocab_size,
-        objective=modality.objective,
-        pooling=modality.default_pooling,
-        truncate=train_config.truncate,
-        extra=extra,
-        **{**defaults, **overrides},
-    )
+    config = _model_config(modality, tokenizer, sources, preset, train_config, model_overrides)
     torch.manual_seed(train_config.seed)
     model = FoundationModel(config)
 
@@ -254,7 +231,7 @@ def _pretrain(
         train_config,
         run_dir,
         val_store=val_data if len(val_data) else None,
-        augment=modality.augmenter(tokenizer),
+        augment=modality.pretraining.augmenter(tokenizer),
         dist_info=info,
         strategy=strategy,
         batches=batches,
@@ -269,35 +246,105 @@ def _pretrain(
         baseline = _count_baseline(modality, tokenizer, trainer, config, n_val)
         record = _corpus_record(corpus, sources, trainer, summary["steps"])
         _say_pretraining(summary, baseline, record)
-        first = sources[0]
-        save_pretrained(
-            trained,
-            out,
-            tokenizer,
-            info={
-                **summary,
-                "data_hash": first.samples.data_hash
-                if corpus.single
-                else json_hash([s["data_hash"] for s in record["sources"]]),
-                "source": str(first.samples.source),
-                "split_salt": salt,
-                "split_source": modality.split_source(first.samples),
-                "split_fractions": list(fractions),
-                "n_train": n_train,
-                "n_val": sum(len(s.splits["val"]) for s in sources),
-                "train_config": json_safe(asdict(train_config)),
-                "options": json_safe(options.to_dict()),
-                "parameters": trained.num_parameters(),
-                "total_seconds": time.perf_counter() - t0,
-                "strategy": strategy,
-                "corpus": record,
-                "pretraining_baseline": baseline,
-                **modality.pretraining_info(tokenizer, train_config, summary),
-            },
-            card=model_card(modality.name, preset, config, summary, record, baseline),
-        )
+        _save(
+            modality, trained, out, tokenizer, config, preset, corpus, sources, record, summary,
+            baseline, train_config, options, salt, fractions, n_train, strategy, t0,
+        )  # fmt: skip
     barrier(info)  # the other ranks return once the model folder exists
     return out
+
+
+def _open_batch_sources(modality: Modality, tokenizer: Any, sources: list, info: Any) -> None:
+    # Each source's train and val batch sources: rank 0 first (it may write token stores),
+    # then the others reuse them.
+    for rank_turn in (True, False):
+        if info.is_main == rank_turn:
+            for source in sources:
+                for name in ("train", "val"):
+                    source.data[name] = modality.pretraining.batch_source(
+                        tokenizer,
+                        source.samples,
+                        source.splits[name],
+                        training=name == "train",
+                        workdir=source.workdir / name,
+                    )
+        if info.distributed and rank_turn:
+            barrier(info)
+
+
+def _model_config(
+    modality: Modality,
+    tokenizer: Any,
+    sources: list,
+    preset: str,
+    train_config: TrainConfig,
+    model_overrides: dict[str, Any] | None,
+) -> ModelConfig:
+    # Model: the preset, the modality's defaults (the widest over sources), the overrides.
+    defaults = _model_defaults(modality, tokenizer, sources)
+    overrides = dict(model_overrides or {})
+    extra = {**defaults.pop("extra", {}), **overrides.pop("extra", {})}
+    config = ModelConfig.from_preset(
+        preset,
+        modality=modality.name,
+        vocab_size=tokenizer.vocab_size,
+        objective=modality.objective,
+        pooling=modality.default_pooling,
+        truncate=train_config.truncate,
+        extra=extra,
+        **{**defaults, **overrides},
+    )
+    return config
+
+
+def _save(
+    modality: Modality,
+    trained: Any,
+    out: Path,
+    tokenizer: Any,
+    config: ModelConfig,
+    preset: str,
+    corpus: Any,
+    sources: list,
+    record: dict[str, Any],
+    summary: dict[str, Any],
+    baseline: Any,
+    train_config: TrainConfig,
+    options: Any,
+    salt: str,
+    fractions: Any,
+    n_train: int,
+    strategy: str,
+    t0: float,
+) -> None:
+    # The model folder: weights, tokenizer, training_info.json and the model card.
+    first = sources[0]
+    save_pretrained(
+        trained,
+        out,
+        tokenizer,
+        info={
+            **summary,
+            "data_hash": first.samples.data_hash
+            if corpus.single
+            else json_hash([s["data_hash"] for s in record["sources"]]),
+            "source": str(first.samples.source),
+            "split_salt": salt,
+            "split_source": modality.split_source(first.samples),
+            "split_fractions": list(fractions),
+            "n_train": n_train,
+            "n_val": sum(len(s.splits["val"]) for s in sources),
+            "train_config": json_safe(asdict(train_config)),
+            "options": json_safe(options.to_dict()),
+            "parameters": trained.num_parameters(),
+            "total_seconds": time.perf_counter() - t0,
+            "strategy": strategy,
+            "corpus": record,
+            "pretraining_baseline": baseline,
+            **modality.pretraining.info(tokenizer, train_config, summary),
+        },
+        card=model_card(modality.name, preset, config, summary, record, baseline),
+    )
 
 
 @dataclass
@@ -330,7 +377,7 @@ def _read_sources(
             opts = options
         else:
             workdir = run_dir / "sources" / f"{i:03d}-{_safe_name(spec.name)}"
-            opts = modality.prepare_options(
+            opts = modality.pretraining.prepare_options(
                 modality.options({**raw_options.to_dict(), **spec.options}), workdir
             )
         samples = modality.read(spec.path, opts)
@@ -461,7 +508,7 @@ def _count_baseline(
     if not n_val or trainer.val_store is None:
         return None
     n_scored = min(n_val, trainer.config.eval_batches * trainer.micro_batch_size)
-    found = modality.pretraining_baseline(
+    found = modality.pretraining.count_baseline(
         tokenizer, trainer.train_store, trainer.val_store, n_scored
     )
     if found is None:

@@ -43,7 +43,7 @@ def tokenize(
     # Before any work: never a user's folder, nor an input (the data, the --model folder).
     check_output_dir(out, "token store folder", inputs=input_paths(input_path, model_dir))
     options = modality.options(options)
-    corpus = corpus_from_inputs(input_path, expand=modality.expand_input)
+    corpus = corpus_from_inputs(input_path, expand=modality.pretraining.expand_input)
     if not corpus.single:
         return _tokenize_corpus(modality, corpus, Path(out), options, model_dir, salt, fractions)
     check_input_modality(modality, input_path, model=False)

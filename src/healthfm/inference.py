@@ -1,4 +1,5 @@
-"""Batched inference: token store → one embedding per sample, and embedding files."""
+"""Batched inference (below the modality contract): token store → one embedding per sample, and
+embedding files."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from healthfm.encoders.base import Encoder
 from healthfm.errors import ConfigError
 from healthfm.fsutil import atomic_file, atomic_write_bytes
 from healthfm.tokens import TokenStore
@@ -70,7 +70,7 @@ def _pool_packed(
 
 @torch.inference_mode()
 def embed_store(
-    model: Encoder,
+    model: torch.nn.Module,
     store: TokenStore,
     pooling: str | None = None,
     batch_size: int = 128,
@@ -231,7 +231,7 @@ def write_table_blocks(path: str | Path, n: int, block) -> Path:
 _COMPILED: dict[tuple[int, str], object] = {}
 
 
-def _compiled(model: Encoder, method: str):
+def _compiled(model: torch.nn.Module, method: str):
     # One compiled method per model object: compiling again would cost as much again.
     key = (id(model), method)
     if key not in _COMPILED:

@@ -1,14 +1,14 @@
 """scanpy-style API: ``fit`` a cell model on an AnnData, ``tl.embed`` cells into ``obsm``.
 
->>> import scanpy as sc, healthfm.singlecell as hsc
+>>> import scanpy as sc, healthfm.scverse as hsc
 >>> model = hsc.fit(adata, out="pbmc_model", steps=300)          # counts in adata.X
 >>> hsc.tl.embed(adata, model)                                    # adata.obsm["X_healthfm"]
 >>> sc.pp.neighbors(adata, use_rep="X_healthfm"); sc.tl.umap(adata)
 
 ``fit`` runs the shared pretrain stage and ``embed`` the modality's own parts (the same
 reader validation, tokenizer, trainer and token store as the CLI), so a model fitted here
-embeds the same way from the command line. This module is a facade over the stages: the
-one place in a modality package allowed to call them (an import-linter exception).
+embeds the same way from the command line. This module is a facade over the stages, so it
+sits above them (outside the single-cell modality package, which never imports a stage).
 """
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ def embed(
     AnnData or None
         The copy when ``copy=True``.
     """
-    from healthfm.evaluate.embed import embed_store
+    from healthfm.inference import embed_store
 
     t0 = time.perf_counter()
     model = _load(model)
