@@ -353,7 +353,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
     while time.monotonic() < deadline and not (log.exists() and log.read_text().strip()):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err
     checkpoints = sorted((tmp_path / "m.run" / "checkpoints").glob("step-*"))

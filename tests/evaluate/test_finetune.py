@@ -508,7 +508,9 @@ def _torchrun(n: int, argv: list[str]) -> str:
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={n}", "-m", "healthfm.cli", *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env())
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env=env()
+    )  # a hang guard: loaded machines are slow
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

@@ -145,8 +145,8 @@ def test_mae_on_tiles_under_fsdp_matches_one_process(tmp_path):
     settings = {"tiles": tiles, "steps": 4, "batch_size": 8, "micro_batch_size": 4}
     settings.update(eval_every=2, checkpoint_every=2)
     one, two = tmp_path / "one", tmp_path / "two"
-    run(torchrun_cmd(1, {**settings, "run_dir": str(one)}), timeout=240)
-    run(torchrun_cmd(2, {**settings, "run_dir": str(two), "strategy": "fsdp"}), timeout=240)
+    run(torchrun_cmd(1, {**settings, "run_dir": str(one)}), timeout=900)
+    run(torchrun_cmd(2, {**settings, "run_dir": str(two), "strategy": "fsdp"}), timeout=900)
     ref, got = losses(one), losses(two)
     assert len(ref) == len(got) == 4 and ref[-1] != ref[0]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-6)
