@@ -186,7 +186,10 @@ def latest_checkpoint(root: Path, info: D.DistInfo) -> Path | None:
 def with_best(
     model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint stores: the model's, and the best weights under :data:`BEST`."""
+    """The tensors a checkpoint stores: the model's, and the best weights under :data:`BEST`.
+
+    Collective under FSDP (sharded best weights are gathered): every rank calls it.
+    """
     best = {BEST + n: D.full_tensor(v) for n, v in (best_state or {}).items()}
     return {**model_state, **best}
 

@@ -820,6 +820,9 @@ class Trainer:
         if self.frozen:
             model_state = {n: v for n, v in model_state.items() if n in self.trainable}
         optimizer_state = D.full_optimizer_state(self.model, self.optimizer, self.info)
+        # Every rank gathers the best weights too (a collective under FSDP): not inside
+        # the main-only branch below, where rank 1 would wait at the barrier forever.
+        tensors = with_best(model_state, self.best_state)
         rng_states = D.gather_objects(torch.get_rng_state(), self.info)
         if self.info.is_main:
             state = {
@@ -842,7 +845,7 @@ class Trainer:
             path = save_checkpoint(
                 self.checkpoint_root,
                 number,
-                with_best(model_state, self.best_state),
+                tensors,
                 optimizer_state,
                 state,
                 keep=self.config.keep_checkpoints,
