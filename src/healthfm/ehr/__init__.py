@@ -1,15 +1,6 @@
 """The EHR modality: MEDS 0.4 timelines, causal next-event pretraining, EHRSHOT evaluation.
 
-* ``read`` opens a MEDS folder and validates every shard (one at a time); samples are
-  subjects (one token sequence per subject in the token store).
-* splits come from ``metadata/subject_splits.parquet``: ``train`` → train,
-  ``tuning`` → val (held-out pretraining loss), ``held_out`` → test; subjects missing
-  from that file fall back to the group-hash split.
-* pretraining is causal next-event prediction (CLMBR / ETHOS style), truncating long
-  histories to their most recent tokens.
-* ``healthfm embed`` / ``healthfm evaluate`` need ``--labels`` (a MEDS label file): one
-  embedding per label row from exactly the events up to its prediction time, and the
-  EHRSHOT few-shot protocol next to count baselines (see :mod:`healthfm.ehr.evaluation`).
+The modality class, its defaults and their reasons: :mod:`healthfm.ehr.modality`.
 """
 
 from __future__ import annotations

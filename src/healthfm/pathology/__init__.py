@@ -1,16 +1,6 @@
 """The pathology modality: whole-slide images and tiles → ViT embeddings, probes and MIL.
 
-* ``healthfm tile SLIDE_OR_DIR --mpp 0.5 --size 224 --out DIR`` — tissue detection and
-  tiling into Trident-layout HDF5 files (see :mod:`healthfm.pathology.tiling`) with a
-  thumbnail per slide.
-* ``healthfm pretrain pathology TILES_OR_SLIDES --out MODEL`` — MAE pretraining of a ViT
-  (the core backbone with a patch embedder) on tiles, with H&E augmentations.
-* ``healthfm embed MODEL SLIDE_OR_TILES --out DIR`` — Trident HDF5 with ``features`` per
-  slide, or ``embeddings.parquet`` + ``manifest.csv`` for a tile set.
-* ``healthfm evaluate MODEL TILE_DIR --out DIR`` — eva-style linear probe over repeated
-  runs next to colour-histogram and raw-pixel baselines.
-* ``healthfm evaluate-slides MODEL FEATURES_DIR --labels slides.csv --out DIR`` — gated
-  ABMIL vs mean pooling, with attention heat maps.
+The modality class, its defaults and their reasons: :mod:`healthfm.pathology.modality`.
 """
 
 from __future__ import annotations
